@@ -1,0 +1,37 @@
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PROMPT ?= The capital of France is
+
+.PHONY: run test install bench parity clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch first, pinned to the CPU wheel, so that nothing pulls a CUDA build.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/gemma4 run --max-tokens 48 "$(PROMPT)"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -x
+
+bench: $(STAMP)
+	$(BIN)/python bench/run.py
+
+# llama.cpp is built from source by pip (about 10 minutes on 2 cores), once.
+parity: $(STAMP)
+	$(BIN)/python -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS=-DGGML_NATIVE=ON $(BIN)/pip install -q --no-binary llama-cpp-python llama-cpp-python
+	$(BIN)/python bench/parity_llamacpp.py
+	$(BIN)/python -m pytest -q -m llamacpp tests/test_llamacpp_parity.py tests/test_tokenizer.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,123 @@
+"""The GGUF container: header, metadata, tensor table, memory-mapped tensor bytes.
+
+The `gguf` package supplies the format's constants and the block dequantisation; this module only
+walks the header. (gguf's own GGUFReader builds a numpy view for every string of a metadata array,
+which takes ~16 s on a 262K-token vocabulary; walking it directly takes well under a second.)
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+
+from ..errors import ModelLoadError
+
+MAGIC = b"GGUF"
+DEFAULT_ALIGNMENT = 32
+
+_SCALARS = {
+    GGUFValueType.UINT8: ("<B", np.uint8), GGUFValueType.INT8: ("<b", np.int8),
+    GGUFValueType.UINT16: ("<H", np.uint16), GGUFValueType.INT16: ("<h", np.int16),
+    GGUFValueType.UINT32: ("<I", np.uint32), GGUFValueType.INT32: ("<i", np.int32),
+    GGUFValueType.UINT64: ("<Q", np.uint64), GGUFValueType.INT64: ("<q", np.int64),
+    GGUFValueType.FLOAT32: ("<f", np.float32), GGUFValueType.FLOAT64: ("<d", np.float64),
+    GGUFValueType.BOOL: ("<?", np.bool_),
+}
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # torch order (slowest dimension first)
+    type: GGMLQuantizationType
+    offset: int  # from the start of the file
+    n_bytes: int
+
+
+class GGUFFile:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            self._buf = np.memmap(self.path, dtype=np.uint8, mode="r")
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"{self.path.name}: cannot open ({e})") from None
+        self._pos = 0
+        try:
+            self._parse()
+        except (struct.error, IndexError, ValueError, UnicodeDecodeError) as e:
+            raise ModelLoadError(f"{self.path.name}: damaged or truncated GGUF header ({e})") from None
+
+    # ---- primitive reads ----------------------------------------------------------------
+    def _take(self, n: int) -> bytes:
+        if self._pos + n > len(self._buf):
+            raise ValueError("unexpected end of file")
+        out = self._buf[self._pos:self._pos + n].tobytes()
+        self._pos += n
+        return out
+
+    def _scalar(self, fmt: str):
+        return struct.unpack(fmt, self._take(struct.calcsize(fmt)))[0]
+
+    def _string(self) -> str:
+        return self._take(self._scalar("<Q")).decode("utf-8")
+
+    def _value(self, vtype: int) -> Any:
+        vtype = GGUFValueType(vtype)
+        if vtype == GGUFValueType.STRING:
+            return self._string()
+        if vtype == GGUFValueType.ARRAY:
+            etype = GGUFValueType(self._scalar("<I"))
+            count = self._scalar("<Q")
+            if etype in _SCALARS:
+                dtype = np.dtype(_SCALARS[etype][1]).newbyteorder("<")
+                arr = np.frombuffer(self._take(count * dtype.itemsize), dtype=dtype)
+                return arr.tolist()
+            return [self._value(etype) for _ in range(count)]
+        return self._scalar(_SCALARS[vtype][0])
+
+    # ---- layout ------------------------------------------------------------------------
+    def _parse(self) -> None:
+        magic = self._take(4)
+        if magic != MAGIC:
+            raise ModelLoadError(f"{self.path.name}: not a GGUF file (bad magic {magic!r})")
+        self.version = self._scalar("<I")
+        if self.version not in (2, 3):
+            raise ModelLoadError(f"{self.path.name}: GGUF version {self.version} is not supported (2 or 3)")
+        n_tensors, n_kv = self._scalar("<Q"), self._scalar("<Q")
+        self.metadata: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = self._string()
+            self.metadata[key] = self._value(self._scalar("<I"))
+        infos = []
+        for _ in range(n_tensors):
+            name = self._string()
+            dims = [self._scalar("<Q") for _ in range(self._scalar("<I"))]
+            ttype = GGMLQuantizationType(self._scalar("<I"))
+            infos.append((name, dims, ttype, self._scalar("<Q")))
+        align = int(self.metadata.get("general.alignment", DEFAULT_ALIGNMENT))
+        data_start = (self._pos + align - 1) // align * align
+        self.tensors: dict[str, TensorInfo] = {}
+        for name, dims, ttype, offset in infos:
+            block, size = GGML_QUANT_SIZES[ttype]
+            n = int(np.prod(dims)) if dims else 1
+            info = TensorInfo(name, tuple(int(d) for d in reversed(dims)), ttype, data_start + offset,
+                              n // block * size)
+            if info.offset + info.n_bytes > len(self._buf):
+                raise ModelLoadError(f"{self.path.name}: truncated (tensor {name} ends past the end of the file)")
+            self.tensors[name] = info
+
+    def raw(self, name: str) -> np.ndarray:
+        """The tensor's bytes as the `gguf` package's dequantiser expects them: rows of packed blocks."""
+        info = self.tensors[name]
+        data = self._buf[info.offset:info.offset + info.n_bytes]
+        if info.type == GGMLQuantizationType.F32:
+            return data.view(np.float32).reshape(info.shape)
+        if info.type == GGMLQuantizationType.F16:
+            return data.view(np.float16).reshape(info.shape)
+        block, size = GGML_QUANT_SIZES[info.type]
+        return data.reshape(*info.shape[:-1], info.shape[-1] // block * size)

@@ -1,0 +1,139 @@
+"""Write a checkpoint as GGUF, with the metadata and tensor layout llama.cpp uses for gemma3/gemma4.
+
+Block formats the `gguf` package can quantise (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, BF16, F16) are written
+directly; K-quants need llama.cpp's quantiser. As llama.cpp does, 1-D tensors stay F32 and a matrix
+whose rows are not a whole number of blocks falls back to F16.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from ..config import ModelConfig
+from . import names
+
+# The unrotated RoPE pairs of full layers, marked for llama.cpp by a huge frequency divisor.
+UNROTATED_FACTOR = 1e30
+
+
+def _write_config(w, cfg: ModelConfig) -> None:
+    n = cfg.num_hidden_layers
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(n)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_sliding_window(cfg.sliding_window)
+    if cfg.final_logit_softcapping:
+        w.add_final_logit_softcapping(float(cfg.final_logit_softcapping))
+    full = cfg.rope["full_attention"]
+    w.add_rope_freq_base(full.theta)
+    w.add_rope_freq_base_swa(cfg.rope["sliding_attention"].theta)
+    if cfg.architecture == "gemma3":
+        # GGUF has no key for query_pre_attn_scalar: llama.cpp derives it from the sizes.
+        derived = cfg.hidden_size // cfg.num_attention_heads if n == 62 else cfg.head_dim
+        if abs(cfg.attention_scale - derived**-0.5) > 1e-9:
+            raise ValueError("query_pre_attn_scalar: GGUF cannot express this model's value (llama.cpp derives it "
+                             "from head_dim)")
+        w.add_key_length(cfg.head_dim)
+        w.add_value_length(cfg.head_dim)
+        w.add_head_count_kv(cfg.num_key_value_heads)
+        if full.factor != 1.0:
+            import gguf
+
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(full.factor)
+        w.add_sliding_window_pattern([cfg.is_sliding(i) for i in range(n)])
+        return
+    full_layers = [i for i in range(n) if not cfg.is_sliding(i)]
+    head_full = cfg.head_dim_of(full_layers[0]) if full_layers else cfg.head_dim
+    w.add_key_length(head_full)
+    w.add_value_length(head_full)
+    w.add_key_length_swa(cfg.head_dim)
+    w.add_value_length_swa(cfg.head_dim)
+    kv = [cfg.kv_heads_of(i) for i in range(n)]
+    w.add_head_count_kv(kv[0] if len(set(kv)) == 1 else kv)
+    w.add_sliding_window_pattern([cfg.is_sliding(i) for i in range(n)])
+    w.add_rope_dimension_count(head_full)
+    w.add_rope_dimension_count_swa(cfg.head_dim)
+    w.add_shared_kv_layers(0)
+    w.add_embedding_length_per_layer_input(0)
+    if cfg.enable_moe_block:
+        w.add_expert_count(cfg.num_experts)
+        w.add_expert_used_count(cfg.top_k_experts)
+        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+
+
+def _rope_freqs(cfg: ModelConfig) -> np.ndarray | None:
+    full_layers = [i for i in range(cfg.num_hidden_layers) if not cfg.is_sliding(i)]
+    if cfg.architecture != "gemma4" or not full_layers:
+        return None
+    d = cfg.head_dim_of(full_layers[0])
+    rotated = int(cfg.rope["full_attention"].partial_rotary_factor * d / 2)
+    return np.array([1.0] * rotated + [UNROTATED_FACTOR] * (d // 2 - rotated), dtype=np.float32)
+
+
+def _encode(array: np.ndarray, qtype) -> tuple[np.ndarray, Any]:
+    import gguf
+    from gguf.constants import GGML_QUANT_SIZES
+
+    Q = gguf.GGMLQuantizationType
+    if array.ndim == 1 or qtype == Q.F32:
+        return array.astype(np.float32), Q.F32
+    if qtype == Q.F16:
+        return array.astype(np.float16), Q.F16
+    block, _ = GGML_QUANT_SIZES[qtype]
+    if array.shape[-1] % block:
+        return array.astype(np.float16), Q.F16
+    return gguf.quants.quantize(array.astype(np.float32), qtype), qtype
+
+
+def write_gguf(checkpoint, path: str | Path, qtype: str = "F32",
+               tokenizer_metadata: Mapping[str, Any] | None = None) -> Path:
+    """Write `checkpoint` (any reader with .config, .names(), .tensor()) to `path`."""
+    import gguf
+
+    cfg: ModelConfig = checkpoint.config
+    qt = gguf.GGMLQuantizationType[qtype.upper()]
+    path = Path(path)
+    w = gguf.GGUFWriter(str(path), cfg.architecture)
+    _write_config(w, cfg)
+    for key, value in (tokenizer_metadata or {}).items():
+        _add_any(w, key, value)
+    freqs = _rope_freqs(cfg)
+    if freqs is not None:
+        w.add_tensor("rope_freqs.weight", freqs)
+    for name in checkpoint.names():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        gguf_name = names.to_gguf(name)
+        array = checkpoint.tensor(name).float().numpy()
+        data, dtype = _encode(array, qt)
+        w.add_tensor(gguf_name, data, raw_dtype=dtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _add_any(w, key: str, value: Any) -> None:
+    import gguf
+
+    V = gguf.GGUFValueType
+    if isinstance(value, bool):
+        w.add_bool(key, value)
+    elif isinstance(value, int):
+        w.add_uint32(key, value) if value >= 0 else w.add_int32(key, value)
+    elif isinstance(value, float):
+        w.add_float32(key, value)
+    elif isinstance(value, str):
+        w.add_string(key, value)
+    elif isinstance(value, (list, tuple)):
+        w.add_array(key, list(value))
+    else:
+        raise TypeError(f"{key}: cannot write a value of type {type(value).__name__} ({V})")

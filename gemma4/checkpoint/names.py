@@ -1,0 +1,71 @@
+"""The one table of tensor names: ours (the HF text-model names without prefix) and llama.cpp's GGUF.
+
+`{i}` stands for the layer index. Loaders and converters read this table and nothing else.
+"""
+
+from __future__ import annotations
+
+import re
+
+# HF layouts put the text model under one of these prefixes (multimodal first).
+HF_PREFIXES = ("model.language_model.", "language_model.model.", "model.", "")
+
+# Norm weights: Gemma 3 HF checkpoints store w for a norm that multiplies by (1 + w).
+NORM_SUFFIXES = ("norm.weight",)
+
+# (our name, GGUF name)
+TENSORS: list[tuple[str, str]] = [
+    ("embed_tokens.weight", "token_embd.weight"),
+    ("norm.weight", "output_norm.weight"),
+    ("lm_head.weight", "output.weight"),
+    ("layers.{i}.input_layernorm.weight", "blk.{i}.attn_norm.weight"),
+    ("layers.{i}.self_attn.q_proj.weight", "blk.{i}.attn_q.weight"),
+    ("layers.{i}.self_attn.k_proj.weight", "blk.{i}.attn_k.weight"),
+    ("layers.{i}.self_attn.v_proj.weight", "blk.{i}.attn_v.weight"),
+    ("layers.{i}.self_attn.o_proj.weight", "blk.{i}.attn_output.weight"),
+    ("layers.{i}.self_attn.q_norm.weight", "blk.{i}.attn_q_norm.weight"),
+    ("layers.{i}.self_attn.k_norm.weight", "blk.{i}.attn_k_norm.weight"),
+    ("layers.{i}.post_attention_layernorm.weight", "blk.{i}.post_attention_norm.weight"),
+    ("layers.{i}.pre_feedforward_layernorm.weight", "blk.{i}.ffn_norm.weight"),
+    ("layers.{i}.mlp.gate_proj.weight", "blk.{i}.ffn_gate.weight"),
+    ("layers.{i}.mlp.up_proj.weight", "blk.{i}.ffn_up.weight"),
+    ("layers.{i}.mlp.down_proj.weight", "blk.{i}.ffn_down.weight"),
+    ("layers.{i}.post_feedforward_layernorm.weight", "blk.{i}.post_ffw_norm.weight"),
+    ("layers.{i}.layer_scalar", "blk.{i}.layer_output_scale.weight"),
+    ("layers.{i}.router.proj.weight", "blk.{i}.ffn_gate_inp.weight"),
+    ("layers.{i}.router.scale", "blk.{i}.ffn_gate_inp.scale"),
+    ("layers.{i}.router.per_expert_scale", "blk.{i}.ffn_down_exps.scale"),
+    ("layers.{i}.experts.gate_up_proj", "blk.{i}.ffn_gate_up_exps.weight"),
+    ("layers.{i}.experts.down_proj", "blk.{i}.ffn_down_exps.weight"),
+    ("layers.{i}.pre_feedforward_layernorm_2.weight", "blk.{i}.pre_ffw_norm_2.weight"),
+    ("layers.{i}.post_feedforward_layernorm_1.weight", "blk.{i}.post_ffw_norm_1.weight"),
+    ("layers.{i}.post_feedforward_layernorm_2.weight", "blk.{i}.post_ffw_norm_2.weight"),
+]
+
+
+def _pattern(template: str) -> re.Pattern:
+    return re.compile("^" + re.escape(template).replace(re.escape("{i}"), r"(\d+)") + "$")
+
+
+_OURS = [(_pattern(ours), gguf) for ours, gguf in TENSORS]
+_GGUF = [(_pattern(gguf), ours) for ours, gguf in TENSORS]
+
+
+def _translate(name: str, table) -> str | None:
+    for pattern, target in table:
+        m = pattern.match(name)
+        if m:
+            return target.replace("{i}", m.group(1)) if m.groups() else target
+    return None
+
+
+def to_gguf(ours: str) -> str | None:
+    return _translate(ours, _OURS)
+
+
+def from_gguf(gguf_name: str) -> str | None:
+    return _translate(gguf_name, _GGUF)
+
+
+def is_norm(ours: str) -> bool:
+    return ours.endswith(NORM_SUFFIXES)

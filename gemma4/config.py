@@ -1,0 +1,299 @@
+"""ModelConfig: every architectural number of a Gemma 3 / Gemma 4 text decoder.
+
+Parsed from an HF config.json (here) or from GGUF metadata (checkpoint/gguf.py builds the same
+dataclass). Facts derived per layer (is it sliding, its head_dim, its KV heads, its RoPE) are methods
+here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .errors import ModelLoadError
+
+SLIDING = "sliding_attention"
+FULL = "full_attention"
+SUPPORTED_ACTIVATION = "gelu_pytorch_tanh"
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    """Inverse frequencies theta^(-2i/d) for the first `partial_rotary_factor * d/2` pairs, zero for
+    the rest, all divided by `factor` (linear scaling). Covers `default`, `linear` and `proportional`."""
+
+    theta: float
+    partial_rotary_factor: float = 1.0
+    factor: float = 1.0
+
+
+@dataclass
+class ModelConfig:
+    architecture: str  # "gemma4" or "gemma3"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    layer_types: list[str]
+    sliding_window: int
+    rope: dict[str, RopeSpec]
+    rms_norm_eps: float = 1e-6
+    # layer index -> {"head_dim": int, "num_key_value_heads": int}: full layers of Gemma 4
+    layer_overrides: dict[int, dict[str, int]] = field(default_factory=dict)
+    attention_k_eq_v: bool = False
+    attention_scale: float = 1.0  # Gemma 4: q and k are RMS-normed, so no 1/sqrt(d)
+    use_v_norm: bool = True
+    use_layer_scalar: bool = True
+    final_logit_softcapping: float | None = None
+    enable_moe_block: bool = False
+    num_experts: int = 0
+    top_k_experts: int = 0
+    moe_intermediate_size: int = 0
+    max_position_embeddings: int = 131072
+    tie_word_embeddings: bool = True
+    bos_token_id: int | None = 2
+    eos_token_ids: list[int] = field(default_factory=lambda: [1])
+    pad_token_id: int | None = 0
+
+    # ---- derived, per layer -------------------------------------------------------------
+    def is_sliding(self, layer: int) -> bool:
+        return self.layer_types[layer] == SLIDING
+
+    def head_dim_of(self, layer: int) -> int:
+        return self.layer_overrides.get(layer, {}).get("head_dim", self.head_dim)
+
+    def kv_heads_of(self, layer: int) -> int:
+        return self.layer_overrides.get(layer, {}).get("num_key_value_heads", self.num_key_value_heads)
+
+    def k_eq_v(self, layer: int) -> bool:
+        """Full layers with attention_k_eq_v have no v_proj: V is the raw k_proj output."""
+        return self.attention_k_eq_v and not self.is_sliding(layer)
+
+    def rope_of(self, layer: int) -> RopeSpec:
+        return self.rope[self.layer_types[layer]]
+
+    @property
+    def embed_scale(self) -> float:
+        return math.sqrt(self.hidden_size)
+
+    # ---- sizes ------------------------------------------------------------------------
+    def parameter_counts(self) -> tuple[int, int]:
+        """(total, active per token) parameters of the text decoder, embedding counted once."""
+        h = self.hidden_size
+        total = active = self.vocab_size * h + h
+        for i in range(self.num_hidden_layers):
+            d, kv, q = self.head_dim_of(i), self.kv_heads_of(i), self.num_attention_heads
+            attn = h * q * d * 2 + h * kv * d * (1 if self.k_eq_v(i) else 2) + 2 * d
+            dense = 3 * h * self.intermediate_size + 4 * h
+            layer = attn + dense
+            total += layer
+            active += layer
+            if self.enable_moe_block:
+                per_expert = 3 * h * self.moe_intermediate_size
+                router = h * self.num_experts + h + self.num_experts + 3 * h
+                total += router + self.num_experts * per_expert
+                active += router + self.top_k_experts * per_expert
+        return total, active
+
+    def kv_bytes_per_token(self, layer: int, bytes_per_element: int = 2) -> int:
+        tensors = 1 if self.k_eq_v(layer) else 2
+        return tensors * self.kv_heads_of(layer) * self.head_dim_of(layer) * bytes_per_element
+
+    # ---- parsing ----------------------------------------------------------------------
+    @classmethod
+    def from_hf(cls, raw: Mapping[str, Any]) -> "ModelConfig":
+        """From a config.json dict: Gemma4ForConditionalGeneration (text_config inside),
+        Gemma4ForCausalLM, and their Gemma 3 counterparts."""
+        model_type = raw.get("model_type")
+        if model_type in ("gemma4", "gemma3"):
+            if model_type == "gemma4" and raw.get("audio_config"):
+                raise ModelLoadError("audio_config: audio input is not supported yet")
+            text = raw.get("text_config")
+            if not isinstance(text, Mapping):
+                raise ModelLoadError(f"text_config: missing in a {model_type} config.json")
+            text = dict(text)
+            text.setdefault("model_type", model_type + "_text")
+            for key in ("tie_word_embeddings", "eos_token_id", "bos_token_id", "pad_token_id"):
+                if key in raw and key not in text:
+                    text[key] = raw[key]
+            raw = text
+            model_type = raw.get("model_type")
+        if model_type == "gemma4_text":
+            return _gemma4_from_hf(raw)
+        if model_type == "gemma3_text":
+            return _gemma3_from_hf(raw)
+        raise ModelLoadError(f"model_type: unsupported value {model_type!r} (expected gemma4, gemma4_text, gemma3 or gemma3_text)")
+
+    def validate(self) -> "ModelConfig":
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ModelLoadError(
+                f"layer_types: {len(self.layer_types)} entries for num_hidden_layers={self.num_hidden_layers}"
+            )
+        for t in set(self.layer_types):
+            if t not in (SLIDING, FULL):
+                raise ModelLoadError(f"layer_types: unknown layer type {t!r}")
+            if t not in self.rope:
+                raise ModelLoadError(f"rope_parameters: no entry for {t}")
+        for i in range(self.num_hidden_layers):
+            if self.num_attention_heads % self.kv_heads_of(i):
+                raise ModelLoadError(
+                    f"num_key_value_heads: {self.kv_heads_of(i)} does not divide num_attention_heads="
+                    f"{self.num_attention_heads} (layer {i})"
+                )
+        if self.enable_moe_block and not (0 < self.top_k_experts <= self.num_experts and self.moe_intermediate_size > 0):
+            raise ModelLoadError(
+                f"top_k_experts: need 0 < top_k_experts <= num_experts and moe_intermediate_size > 0 "
+                f"(got {self.top_k_experts}, {self.num_experts}, {self.moe_intermediate_size})"
+            )
+        if self.sliding_window <= 0 and SLIDING in self.layer_types:
+            raise ModelLoadError(f"sliding_window: must be positive, got {self.sliding_window}")
+        return self
+
+
+def _require(raw: Mapping[str, Any], key: str) -> Any:
+    if raw.get(key) is None:
+        raise ModelLoadError(f"{key}: missing from config.json")
+    return raw[key]
+
+
+def _refuse(raw: Mapping[str, Any], key: str, ok: Any, what: str) -> None:
+    value = raw.get(key)
+    if value not in (None, ok) and value != ok:
+        raise ModelLoadError(f"{key}: {what} are not supported (got {value!r})")
+
+
+def _eos_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+
+
+def _layer_types(raw: Mapping[str, Any], pattern_default: int) -> list[str]:
+    n = int(_require(raw, "num_hidden_layers"))
+    types = raw.get("layer_types")
+    if types is None:
+        pattern = int(raw.get("sliding_window_pattern") or pattern_default)
+        types = [SLIDING if (i + 1) % pattern else FULL for i in range(n)]
+    return list(types)
+
+
+def _rope_spec(params: Mapping[str, Any] | None, theta_default: float, where: str) -> RopeSpec:
+    params = dict(params or {})
+    kind = params.get("rope_type", "default")
+    if kind not in ("default", "linear", "proportional"):
+        raise ModelLoadError(f"rope_parameters: {where} rope_type {kind!r} is not supported")
+    return RopeSpec(
+        theta=float(params.get("rope_theta", theta_default)),
+        partial_rotary_factor=float(params.get("partial_rotary_factor", 1.0)) if kind == "proportional" else 1.0,
+        factor=float(params.get("factor", 1.0)),
+    )
+
+
+def _common(raw: Mapping[str, Any]) -> dict[str, Any]:
+    act = raw.get("hidden_activation") or raw.get("hidden_act") or SUPPORTED_ACTIVATION
+    if act != SUPPORTED_ACTIVATION:
+        raise ModelLoadError(f"hidden_activation: {act!r} is not supported (expected {SUPPORTED_ACTIVATION})")
+    if raw.get("attention_bias"):
+        raise ModelLoadError("attention_bias: attention biases are not supported")
+    heads = int(_require(raw, "num_attention_heads"))
+    hidden = int(_require(raw, "hidden_size"))
+    return dict(
+        vocab_size=int(_require(raw, "vocab_size")),
+        hidden_size=hidden,
+        intermediate_size=int(_require(raw, "intermediate_size")),
+        num_hidden_layers=int(_require(raw, "num_hidden_layers")),
+        num_attention_heads=heads,
+        num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
+        head_dim=int(raw.get("head_dim") or hidden // heads),
+        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        final_logit_softcapping=raw.get("final_logit_softcapping"),
+        max_position_embeddings=int(raw.get("max_position_embeddings", 131072)),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", True)),
+        bos_token_id=raw.get("bos_token_id", 2),
+        eos_token_ids=_eos_list(raw.get("eos_token_id", 1)),
+        pad_token_id=raw.get("pad_token_id", 0),
+    )
+
+
+def _gemma4_from_hf(raw: Mapping[str, Any]) -> ModelConfig:
+    if raw.get("hidden_size_per_layer_input"):
+        raise ModelLoadError(
+            "hidden_size_per_layer_input: per-layer embeddings (Gemma 4 E2B/E4B) are not supported yet"
+        )
+    _refuse(raw, "num_kv_shared_layers", 0, "KV-shared layers")
+    _refuse(raw, "use_bidirectional_attention", "vision", "bidirectional text attention")
+    common = _common(raw)
+    layer_types = _layer_types(raw, 6)
+    if layer_types and layer_types[-1] != FULL:
+        layer_types[-1] = FULL  # the reference forces the last layer to full attention
+    k_eq_v = bool(raw.get("attention_k_eq_v", False))
+
+    # Full layers take their own head_dim and KV heads. The HF config spells this two ways: the
+    # published configs carry global_head_dim / num_global_key_value_heads, transformers' own saves a
+    # per_layer_config of overrides. As in the reference, the global KV head count applies only with K=V.
+    overrides: dict[int, dict[str, int]] = {}
+    if raw.get("per_layer_config"):
+        for key, values in raw["per_layer_config"].items():
+            unknown = set(values) - {"head_dim", "num_key_value_heads"}
+            if unknown:
+                raise ModelLoadError(f"per_layer_config: unsupported override {sorted(unknown)[0]!r}")
+            overrides[int(key)] = {k: int(v) for k, v in values.items()}
+    else:
+        full = {"head_dim": int(raw.get("global_head_dim") or 512)}
+        if k_eq_v and raw.get("num_global_key_value_heads") is not None:
+            full["num_key_value_heads"] = int(raw["num_global_key_value_heads"])
+        overrides = {i: dict(full) for i, t in enumerate(layer_types) if t == FULL}
+
+    rope_raw = raw.get("rope_parameters") or {
+        SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
+        FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
+    }
+    rope = {t: _rope_spec(rope_raw.get(t), 10_000.0 if t == SLIDING else 1_000_000.0, t) for t in (SLIDING, FULL)}
+
+    moe = bool(raw.get("enable_moe_block", False))
+    return ModelConfig(
+        architecture="gemma4",
+        layer_types=layer_types,
+        sliding_window=int(raw.get("sliding_window") or 512),
+        rope=rope,
+        layer_overrides=overrides,
+        attention_k_eq_v=k_eq_v,
+        attention_scale=1.0,
+        use_v_norm=True,
+        use_layer_scalar=True,
+        enable_moe_block=moe,
+        num_experts=int(raw.get("num_experts") or 0) if moe else 0,
+        top_k_experts=int(raw.get("top_k_experts") or 0) if moe else 0,
+        moe_intermediate_size=int(raw.get("moe_intermediate_size") or 0) if moe else 0,
+        **common,
+    ).validate()
+
+
+def _gemma3_from_hf(raw: Mapping[str, Any]) -> ModelConfig:
+    if raw.get("use_bidirectional_attention"):
+        raise ModelLoadError("use_bidirectional_attention: bidirectional attention is not supported")
+    common = _common(raw)
+    rope_raw = dict(raw.get("rope_parameters") or {})
+    if not rope_raw:  # older configs: rope_theta, rope_local_base_freq, rope_scaling (global layers)
+        rope_raw = {
+            FULL: {"rope_theta": raw.get("rope_theta", 1_000_000.0), **(raw.get("rope_scaling") or {})},
+            SLIDING: {"rope_theta": raw.get("rope_local_base_freq", 10_000.0)},
+        }
+    rope = {
+        FULL: _rope_spec(rope_raw.get(FULL), 1_000_000.0, FULL),
+        SLIDING: _rope_spec(rope_raw.get(SLIDING), 10_000.0, SLIDING),
+    }
+    return ModelConfig(
+        architecture="gemma3",
+        layer_types=_layer_types(raw, 6),
+        sliding_window=int(raw.get("sliding_window") or 4096),
+        rope=rope,
+        attention_scale=float(raw.get("query_pre_attn_scalar", 256)) ** -0.5,
+        use_v_norm=False,
+        use_layer_scalar=False,
+        **common,
+    ).validate()

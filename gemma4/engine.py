@@ -1,0 +1,125 @@
+"""Requests and the step loop: chunked prefill, then decode steps over a batch of sequences.
+
+A Sequence holds one request's state: its ids, sampling parameters and generator, its detokenizer
+and its stop conditions. The loop prefills every prompt of the batch (left padded, in chunks) and
+then decodes one token per running sequence per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from .model.decoder import Decoder
+from .sampling import SamplingParams, sample
+
+PREFILL_CHUNK = 512
+
+
+@dataclass
+class StepOutput:
+    """What one sequence produced in one step: its new token and the text now safe to show."""
+
+    index: int
+    token_id: int
+    text: str
+    finished: bool
+    finish_reason: str | None
+
+
+@dataclass
+class Sequence:
+    prompt_ids: list[int]
+    params: SamplingParams
+    eos_ids: set[int] = field(default_factory=set)
+    detokenizer: object | None = None  # has push(id) -> str and flush() -> str
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    _shown: int = 0
+
+    def __post_init__(self):
+        if not self.prompt_ids:
+            raise ValueError("empty prompt: at least one token is needed")
+        if self.params.stop and self.detokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
+        self.generator = None if self.params.greedy else self.params.make_generator()
+        self._holdback = max((len(s) for s in self.params.stop), default=1) - 1
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def append(self, token: int) -> str:
+        """Record a sampled token; returns the new text that can be shown."""
+        self.output_ids.append(token)
+        if (token in self.eos_ids and not self.params.ignore_eos) or token in self.params.stop_token_ids:
+            self.finish_reason = "stop"  # the stop token itself is not shown
+        elif self.detokenizer is not None:
+            searched_from = max(0, len(self.text) - self._holdback)
+            self.text += self.detokenizer.push(token)
+            hits = [at for at in (self.text.find(s, searched_from) for s in self.params.stop) if at >= 0]
+            if hits:
+                self.text = self.text[:min(hits)]
+                self.finish_reason = "stop"
+                self.detokenizer = None  # nothing after a stop string is shown
+        if not self.finished and len(self.output_ids) >= self.params.max_tokens:
+            self.finish_reason = "length"
+        if self.finished and self.detokenizer is not None:
+            self.text += self.detokenizer.flush()
+        end = len(self.text) if self.finished else max(self._shown, len(self.text) - self._holdback)
+        new, self._shown = self.text[self._shown:end], end
+        return new
+
+
+def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    longest = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
+    pos = torch.full((len(prompts), longest), -1, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, longest - len(p):] = torch.tensor(p, dtype=torch.long)
+        pos[b, longest - len(p):] = torch.arange(len(p))
+    return ids.to(device), pos.to(device)
+
+
+@torch.inference_mode()
+def prefill(decoder: Decoder, cache, ids: torch.Tensor, pos: torch.Tensor, chunk: int = PREFILL_CHUNK,
+            on_hidden: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Run [B, T] ids through the model in chunks of columns; returns the last column's hidden state.
+    `on_hidden(start, hidden)` sees every chunk's hidden states (forward() collects logits with it)."""
+    hidden = None
+    for start in range(0, ids.shape[1], chunk):
+        hidden = decoder(ids[:, start:start + chunk], pos[:, start:start + chunk], cache)
+        if on_hidden is not None:
+            on_hidden(start, hidden)
+    return hidden[:, -1]
+
+
+@torch.inference_mode()
+def generate(decoder: Decoder, sequences: list[Sequence], pad_id: int = 0,
+             chunk: int = PREFILL_CHUNK) -> Iterator[list[StepOutput]]:
+    """Yields, per step, the outputs of the sequences still running at that step."""
+    device = decoder.device
+    ids, pos = _left_pad([s.prompt_ids for s in sequences], pad_id, device)
+    capacity = ids.shape[1] + max(s.params.max_tokens for s in sequences)
+    cache = decoder.new_cache(batch=len(sequences), capacity=capacity)
+    last_hidden = prefill(decoder, cache, ids, pos, chunk)
+    next_pos = pos[:, -1] + 1
+    while True:
+        logits = decoder.logits(last_hidden)
+        step = []
+        for b, seq in enumerate(sequences):
+            if seq.finished:
+                continue
+            token = sample(logits[b], seq.params, seq.generator)
+            text = seq.append(token)
+            step.append(StepOutput(b, token, text, seq.finished, seq.finish_reason))
+        yield step
+        if all(s.finished for s in sequences):
+            return
+        # Finished rows keep stepping on their last token; their outputs are ignored.
+        tokens = torch.tensor([[s.output_ids[-1]] for s in sequences], dtype=torch.long, device=device)
+        last_hidden = decoder(tokens, next_pos[:, None], cache)[:, -1]
+        next_pos = next_pos + 1

@@ -1,0 +1,66 @@
+"""The mixture-of-experts block: router and experts."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from .layers import RMSNorm, gelu_tanh
+
+
+class Router(nn.Module):
+    """p = softmax(proj(rmsnorm(x) * scale * hidden^-0.5)) over all experts in float32; the top-k
+    probabilities renormalised to sum 1, each times its expert's per_expert_scale."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        h, e = config.hidden_size, config.num_experts
+        self.top_k = config.top_k_experts
+        self.root = h**-0.5
+        self.norm = RMSNorm(h, config.rms_norm_eps, with_scale=False)
+        self.proj = nn.Linear(h, e, bias=False)
+        self.scale = nn.Parameter(torch.ones(h), requires_grad=False)
+        self.per_expert_scale = nn.Parameter(torch.ones(e), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.norm(x) * self.scale * self.root
+        probs = torch.softmax(self.proj(z), dim=-1, dtype=torch.float32)
+        weights, experts = torch.topk(probs, self.top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights * self.per_expert_scale[experts], experts
+
+
+class Experts(nn.Module):
+    """Expert e: down_e(gelu_tanh(gate) * up), gate/up the two halves of gate_up_proj[e] @ x.
+
+    Tokens are grouped by expert (one sort), and only experts that were hit run: a decode step
+    touches top_k experts' weights, a prefill one matmul per expert hit.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        e, h, i = config.num_experts, config.hidden_size, config.moe_intermediate_size
+        self.num_experts = e
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h), requires_grad=False)
+        self.down_proj = nn.Parameter(torch.empty(e, h, i), requires_grad=False)
+
+    def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x: [N, hidden]; experts, weights: [N, k]."""
+        k = experts.shape[1]
+        flat = experts.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        flat_weights = weights.reshape(-1)
+        out = torch.zeros_like(x)
+        start = 0
+        for e, count in enumerate(counts):
+            if count == 0:
+                continue
+            picks = order[start:start + count]
+            start += count
+            tokens = picks // k
+            gate, up = (x[tokens] @ self.gate_up_proj[e].T).chunk(2, dim=-1)
+            y = (gelu_tanh(gate) * up) @ self.down_proj[e].T
+            out.index_add_(0, tokens, (y * flat_weights[picks, None]).to(out.dtype))
+        return out
