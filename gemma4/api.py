@@ -39,13 +39,6 @@ class ChatReply:
     completion_tokens: int
 
 
-@dataclass
-class ChatDelta:
-    kind: str  # "content", "reasoning" or "tool_call"
-    text: str = ""
-    tool_call: object = None
-
-
 def _dtype(dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -170,7 +163,8 @@ class Model:
         return get() if get is not None else None
 
     def chat_prompt(self, messages: list[dict], tools: list | None = None, enable_thinking: bool = False,
-                    add_generation_prompt: bool = True) -> str:
+                    add_generation_prompt: bool = True, **template_kwargs) -> str:
+        """The prompt text of a conversation; template_kwargs reach the template as variables."""
         from .chat import render_chat
 
         if self.tokenizer is None:
@@ -182,49 +176,33 @@ class Model:
                            bos_token=tok.id_to_token(tok.bos_token_id) or "",
                            eos_token=tok.id_to_token(tok.eos_token_id) or "",
                            add_generation_prompt=add_generation_prompt, tools=tools,
-                           enable_thinking=enable_thinking)
+                           enable_thinking=enable_thinking, **template_kwargs)
 
     def chat(self, messages: list[dict], *, tools: list | None = None, enable_thinking: bool = False,
              stream: bool = False, **sampling):
         """Answer a conversation (OpenAI-style messages) through the chat template.
 
-        Returns a ChatReply, or with stream=True an iterator of ChatDelta."""
+        Returns a ChatReply, or with stream=True an iterator of chat.StreamEvent (content, reasoning
+        and tool-call events)."""
+        from .chat import parse_output
+
         prompt = self.chat_prompt(messages, tools=tools, enable_thinking=enable_thinking)
         ids = self.tokenizer.encode(prompt, add_special_tokens=False)  # the template writes BOS itself
         if stream:
             return self._chat_stream(ids, sampling)
         out = self.generate(ids, **sampling)
-        if self.config.architecture == "gemma4":
-            from .chat import parse_gemma4_output
-
-            parsed = parse_gemma4_output(out.text)
-            content, reasoning, calls = parsed.content, parsed.reasoning, parsed.tool_calls
-        else:
-            content, reasoning, calls = out.text, None, []
-        return ChatReply(content, reasoning, calls, "tool_calls" if calls else out.finish_reason,
+        parsed = parse_output(out.text, self.config.architecture)
+        return ChatReply(parsed.content, parsed.reasoning, parsed.tool_calls,
+                         "tool_calls" if parsed.tool_calls else out.finish_reason,
                          out.prompt_tokens, len(out.token_ids))
 
-    def _chat_stream(self, ids: list[int], sampling: dict) -> Iterator[ChatDelta]:
-        if self.config.architecture != "gemma4":
-            for chunk in self.generate(ids, stream=True, **sampling):
-                if chunk.text:
-                    yield ChatDelta("content", chunk.text)
-            return
-        from .chat import Gemma4StreamParser
+    def _chat_stream(self, ids: list[int], sampling: dict):
+        from .chat import output_parser
 
-        parser = Gemma4StreamParser()
+        parser = output_parser(self.config.architecture)
         for chunk in self.generate(ids, stream=True, **sampling):
-            yield from _deltas(parser.feed(chunk.text))
-        yield from _deltas(parser.finish())
-
-
-def _deltas(events) -> Iterator[ChatDelta]:
-    for event in events:
-        kind = getattr(event, "kind", None)
-        if kind == "tool_call":
-            yield ChatDelta("tool_call", tool_call=event.tool_call)
-        elif getattr(event, "text", ""):
-            yield ChatDelta(kind, event.text)
+            yield from parser.feed(chunk.text)
+        yield from parser.finish()
 
 
 def _is_batch(x) -> bool:

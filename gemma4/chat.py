@@ -279,15 +279,41 @@ class Gemma4StreamParser:
                 self._buf, self._mode = buf[end + len(CALL_CLOSE):], "content"
 
 
-def parse_gemma4_output(text: str) -> ParsedOutput:
-    """A whole Gemma 4 answer (decoded with its special tokens) split into content, reasoning (None when
-    there was none) and tool calls. Never raises: what does not parse stays content."""
-    parser = Gemma4StreamParser()
+class PlainParser:
+    """Output of a family without thought channels or tool calls: all of it is content."""
+
+    def feed(self, text: str) -> list[StreamEvent]:
+        return [StreamEvent("content", text)] if text else []
+
+    def finish(self) -> list[StreamEvent]:
+        return []
+
+
+def output_parser(family: str) -> "Gemma4StreamParser | PlainParser":
+    """A fresh streaming parser for one answer of a model of `family`."""
+    return Gemma4StreamParser() if family == "gemma4" else PlainParser()
+
+
+def has_tool_format(family: str) -> bool:
+    """Whether answers of this family can carry tool calls that output_parser() recognises."""
+    return family == "gemma4"
+
+
+def parse_output(text: str, family: str) -> ParsedOutput:
+    """A whole answer split into content, reasoning (None when there was none) and tool calls. Never
+    raises: what does not parse stays content."""
+    parser = output_parser(family)
     events = parser.feed(text) + parser.finish()
     reasoning = "".join(e.text for e in events if e.kind == "reasoning")
     return ParsedOutput(content="".join(e.text for e in events if e.kind == "content"),
                         reasoning=reasoning or None,
                         tool_calls=[e.tool_call for e in events if e.kind == "tool_call"])
+
+
+def parse_gemma4_output(text: str) -> ParsedOutput:
+    """A whole Gemma 4 answer (decoded with its special tokens) split into content, reasoning (None when
+    there was none) and tool calls. Never raises: what does not parse stays content."""
+    return parse_output(text, "gemma4")
 
 
 # ---- template helpers (filters) ----------------------------------------------------------------

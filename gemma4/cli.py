@@ -1,4 +1,4 @@
-"""The command line: run, chat, info, list. Argument parsing and printing only."""
+"""The command line: run, chat, serve, info, list. Argument parsing and printing only."""
 
 from __future__ import annotations
 
@@ -49,6 +49,18 @@ def build_parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="multi-turn chat in the terminal")
     _model_args(chat)
     _sampling_args(chat)
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    _model_args(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--api-key", default=os.environ.get("GEMMA4_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' (default: $GEMMA4_API_KEY, else none)")
+    serve.add_argument("--served-model-name", help="the model id clients use (default: the model's file name)")
+    serve.add_argument("--parallel", "--max-num-seqs", type=int, default=8, dest="parallel",
+                       help="sequences decoded together at most (default 8)")
+    serve.add_argument("--max-queue", type=int, default=64,
+                       help="requests waiting beyond the running ones before 503 (default 64)")
 
     info = sub.add_parser("info", help="describe a model without running it")
     info.add_argument("model", nargs="?", help="GGUF file, HF folder or store name (default: the embedded model)")
@@ -143,9 +155,9 @@ def cmd_run(args) -> int:
                   "turn format")
         if args.system or args.think:
             _note("note: --system and --think apply to chat mode only")
-        from gemma4.api import ChatDelta
+        from gemma4.chat import StreamEvent
 
-        deltas = (ChatDelta("content", c.text) for c in model.generate(prompt, stream=True, **_sampling(args)))
+        deltas = (StreamEvent("content", c.text) for c in model.generate(prompt, stream=True, **_sampling(args)))
     if not use_chat:
         sys.stdout.write(prompt)
     _print_stream(deltas)
@@ -194,6 +206,30 @@ def cmd_chat(args) -> int:
             _note("\n(stopped)")
         print(flush=True)
         history.append({"role": "assistant", "content": "".join(answer)})
+
+
+def cmd_serve(args) -> int:
+    from gemma4 import store
+
+    if not 0 < args.port < 65536:
+        raise CLIError(f"--port must be in 1..65535, got {args.port}")
+    if args.parallel < 1 or args.max_queue < 0:
+        raise CLIError("--parallel must be at least 1 and --max-queue at least 0")
+    from gemma4.server import serve
+
+    model = _load(args)
+    name = args.served_model_name or (store.EMBEDDED_NAME if args.model is None else _model_id(args.model))
+    _note(f"serving {name!r} on http://{args.host}:{args.port}/v1" + (" (API key required)" if args.api_key else ""))
+    serve(model, model_name=name, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.parallel,
+          max_queue=args.max_queue)
+    return 0
+
+
+def _model_id(spec: str) -> str:
+    from pathlib import Path
+
+    path = Path(spec)
+    return path.stem if path.suffix == ".gguf" else path.name or spec
 
 
 def _human(n: float, unit: str = "B") -> str:
@@ -253,7 +289,7 @@ def cmd_list(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "chat": cmd_chat, "info": cmd_info, "list": cmd_list}
+COMMANDS = {"run": cmd_run, "chat": cmd_chat, "serve": cmd_serve, "info": cmd_info, "list": cmd_list}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -73,6 +73,15 @@ class Sequence:
         new, self._shown = self.text[self._shown:end], end
         return new
 
+    def finish(self, reason: str) -> str:
+        """End the sequence now (e.g. its grammar is complete); returns the text still held back."""
+        self.finish_reason = reason
+        if self.detokenizer is not None:
+            self.text += self.detokenizer.flush()
+            self.detokenizer = None
+        new, self._shown = self.text[self._shown:], len(self.text)
+        return new
+
 
 def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     longest = max(len(p) for p in prompts)

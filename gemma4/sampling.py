@@ -21,6 +21,8 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per occurrence in the generated text
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -36,6 +38,9 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
 
     @property
     def greedy(self) -> bool:
@@ -44,6 +49,15 @@ class SamplingParams:
     def make_generator(self, device: torch.device | str = "cpu") -> torch.Generator:
         seed = self.seed if self.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
         return torch.Generator(device=device).manual_seed(seed)
+
+
+def apply_penalties(logits: torch.Tensor, output_ids: list[int], params: SamplingParams) -> torch.Tensor:
+    """logits - presence * [token seen] - frequency * count(token), over the tokens generated so far."""
+    if not output_ids or (params.presence_penalty == 0 and params.frequency_penalty == 0):
+        return logits
+    counts = torch.bincount(torch.tensor(output_ids, device=logits.device), minlength=logits.shape[-1])
+    counts = counts[:logits.shape[-1]].to(logits.dtype)
+    return logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).to(logits.dtype)
 
 
 def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

@@ -151,3 +151,16 @@ def tiny_vocab_metadata(size: int = VOCAB) -> dict:
         "tokenizer.ggml.padding_token_id": 0, "tokenizer.ggml.add_bos_token": True,
         "tokenizer.ggml.add_eos_token": False, "tokenizer.ggml.add_space_prefix": False,
     }
+
+
+GEMMA4_SPECIAL_TOKENS = ["<|turn>", "<turn|>", "<|channel>", "<channel|>", "<|tool_call>", "<tool_call|>",
+                         "<|tool_response>", "<tool_response|>", "<|tool>", "<tool|>", '<|"|>', "<|think|>"]
+
+
+def gemma4_vocab_metadata(size: int = VOCAB) -> dict:
+    """tiny_vocab_metadata with the Gemma 4 chat tokens (control tokens) in place of its last word pieces."""
+    meta = tiny_vocab_metadata(size)
+    n = len(GEMMA4_SPECIAL_TOKENS)
+    meta["tokenizer.ggml.tokens"] = meta["tokenizer.ggml.tokens"][:size - n] + GEMMA4_SPECIAL_TOKENS
+    meta["tokenizer.ggml.token_type"] = meta["tokenizer.ggml.token_type"][:size - n] + [3] * n
+    return meta

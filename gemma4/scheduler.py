@@ -1,0 +1,232 @@
+"""Continuous batching: requests join and leave the running batch between decode steps.
+
+One thread owns the model. Each iteration it admits waiting requests into free cache rows, runs one
+prefill chunk of the oldest request still prefilling (so a long prompt never stalls the others for
+longer than a chunk), then one decode step over every sequence that is generating. Each sequence keeps
+its own sampling state (generator, penalties, grammar constraint, stop conditions). A cancelled request
+leaves at the next step and its row is cleared for the next one.
+
+Outputs go to each request's `emit` callback, called on the scheduler thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .engine import PREFILL_CHUNK, Sequence
+from .sampling import SamplingParams, apply_penalties, process_logits
+
+
+class QueueFull(Exception):
+    """More requests are waiting than the queue holds: try again later."""
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob), most likely first
+
+
+@dataclass
+class RequestOutput:
+    """What one request produced in one step."""
+
+    token_id: int | None
+    text: str
+    finished: bool
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    logprob: TokenLogprob | None = None
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    params: SamplingParams
+    emit: Callable[[RequestOutput], None]
+    logprobs: int | None = None  # None: none; k: the chosen token's logprob and the k most likely
+    constraint: object | None = None  # has mask_logits(logits), accept(token), done
+    id: int = field(default_factory=itertools.count().__next__)
+    cancelled: bool = False
+
+
+@dataclass
+class _Running:
+    request: Request
+    seq: Sequence
+    row: int
+    prefilled: int = 0  # prompt tokens already in the cache
+
+    @property
+    def decoding(self) -> bool:
+        return self.prefilled == len(self.seq.prompt_ids)
+
+
+@dataclass
+class Stats:
+    """What only the scheduler sees, for /metrics (plain numbers, read without the lock)."""
+
+    decode_tokens_per_s: float = 0.0  # tokens of the last decode step over its duration
+    decode_steps: int = 0
+
+
+class Scheduler:
+    def __init__(self, model, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = PREFILL_CHUNK):
+        self.model = model
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.prefill_chunk = prefill_chunk
+        self.stats = Stats()
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._running: list[_Running] = []
+        self._free_rows = list(range(max_batch))
+        self._cache = model.decoder.new_cache(batch=max_batch, capacity=256)
+        self._lock = threading.Condition()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    # ---- called from other threads ----------------------------------------------------------
+    def start(self) -> "Scheduler":
+        self._thread = threading.Thread(target=self._loop, name="gemma4-scheduler", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stop = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    def submit(self, request: Request) -> None:
+        with self._lock:
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting")
+            self._waiting.append(request)
+            self._lock.notify()
+
+    def cancel(self, request: Request) -> None:
+        with self._lock:
+            request.cancelled = True
+            self._lock.notify()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    # ---- the scheduler thread -----------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            with torch.inference_mode():
+                while self._next():
+                    self._step()
+        except BaseException as e:  # the model failed: every request gets an answer, not a hang
+            self.error = e
+            for r in [*self._running, *self._waiting]:
+                request = r.request if isinstance(r, _Running) else r
+                request.emit(RequestOutput(None, "", True, "error", len(request.prompt_ids), 0))
+            raise
+
+    def _next(self) -> bool:
+        """Wait until there is work; admit waiting requests into free rows. False: shut down."""
+        with self._lock:
+            while not self._stop and not self._running and not self._waiting:
+                self._lock.wait()
+            if self._stop:
+                return False
+            for r in [r for r in self._running if r.request.cancelled]:
+                self._retire(r)
+            kept = collections.deque(r for r in self._waiting if not r.cancelled)
+            self._waiting = kept
+            while self._waiting and self._free_rows:
+                request = self._waiting.popleft()
+                tok = self.model.tokenizer
+                seq = Sequence(request.prompt_ids, request.params, self.model.eos_token_ids,
+                               tok.stream() if tok is not None else None)
+                self._running.append(_Running(request, seq, self._free_rows.pop(0)))
+            return True
+
+    def _retire(self, r: _Running) -> None:
+        self._running.remove(r)
+        self._cache.clear(r.row)
+        self._free_rows.append(r.row)
+        self._free_rows.sort()
+
+    def _step(self) -> None:
+        prefilling = [r for r in self._running if not r.decoding]
+        if prefilling:
+            self._prefill_chunk(prefilling[0])
+        decoding = [r for r in self._running if r.decoding and r.seq.output_ids and not r.seq.finished]
+        if decoding:
+            start = time.perf_counter()
+            decoder = self.model.decoder
+            device = decoder.device
+            ids = torch.tensor([[r.seq.output_ids[-1]] for r in decoding], dtype=torch.long, device=device)
+            pos = torch.tensor([[len(r.seq.prompt_ids) + len(r.seq.output_ids) - 1] for r in decoding],
+                               dtype=torch.long, device=device)
+            hidden = decoder(ids, pos, self._cache.view([r.row for r in decoding]))[:, -1]
+            logits = decoder.logits(hidden)
+            for b, r in enumerate(decoding):
+                self._sample(r, logits[b])
+            self.stats.decode_tokens_per_s = len(decoding) / (time.perf_counter() - start)
+            self.stats.decode_steps += 1
+
+    def _prefill_chunk(self, r: _Running) -> None:
+        decoder = self.model.decoder
+        prompt = r.seq.prompt_ids
+        end = min(len(prompt), r.prefilled + self.prefill_chunk)
+        ids = torch.tensor([prompt[r.prefilled:end]], dtype=torch.long, device=decoder.device)
+        pos = torch.arange(r.prefilled, end, device=decoder.device)[None]
+        hidden = decoder(ids, pos, self._cache.view([r.row]))
+        r.prefilled = end
+        if r.decoding:
+            self._sample(r, decoder.logits(hidden[:, -1])[0])
+
+    def _sample(self, r: _Running, logits: torch.Tensor) -> None:
+        seq, request = r.seq, r.request
+        if r.request.cancelled:
+            return
+        params = seq.params
+        raw = logits
+        logits = apply_penalties(logits, seq.output_ids, params)
+        if request.constraint is not None:
+            logits = request.constraint.mask_logits(logits)
+        if params.greedy:
+            token = int(torch.argmax(logits))
+        else:
+            probs = torch.softmax(process_logits(logits, params), dim=-1)
+            token = int(torch.multinomial(probs, 1, generator=seq.generator))
+        logprob = _logprob(raw, token, request.logprobs) if request.logprobs is not None else None
+        if request.constraint is not None:
+            request.constraint.accept(token)
+        text = seq.append(token)
+        if not seq.finished and request.constraint is not None and request.constraint.done:
+            text += seq.finish("stop")
+        out = RequestOutput(token, text, seq.finished, seq.finish_reason, len(seq.prompt_ids),
+                            len(seq.output_ids), logprob)
+        if seq.finished:
+            with self._lock:
+                self._retire(r)
+        request.emit(out)
+
+
+def _logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """The model's own log-probabilities (before temperature and filtering), as OpenAI reports them."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    best = torch.topk(logp, top) if top > 0 else None
+    pairs = list(zip(best.indices.tolist(), best.values.tolist())) if best is not None else []
+    return TokenLogprob(token, float(logp[token]), pairs)

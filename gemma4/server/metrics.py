@@ -1,0 +1,27 @@
+"""Prometheus metrics of one server: requests, tokens, queue depth, time to first token, decode speed."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, scheduler):
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("gemma4_requests", "HTTP requests answered", ["endpoint", "status"], registry=r)
+        self.prompt_tokens = Counter("gemma4_prompt_tokens", "prompt tokens prefilled", registry=r)
+        self.generated_tokens = Counter("gemma4_generation_tokens", "tokens generated", registry=r)
+        self.ttft = Histogram("gemma4_time_to_first_token_seconds", "from request to its first token",
+                              buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120), registry=r)
+        Gauge("gemma4_queue_depth", "requests waiting for a batch row", registry=r).set_function(
+            lambda: scheduler.queue_depth)
+        Gauge("gemma4_running_requests", "requests in the running batch", registry=r).set_function(
+            lambda: scheduler.running)
+        Gauge("gemma4_decode_tokens_per_second", "tokens per second of the last decode step",
+              registry=r).set_function(lambda: scheduler.stats.decode_tokens_per_s)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

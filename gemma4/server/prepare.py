@@ -1,0 +1,153 @@
+"""An OpenAI request body turned into engine jobs: prompt ids, sampling parameters, constraints.
+
+Every check of a request's meaning lives here and raises APIError (400) naming the field, so the
+engine only ever sees requests it can run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..chat import CALL_OPEN, ChatTemplateError, has_tool_format
+from ..sampling import SamplingParams
+from .errors import APIError
+from .schema import ChatCompletionRequest, CompletionRequest, NamedToolChoice
+
+# Template variables a client may not set through chat_template_kwargs (the server sets them).
+_RESERVED = {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token", "template", "family"}
+_THINKING_EFFORTS = {"low", "medium", "high"}
+
+
+@dataclass
+class Job:
+    prompt_ids: list[int]
+    params: SamplingParams
+    logprobs: int | None = None
+    constraint: object | None = None
+    prompt_text: str = ""
+
+
+@dataclass
+class Prepared:
+    jobs: list[Job]
+    family: str
+    forced_prefix: str = ""  # text the answer starts with (a forced tool call), fed to the parser first
+    logprobs: bool = False
+    echo: bool = False
+    n: int = 1
+    tool_names: set[str] = field(default_factory=set)
+
+
+def prepare_chat(model, body: ChatCompletionRequest) -> Prepared:
+    family = model.config.architecture
+    if not body.messages:
+        raise APIError(400, "messages: at least one message is needed", param="messages")
+    messages = [m.model_dump(exclude_none=True) for m in body.messages]
+    tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
+    choice = body.tool_choice
+    forced = ""
+    if tools and not has_tool_format(family):
+        raise APIError(400, f"tools: this model ({family}) has no tool-call format", param="tools")
+    if choice is not None and choice != "none" and not tools:
+        raise APIError(400, "tool_choice: needs tools", param="tool_choice")
+    if choice == "none":
+        tools = None  # the model is not told of them, so it cannot call them
+    elif choice == "required":
+        forced = CALL_OPEN + "call:"
+    elif isinstance(choice, NamedToolChoice):
+        names = {t["function"]["name"] for t in tools}
+        if choice.function.name not in names:
+            raise APIError(400, f"tool_choice: no tool named {choice.function.name!r}", param="tool_choice")
+        forced = CALL_OPEN + "call:" + choice.function.name + "{"
+    if forced and body.response_format and body.response_format.get("type") != "text":
+        raise APIError(400, "response_format: cannot be combined with a forced tool call", param="response_format")
+
+    kwargs = dict(body.chat_template_kwargs or {})
+    thinking = bool(kwargs.pop("enable_thinking", False)) or body.reasoning_effort in _THINKING_EFFORTS
+    for key in list(kwargs):
+        if key in _RESERVED:
+            raise APIError(400, f"chat_template_kwargs: {key!r} is set by the server", param="chat_template_kwargs")
+    try:
+        text = model.chat_prompt(messages, tools=tools, enable_thinking=thinking, **kwargs) + forced
+    except ChatTemplateError as e:
+        raise APIError(400, str(e), param="messages") from None
+    except ValueError as e:
+        raise APIError(400, str(e), param="messages") from None
+    ids = model.tokenizer.encode(text, add_special_tokens=False)  # the template writes BOS itself
+
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "top_logprobs: needs logprobs to be true", param="top_logprobs")
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    prompts = [(ids, text)] * body.n
+    jobs = _jobs(model, body, prompts, max_tokens, param, logprobs)
+    return Prepared(jobs, family, forced, logprobs=body.logprobs, n=body.n,
+                    tool_names={t["function"]["name"] for t in tools or []})
+
+
+def prepare_completion(model, body: CompletionRequest) -> Prepared:
+    prompt = body.prompt
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], int)):
+        prompt = [prompt]
+    if not prompt:
+        raise APIError(400, "prompt: is empty", param="prompt")
+    pairs = []
+    for p in prompt:
+        if isinstance(p, str):
+            if not p:
+                raise APIError(400, "prompt: is empty", param="prompt")
+            pairs.append((model.tokenizer.encode(p, add_special_tokens=True), p))
+        else:
+            if not p:
+                raise APIError(400, "prompt: is empty", param="prompt")
+            if min(p) < 0 or max(p) >= model.config.vocab_size:
+                raise APIError(400, f"prompt: token id out of range [0, {model.config.vocab_size})", param="prompt")
+            pairs.append((list(p), model.tokenizer.decode(p)))
+    if body.echo and body.logprobs is not None:
+        raise APIError(400, "echo: prompt logprobs are not supported; use echo or logprobs", param="echo")
+    prompts = [pair for pair in pairs for _ in range(body.n)]
+    jobs = _jobs(model, body, prompts, body.max_tokens, "max_tokens", body.logprobs, default_max=16)
+    return Prepared(jobs, model.config.architecture, logprobs=body.logprobs is not None, echo=body.echo, n=body.n)
+
+
+def _jobs(model, body, prompts: list[tuple[list[int], str]], max_tokens: int | None, param: str,
+          logprobs: int | None, default_max: int | None = None) -> list[Job]:
+    context = model.config.max_position_embeddings
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    jobs = []
+    for i, (ids, text) in enumerate(prompts):
+        room = context - len(ids)
+        if room <= 0:
+            raise APIError(400, f"the prompt has {len(ids)} tokens; the model's context is {context} tokens",
+                           param="messages" if isinstance(body, ChatCompletionRequest) else "prompt",
+                           code="context_length_exceeded")
+        n = max_tokens if max_tokens is not None else min(room, default_max or room)
+        if n <= 0:
+            raise APIError(400, f"{param}: must be at least 1, got {n}", param=param)
+        if n > room:
+            raise APIError(400, f"{param}: the prompt has {len(ids)} tokens and the context is {context}, so at "
+                                f"most {room} can be generated; {n} were asked for", param=param,
+                           code="context_length_exceeded")
+        sampling = {k: v for k, v in dict(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+                                          min_p=body.min_p).items() if v is not None}
+        seed = None if body.seed is None else body.seed + i
+        try:
+            params = SamplingParams(max_tokens=n, seed=seed, stop=stop, presence_penalty=body.presence_penalty,
+                                    frequency_penalty=body.frequency_penalty, **sampling)
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+        jobs.append(Job(ids, params, logprobs, _constraint(body.response_format, model.tokenizer), text))
+    return jobs
+
+
+def _constraint(response_format: dict | None, tokenizer):
+    """A fresh grammar constraint for one sequence, or None for free text."""
+    if not response_format or response_format.get("type") == "text":
+        return None
+    from ..structured import constraint_from_response_format
+
+    try:
+        return constraint_from_response_format(response_format, tokenizer)
+    except ValueError as e:
+        raise APIError(400, str(e), param="response_format") from None
