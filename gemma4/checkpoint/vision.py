@@ -116,24 +116,28 @@ class MmprojCheckpoint:
         if text_hidden_size is not None and projection != text_hidden_size:
             raise ModelLoadError(f"clip.vision.projection_dim: the mmproj projects to {projection}, but the text "
                                  f"model's hidden size is {text_hidden_size} (an mmproj of another model?)")
-        pos = self.file.tensors.get("v.position_embd.weight")
-        if pos is None:
-            raise ModelLoadError("v.position_embd.weight: missing from the mmproj GGUF")
+        tensors = self.file.tensors
+        for needed in ("v.position_embd.weight", "v.blk.0.attn_q_norm.weight", "v.blk.0.attn_k.weight"):
+            if needed not in tensors:
+                raise ModelLoadError(f"{needed}: missing from the mmproj GGUF")
+        # The converter writes no head size or KV head count: the norms and projections tell them.
+        head_dim = int(tensors["v.blk.0.attn_q_norm.weight"].shape[-1])
+        kv_heads = int(tensors["v.blk.0.attn_k.weight"].shape[0]) // head_dim
         return VisionConfig(
             hidden_size=hidden,
             intermediate_size=int(self._need("clip.vision.feed_forward_length")),
             num_hidden_layers=int(self._need("clip.vision.block_count")),
             num_attention_heads=heads,
-            num_key_value_heads=int(self.metadata.get("clip.vision.attention.head_count_kv") or heads),
-            head_dim=int(self.metadata.get("clip.vision.attention.head_dim") or hidden // heads),
+            num_key_value_heads=kv_heads,
+            head_dim=head_dim,
             patch_size=int(self._need("clip.vision.patch_size")),
             pooling_kernel_size=int(self.metadata.get("clip.vision.projector.scale_factor") or 3),
-            position_embedding_size=int(pos.shape[1]),
+            position_embedding_size=int(tensors["v.position_embd.weight"].shape[1]),
             text_hidden_size=projection,
             rope_theta=LLAMACPP_ROPE_THETA,
             rms_norm_eps=float(self.metadata.get("clip.vision.attention.layer_norm_epsilon", 1e-6)),
-            standardize="v.std_bias" in self.file.tensors,
-            use_clipped_linears=any(n.endswith(".input_max") for n in self.file.tensors),
+            standardize="v.std_bias" in tensors,
+            use_clipped_linears=any(n.endswith(".input_max") for n in tensors),
         ).validate()
 
     def names(self) -> list[str]:
@@ -190,10 +194,6 @@ def write_mmproj(checkpoint, path: str | Path, qtype: str = "F32") -> Path:
     w.add_vision_feed_forward_length(cfg.intermediate_size)
     w.add_vision_block_count(cfg.num_hidden_layers)
     w.add_vision_head_count(cfg.num_attention_heads)
-    if cfg.num_key_value_heads != cfg.num_attention_heads:
-        w.add_uint32("clip.vision.attention.head_count_kv", cfg.num_key_value_heads)
-    if cfg.head_dim * cfg.num_attention_heads != cfg.hidden_size:
-        w.add_uint32("clip.vision.attention.head_dim", cfg.head_dim)
     if cfg.pooling_kernel_size != 3:
         w.add_vision_projector_scale_factor(cfg.pooling_kernel_size)
     w.add_vision_attention_layernorm_eps(cfg.rms_norm_eps)
