@@ -10,9 +10,10 @@ import torch
 
 from .checkpoint import open_checkpoint
 from .config import ModelConfig
-from .engine import PREFILL_CHUNK, Sequence, StepOutput, generate, prefill
+from .engine import PREFILL_CHUNK, Sequence, StepOutput, generate, prefill, soft_embeds
 from .errors import ModelLoadError
 from .model.load import build_decoder
+from .multimodal import MultimodalPrompt
 from .sampling import SamplingParams
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -57,19 +58,44 @@ def _device(device) -> torch.device:
     return device
 
 
-def load(path: str | Path, dtype="float32", device="cpu", progress: bool = True) -> "Model":
-    """Load a model from an HF checkpoint folder or a GGUF file."""
+def load(path: str | Path, dtype="float32", device="cpu", progress: bool = True,
+         mmproj: str | Path | None = None) -> "Model":
+    """Load a model from an HF checkpoint folder or a GGUF file. An HF multimodal checkpoint brings its
+    vision tower; a GGUF model takes it from a llama.cpp mmproj file (`mmproj`). The tower is built
+    the first time an image comes."""
     checkpoint = open_checkpoint(path)
     tokenizer = checkpoint.load_tokenizer()  # before the weights: a missing tokenizer fails fast
+    vision = _vision_checkpoint(checkpoint, mmproj)  # before the weights too: a bad mmproj fails fast
     decoder = build_decoder(checkpoint, _dtype(dtype), _device(device), progress=progress)
-    return Model(decoder, tokenizer, checkpoint)
+    return Model(decoder, tokenizer, checkpoint, vision=vision)
+
+
+def _vision_checkpoint(checkpoint, mmproj):
+    from .checkpoint.vision import HFVisionCheckpoint, MmprojCheckpoint
+
+    config = checkpoint.config
+    if mmproj is not None:
+        if config.architecture != "gemma4":
+            raise ModelLoadError(f"mmproj: a {config.architecture} model takes no Gemma 4 vision tower")
+        vision = MmprojCheckpoint(mmproj, config.hidden_size)
+        if getattr(checkpoint, "metadata", None) is not None:
+            # A GGUF does not say how image tokens attend; llama.cpp's rule: both ways, except on the
+            # small models (hidden 1536 and 2560: E2B, E4B), as their HF configs say too.
+            config.use_bidirectional_attention = None if config.hidden_size in (1536, 2560) else "vision"
+        return vision
+    raw = getattr(checkpoint, "raw_config", None) or {}
+    if config.architecture == "gemma4" and isinstance(raw.get("vision_config"), dict) and hasattr(checkpoint, "files"):
+        return HFVisionCheckpoint(checkpoint)
+    return None
 
 
 class Model:
-    def __init__(self, decoder, tokenizer, checkpoint=None):
+    def __init__(self, decoder, tokenizer, checkpoint=None, vision=None):
         self.decoder = decoder
         self.tokenizer = tokenizer
         self.checkpoint = checkpoint
+        self.vision_checkpoint = vision  # a reader (checkpoint/vision.py); the tower is built on first use
+        self._vision = None
 
     @property
     def config(self) -> ModelConfig:
@@ -82,9 +108,49 @@ class Model:
             ids |= set(self.tokenizer.stop_token_ids)
         return ids
 
+    # ---- images -------------------------------------------------------------------------
+    @property
+    def vision(self):
+        """The vision tower (model/vision.py), built from its checkpoint the first time it is asked for."""
+        if self._vision is None:
+            if self.vision_checkpoint is None:
+                raise ValueError("this model has no vision tower: images need a multimodal checkpoint, or an "
+                                 "mmproj file beside a GGUF model")
+            from .model.vision import load_vision
+
+            self._vision = load_vision(self.vision_checkpoint, self.decoder.dtype, self.decoder.device)
+        return self._vision
+
+    def multimodal_prompt(self, text: str, media: list, image_tokens: int | None = None) -> MultimodalPrompt:
+        """Prompt text with <|image|> / <|video|> placeholders (as the chat template writes them) and the
+        images / videos for them, in order -> token ids with soft-token runs."""
+        from .config import SUPPORTED_SOFT_TOKENS
+        from .multimodal import MediaTokens, expand
+
+        if self.vision_checkpoint is None:
+            self.vision  # raises the error that says why
+        cfg = self.vision_checkpoint.config
+        image_tokens = cfg.max_soft_tokens if image_tokens is None else int(image_tokens)
+        if image_tokens not in SUPPORTED_SOFT_TOKENS:
+            raise ValueError(f"image_tokens: {image_tokens} is not one of {SUPPORTED_SOFT_TOKENS}")
+        tokens = MediaTokens.from_tokenizer(self.tokenizer, getattr(self.checkpoint, "raw_config", None))
+        return expand(text, media, tokens, self.tokenizer, patch_size=cfg.patch_size,
+                      pooling_kernel_size=cfg.pooling_kernel_size, image_soft_tokens=image_tokens,
+                      video_soft_tokens=cfg.video_max_soft_tokens)
+
+    def _soft(self, prompt) -> list:
+        if not isinstance(prompt, MultimodalPrompt) or not prompt.patches:
+            return []
+        from .multimodal import encode
+
+        return encode(prompt, self.vision)
+
     # ---- logits -------------------------------------------------------------------------
     def forward(self, token_ids, chunk: int = PREFILL_CHUNK) -> torch.Tensor:
-        """float32 logits for every position: [T, vocab] for one sequence, [B, T, vocab] for a batch."""
+        """float32 logits for every position: [T, vocab] for one sequence (ids or a MultimodalPrompt),
+        [B, T, vocab] for a batch of equal-length id lists."""
+        if isinstance(token_ids, MultimodalPrompt):
+            return self._forward_multimodal(token_ids, chunk)
         ids = torch.as_tensor(token_ids, dtype=torch.long)
         single = ids.dim() == 1
         if single:
@@ -100,12 +166,25 @@ class Model:
         logits = torch.cat(out, dim=1)
         return logits[0] if single else logits
 
+    def _forward_multimodal(self, prompt: MultimodalPrompt, chunk: int) -> torch.Tensor:
+        ids = torch.tensor([prompt.ids], dtype=torch.long, device=self.decoder.device)
+        pos = torch.arange(ids.shape[1], device=ids.device)[None]
+        embeds, mask = soft_embeds([(ids.shape[1], self._soft(prompt))], ids.shape[1], self.config.hidden_size,
+                                   self.decoder.dtype, ids.device)
+        cache = self.decoder.new_cache(batch=1, capacity=ids.shape[1])
+        out = []
+        prefill(self.decoder, cache, ids, pos, chunk, on_hidden=lambda _, h: out.append(self.decoder.logits(h)),
+                embeds=embeds, embeds_mask=mask)
+        return torch.cat(out, dim=1)[0]
+
     def _check_ids(self, ids: torch.Tensor) -> None:
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
             raise ValueError(f"token id out of range [0, {self.config.vocab_size})")
 
     # ---- generation ---------------------------------------------------------------------
     def _encode(self, prompt) -> list[int]:
+        if isinstance(prompt, MultimodalPrompt):
+            return list(prompt.ids)
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer: pass token ids instead of text")
@@ -118,7 +197,7 @@ class Model:
         seqs = []
         for p in prompts:
             detok = self.tokenizer.stream() if self.tokenizer is not None else None
-            seqs.append(Sequence(self._encode(p), params, self.eos_token_ids, detok))
+            seqs.append(Sequence(self._encode(p), params, self.eos_token_ids, detok, soft=self._soft(p)))
         for s in seqs:
             limit = self.config.max_position_embeddings
             if len(s.prompt_ids) + params.max_tokens > limit:
@@ -130,7 +209,8 @@ class Model:
                  top_p: float = 0.95, min_p: float = 0.0, seed: int | None = None,
                  stop: str | list[str] | None = None, stop_token_ids: Seq[int] = (), ignore_eos: bool = False,
                  stream: bool = False):
-        """Complete a prompt (text, without any chat template, or token ids), or a batch of them.
+        """Complete a prompt (text, without any chat template, token ids, or a MultimodalPrompt), or a batch
+        of them.
 
         Returns a Completion (a list of them for a batch), or with stream=True an iterator of
         StepOutput (index = position in the batch, text = new text safe to show).
@@ -178,16 +258,34 @@ class Model:
                            add_generation_prompt=add_generation_prompt, tools=tools,
                            enable_thinking=enable_thinking, **template_kwargs)
 
+    def chat_input(self, messages: list[dict], tools: list | None = None, enable_thinking: bool = False,
+                   image_tokens: int | None = None, suffix: str = "", **template_kwargs):
+        """The token ids of a conversation (a MultimodalPrompt when it holds images or videos: content
+        parts {"type": "image_url", "image_url": {"url": "data:..."}}, {"type": "image", "image": PATH |
+        bytes | Image}, {"type": "video", "video": PATH}). `suffix` is text the answer is made to start
+        with (after the generation prompt)."""
+        from .multimodal import collect_media, has_media
+
+        media = []
+        if has_media(messages):
+            if self.vision_checkpoint is None:
+                self.vision  # raises the error that says why
+            messages, media = collect_media(messages)
+        prompt = self.chat_prompt(messages, tools=tools, enable_thinking=enable_thinking, **template_kwargs) + suffix
+        if media:
+            return self.multimodal_prompt(prompt, media, image_tokens)
+        return self.tokenizer.encode(prompt, add_special_tokens=False)  # the template writes BOS itself
+
     def chat(self, messages: list[dict], *, tools: list | None = None, enable_thinking: bool = False,
-             stream: bool = False, **sampling):
-        """Answer a conversation (OpenAI-style messages) through the chat template.
+             stream: bool = False, image_tokens: int | None = None, **sampling):
+        """Answer a conversation (OpenAI-style messages, images and videos among the content parts) through
+        the chat template; `image_tokens` caps the soft tokens per image (70, 140, 280, 560 or 1120).
 
         Returns a ChatReply, or with stream=True an iterator of chat.StreamEvent (content, reasoning
         and tool-call events)."""
         from .chat import parse_output
 
-        prompt = self.chat_prompt(messages, tools=tools, enable_thinking=enable_thinking)
-        ids = self.tokenizer.encode(prompt, add_special_tokens=False)  # the template writes BOS itself
+        ids = self.chat_input(messages, tools=tools, enable_thinking=enable_thinking, image_tokens=image_tokens)
         if stream:
             return self._chat_stream(ids, sampling)
         out = self.generate(ids, **sampling)
@@ -206,7 +304,7 @@ class Model:
 
 
 def _is_batch(x) -> bool:
-    if isinstance(x, str):
+    if isinstance(x, (str, MultimodalPrompt)):
         return False
     if isinstance(x, torch.Tensor):
         return x.dim() == 2

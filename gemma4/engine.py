@@ -35,6 +35,8 @@ class Sequence:
     params: SamplingParams
     eos_ids: set[int] = field(default_factory=set)
     detokenizer: object | None = None  # has push(id) -> str and flush() -> str
+    # soft tokens (images): (offset in the prompt, [n, hidden] embeddings replacing prompt_ids[offset:offset+n])
+    soft: list[tuple[int, torch.Tensor]] = field(default_factory=list)
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
@@ -93,17 +95,48 @@ def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tens
     return ids.to(device), pos.to(device)
 
 
+def _chunks(length: int, chunk: int, embeds_mask: torch.Tensor | None) -> Iterator[tuple[int, int]]:
+    """Column ranges of at most `chunk` columns, stretched so that no run of soft tokens (an image) is cut."""
+    joined = None if embeds_mask is None else (embeds_mask[:, 1:] & embeds_mask[:, :-1]).any(0).tolist()
+    start = 0
+    while start < length:
+        end = min(start + chunk, length)
+        while joined is not None and end < length and joined[end - 1]:
+            end += 1
+        yield start, end
+        start = end
+
+
 @torch.inference_mode()
 def prefill(decoder: Decoder, cache, ids: torch.Tensor, pos: torch.Tensor, chunk: int = PREFILL_CHUNK,
-            on_hidden: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+            on_hidden: Callable[[int, torch.Tensor], None] | None = None,
+            embeds: torch.Tensor | None = None, embeds_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Run [B, T] ids through the model in chunks of columns; returns the last column's hidden state.
-    `on_hidden(start, hidden)` sees every chunk's hidden states (forward() collects logits with it)."""
+    `on_hidden(start, hidden)` sees every chunk's hidden states (forward() collects logits with it).
+    embeds / embeds_mask: soft-token embeddings and where they go (see Decoder.forward)."""
     hidden = None
-    for start in range(0, ids.shape[1], chunk):
-        hidden = decoder(ids[:, start:start + chunk], pos[:, start:start + chunk], cache)
+    for start, end in _chunks(ids.shape[1], chunk, embeds_mask):
+        soft = {} if embeds_mask is None else dict(embeds=embeds[:, start:end], embeds_mask=embeds_mask[:, start:end])
+        hidden = decoder(ids[:, start:end], pos[:, start:end], cache, **soft)
         if on_hidden is not None:
             on_hidden(start, hidden)
     return hidden[:, -1]
+
+
+def soft_embeds(rows: list[tuple[int, list[tuple[int, torch.Tensor]]]], width: int, hidden: int, dtype, device
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Dense [B, width, hidden] embeddings and their [B, width] mask for left-padded rows of `width`
+    columns, from each row's (prompt length, [(offset, embeddings)]); (None, None) when there are none."""
+    if not any(spans for _, spans in rows):
+        return None, None
+    embeds = torch.zeros(len(rows), width, hidden, dtype=dtype, device=device)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool, device=device)
+    for b, (length, spans) in enumerate(rows):
+        for offset, values in spans:
+            at = width - length + offset
+            embeds[b, at:at + values.shape[0]] = values.to(device=device, dtype=dtype)
+            mask[b, at:at + values.shape[0]] = True
+    return embeds, mask
 
 
 @torch.inference_mode()
@@ -114,7 +147,9 @@ def generate(decoder: Decoder, sequences: list[Sequence], pad_id: int = 0,
     ids, pos = _left_pad([s.prompt_ids for s in sequences], pad_id, device)
     capacity = ids.shape[1] + max(s.params.max_tokens for s in sequences)
     cache = decoder.new_cache(batch=len(sequences), capacity=capacity)
-    last_hidden = prefill(decoder, cache, ids, pos, chunk)
+    embeds, embeds_mask = soft_embeds([(len(s.prompt_ids), s.soft) for s in sequences], ids.shape[1],
+                                      decoder.config.hidden_size, decoder.dtype, device)
+    last_hidden = prefill(decoder, cache, ids, pos, chunk, embeds=embeds, embeds_mask=embeds_mask)
     next_pos = pos[:, -1] + 1
     while True:
         logits = decoder.logits(last_hidden)

@@ -69,3 +69,59 @@ def from_gguf(gguf_name: str) -> str | None:
 
 def is_norm(ours: str) -> bool:
     return ours.endswith(NORM_SUFFIXES)
+
+
+# ---- the vision tower and multimodal embedder ---------------------------------------------------
+# (our name in model/vision.py, HF name in a Gemma4ForConditionalGeneration checkpoint, llama.cpp mmproj
+# GGUF name as convert_hf_to_gguf.py --mmproj writes it for the gemma4v projector)
+_VISION_LINEARS = [
+    ("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"), ("self_attn.v_proj", "attn_v"),
+    ("self_attn.o_proj", "attn_out"), ("mlp.gate_proj", "ffn_gate"), ("mlp.up_proj", "ffn_up"),
+    ("mlp.down_proj", "ffn_down"),
+]
+_VISION_NORMS = [
+    ("input_layernorm", "ln1"), ("post_attention_layernorm", "attn_post_norm"),
+    ("pre_feedforward_layernorm", "ln2"), ("post_feedforward_layernorm", "ffn_post_norm"),
+    ("self_attn.q_norm", "attn_q_norm"), ("self_attn.k_norm", "attn_k_norm"),
+]
+HF_VISION_PREFIX = "model.vision_tower."
+HF_VISION_EMBEDDER_PREFIX = "model.embed_vision."
+
+VISION_TENSORS: list[tuple[str, str, str]] = [
+    ("patch_embedder.input_proj.weight", "model.vision_tower.patch_embedder.input_proj.weight", "v.patch_embd.weight"),
+    ("patch_embedder.position_embedding_table", "model.vision_tower.patch_embedder.position_embedding_table",
+     "v.position_embd.weight"),
+    ("std_bias", "model.vision_tower.std_bias", "v.std_bias"),
+    ("std_scale", "model.vision_tower.std_scale", "v.std_scale"),
+    ("embedding_projection.weight", "model.embed_vision.embedding_projection.weight", "mm.input_projection.weight"),
+    *[(f"layers.{{i}}.{ours}.weight", f"model.vision_tower.encoder.layers.{{i}}.{ours}.weight",
+       f"v.blk.{{i}}.{gguf}.weight") for ours, gguf in _VISION_NORMS],
+    *[(f"layers.{{i}}.{ours}.weight", f"model.vision_tower.encoder.layers.{{i}}.{ours}.linear.weight",
+       f"v.blk.{{i}}.{gguf}.weight") for ours, gguf in _VISION_LINEARS],
+    # the clipping bounds of Gemma4ClippableLinear (present when use_clipped_linears is on)
+    *[(f"layers.{{i}}.{ours}.{bound}", f"model.vision_tower.encoder.layers.{{i}}.{ours}.{bound}",
+       f"v.blk.{{i}}.{gguf}.{bound}")
+      for ours, gguf in _VISION_LINEARS
+      for bound in ("input_min", "input_max", "output_min", "output_max")],
+]
+
+_V_OURS_HF = [(_pattern(o), h) for o, h, _ in VISION_TENSORS]
+_V_HF = [(_pattern(h), o) for o, h, _ in VISION_TENSORS]
+_V_OURS_GGUF = [(_pattern(o), g) for o, _, g in VISION_TENSORS]
+_V_GGUF = [(_pattern(g), o) for o, _, g in VISION_TENSORS]
+
+
+def vision_from_hf(hf_name: str) -> str | None:
+    return _translate(hf_name, _V_HF)
+
+
+def vision_to_hf(ours: str) -> str | None:
+    return _translate(ours, _V_OURS_HF)
+
+
+def vision_from_gguf(gguf_name: str) -> str | None:
+    return _translate(gguf_name, _V_GGUF)
+
+
+def vision_to_gguf(ours: str) -> str | None:
+    return _translate(ours, _V_OURS_GGUF)

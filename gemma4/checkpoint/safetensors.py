@@ -59,6 +59,11 @@ class SafetensorsCheckpoint:
         except (SafetensorError, OSError) as e:
             raise ModelLoadError(f"{path.name}: unreadable safetensors file ({e})") from None
 
+    @property
+    def files(self) -> list[Path]:
+        """The safetensors files of the checkpoint (the vision reader opens them too)."""
+        return list(self._files)
+
     def names(self) -> list[str]:
         return list(self._where)
 

@@ -11,16 +11,18 @@ from ..config import ModelConfig
 from .layers import RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
 
 
-def attention_mask(qpos: torch.Tensor, kpos: torch.Tensor, window: int | None) -> torch.Tensor | None:
+def attention_mask(qpos: torch.Tensor, kpos: torch.Tensor, window: int | None,
+                   sees_until: torch.Tensor | None = None) -> torch.Tensor | None:
     """[B, 1, T, S] booleans (True: attend) from absolute positions; None when every pair may attend.
 
-    A query at p sees keys p-window+1 .. p on sliding layers, 0 .. p on full ones. Slots at -1 are
+    A query at p sees keys p-window+1 .. p on sliding layers, 0 .. p on full ones. `sees_until` [B, T]
+    moves the upper bound past p (an image's soft tokens see the whole image). Slots at -1 are
     empty. Padding queries (-1) would see nothing, which makes softmax NaN; they see everything
     instead, and their outputs are never used.
     """
     q = qpos[:, :, None]
     k = kpos[:, None, :]
-    allowed = (k >= 0) & (k <= q)
+    allowed = (k >= 0) & (k <= (q if sees_until is None else sees_until[:, :, None]))
     if window is not None:
         allowed &= k > q - window
     allowed |= ~allowed.any(dim=-1, keepdim=True)
@@ -51,8 +53,9 @@ class Attention(nn.Module):
             raise ValueError("attention_k_eq_v needs v_norm")
         self.register_buffer("inv_freq", rope_inv_freq(config.rope_of(layer), d), persistent=False)
 
-    def forward(self, x: torch.Tensor, qpos: torch.Tensor, kv: LayerKV) -> torch.Tensor:
-        """x: [B, T, hidden]; qpos: [B, T] absolute positions (-1: padding)."""
+    def forward(self, x: torch.Tensor, qpos: torch.Tensor, kv: LayerKV,
+                sees_until: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, T, hidden]; qpos: [B, T] absolute positions (-1: padding); sees_until: see attention_mask."""
         b, t, _ = x.shape
         cos, sin = rope_cos_sin(self.inv_freq, qpos.clamp(min=0), x.dtype)
         q = apply_rope(self.q_norm(self.q_proj(x).view(b, t, self.heads, self.head_dim)), cos, sin)
@@ -71,7 +74,7 @@ class Attention(nn.Module):
             k = apply_rope(self.k_norm(raw_k), cos, sin)
             k_all, v_all, kpos = kv.update(k.transpose(1, 2), v.transpose(1, 2), qpos)
 
-        mask = attention_mask(qpos, kpos, self.window)
+        mask = attention_mask(qpos, kpos, self.window, sees_until)
         q = q.transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=self.scale,
                                              enable_gqa=self.heads != self.kv_heads)

@@ -38,8 +38,8 @@ class DecoderLayer(nn.Module):
         else:
             self.layer_scalar = None
 
-    def forward(self, h: torch.Tensor, qpos: torch.Tensor, kv) -> torch.Tensor:
-        h = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), qpos, kv))
+    def forward(self, h: torch.Tensor, qpos: torch.Tensor, kv, sees_until: torch.Tensor | None = None) -> torch.Tensor:
+        h = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), qpos, kv, sees_until))
 
         residual = h
         m = self.mlp(self.pre_feedforward_layernorm(residual))
@@ -75,13 +75,26 @@ class Decoder(nn.Module):
     def new_cache(self, batch: int = 1, capacity: int = 256) -> KVCache:
         return KVCache(self.config, batch, capacity, self.dtype, self.device)
 
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """ids, positions: [B, T] (position -1 marks left padding). Returns final-normed hidden states."""
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                embeds: torch.Tensor | None = None, embeds_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """ids, positions: [B, T] (position -1 marks left padding). Returns final-normed hidden states.
+
+        embeds [B, T, hidden] replace the token embeddings where embeds_mask [B, T] is set: image soft
+        tokens, already in the model's space (not scaled). With use_bidirectional_attention "vision",
+        each run of them attends to itself both ways on sliding layers; a call must hold whole runs.
+        """
         weight = self.embed_tokens.weight
+        sees_until = None
+        if embeds_mask is not None:
+            ids = ids.masked_fill(embeds_mask, 0)  # soft-token ids need no embedding row
         # The scale is rounded to the weight dtype first, as the reference does.
         h = self.embed_tokens(ids) * torch.tensor(self.config.embed_scale, dtype=weight.dtype)
-        for layer, kv in zip(self.layers, cache.layers):
-            h = layer(h, positions, kv)
+        if embeds_mask is not None:
+            h = torch.where(embeds_mask[..., None], embeds.to(h.dtype), h)
+            if self.config.use_bidirectional_attention == "vision":
+                sees_until = run_ends(positions, embeds_mask)
+        for i, (layer, kv) in enumerate(zip(self.layers, cache.layers)):
+            h = layer(h, positions, kv, sees_until if self.config.is_sliding(i) else None)
         return self.norm(h)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -92,3 +105,13 @@ class Decoder(nn.Module):
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return logits
+
+
+def run_ends(positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, T]: for a position inside a run of set mask entries, the position of the run's last entry;
+    elsewhere the position itself."""
+    t = mask.shape[1]
+    index = torch.arange(t, device=mask.device).expand_as(mask)
+    is_last = mask & ~torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], dim=1)
+    nearest_last = torch.where(is_last, index, t).flip(1).cummin(1).values.flip(1)
+    return positions.gather(1, torch.where(mask, nearest_last, index))

@@ -1,0 +1,192 @@
+"""Prompt assembly for images and videos.
+
+1. `collect_media(messages)`: the image and video parts of OpenAI-style messages are decoded (data:
+   URLs, files, Image objects) and replaced by `{"type": "image"}` / `{"type": "video"}` parts, which
+   the chat template renders as the `<|image|>` / `<|video|>` placeholders.
+2. `expand(text, media, ...)`: as the reference processor does, each image placeholder becomes
+   begin-of-image, N soft tokens, end-of-image, and each video placeholder one such block per frame,
+   each after its `mm:ss` timestamp, frames separated by spaces; then the text is tokenized.
+3. `encode(prompt, vision)`: the vision tower turns each block's patches into N embeddings, which
+   replace the soft tokens' embeddings in the decoder (engine: Sequence.soft).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from .images import Image, Patches, decode_image, from_pil, image_from_url, load_image, preprocess
+from .video import Video, load_video, timestamp_text
+
+# The texts of the media tokens in Gemma 4's vocabulary (the processor's boi/eoi/image/video tokens).
+BOI, EOI, IMAGE, VIDEO = "<|image>", "<image|>", "<|image|>", "<|video|>"
+
+
+@dataclass(frozen=True)
+class MediaTokens:
+    boi: str
+    eoi: str
+    image: str
+    video: str
+    image_id: int
+    video_id: int
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer, raw_config: Mapping[str, Any] | None = None) -> "MediaTokens":
+        """The ids config.json names (boi_token_id, ...), else the tokens looked up by their text."""
+        raw_config = raw_config or {}
+        texts = {}
+        for key, text in (("boi_token_id", BOI), ("eoi_token_id", EOI), ("image_token_id", IMAGE),
+                          ("video_token_id", VIDEO)):
+            token_id = raw_config.get(key)
+            if token_id is not None:
+                text = tokenizer.id_to_token(int(token_id))
+                if text is None:
+                    raise ValueError(f"{key}: id {token_id} is not in the tokenizer's vocabulary")
+            elif tokenizer.token_to_id(text) is None:
+                raise ValueError(f"tokenizer: no {text} token (needed for images)")
+            texts[key] = text
+        return cls(texts["boi_token_id"], texts["eoi_token_id"], texts["image_token_id"], texts["video_token_id"],
+                   tokenizer.token_to_id(texts["image_token_id"]), tokenizer.token_to_id(texts["video_token_id"]))
+
+
+@dataclass
+class MultimodalPrompt:
+    """Token ids with soft-token runs, and the preprocessed image of each run (a video gives one per frame)."""
+
+    ids: list[int]
+    offsets: list[int] = field(default_factory=list)  # where each run starts in ids
+    patches: list[Patches] = field(default_factory=list)
+
+    @property
+    def digests(self) -> list[str]:
+        """One per run: the pixel hash of its image and the preprocessing (for prefix and prompt caches)."""
+        return [p.digest for p in self.patches]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+# ---- messages -> template parts + media --------------------------------------------------------
+
+def _image_of(part: Mapping[str, Any]) -> Image:
+    kind = part.get("type")
+    if kind == "image_url":
+        url = part.get("image_url")
+        url = url.get("url") if isinstance(url, Mapping) else url
+        return image_from_url(url)
+    value = part.get("image", part.get("url", part.get("path")))
+    if isinstance(value, Image):
+        return value
+    if isinstance(value, (bytes, bytearray)):
+        return decode_image(bytes(value))
+    if isinstance(value, (str, Path)):
+        text = str(value)
+        return image_from_url(text) if re.match(r"^[a-zA-Z][\w+.-]*:", text) and not Path(text).exists() \
+            else load_image(text)
+    if value is not None and hasattr(value, "getbands"):  # a Pillow image
+        return from_pil(value)
+    raise ValueError("image part: expected an image (data: URL, file path, bytes, or Image)")
+
+
+def _video_of(part: Mapping[str, Any]) -> Video:
+    value = part.get("video", part.get("path"))
+    if isinstance(value, Video):
+        return value
+    if isinstance(value, (str, Path)):
+        return load_video(value, float(part.get("fps", 1.0)))
+    raise ValueError("video part: expected a video file, a folder of frames, or a Video")
+
+
+def collect_media(messages: list) -> tuple[list, list[Image | Video]]:
+    """Messages whose media parts are plain {"type": "image"/"video"}, and the media in order."""
+    media: list[Image | Video] = []
+    out = []
+    for message in messages:
+        content = message.get("content") if isinstance(message, Mapping) else None
+        if not isinstance(content, list):
+            out.append(message)
+            continue
+        parts = []
+        for part in content:
+            kind = part.get("type") if isinstance(part, Mapping) else None
+            if kind in ("image", "image_url"):
+                media.append(_image_of(part))
+                parts.append({"type": "image"})
+            elif kind == "video":
+                media.append(_video_of(part))
+                parts.append({"type": "video"})
+            else:
+                parts.append(part)
+        out.append({**message, "content": parts})
+    return out, media
+
+
+def has_media(messages: list) -> bool:
+    return any(isinstance(m, Mapping) and isinstance(m.get("content"), list)
+               and any(isinstance(p, Mapping) and p.get("type") in ("image", "image_url", "video") for p in m["content"])
+               for m in messages)
+
+
+# ---- placeholders -> token ids ------------------------------------------------------------------
+
+def expand(text: str, media: list[Image | Video], tokens: MediaTokens, tokenizer, *, patch_size: int,
+           pooling_kernel_size: int, image_soft_tokens: int, video_soft_tokens: int) -> MultimodalPrompt:
+    """Tokenize `text`, its media placeholders expanded as the reference processor expands them."""
+    pieces = re.split(f"({re.escape(tokens.image)}|{re.escape(tokens.video)})", text)
+    placeholders = pieces[1::2]
+    if len(placeholders) != len(media):
+        raise ValueError(f"the prompt has {len(placeholders)} image/video placeholders for {len(media)} images "
+                         f"and videos")
+    expanded = [pieces[0]]
+    patches: list[Patches] = []
+    for placeholder, item, after in zip(placeholders, media, pieces[2::2]):
+        if placeholder == tokens.image:
+            if not isinstance(item, Image):
+                raise ValueError("a video was given where the prompt has an image placeholder")
+            p = preprocess(item, patch_size, pooling_kernel_size, image_soft_tokens)
+            patches.append(p)
+            expanded.append(tokens.boi + tokens.image * p.soft_tokens + tokens.eoi)
+        else:
+            if not isinstance(item, Video):
+                raise ValueError("an image was given where the prompt has a video placeholder")
+            blocks = []
+            for frame, seconds in zip(item.frames, item.timestamps):
+                p = preprocess(frame, patch_size, pooling_kernel_size, video_soft_tokens)
+                patches.append(p)
+                blocks.append(f"{timestamp_text(seconds)} {tokens.boi}{tokens.video * p.soft_tokens}{tokens.eoi}")
+            expanded.append(" ".join(blocks))
+        expanded.append(after)
+    ids = tokenizer.encode("".join(expanded), add_special_tokens=False)
+
+    soft = {tokens.image_id, tokens.video_id}
+    runs: list[tuple[int, int]] = []  # (start, length) of each run of one soft token
+    i = 0
+    while i < len(ids):
+        j = i + 1
+        if ids[i] in soft:
+            while j < len(ids) and ids[j] == ids[i]:
+                j += 1
+            runs.append((i, j - i))
+        i = j
+    if [n for _, n in runs] != [p.soft_tokens for p in patches]:
+        raise ValueError("the prompt text contains image or video soft tokens of its own")
+    return MultimodalPrompt(ids, [start for start, _ in runs], patches)
+
+
+# ---- patches -> embeddings ---------------------------------------------------------------------
+
+def encode(prompt: MultimodalPrompt, vision) -> list[tuple[int, torch.Tensor]]:
+    """(offset, [n, text hidden] embeddings) per soft-token run; an image repeated in the prompt is
+    encoded once."""
+    done: dict[str, torch.Tensor] = {}
+    out = []
+    for offset, p in zip(prompt.offsets, prompt.patches):
+        if p.digest not in done:
+            done[p.digest] = vision.encode(p.pixel_values, p.positions)
+        out.append((offset, done[p.digest]))
+    return out
