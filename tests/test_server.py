@@ -182,6 +182,8 @@ def test_a_client_that_disconnects_frees_its_row(server):
     ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "f"}}]},
      400, "tool"),
     ({"messages": [{"role": "user", "content": "x"}], "model": "gpt-9"}, 404, "gpt-9"),
+    ({"messages": [{"role": "user", "content": "x"}], "reasoning_effort": "high",
+      "response_format": {"type": "json_object"}}, 400, "thinking"),
 ])
 def test_bad_chat_requests_get_the_openai_error_object(server, body, status, words):
     content = body if isinstance(body, str) else json.dumps(body)
@@ -378,3 +380,37 @@ def test_gemma4_serve_command(tmp_path, gemma4_tiny):
         out, err = proc.communicate(timeout=60)
     assert proc.returncode in (0, 130) and "Traceback" not in err, err
     assert f"serving 'tiny' on http://127.0.0.1:{port}/v1" in err
+
+
+# ---- structured output ----------------------------------------------------------------------
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 150},
+                                           "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3}},
+          "required": ["name", "age"], "additionalProperties": False}
+
+
+def test_json_schema_output_parses_and_validates(server):
+    import jsonschema
+
+    client = server.client()
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+    for seed in range(3):
+        r = client.chat.completions.create(model="gemma3-270m", messages=[{"role": "user", "content": "A person:"}],
+                                           max_tokens=200, seed=seed, temperature=1.0, response_format=fmt)
+        assert r.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(r.choices[0].message.content), PERSON)
+    chunks = client.completions.create(model="gemma3-270m", prompt="JSON:", max_tokens=200, temperature=0, stream=True,
+                                       extra_body={"response_format": {"type": "json_object"}})
+    assert isinstance(json.loads("".join(c.choices[0].text for c in chunks)), dict)
+
+
+@pytest.mark.parametrize("fmt,words", [
+    ({"type": "xml"}, "response_format"),
+    ({"type": "json_schema"}, "json_schema"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "wibble"}}}, "schema"),
+])
+def test_bad_response_formats_are_400(server, fmt, words):
+    r = httpx.post(server.url + "/v1/chat/completions",
+                   json={"messages": [{"role": "user", "content": "x"}], "response_format": fmt})
+    assert r.status_code == 400 and words in r.json()["error"]["message"], r.text

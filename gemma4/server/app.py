@@ -35,6 +35,10 @@ def create_app(model, *, model_name: str, api_key: str | None = None, max_batch:
     created = int(time.time())
 
     async def lifespan(app):
+        from ..structured import vocabulary_of
+
+        # The grammar engine's view of the vocabulary takes a second or two to build: not on a request.
+        await run_in_threadpool(vocabulary_of, model.tokenizer)
         scheduler.start()
         yield
         scheduler.stop()

@@ -59,11 +59,14 @@ def prepare_chat(model, body: ChatCompletionRequest) -> Prepared:
         if choice.function.name not in names:
             raise APIError(400, f"tool_choice: no tool named {choice.function.name!r}", param="tool_choice")
         forced = CALL_OPEN + "call:" + choice.function.name + "{"
-    if forced and body.response_format and body.response_format.get("type") != "text":
+    if forced and _constrained(body.response_format):
         raise APIError(400, "response_format: cannot be combined with a forced tool call", param="response_format")
 
     kwargs = dict(body.chat_template_kwargs or {})
     thinking = bool(kwargs.pop("enable_thinking", False)) or body.reasoning_effort in _THINKING_EFFORTS
+    if thinking and _constrained(body.response_format):
+        raise APIError(400, "response_format: cannot be combined with thinking (the thoughts are free text)",
+                       param="response_format")
     for key in list(kwargs):
         if key in _RESERVED:
             raise APIError(400, f"chat_template_kwargs: {key!r} is set by the server", param="chat_template_kwargs")
@@ -141,9 +144,13 @@ def _jobs(model, body, prompts: list[tuple[list[int], str]], max_tokens: int | N
     return jobs
 
 
+def _constrained(response_format: dict | None) -> bool:
+    return bool(response_format) and response_format.get("type") != "text"
+
+
 def _constraint(response_format: dict | None, tokenizer):
     """A fresh grammar constraint for one sequence, or None for free text."""
-    if not response_format or response_format.get("type") == "text":
+    if not _constrained(response_format):
         return None
     from ..structured import constraint_from_response_format
 
