@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="sequences decoded together at most (default 8)")
     serve.add_argument("--max-queue", type=int, default=64,
                        help="requests waiting beyond the running ones before 503 (default 64)")
+    serve.add_argument("--allow-remote-images", action="store_true",
+                       help="fetch http(s) image URLs that clients name (off: only data: URLs are accepted)")
 
     info = sub.add_parser("info", help="describe a model without running it")
     info.add_argument("model", nargs="?", help="GGUF file, HF folder or store name (default: the embedded model)")
@@ -221,7 +223,7 @@ def cmd_serve(args) -> int:
     name = args.served_model_name or (store.EMBEDDED_NAME if args.model is None else _model_id(args.model))
     _note(f"serving {name!r} on http://{args.host}:{args.port}/v1" + (" (API key required)" if args.api_key else ""))
     serve(model, model_name=name, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.parallel,
-          max_queue=args.max_queue)
+          max_queue=args.max_queue, allow_remote_images=args.allow_remote_images)
     return 0
 
 

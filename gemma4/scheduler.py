@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from .engine import PREFILL_CHUNK, Sequence
+from .engine import PREFILL_CHUNK, Sequence, soft_embeds
 from .sampling import SamplingParams, apply_penalties, process_logits
 
 
@@ -55,6 +55,7 @@ class Request:
     emit: Callable[[RequestOutput], None]
     logprobs: int | None = None  # None: none; k: the chosen token's logprob and the k most likely
     constraint: object | None = None  # has mask_logits(logits), accept(token), done
+    soft: list = field(default_factory=list)  # image soft tokens: (offset in prompt_ids, [n, hidden] embeddings)
     id: int = field(default_factory=itertools.count().__next__)
     cancelled: bool = False
 
@@ -65,6 +66,7 @@ class _Running:
     seq: Sequence
     row: int
     prefilled: int = 0  # prompt tokens already in the cache
+    soft_embeds: tuple | None = None  # (embeds, mask) over the whole prompt, built at its first chunk
 
     @property
     def decoding(self) -> bool:
@@ -156,7 +158,7 @@ class Scheduler:
                 request = self._waiting.popleft()
                 tok = self.model.tokenizer
                 seq = Sequence(request.prompt_ids, request.params, self.model.eos_token_ids,
-                               tok.stream() if tok is not None else None)
+                               tok.stream() if tok is not None else None, soft=request.soft)
                 self._running.append(_Running(request, seq, self._free_rows.pop(0)))
             return True
 
@@ -188,10 +190,19 @@ class Scheduler:
     def _prefill_chunk(self, r: _Running) -> None:
         decoder = self.model.decoder
         prompt = r.seq.prompt_ids
-        end = min(len(prompt), r.prefilled + self.prefill_chunk)
-        ids = torch.tensor([prompt[r.prefilled:end]], dtype=torch.long, device=decoder.device)
-        pos = torch.arange(r.prefilled, end, device=decoder.device)[None]
-        hidden = decoder(ids, pos, self._cache.view([r.row]))
+        start, end = r.prefilled, min(len(prompt), r.prefilled + self.prefill_chunk)
+        soft = {}
+        if r.seq.soft:
+            if r.soft_embeds is None:
+                r.soft_embeds = soft_embeds([(len(prompt), r.seq.soft)], len(prompt), decoder.config.hidden_size,
+                                            decoder.dtype, decoder.device)
+            embeds, mask = r.soft_embeds
+            while end < len(prompt) and bool(mask[0, end - 1] & mask[0, end]):
+                end += 1  # an image's soft tokens are prefilled in one call (they attend to each other)
+            soft = dict(embeds=embeds[:, start:end], embeds_mask=mask[:, start:end])
+        ids = torch.tensor([prompt[start:end]], dtype=torch.long, device=decoder.device)
+        pos = torch.arange(start, end, device=decoder.device)[None]
+        hidden = decoder(ids, pos, self._cache.view([r.row]), **soft)
         r.prefilled = end
         if r.decoding:
             self._sample(r, decoder.logits(hidden[:, -1])[0])

@@ -29,7 +29,7 @@ RETRY_AFTER_S = 2
 
 
 def create_app(model, *, model_name: str, api_key: str | None = None, max_batch: int = 8,
-               max_queue: int = 64, scheduler: Scheduler | None = None) -> FastAPI:
+               max_queue: int = 64, scheduler: Scheduler | None = None, allow_remote_images: bool = False) -> FastAPI:
     scheduler = scheduler or Scheduler(model, max_batch=max_batch, max_queue=max_queue)
     metrics = Metrics(scheduler)
     created = int(time.time())
@@ -106,7 +106,7 @@ def create_app(model, *, model_name: str, api_key: str | None = None, max_batch:
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         check_model(body.model)
-        prepared = await run_in_threadpool(prepare_chat, model, body)
+        prepared = await run_in_threadpool(prepare_chat, model, body, allow_remote_images)
         states = [ChatChoiceState(i, model, prepared) for i in range(body.n)]
         return await _respond(request, prepared, states, body.stream, "chat.completion", body)
 
@@ -149,7 +149,7 @@ def create_app(model, *, model_name: str, api_key: str | None = None, max_batch:
         outputs = _Outputs(scheduler, metrics)
         for i, job in enumerate(prepared.jobs):
             req = EngineRequest(job.prompt_ids, job.params, outputs.emitter(i), logprobs=job.logprobs,
-                                constraint=job.constraint)
+                                constraint=job.constraint, soft=job.soft)
             try:
                 scheduler.submit(req)
             except QueueFull:

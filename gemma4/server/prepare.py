@@ -25,6 +25,7 @@ class Job:
     logprobs: int | None = None
     constraint: object | None = None
     prompt_text: str = ""
+    soft: list = field(default_factory=list)  # image soft tokens: (offset in prompt_ids, [n, hidden])
 
 
 @dataclass
@@ -38,11 +39,62 @@ class Prepared:
     tool_names: set[str] = field(default_factory=set)
 
 
-def prepare_chat(model, body: ChatCompletionRequest) -> Prepared:
+MAX_REMOTE_IMAGE_BYTES = 20 * 1024 * 1024
+
+
+def _check_parts(messages: list[dict], fetch_remote: bool) -> None:
+    """Content parts a client may send: text and image_url. A data: URL is decoded later; an http(s) URL
+    is fetched here only when the server allows it (a server fetching any URL it is given is a
+    request-forgery hole), and never a local path."""
+    for i, message in enumerate(messages):
+        content = message.get("content")
+        if not isinstance(content, list):
+            continue
+        for j, part in enumerate(content):
+            where = f"messages.{i}.content.{j}"
+            kind = part.get("type")
+            if kind == "text":
+                if not isinstance(part.get("text"), str):
+                    raise APIError(400, f"{where}.text: a text part needs a string", param=where)
+                continue
+            if kind != "image_url":
+                raise APIError(400, f"{where}.type: {kind!r} parts are not accepted (use text or image_url)",
+                               param=where)
+            url = part.get("image_url")
+            url = url.get("url") if isinstance(url, dict) else url
+            if not isinstance(url, str):
+                raise APIError(400, f"{where}.image_url.url: a URL string is needed", param=where)
+            scheme = url.split(":", 1)[0].lower()
+            if scheme in ("http", "https"):
+                if not fetch_remote:
+                    raise APIError(400, f"{where}: remote image URLs are not fetched by this server (started "
+                                        "without --allow-remote-images); send the image as a data: URL", param=where)
+                content[j] = {"type": "image", "image": _fetch(url, where)}
+
+
+def _fetch(url: str, where: str) -> bytes:
+    import httpx
+
+    try:
+        with httpx.stream("GET", url, timeout=15, follow_redirects=True) as r:
+            r.raise_for_status()
+            data = bytearray()
+            for piece in r.iter_bytes():
+                data += piece
+                if len(data) > MAX_REMOTE_IMAGE_BYTES:
+                    raise APIError(400, f"{where}: the image at {url} is larger than "
+                                        f"{MAX_REMOTE_IMAGE_BYTES // 2**20} MiB", param=where)
+            return bytes(data)
+    except httpx.HTTPError as e:
+        raise APIError(400, f"{where}: could not fetch {url}: {e}", param=where) from None
+
+
+def prepare_chat(model, body: ChatCompletionRequest, fetch_remote: bool = False) -> Prepared:
     family = model.config.architecture
     if not body.messages:
         raise APIError(400, "messages: at least one message is needed", param="messages")
     messages = [m.model_dump(exclude_none=True) for m in body.messages]
+    _check_parts(messages, fetch_remote)
     tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
     choice = body.tool_choice
     forced = ""
@@ -71,20 +123,23 @@ def prepare_chat(model, body: ChatCompletionRequest) -> Prepared:
         if key in _RESERVED:
             raise APIError(400, f"chat_template_kwargs: {key!r} is set by the server", param="chat_template_kwargs")
     try:
-        text = model.chat_prompt(messages, tools=tools, enable_thinking=thinking, **kwargs) + forced
+        prompt = model.chat_input(messages, tools=tools, enable_thinking=thinking, suffix=forced, **kwargs)
+        soft = model._soft(prompt)  # images through the vision tower, here and not on the scheduler thread
     except ChatTemplateError as e:
         raise APIError(400, str(e), param="messages") from None
     except ValueError as e:
         raise APIError(400, str(e), param="messages") from None
-    ids = model.tokenizer.encode(text, add_special_tokens=False)  # the template writes BOS itself
+    ids = list(prompt.ids) if hasattr(prompt, "ids") else prompt
 
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs: needs logprobs to be true", param="top_logprobs")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-    prompts = [(ids, text)] * body.n
+    prompts = [(ids, "")] * body.n
     jobs = _jobs(model, body, prompts, max_tokens, param, logprobs)
+    for job in jobs:
+        job.soft = soft
     return Prepared(jobs, family, forced, logprobs=body.logprobs, n=body.n,
                     tool_names={t["function"]["name"] for t in tools or []})
 

@@ -1,0 +1,51 @@
+"""Images through the OpenAI API: data: URLs in content parts; remote URLs only when allowed."""
+
+import base64
+
+import httpx
+import pytest
+
+pytest.importorskip("PIL")
+
+import gemma4  # noqa: E402
+from gemma4.server import create_app  # noqa: E402
+from test_server import LiveServer  # noqa: E402
+from vision_reference import build_multimodal, encoded, picture  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    path = tmp_path_factory.mktemp("mm")
+    build_multimodal(path, seed=3, name="dense_kv", bidirectional="vision")
+    model = gemma4.load(path)
+    server = LiveServer(create_app(model, model_name="mm", max_batch=2))
+    yield model, server
+    server.stop()
+
+
+def _url(img):
+    return "data:image/png;base64," + base64.b64encode(encoded(img, "PNG")).decode()
+
+
+def test_images_in_chat_give_what_the_engine_gives(live):
+    model, server = live
+    content = [{"type": "text", "text": "Compare"}, {"type": "image_url", "image_url": {"url": _url(picture(40, 30, 1))}},
+               {"type": "text", "text": "and"}, {"type": "image_url", "image_url": {"url": _url(picture(16, 48, 2))}}]
+    messages = [{"role": "user", "content": content}]
+    r = server.client().chat.completions.create(model="mm", messages=messages, max_tokens=5, temperature=0)
+    expected = model.generate(model.chat_input(messages), max_tokens=5, temperature=0)
+    assert r.usage.prompt_tokens == expected.prompt_tokens > 70  # the soft tokens are in the prompt
+    assert r.choices[0].message.content == expected.text
+
+
+@pytest.mark.parametrize("part,words", [
+    ({"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}, "not fetched"),
+    ({"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}, "scheme"),
+    ({"type": "image", "image": "/etc/passwd"}, "not accepted"),
+    ({"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}, "image"),
+])
+def test_refused_images_are_400(live, part, words):
+    _, server = live
+    r = httpx.post(server.url + "/v1/chat/completions",
+                   json={"messages": [{"role": "user", "content": [part]}], "max_tokens": 2})
+    assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
