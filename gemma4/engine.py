@@ -95,26 +95,41 @@ def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tens
 
 @torch.inference_mode()
 def prefill(decoder: Decoder, cache, ids: torch.Tensor, pos: torch.Tensor, chunk: int = PREFILL_CHUNK,
-            on_hidden: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+            on_hidden: Callable[[int, torch.Tensor], None] | None = None,
+            progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """Run [B, T] ids through the model in chunks of columns; returns the last column's hidden state.
-    `on_hidden(start, hidden)` sees every chunk's hidden states (forward() collects logits with it)."""
+    `on_hidden(start, hidden)` sees every chunk's hidden states (forward() collects logits with it);
+    `progress(done, total)` is told the columns done after each chunk."""
+    if chunk < 1:
+        raise ValueError(f"prefill chunk: must be at least 1, got {chunk}")
     hidden = None
-    for start in range(0, ids.shape[1], chunk):
+    total = ids.shape[1]
+    for start in range(0, total, chunk):
         hidden = decoder(ids[:, start:start + chunk], pos[:, start:start + chunk], cache)
         if on_hidden is not None:
             on_hidden(start, hidden)
+        if progress is not None:
+            progress(min(start + chunk, total), total)
     return hidden[:, -1]
 
 
 @torch.inference_mode()
-def generate(decoder: Decoder, sequences: list[Sequence], pad_id: int = 0,
-             chunk: int = PREFILL_CHUNK) -> Iterator[list[StepOutput]]:
-    """Yields, per step, the outputs of the sequences still running at that step."""
+def generate(decoder: Decoder, sequences: list[Sequence], pad_id: int = 0, chunk: int = PREFILL_CHUNK,
+             progress: Callable[[int, int], None] | None = None,
+             prompt_cache=None) -> Iterator[list[StepOutput]]:
+    """Yields, per step, the outputs of the sequences still running at that step.
+    progress(done, total): prompt columns prefilled. prompt_cache (one sequence only): has
+    prefill(decoder, ids, capacity, chunk, progress) -> (cache, last hidden), e.g. a PromptCache."""
     device = decoder.device
     ids, pos = _left_pad([s.prompt_ids for s in sequences], pad_id, device)
     capacity = ids.shape[1] + max(s.params.max_tokens for s in sequences)
-    cache = decoder.new_cache(batch=len(sequences), capacity=capacity)
-    last_hidden = prefill(decoder, cache, ids, pos, chunk)
+    if prompt_cache is not None:
+        if len(sequences) != 1:
+            raise ValueError("a prompt cache serves one prompt at a time")
+        cache, last_hidden = prompt_cache.prefill(decoder, sequences[0].prompt_ids, capacity, chunk, progress)
+    else:
+        cache = decoder.new_cache(batch=len(sequences), capacity=capacity)
+        last_hidden = prefill(decoder, cache, ids, pos, chunk, progress=progress)
     next_pos = pos[:, -1] + 1
     while True:
         logits = decoder.logits(last_hidden)
