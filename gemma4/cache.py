@@ -10,8 +10,10 @@ padded, pads at position -1) shares one layout.
 - Full layers keep slot == position and grow by doubling (or are allocated to a known length).
 - Full layers with K=V keep one tensor: the normed values. Keys are rebuilt from them at attention
   time (values * k_norm weight, then RoPE), which halves the long-context memory.
-- `kv_dtype="int8"` stores every K and V vector as int8 with one float32 scale per (token, head),
-  dequantised when attention reads it: about half the bytes of bf16.
+- `kv_dtype="int8"` stores K and V as int8 with one float32 scale per group of 32 elements of a
+  (token, head) vector, dequantised when attention reads it: 0.56 of the bytes of bf16. One scale per
+  whole vector costs 10-400x more KL than bf16 rounding on the test models (scores use scale 1.0, so
+  attention is sharp); groups of 32 bring it near bf16's.
 
 Rows are independent: a row holds one sequence at its own positions. `KVCache.view(rows)` hands the
 model a cache over some rows only, so sequences can be prefilled alone and decoded together, and a
@@ -31,10 +33,24 @@ from .config import ModelConfig
 KV_DTYPES = ("float", "int8")
 
 
-def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[..., D] -> int8 values and a float32 scale per vector ([..., 1]): x ~ q * scale."""
-    scale = x.float().abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 127.0
-    return (x.float() / scale).round().clamp(-127, 127).to(torch.int8), scale
+INT8_GROUP = 32  # elements sharing one scale, as llama.cpp's q8_0 blocks
+
+
+def int8_group(head_dim: int) -> int:
+    """The largest divisor of head_dim not above INT8_GROUP."""
+    return max(g for g in range(1, min(INT8_GROUP, head_dim) + 1) if head_dim % g == 0)
+
+
+def quantize_int8(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[..., D] -> int8 values [..., D] and float32 scales [..., D / group]: x ~ q * scale per group."""
+    g = x.float().unflatten(-1, (-1, group))
+    scale = g.abs().amax(dim=-1).clamp(min=1e-12) / 127.0
+    q = (g / scale[..., None]).round().clamp(-127, 127).to(torch.int8)
+    return q.flatten(-2), scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (q.unflatten(-1, (scale.shape[-1], -1)).float() * scale[..., None]).flatten(-2).to(dtype)
 
 
 class LayerKV:
@@ -46,14 +62,15 @@ class LayerKV:
         self.capacity = capacity
         self.dtype = dtype  # what attention reads
         self.int8 = kv_dtype == "int8"
+        self.group = int8_group(head_dim)
         names = (["k"] if keys else []) + ["v"]
-        self.data: dict[str, torch.Tensor] = {}  # every tensor [B, KV, slots, D or 1]
+        self.data: dict[str, torch.Tensor] = {}  # every tensor [B, KV, slots, D or D / group]
         for n in names:
             self.data[n] = torch.zeros((batch, kv_heads, capacity, head_dim), device=device,
                                        dtype=torch.int8 if self.int8 else dtype)
             if self.int8:
-                self.data[n + "_scale"] = torch.zeros((batch, kv_heads, capacity, 1), dtype=torch.float32,
-                                                      device=device)
+                self.data[n + "_scale"] = torch.zeros((batch, kv_heads, capacity, head_dim // self.group),
+                                                      dtype=torch.float32, device=device)
         self.pos = torch.full((batch, capacity), -1, dtype=torch.long, device=device)
         self.top = 0  # one past the furthest slot written (full layers)
 
@@ -77,7 +94,7 @@ class LayerKV:
     def _encode(self, name: str, x: torch.Tensor) -> dict[str, torch.Tensor]:
         if not self.int8:
             return {name: x}
-        q, scale = quantize_int8(x)
+        q, scale = quantize_int8(x, self.group)
         return {name: q, name + "_scale": scale}
 
     def _read(self, name: str, rows, n: int | None = None) -> torch.Tensor | None:
@@ -85,7 +102,7 @@ class LayerKV:
             return None
         t = _rows(self.data[name], rows, n)
         if self.int8:
-            t = (t.float() * _rows(self.data[name + "_scale"], rows, n)).to(self.dtype)
+            t = dequantize_int8(t, _rows(self.data[name + "_scale"], rows, n), self.dtype)
         return t
 
     def write(self, k: torch.Tensor | None, v: torch.Tensor, pos: torch.Tensor, rows=None) -> None:

@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="sequences decoded together at most (default 8)")
     serve.add_argument("--max-queue", type=int, default=64,
                        help="requests waiting beyond the running ones before 503 (default 64)")
+    serve.add_argument("--kv-budget", metavar="SIZE", help="KV memory shared by running requests, e.g. 8GiB; a "
+                                                           "request that does not fit waits (default: unbounded)")
+    serve.add_argument("--kv-cache", default="float", choices=["float", "int8"],
+                       help="KV storage: the model dtype, or int8 with a scale per 32 values (default float)")
+    serve.add_argument("--prefix-cache-size", metavar="SIZE", default="2GiB",
+                       help="memory for reusing the KV of shared prompt prefixes (default 2GiB; 0: off)")
 
     info = sub.add_parser("info", help="describe a model without running it")
     info.add_argument("model", nargs="?", help="GGUF file, HF folder or store name (default: the embedded model)")
@@ -288,13 +294,19 @@ def cmd_serve(args) -> int:
         raise CLIError(f"--port must be in 1..65535, got {args.port}")
     if args.parallel < 1 or args.max_queue < 0:
         raise CLIError("--parallel must be at least 1 and --max-queue at least 0")
+    from gemma4.kv_budget import parse_bytes
     from gemma4.server import serve
 
+    try:
+        engine = dict(kv_budget=parse_bytes(args.kv_budget) if args.kv_budget else None, kv_cache=args.kv_cache,
+                      prefix_cache_bytes=parse_bytes(args.prefix_cache_size))
+    except ValueError as e:
+        raise CLIError(f"--kv-budget / --prefix-cache-size: {e}") from None
     model = _load(args)
     name = args.served_model_name or (store.EMBEDDED_NAME if args.model is None else _model_id(args.model))
     _note(f"serving {name!r} on http://{args.host}:{args.port}/v1" + (" (API key required)" if args.api_key else ""))
     serve(model, model_name=name, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.parallel,
-          max_queue=args.max_queue)
+          max_queue=args.max_queue, **engine)
     return 0
 
 
