@@ -208,12 +208,14 @@ class Model:
     def generate(self, prompt_or_ids, max_tokens: int = 256, temperature: float = 1.0, top_k: int = 64,
                  top_p: float = 0.95, min_p: float = 0.0, seed: int | None = None,
                  stop: str | list[str] | None = None, stop_token_ids: Seq[int] = (), ignore_eos: bool = False,
-                 stream: bool = False):
+                 stream: bool = False, progress=None, prompt_cache=None):
         """Complete a prompt (text, without any chat template, token ids, or a MultimodalPrompt), or a batch
         of them.
 
         Returns a Completion (a list of them for a batch), or with stream=True an iterator of
         StepOutput (index = position in the batch, text = new text safe to show).
+        progress(done, total) follows the prefill; prompt_cache (a prompt_cache.PromptCache, one
+        prompt only) reuses or saves the prompt's first tokens' KV on disk.
         """
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                 min_p=min_p, seed=seed, stop=list(stop or []) if not isinstance(stop, str) else [stop],
@@ -224,15 +226,16 @@ class Model:
             raise ValueError("no prompt given")
         seqs = self._sequences(prompts, params)
         pad = self.config.pad_token_id or 0
+        run = dict(progress=progress, prompt_cache=prompt_cache)
         if stream:
-            return self._stream(seqs, pad)
-        for _ in generate(self.decoder, seqs, pad_id=pad):
+            return self._stream(seqs, pad, run)
+        for _ in generate(self.decoder, seqs, pad_id=pad, **run):
             pass
         results = [Completion(s.text, s.output_ids, s.finish_reason, len(s.prompt_ids)) for s in seqs]
         return results if batch else results[0]
 
-    def _stream(self, seqs: list[Sequence], pad: int) -> Iterator[StepOutput]:
-        for step in generate(self.decoder, seqs, pad_id=pad):
+    def _stream(self, seqs: list[Sequence], pad: int, run: dict) -> Iterator[StepOutput]:
+        for step in generate(self.decoder, seqs, pad_id=pad, **run):
             yield from step
 
     # ---- chat ---------------------------------------------------------------------------

@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     mode = run.add_mutually_exclusive_group()
     mode.add_argument("--chat", action="store_true", help="use the chat format even if the model has no template")
     mode.add_argument("--raw", action="store_true", help="complete the raw text, no chat template")
+    run.add_argument("--file", metavar="DOC", help="a document to use as context before the prompt ('-': standard "
+                                                   "input)")
+    run.add_argument("--prompt-cache", metavar="FILE", help="reuse the document's KV saved in FILE, or save it "
+                                                            "there (made by this model only)")
     _model_args(run)
     _sampling_args(run)
 
@@ -63,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="requests waiting beyond the running ones before 503 (default 64)")
     serve.add_argument("--allow-remote-images", action="store_true",
                        help="fetch http(s) image URLs that clients name (off: only data: URLs are accepted)")
+    serve.add_argument("--kv-budget", metavar="SIZE", help="KV memory shared by running requests, e.g. 8GiB; a "
+                                                           "request that does not fit waits (default: unbounded)")
+    serve.add_argument("--kv-cache", default="float", choices=["float", "int8"],
+                       help="KV storage: the model dtype, or int8 with a scale per 32 values (default float)")
+    serve.add_argument("--prefix-cache-size", metavar="SIZE", default="2GiB",
+                       help="memory for reusing the KV of shared prompt prefixes (default 2GiB; 0: off)")
 
     info = sub.add_parser("info", help="describe a model without running it")
     info.add_argument("model", nargs="?", help="GGUF file, HF folder or store name (default: the embedded model)")
@@ -136,12 +146,76 @@ def _messages(system: str | None, history: list[dict]) -> list[dict]:
 
 
 # ---- commands -------------------------------------------------------------------------------
+def _read_document(args) -> str | None:
+    if args.file is None:
+        return None
+    if args.file == "-" and args.prompt == "-":
+        raise CLIError("--file - and the prompt '-' cannot both read standard input")
+    try:
+        doc = sys.stdin.read() if args.file == "-" else open(args.file, encoding="utf-8").read()
+    except UnicodeDecodeError:
+        raise CLIError(f"--file {args.file}: not UTF-8 text") from None
+    except OSError as e:
+        raise CLIError(f"--file {args.file}: {e.strerror}") from None
+    if not doc.strip():
+        raise CLIError(f"--file {args.file}: the document is empty")
+    return doc
+
+
+def _long_prompt(model, text: str, doc: str | None, chat_text: str | None, args) -> dict:
+    """Generation options for a document: the prefill progress bar and the prompt cache."""
+    from gemma4.engine import PREFILL_CHUNK
+
+    tok = model.tokenizer
+    if chat_text is not None:
+        ids = tok.encode(chat_text, add_special_tokens=False)
+        head = chat_text[:chat_text.find(doc) + len(doc)] if doc else chat_text
+        head_ids = tok.encode(head, add_special_tokens=False)
+    else:
+        ids = tok.encode(text, add_special_tokens=True)
+        head_ids = tok.encode(doc if doc else text, add_special_tokens=True)
+    run: dict = {}
+    if sys.stderr.isatty() and len(ids) > PREFILL_CHUNK:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(ids), desc="prefill", unit="tok", leave=False, file=sys.stderr)
+
+        def progress(done, total):
+            bar.update(done - bar.n)
+            if done >= total:
+                bar.close()
+
+        run["progress"] = progress
+    if args.prompt_cache:
+        from gemma4.prefix_cache import common_prefix
+        from gemma4.prompt_cache import PromptCache
+
+        run["prompt_cache"] = PromptCache(args.prompt_cache, common_prefix(ids, head_ids))
+    return run
+
+
+def _cache_note(run: dict) -> None:
+    pc = run.get("prompt_cache")
+    if pc is None:
+        return
+    if pc.reused:
+        _note(f"prompt cache: reused {pc.reused} tokens from {pc.path}")
+    if pc.saved:
+        _note(f"prompt cache: saved {pc.saved} tokens to {pc.path}")
+
+
 def cmd_run(args) -> int:
-    if args.prompt is None:
+    doc = _read_document(args)
+    if args.prompt is None and doc is None:
         raise CLIError("no prompt: give one as an argument, or '-' to read standard input")
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    if not prompt.strip():
+    prompt = (sys.stdin.read() if args.prompt == "-" else args.prompt) if args.prompt is not None else ""
+    if not prompt.strip() and doc is None:
         raise CLIError("the prompt is empty")
+    if args.prompt_cache and doc is None:
+        raise CLIError("--prompt-cache needs --file: it keeps the document's KV")
+    question = prompt
+    if doc is not None:
+        prompt = doc + ("\n\n" + question if question.strip() else "")
     _check_sampling(args)
     model = _load(args)
     has_template = model.chat_template is not None
@@ -149,8 +223,10 @@ def cmd_run(args) -> int:
     if use_chat:
         if not has_template:
             _note(f"note: the model has no chat template; using the {model.config.architecture} turn format")
-        deltas = model.chat(_messages(args.system, [{"role": "user", "content": prompt}]),
-                            enable_thinking=args.think, stream=True, **_sampling(args))
+        messages = _messages(args.system, [{"role": "user", "content": prompt}])
+        run = _long_prompt(model, prompt, doc, model.chat_prompt(messages, enable_thinking=args.think), args) \
+            if doc is not None else {}
+        deltas = model.chat(messages, enable_thinking=args.think, stream=True, **_sampling(args), **run)
     else:
         if not args.raw:
             _note("note: the model has no chat template (a base model): completing the raw text; --chat uses the "
@@ -159,11 +235,14 @@ def cmd_run(args) -> int:
             _note("note: --system and --think apply to chat mode only")
         from gemma4.chat import StreamEvent
 
-        deltas = (StreamEvent("content", c.text) for c in model.generate(prompt, stream=True, **_sampling(args)))
+        run = _long_prompt(model, prompt, doc, None, args) if doc is not None else {}
+        deltas = (StreamEvent("content", c.text)
+                  for c in model.generate(prompt, stream=True, **_sampling(args), **run))
     if not use_chat:
-        sys.stdout.write(prompt)
+        sys.stdout.write(question if doc is not None else prompt)  # a document is not echoed
     _print_stream(deltas)
     print(flush=True)
+    _cache_note(run)
     return 0
 
 
@@ -217,13 +296,19 @@ def cmd_serve(args) -> int:
         raise CLIError(f"--port must be in 1..65535, got {args.port}")
     if args.parallel < 1 or args.max_queue < 0:
         raise CLIError("--parallel must be at least 1 and --max-queue at least 0")
+    from gemma4.kv_budget import parse_bytes
     from gemma4.server import serve
 
+    try:
+        engine = dict(kv_budget=parse_bytes(args.kv_budget) if args.kv_budget else None, kv_cache=args.kv_cache,
+                      prefix_cache_bytes=parse_bytes(args.prefix_cache_size))
+    except ValueError as e:
+        raise CLIError(f"--kv-budget / --prefix-cache-size: {e}") from None
     model = _load(args)
     name = args.served_model_name or (store.EMBEDDED_NAME if args.model is None else _model_id(args.model))
     _note(f"serving {name!r} on http://{args.host}:{args.port}/v1" + (" (API key required)" if args.api_key else ""))
     serve(model, model_name=name, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.parallel,
-          max_queue=args.max_queue, allow_remote_images=args.allow_remote_images)
+          max_queue=args.max_queue, allow_remote_images=args.allow_remote_images, **engine)
     return 0
 
 

@@ -110,16 +110,23 @@ def _chunks(length: int, chunk: int, embeds_mask: torch.Tensor | None) -> Iterat
 @torch.inference_mode()
 def prefill(decoder: Decoder, cache, ids: torch.Tensor, pos: torch.Tensor, chunk: int = PREFILL_CHUNK,
             on_hidden: Callable[[int, torch.Tensor], None] | None = None,
-            embeds: torch.Tensor | None = None, embeds_mask: torch.Tensor | None = None) -> torch.Tensor:
+            embeds: torch.Tensor | None = None, embeds_mask: torch.Tensor | None = None,
+            progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """Run [B, T] ids through the model in chunks of columns; returns the last column's hidden state.
-    `on_hidden(start, hidden)` sees every chunk's hidden states (forward() collects logits with it).
+    `on_hidden(start, hidden)` sees every chunk's hidden states (forward() collects logits with it);
+    `progress(done, total)` is told the columns done after each chunk.
     embeds / embeds_mask: soft-token embeddings and where they go (see Decoder.forward)."""
+    if chunk < 1:
+        raise ValueError(f"prefill chunk: must be at least 1, got {chunk}")
     hidden = None
-    for start, end in _chunks(ids.shape[1], chunk, embeds_mask):
+    total = ids.shape[1]
+    for start, end in _chunks(total, chunk, embeds_mask):
         soft = {} if embeds_mask is None else dict(embeds=embeds[:, start:end], embeds_mask=embeds_mask[:, start:end])
         hidden = decoder(ids[:, start:end], pos[:, start:end], cache, **soft)
         if on_hidden is not None:
             on_hidden(start, hidden)
+        if progress is not None:
+            progress(end, total)
     return hidden[:, -1]
 
 
@@ -140,16 +147,27 @@ def soft_embeds(rows: list[tuple[int, list[tuple[int, torch.Tensor]]]], width: i
 
 
 @torch.inference_mode()
-def generate(decoder: Decoder, sequences: list[Sequence], pad_id: int = 0,
-             chunk: int = PREFILL_CHUNK) -> Iterator[list[StepOutput]]:
-    """Yields, per step, the outputs of the sequences still running at that step."""
+def generate(decoder: Decoder, sequences: list[Sequence], pad_id: int = 0, chunk: int = PREFILL_CHUNK,
+             progress: Callable[[int, int], None] | None = None,
+             prompt_cache=None) -> Iterator[list[StepOutput]]:
+    """Yields, per step, the outputs of the sequences still running at that step.
+    progress(done, total): prompt columns prefilled. prompt_cache (one sequence only): has
+    prefill(decoder, ids, capacity, chunk, progress) -> (cache, last hidden), e.g. a PromptCache."""
     device = decoder.device
     ids, pos = _left_pad([s.prompt_ids for s in sequences], pad_id, device)
     capacity = ids.shape[1] + max(s.params.max_tokens for s in sequences)
-    cache = decoder.new_cache(batch=len(sequences), capacity=capacity)
     embeds, embeds_mask = soft_embeds([(len(s.prompt_ids), s.soft) for s in sequences], ids.shape[1],
                                       decoder.config.hidden_size, decoder.dtype, device)
-    last_hidden = prefill(decoder, cache, ids, pos, chunk, embeds=embeds, embeds_mask=embeds_mask)
+    if prompt_cache is not None:
+        if len(sequences) != 1:
+            raise ValueError("a prompt cache serves one prompt at a time")
+        if embeds is not None:
+            raise ValueError("a prompt cache holds text prompts only, not images")
+        cache, last_hidden = prompt_cache.prefill(decoder, sequences[0].prompt_ids, capacity, chunk, progress)
+    else:
+        cache = decoder.new_cache(batch=len(sequences), capacity=capacity)
+        last_hidden = prefill(decoder, cache, ids, pos, chunk, embeds=embeds, embeds_mask=embeds_mask,
+                              progress=progress)
     next_pos = pos[:, -1] + 1
     while True:
         logits = decoder.logits(last_hidden)

@@ -6,12 +6,18 @@ longer than a chunk), then one decode step over every sequence that is generatin
 its own sampling state (generator, penalties, grammar constraint, stop conditions). A cancelled request
 leaves at the next step and its row is cleared for the next one.
 
+Long contexts: with a prefix store, a finished prefill (and a finished sequence, prompt + answer) is
+snapshotted, and a new request sharing a prefix with one of them starts from that KV and prefills only
+the rest. With a KV budget, a request is admitted only when the KV it may reach (prompt + max_tokens)
+fits beside the running ones; otherwise it waits in the queue until one finishes.
+
 Outputs go to each request's `emit` callback, called on the scheduler thread.
 """
 
 from __future__ import annotations
 
 import collections
+import hashlib
 import itertools
 import threading
 import time
@@ -21,11 +27,17 @@ from typing import Callable
 import torch
 
 from .engine import PREFILL_CHUNK, Sequence, soft_embeds
+from .kv_budget import KVBudget
+from .prefix_cache import PrefixStore
 from .sampling import SamplingParams, apply_penalties, process_logits
 
 
 class QueueFull(Exception):
     """More requests are waiting than the queue holds: try again later."""
+
+
+class TooLarge(ValueError):
+    """The request needs more KV memory than the whole budget: it could never run."""
 
 
 @dataclass
@@ -67,6 +79,8 @@ class _Running:
     row: int
     prefilled: int = 0  # prompt tokens already in the cache
     soft_embeds: tuple | None = None  # (embeds, mask) over the whole prompt, built at its first chunk
+    reused: int = 0  # prompt tokens whose KV came from the prefix store
+    reserved: int = 0  # bytes of the KV budget held
 
     @property
     def decoding(self) -> bool:
@@ -79,19 +93,30 @@ class Stats:
 
     decode_tokens_per_s: float = 0.0  # tokens of the last decode step over its duration
     decode_steps: int = 0
+    prefix_hits: int = 0
+    prefix_reused_tokens: int = 0
 
 
 class Scheduler:
-    def __init__(self, model, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = PREFILL_CHUNK):
+    def __init__(self, model, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = PREFILL_CHUNK,
+                 prefix_store: PrefixStore | None = None, ring_tail: int | None = None,
+                 kv_budget: int | None = None, kv_dtype: str = "float"):
+        """prefix_store: reuse of shared prefixes (None: off). ring_tail: extra sliding-ring slots, how far
+        back from a snapshot's end a prefix can be reused (default 256 with a prefix store, else 0).
+        kv_budget: bytes of KV shared by all rows (None: unbounded). kv_dtype: "float" or "int8"."""
         self.model = model
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
+        self.prefix_store = prefix_store
+        if ring_tail is None:
+            ring_tail = 256 if prefix_store is not None else 0
         self.stats = Stats()
         self._waiting: collections.deque[Request] = collections.deque()
         self._running: list[_Running] = []
         self._free_rows = list(range(max_batch))
-        self._cache = model.decoder.new_cache(batch=max_batch, capacity=256)
+        self._cache = model.decoder.new_cache(batch=max_batch, capacity=256, tail=ring_tail, kv_dtype=kv_dtype)
+        self.budget = KVBudget(kv_budget, self._cache) if kv_budget is not None else None
         self._lock = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -111,6 +136,12 @@ class Scheduler:
             self._thread.join()
 
     def submit(self, request: Request) -> None:
+        if self.budget is not None:
+            need = self._need(request)
+            if need > self.budget.total:
+                raise TooLarge(f"the request needs {need / 2**20:.1f} MiB of KV memory for "
+                               f"{len(request.prompt_ids) + request.params.max_tokens} tokens; the whole KV "
+                               f"budget is {self.budget.total / 2**20:.1f} MiB")
         with self._lock:
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are already waiting")
@@ -121,6 +152,9 @@ class Scheduler:
         with self._lock:
             request.cancelled = True
             self._lock.notify()
+
+    def _need(self, request: Request) -> int:
+        return self.budget.need(len(request.prompt_ids) + request.params.max_tokens)
 
     @property
     def queue_depth(self) -> int:
@@ -155,16 +189,44 @@ class Scheduler:
             kept = collections.deque(r for r in self._waiting if not r.cancelled)
             self._waiting = kept
             while self._waiting and self._free_rows:
-                request = self._waiting.popleft()
+                request = self._waiting[0]
+                need = 0
+                if self.budget is not None:
+                    need = self._need(request)
+                    if not self.budget.fits(need):
+                        break  # first come, first served: it waits until a running one frees memory
+                    self.budget.reserve(need)
+                self._waiting.popleft()
                 tok = self.model.tokenizer
                 seq = Sequence(request.prompt_ids, request.params, self.model.eos_token_ids,
                                tok.stream() if tok is not None else None, soft=request.soft)
-                self._running.append(_Running(request, seq, self._free_rows.pop(0)))
+                r = _Running(request, seq, self._free_rows.pop(0), reserved=need)
+                self._reuse_prefix(r)
+                self._running.append(r)
             return True
+
+    def _reuse_prefix(self, r: _Running) -> None:
+        if self.prefix_store is None:
+            return
+        hit = self.prefix_store.lookup(_prefix_key(r.seq))
+        if hit is None:
+            return
+        self._cache.restore(r.row, hit.snapshot, hit.length)
+        r.prefilled = r.reused = hit.length
+        self.stats.prefix_hits += 1
+        self.stats.prefix_reused_tokens += hit.length
+
+    def _remember(self, r: _Running, tokens: list[int]) -> None:
+        """Snapshot row r holding `tokens` into the prefix store."""
+        if self.prefix_store is not None and self.prefix_store.wants(len(tokens)) \
+                and not self.prefix_store.covers(tokens):
+            self.prefix_store.add(self._cache.snapshot(r.row, tokens))
 
     def _retire(self, r: _Running) -> None:
         self._running.remove(r)
         self._cache.clear(r.row)
+        if self.budget is not None:
+            self.budget.release(r.reserved)
         self._free_rows.append(r.row)
         self._free_rows.sort()
 
@@ -205,6 +267,7 @@ class Scheduler:
         hidden = decoder(ids, pos, self._cache.view([r.row]), **soft)
         r.prefilled = end
         if r.decoding:
+            self._remember(r, _prefix_key(r.seq))
             self._sample(r, decoder.logits(hidden[:, -1])[0])
 
     def _sample(self, r: _Running, logits: torch.Tensor) -> None:
@@ -230,9 +293,25 @@ class Scheduler:
         out = RequestOutput(token, text, seq.finished, seq.finish_reason, len(seq.prompt_ids),
                             len(seq.output_ids), logprob)
         if seq.finished:
+            # The cache holds every token but the last sampled one: the next turn of a conversation.
+            self._remember(r, _prefix_key(seq) + seq.output_ids[:-1])
             with self._lock:
                 self._retire(r)
         request.emit(out)
+
+
+def _prefix_key(seq: Sequence) -> list[int]:
+    """The prompt as the prefix store matches it: image soft tokens stand as keys derived from their
+    embeddings (a function of the pixels), so the same image reuses its KV and another never does."""
+    if not seq.soft:
+        return seq.prompt_ids
+    key = list(seq.prompt_ids)
+    for offset, values in seq.soft:
+        digest = hashlib.blake2b(values.detach().float().cpu().contiguous().numpy().tobytes(), digest_size=8)
+        base = int.from_bytes(digest.digest(), "little") >> 4
+        for j in range(values.shape[0]):
+            key[offset + j] = -1 - (base + j) % 2**59  # below every token id
+    return key
 
 
 def _logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:

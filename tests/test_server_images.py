@@ -49,3 +49,30 @@ def test_refused_images_are_400(live, part, words):
     r = httpx.post(server.url + "/v1/chat/completions",
                    json={"messages": [{"role": "user", "content": [part]}], "max_tokens": 2})
     assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
+
+
+def test_prefix_reuse_keys_images_by_their_pixels(tmp_path_factory):
+    from gemma4.prefix_cache import PrefixStore
+    from gemma4.scheduler import Scheduler
+
+    path = tmp_path_factory.mktemp("mm-prefix")
+    build_multimodal(path, seed=4, name="dense_kv", bidirectional="vision")
+    model = gemma4.load(path)
+    sched = Scheduler(model, max_batch=1, prefix_store=PrefixStore(2**30, block_tokens=16))
+    server = LiveServer(create_app(model, model_name="mm", scheduler=sched))
+    try:
+        def ask(img, question):
+            content = [{"type": "image_url", "image_url": {"url": _url(img)}}, {"type": "text", "text": question}]
+            messages = [{"role": "user", "content": content}]
+            r = server.client().chat.completions.create(model="mm", messages=messages, max_tokens=4, temperature=0)
+            alone = model.generate(model.chat_input(messages), max_tokens=4, temperature=0)
+            assert r.choices[0].message.content == alone.text
+            return sched.stats.prefix_reused_tokens
+
+        a, b = picture(40, 30, 1), picture(40, 30, 2)  # same size: same placeholder tokens
+        assert ask(a, "What is it?") == 0
+        reused = ask(a, "And its colour?")
+        assert reused > 70  # the image's soft tokens came from the cache
+        assert ask(b, "What is it?") - reused < 70  # another image of the same size does not reuse them
+    finally:
+        server.stop()

@@ -72,8 +72,8 @@ class Decoder(nn.Module):
     def device(self) -> torch.device:
         return self.embed_tokens.weight.device
 
-    def new_cache(self, batch: int = 1, capacity: int = 256) -> KVCache:
-        return KVCache(self.config, batch, capacity, self.dtype, self.device)
+    def new_cache(self, batch: int = 1, capacity: int = 256, tail: int = 0, kv_dtype: str = "float") -> KVCache:
+        return KVCache(self.config, batch, capacity, self.dtype, self.device, tail=tail, kv_dtype=kv_dtype)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                 embeds: torch.Tensor | None = None, embeds_mask: torch.Tensor | None = None) -> torch.Tensor:

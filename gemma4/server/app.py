@@ -18,7 +18,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..scheduler import QueueFull, Request as EngineRequest, RequestOutput, Scheduler
+from ..prefix_cache import PrefixStore
+from ..scheduler import QueueFull, Request as EngineRequest, RequestOutput, Scheduler, TooLarge
 from .errors import APIError, error_body, validation_message
 from .metrics import Metrics
 from .prepare import Prepared, prepare_chat, prepare_completion
@@ -29,8 +30,13 @@ RETRY_AFTER_S = 2
 
 
 def create_app(model, *, model_name: str, api_key: str | None = None, max_batch: int = 8,
-               max_queue: int = 64, scheduler: Scheduler | None = None, allow_remote_images: bool = False) -> FastAPI:
-    scheduler = scheduler or Scheduler(model, max_batch=max_batch, max_queue=max_queue)
+               max_queue: int = 64, scheduler: Scheduler | None = None, allow_remote_images: bool = False,
+               kv_budget: int | None = None, kv_cache: str = "float", prefix_cache_bytes: int = 0) -> FastAPI:
+    """kv_budget: bytes of KV shared by running requests (None: unbounded); kv_cache: "float" or
+    "int8"; prefix_cache_bytes: memory for automatic prefix reuse (0: off)."""
+    store = PrefixStore(prefix_cache_bytes) if prefix_cache_bytes else None
+    scheduler = scheduler or Scheduler(model, max_batch=max_batch, max_queue=max_queue, prefix_store=store,
+                                       kv_budget=kv_budget, kv_dtype=kv_cache)
     metrics = Metrics(scheduler)
     created = int(time.time())
 
@@ -152,6 +158,10 @@ def create_app(model, *, model_name: str, api_key: str | None = None, max_batch:
                                 constraint=job.constraint, soft=job.soft)
             try:
                 scheduler.submit(req)
+            except TooLarge as e:
+                outputs.cancel()
+                metrics.requests.labels(path, "400").inc()
+                raise APIError(400, str(e), code="context_length_exceeded") from None
             except QueueFull:
                 outputs.cancel()
                 metrics.requests.labels(path, "503").inc()

@@ -1,0 +1,135 @@
+"""Prompt-cache files: a document's KV saved to disk, reloaded by a later run instead of a prefill.
+
+A file is a cache.Snapshot in safetensors (tensors "LAYER.NAME") with JSON metadata: the format and
+its version, the package version, a fingerprint of the model (config, every tensor's name, shape and
+dtype, and a few sampled values of each, so a model of the same shape with other weights is refused),
+the KV storage type and the token ids. Files are written to a temporary name and renamed: a reader
+never sees half a file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import engine
+from .cache import Snapshot
+from .prefix_cache import common_prefix
+
+FORMAT = "gemma4-prompt-cache"
+VERSION = 1
+DEFAULT_TAIL = 64  # ring slots kept before the document's end: a question may re-tokenize its join
+
+
+def _package_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def fingerprint(decoder) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps(dataclasses.asdict(decoder.config), sort_keys=True, default=str).encode())
+    for name, t in sorted(decoder.state_dict().items()):
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        try:
+            flat = t.detach().reshape(-1)
+            step = max(1, flat.numel() // 16)
+            h.update(flat[::step][:16].float().cpu().numpy().tobytes())
+        except (RuntimeError, TypeError, NotImplementedError):  # a packed type: its name and shape only
+            pass
+    return h.hexdigest()
+
+
+def save(path: str | Path, snap: Snapshot, decoder) -> None:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors = {f"{i}.{name}": t.contiguous() for i, layer in enumerate(snap.layers) for name, t in layer.items()}
+    meta = {"format": FORMAT, "version": str(VERSION), "package_version": _package_version(),
+            "fingerprint": fingerprint(decoder), "kv_dtype": snap.kv_dtype, "window": str(snap.window),
+            "layers": str(len(snap.layers)), "tokens": json.dumps(snap.tokens)}
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load(path: str | Path, decoder, kv_dtype: str = "float") -> Snapshot:
+    """The snapshot in `path`; ValueError (one line, naming the file) if it is not one for this model."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"prompt cache {path}: not a prompt-cache file")
+            if meta.get("version") != str(VERSION) or meta.get("package_version") != _package_version():
+                raise ValueError(f"prompt cache {path}: written by another version (format {meta.get('version')}, "
+                                 f"gemma4 {meta.get('package_version')}); delete it to make a new one")
+            if meta.get("fingerprint") != fingerprint(decoder):
+                raise ValueError(f"prompt cache {path}: made with another model; delete it or use another file")
+            if meta.get("kv_dtype") != kv_dtype:
+                raise ValueError(f"prompt cache {path}: holds a {meta.get('kv_dtype')} KV cache, this run uses "
+                                 f"{kv_dtype}")
+            layers: list[dict[str, torch.Tensor]] = [{} for _ in range(int(meta["layers"]))]
+            for key in f.keys():
+                i, name = key.split(".", 1)
+                layers[int(i)][name] = f.get_tensor(key)
+            return Snapshot(json.loads(meta["tokens"]), layers, int(meta["window"]), meta["kv_dtype"])
+    except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise ValueError(f"prompt cache {path}: not a readable prompt-cache file ({type(e).__name__})") from None
+
+
+class PromptCache:
+    """What engine.generate uses for one prompt whose first `prefix_len` tokens (the document) are
+    worth keeping: it reuses `path` when it holds a prefix of the prompt, else saves the prefix there.
+    After the prefill, `reused` and `saved` tell what happened (token counts)."""
+
+    def __init__(self, path: str | Path, prefix_len: int, tail: int = DEFAULT_TAIL):
+        self.path = Path(path)
+        self.prefix_len = prefix_len
+        self.tail = tail
+        self.reused = 0
+        self.saved = 0
+
+    def prefill(self, decoder, ids: list[int], capacity: int, chunk: int,
+                progress: Callable[[int, int], None] | None = None):
+        """Returns (cache, last hidden state) for `ids` as engine.prefill would."""
+        cache = decoder.new_cache(batch=1, capacity=capacity, tail=self.tail)
+        start = 0
+        if self.path.exists():
+            snap = load(self.path, decoder, cache.kv_dtype)
+            c = min(common_prefix(ids, snap.tokens), len(ids) - 1)
+            if c >= 1 and snap.usable(c):
+                cache.restore(0, snap, c)
+                start = c
+        self.reused = start
+        keep = min(self.prefix_len, len(ids))
+        cuts = sorted({start, len(ids)} | ({keep} if start < keep else set()))
+        t = torch.tensor([ids], dtype=torch.long, device=decoder.device)
+        pos = torch.arange(len(ids), device=decoder.device)[None]
+        hidden = None
+        for a, b in zip(cuts, cuts[1:]):
+            tick = None if progress is None else (lambda done, _, a=a: progress(a + done, len(ids)))
+            hidden = engine.prefill(decoder, cache, t[:, a:b], pos[:, a:b], chunk, progress=tick)
+            if b == keep and start < keep:
+                save(self.path, cache.snapshot(0, ids[:keep]), decoder)
+                self.saved = keep
+        if progress is not None and start:
+            progress(len(ids), len(ids))
+        return cache, hidden

@@ -1,0 +1,37 @@
+"""The server with a KV budget and automatic prefix reuse: a second question on the same document
+reuses its KV and answers as a plain run does; a request larger than the whole budget gets a 400."""
+
+import httpx
+import pytest
+
+import gemma4
+from gemma4 import store
+from gemma4.server import create_app
+from test_server import LiveServer
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    return gemma4.load(store.embedded_path())
+
+
+def test_prefix_reuse_and_budget_through_the_server(embedded):
+    live = LiveServer(create_app(embedded, model_name="m", max_batch=2, kv_budget=64 * 2**20,
+                                 prefix_cache_bytes=2**30))
+    try:
+        sched = live.app.state.scheduler
+        doc = " ".join(f"Item {i} is a small {['red', 'blue', 'green'][i % 3]} box." for i in range(60))
+        answers = []
+        for q in ("Which item is blue?", "How many boxes are green?"):
+            prompt = doc + "\n" + q
+            r = httpx.post(live.url + "/v1/completions", json={"prompt": prompt, "max_tokens": 8,
+                                                               "temperature": 0}, timeout=120)
+            assert r.status_code == 200, r.text
+            answers.append((prompt, r.json()["choices"][0]["text"]))
+        assert sched.stats.prefix_hits == 1 and sched.stats.prefix_reused_tokens > 500
+        for prompt, text in answers:
+            assert text == embedded.generate(prompt, max_tokens=8, temperature=0).text
+        r = httpx.post(live.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 30000}, timeout=60)
+        assert r.status_code == 400 and "KV budget" in r.json()["error"]["message"]
+    finally:
+        live.stop()
