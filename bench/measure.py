@@ -104,16 +104,22 @@ def _mem_available() -> int:
 
 def _gemma4_dtype(path: str, dtype: str, quantize: str | None) -> str:
     """`auto`: float32 (the engine's default and, on a CPU without bf16 arithmetic, far the faster)
-    when the dequantized model fits in 80% of the available memory, else bfloat16."""
-    if dtype != "auto":
-        return dtype
+    when the dequantized model fits in 80% of the available memory, else bfloat16; an error line when
+    the chosen dtype does not fit (the machine is shared: better no figure than a swap storm)."""
     if quantize:
-        return "float32"
+        return "float32" if dtype == "auto" else dtype
     from gemma4.checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(path)
     params = sum(int(np.prod(ckpt.shape(n))) for n in ckpt.names())
-    return "float32" if params * 4 < 0.8 * _mem_available() else "bfloat16"
+    room = 0.8 * _mem_available()
+    if dtype == "auto":
+        dtype = "float32" if params * 4 < room else "bfloat16"
+    need = params * (4 if dtype == "float32" else 2)
+    if need > room:
+        raise SystemExit(f"gemma4 in {dtype} needs {need / 1e9:.1f} GB, more than 80% of the "
+                         f"{_mem_available() / 1e9:.1f} GB available now")
+    return dtype
 
 
 def load_gemma4(spec: dict):
@@ -188,6 +194,10 @@ def transformers_speed(spec: dict) -> dict:
     from transformers import Gemma4ForCausalLM
 
     torch.set_num_threads(spec["threads"])
+    need = sum(f.stat().st_size for f in Path(spec["path"]).glob("*.safetensors"))  # bf16, as stored
+    if need > 0.8 * _mem_available():
+        raise SystemExit(f"transformers in bfloat16 needs {need / 1e9:.1f} GB, more than 80% of the "
+                         f"{_mem_available() / 1e9:.1f} GB available now")
     t = time.perf_counter()
     model = Gemma4ForCausalLM.from_pretrained(spec["path"], dtype=torch.bfloat16).eval()
     load_s = time.perf_counter() - t

@@ -122,17 +122,18 @@ def plan(ctx: Context) -> None:
         if "Q4_K_M" in gguf_formats and prepare.ensure_llama_cpp(install=False) is None:
             log("Q4_K_M left out: it needs llama.cpp's quantiser (llama-cpp-python is not installed)")
             gguf_formats.remove("Q4_K_M")
-        shape = prepare.shape_model(args.layers, gguf_formats, tiny=args.tiny, cache=cache)
-        ctx.prepared = shape.seconds
-        ids = prompt_ids(Tokenizer.from_file(shape.hf), args.prompt_tokens)
-        what = "tiny test shape" if args.tiny else "Gemma 4 26B-A4B shape"
-        name = f"{what}, {args.layers} layer{'s' if args.layers > 1 else ''} (random weights)"
-        for fmt in gguf_formats:
-            ctx.comparisons.append(Comparison(name, f"{fmt} GGUF", shape.gguf[fmt],
-                                              "llama.cpp" if "llama.cpp" in peers else None, ids))
-        if "bf16" in args.formats:
-            ctx.comparisons.append(Comparison(name, "bf16 safetensors", shape.hf,
-                                              "transformers" if "transformers" in peers else None, ids))
+        for layers in args.layers:
+            shape = prepare.shape_model(layers, gguf_formats, tiny=args.tiny, cache=cache)
+            ctx.prepared.update({f"{shape.name}: {step}": s for step, s in shape.seconds.items()})
+            ids = prompt_ids(Tokenizer.from_file(shape.hf), args.prompt_tokens)
+            what = "tiny test shape" if args.tiny else "Gemma 4 26B-A4B shape"
+            name = f"{what}, {layers} layer{'s' if layers > 1 else ''} (random weights)"
+            for fmt in gguf_formats:
+                ctx.comparisons.append(Comparison(name, f"{fmt} GGUF", shape.gguf[fmt],
+                                                  "llama.cpp" if "llama.cpp" in peers else None, ids))
+            if "bf16" in args.formats:
+                ctx.comparisons.append(Comparison(name, "bf16 safetensors", shape.hf,
+                                                  "transformers" if "transformers" in peers else None, ids))
 
 
 def _gemma4_spec(ctx: Context, c: Comparison) -> dict:
@@ -302,7 +303,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description="gemma4 against llama.cpp and transformers on this machine")
     csv = lambda s: [x for x in s.split(",") if x]  # noqa: E731
     ap.add_argument("--models", type=csv, default=["embedded", "shape"], help="embedded,shape")
-    ap.add_argument("--layers", type=int, default=6, help="layers of the 26B-A4B shape (default 6: 5 sliding + 1 full)")
+    ap.add_argument("--layers", type=lambda v: [int(x) for x in csv(v)], default=[6],
+                    help="layers of the 26B-A4B shape, one model per value (default 6: 5 sliding + 1 full)")
     ap.add_argument("--formats", type=csv, default=list(SHAPE_FORMATS), help="files of the shape: Q4_K_M,Q8_0,bf16")
     ap.add_argument("--reps", type=int, default=3, help="timed repetitions per measurement (median)")
     ap.add_argument("--prompt-tokens", type=int, default=512)
@@ -324,6 +326,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         bad = [x for x in getattr(args, name) if x not in allowed]
         if bad:
             ap.error(f"--{name}: unknown {', '.join(bad)} (choose from {', '.join(allowed)})")
+    if not args.layers or min(args.layers) < 1:
+        ap.error("--layers: positive layer counts, comma-separated")
     if args.reps < 1 or args.prompt_tokens < measure.WARMUP_PROMPT or args.decode_tokens < 1:
         ap.error(f"--reps and --decode-tokens must be positive, --prompt-tokens at least {measure.WARMUP_PROMPT}")
     return args
