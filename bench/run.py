@@ -158,6 +158,8 @@ def machine_section(ctx: Context) -> str:
         f"- software: Python {m['python']}, torch {m['torch']}, llama-cpp-python {m['llama_cpp']}, "
         f"transformers {m['transformers']}",
         f"- read bandwidth: {bw_line}",
+        f"- load average at the start (1, 5, 15 min): {', '.join(f'{x:.1f}' for x in m['load'])} — other work on a "
+        "shared machine slows every engine, not always equally",
         f"- settings: {a.threads} threads everywhere; prompt {a.prompt_tokens} tokens, decode {a.decode_tokens} "
         f"tokens (greedy); median of {a.reps} after one untimed warm-up; load time excluded; gemma4 dtype "
         f"`{a.dtype}`, quantize `{a.quantize}`",
@@ -284,7 +286,7 @@ def machine_info() -> dict:
     return {"date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"), "cpu": cpu,
             "cores": os.cpu_count(), "ram_gib": ram, "os": f"{platform.system()} {platform.release()}",
             "python": platform.python_version(), "torch": torch.__version__, "llama_cpp": version("llama_cpp"),
-            "transformers": version("transformers")}
+            "transformers": version("transformers"), "load": os.getloadavg()}
 
 
 def report(ctx: Context) -> str:
