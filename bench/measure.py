@@ -1,8 +1,10 @@
-"""One measurement per process: bench/run.py starts `python bench/measure.py '<json spec>'` for each
-(engine, file), so every engine starts from the same empty memory and frees all of it when done.
+"""Measurements, each in its own process: bench/run.py starts `python bench/measure.py '<json spec>'`,
+so every engine starts from empty memory and frees all of it when done.
 
-The worker prints its result as one JSON line after RESULT_MARK. Loading is never timed; each timed
-repetition prefills the same prompt ids into an empty cache, then decodes greedily, one token per step.
+A one-shot worker (bandwidth, quality) prints its result as one JSON line after RESULT_MARK. A speed
+worker (gemma4, llama.cpp, transformers) loads its engine and then times one repetition per request
+(see serve). Loading is never timed; each repetition prefills the same prompt ids into an empty cache,
+then decodes greedily, one token per step.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 RESULT_MARK = "@@bench-result@@ "
+READY_MARK = "@@bench-ready@@ "
 WARMUP_PROMPT, WARMUP_DECODE = 16, 4  # one untimed run first: first calls allocate and pick kernels
 
 
@@ -148,24 +151,20 @@ def _gemma4_run(model, ids: list[int], decode: int) -> tuple[float, float]:
     return t1 - t0, t2 - t1
 
 
-def gemma4_speed(spec: dict) -> dict:
+def gemma4_session(spec: dict):
     torch.set_num_threads(spec["threads"])
     model, info = load_gemma4(spec)
-    ids, decode = spec["ids"], spec["decode"]
-    _gemma4_run(model, ids[:WARMUP_PROMPT], WARMUP_DECODE)
-    runs = [_gemma4_run(model, ids, decode) for _ in range(spec["reps"])]
-    return {**info, "prefill_s": [r[0] for r in runs], "decode_s": [r[1] for r in runs],
-            "resident_active_bytes": resident_active_bytes(model.decoder), "threads": torch.get_num_threads()}
+    info.update(resident_active_bytes=resident_active_bytes(model.decoder), threads=torch.get_num_threads())
+    return info, lambda ids, decode: _gemma4_run(model, ids, decode)
 
 
-def llamacpp_speed(spec: dict) -> dict:
+def llamacpp_session(spec: dict):
     import llama_cpp
 
-    ids, decode = spec["ids"], spec["decode"]
+    n_ctx = len(spec["ids"]) + spec["decode"] + 16
     t = time.perf_counter()
-    llm = llama_cpp.Llama(model_path=spec["path"], n_ctx=len(ids) + decode + 16, n_batch=len(ids),
-                          n_ubatch=len(ids), n_threads=spec["threads"], n_threads_batch=spec["threads"],
-                          verbose=False, seed=0)
+    llm = llama_cpp.Llama(model_path=spec["path"], n_ctx=n_ctx, n_batch=len(spec["ids"]), n_ubatch=len(spec["ids"]),
+                          n_threads=spec["threads"], n_threads_batch=spec["threads"], verbose=False, seed=0)
     load_s = time.perf_counter() - t
     n_vocab = llm.n_vocab()
 
@@ -184,13 +183,10 @@ def llamacpp_speed(spec: dict) -> dict:
             tok = pick()
         return t1 - t0, time.perf_counter() - t1
 
-    run(ids[:WARMUP_PROMPT], WARMUP_DECODE)
-    runs = [run(ids, decode) for _ in range(spec["reps"])]
-    return {"load_s": load_s, "prefill_s": [r[0] for r in runs], "decode_s": [r[1] for r in runs],
-            "threads": spec["threads"]}
+    return {"load_s": load_s, "threads": spec["threads"]}, run
 
 
-def transformers_speed(spec: dict) -> dict:
+def transformers_session(spec: dict):
     from transformers import Gemma4ForCausalLM
 
     torch.set_num_threads(spec["threads"])
@@ -201,7 +197,6 @@ def transformers_speed(spec: dict) -> dict:
     t = time.perf_counter()
     model = Gemma4ForCausalLM.from_pretrained(spec["path"], dtype=torch.bfloat16).eval()
     load_s = time.perf_counter() - t
-    ids, decode = spec["ids"], spec["decode"]
 
     @torch.inference_mode()
     def run(prompt: list[int], n: int) -> tuple[float, float]:
@@ -216,10 +211,23 @@ def transformers_speed(spec: dict) -> dict:
             tok = out.logits[:, -1].argmax(-1, keepdim=True)
         return t1 - t0, time.perf_counter() - t1
 
-    run(ids[:WARMUP_PROMPT], WARMUP_DECODE)
-    runs = [run(ids, decode) for _ in range(spec["reps"])]
-    return {"load_s": load_s, "prefill_s": [r[0] for r in runs], "decode_s": [r[1] for r in runs],
-            "dtype": "bfloat16", "threads": torch.get_num_threads()}
+    return {"load_s": load_s, "dtype": "bfloat16", "threads": torch.get_num_threads()}, run
+
+
+SESSIONS = {"gemma4": gemma4_session, "llama.cpp": llamacpp_session, "transformers": transformers_session}
+
+
+def serve(spec: dict) -> None:
+    """Load the engine, warm it up, print READY_MARK and its facts; then time one repetition per
+    `run` line on stdin (printing RESULT_MARK [prefill_s, decode_s]) until `quit` or end of input.
+    run.py drives two of these in turn, so gemma4 and its peer share whatever else the machine does."""
+    info, run = SESSIONS[spec["worker"]](spec)
+    run(spec["ids"][:WARMUP_PROMPT], WARMUP_DECODE)
+    print(READY_MARK + json.dumps(info), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "run":
+            break
+        print(RESULT_MARK + json.dumps(run(spec["ids"], spec["decode"])), flush=True)
 
 
 def embedded_quality(spec: dict) -> dict:
@@ -234,14 +242,15 @@ def embedded_quality(spec: dict) -> dict:
     return {**info, **tf}
 
 
-WORKERS = {"bandwidth": bandwidth, "gemma4": gemma4_speed, "llama.cpp": llamacpp_speed,
-           "transformers": transformers_speed, "quality": embedded_quality}
+WORKERS = {"bandwidth": bandwidth, "quality": embedded_quality}
 
 
 def main() -> None:
     spec = json.loads(sys.argv[1])
-    result = WORKERS[spec["worker"]](spec)
-    print(RESULT_MARK + json.dumps(result), flush=True)
+    if spec["worker"] in SESSIONS:
+        serve(spec)
+    else:
+        print(RESULT_MARK + json.dumps(WORKERS[spec["worker"]](spec)), flush=True)
 
 
 if __name__ == "__main__":

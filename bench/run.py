@@ -28,6 +28,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +63,7 @@ class Comparison:
     weights: dict = field(default_factory=dict)  # measure.file_weights
     ours: dict = field(default_factory=dict)
     theirs: dict = field(default_factory=dict)
+    note: str = ""
 
 
 @dataclass
@@ -78,16 +80,74 @@ class Context:
 def run_worker(spec: dict, timeout: float = 3600) -> dict:
     """bench/measure.py in a fresh process; its result, or {"error": one line} when it failed."""
     cmd = [sys.executable, str(HERE / "measure.py"), json.dumps(spec)]
-    env = dict(os.environ, OMP_NUM_THREADS=str(spec.get("threads", 2)), TOKENIZERS_PARALLELISM="false")
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_worker_env(spec))
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
     for line in proc.stdout.splitlines():
         if line.startswith(measure.RESULT_MARK):
             return json.loads(line[len(measure.RESULT_MARK):])
-    lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
-    return {"error": lines[-1] if lines else f"exit status {proc.returncode}"}
+    return {"error": _last_words(proc.stderr + proc.stdout, proc.returncode)}
+
+
+def _worker_env(spec: dict) -> dict:
+    return dict(os.environ, OMP_NUM_THREADS=str(spec.get("threads", 2)), TOKENIZERS_PARALLELISM="false")
+
+
+def _expect(proc: subprocess.Popen, err, mark: str):
+    """The JSON after `mark` on the worker's next marked line, or {"error": its last words} if it ended."""
+    for line in proc.stdout:
+        if line.startswith(mark):
+            return json.loads(line[len(mark):])
+    proc.wait()
+    err.seek(0)
+    return {"error": _last_words(err.read(), proc.returncode)}
+
+
+def _last_words(text: str, status: int) -> str:
+    """The line of a failed worker's output that says why: an error or assertion if there is one."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    said = [ln for ln in lines if any(w in ln for w in ("Error", "error", "ASSERT", "needs"))]
+    return (said or lines or [f"exit status {status}"])[-1][:300]
+
+
+def run_interleaved(specs: list[dict], reps: int) -> list[dict]:
+    """Speed workers for the same file, loaded one after the other, then timed in turn, repetition by
+    repetition: each engine meets the same background load, so the ratio of their medians is fair
+    even on a busy machine. Returns per spec its facts plus prefill_s / decode_s, or {"error": ...}."""
+    procs, results = [], []
+    try:
+        for spec in specs:
+            err = tempfile.TemporaryFile(mode="w+")
+            proc = subprocess.Popen([sys.executable, str(HERE / "measure.py"), json.dumps(spec)], text=True,
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, env=_worker_env(spec))
+            procs.append((proc, err))
+            results.append(_expect(proc, err, measure.READY_MARK))
+            if "error" not in results[-1]:
+                results[-1].update(prefill_s=[], decode_s=[])
+        for _ in range(reps):
+            for (proc, err), result in zip(procs, results):
+                if "error" in result:
+                    continue
+                proc.stdin.write("run\n")
+                proc.stdin.flush()
+                got = _expect(proc, err, measure.RESULT_MARK)
+                if isinstance(got, dict):
+                    result.clear()
+                    result.update(got)
+                else:
+                    result["prefill_s"].append(got[0])
+                    result["decode_s"].append(got[1])
+    finally:
+        for proc, err in procs:
+            if proc.poll() is None:
+                proc.stdin.close()
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+            err.close()
+    return results
 
 
 def tok_per_s(tokens: int, seconds: list[float]) -> float:
@@ -128,9 +188,15 @@ def plan(ctx: Context) -> None:
             ids = prompt_ids(Tokenizer.from_file(shape.hf), args.prompt_tokens)
             what = "tiny test shape" if args.tiny else "Gemma 4 26B-A4B shape"
             name = f"{what}, {layers} layer{'s' if layers > 1 else ''} (random weights)"
+            # llama.cpp (this version) asserts that a gemma4 model has a sliding-window layer
+            llama_loads = "sliding_attention" in json.loads((shape.hf / "config.json").read_text())["layer_types"]
             for fmt in gguf_formats:
-                ctx.comparisons.append(Comparison(name, f"{fmt} GGUF", shape.gguf[fmt],
-                                                  "llama.cpp" if "llama.cpp" in peers else None, ids))
+                c = Comparison(name, f"{fmt} GGUF", shape.gguf[fmt],
+                               "llama.cpp" if "llama.cpp" in peers and llama_loads else None, ids)
+                if "llama.cpp" in peers and not llama_loads:
+                    c.note = ("llama.cpp not run: it refuses a gemma4 model without a sliding-window layer "
+                              "(GGML_ASSERT is_swa_any); take at least 2 layers")
+                ctx.comparisons.append(c)
             if "bf16" in args.formats:
                 ctx.comparisons.append(Comparison(name, "bf16 safetensors", shape.hf,
                                                   "transformers" if "transformers" in peers else None, ids))
@@ -161,7 +227,8 @@ def machine_section(ctx: Context) -> str:
         f"- load average at the start (1, 5, 15 min): {', '.join(f'{x:.1f}' for x in m['load'])} — other work on a "
         "shared machine slows every engine, not always equally",
         f"- settings: {a.threads} threads everywhere; prompt {a.prompt_tokens} tokens, decode {a.decode_tokens} "
-        f"tokens (greedy); median of {a.reps} after one untimed warm-up; load time excluded; gemma4 dtype "
+        f"tokens (greedy); median of {a.reps}, gemma4 and its peer timed in turn, after one untimed warm-up "
+        f"each; load time excluded; gemma4 dtype "
         f"`{a.dtype}`, quantize `{a.quantize}`",
     ])
 
@@ -171,12 +238,13 @@ def speed_section(ctx: Context) -> str:
     for c in ctx.comparisons:
         log(f"{c.model} / {c.label}: file sizes")
         c.weights = measure.file_weights(c.path)
-        common = {"ids": c.ids, "decode": a.decode_tokens, "reps": a.reps, "threads": a.threads}
-        log(f"{c.model} / {c.label}: gemma4")
-        c.ours = run_worker({"worker": "gemma4", **common, **_gemma4_spec(ctx, c)})
+        common = {"ids": c.ids, "decode": a.decode_tokens, "threads": a.threads}
+        specs = [{"worker": "gemma4", **common, **_gemma4_spec(ctx, c)}]
         if c.peer:
-            log(f"{c.model} / {c.label}: {c.peer}")
-            c.theirs = run_worker({"worker": c.peer, "path": str(c.path), **common})
+            specs.append({"worker": c.peer, "path": str(c.path), **common})
+        log(f"{c.model} / {c.label}: {' and '.join(s['worker'] for s in specs)}, {a.reps} repetitions in turn")
+        c.ours, *peer = run_interleaved(specs, a.reps)
+        c.theirs = peer[0] if peer else {}
     return speed_table(ctx)
 
 
@@ -216,6 +284,8 @@ def speed_table(ctx: Context) -> str:
             note += (f"; gemma4 (dtype {c.ours['dtype']}, quantize {c.ours['quantize']}) reads "
                      f"{c.ours['resident_active_bytes'] / 1e6:.0f} MB per token from memory, loaded in "
                      f"{c.ours['load_s']:.0f} s")
+        if c.note:
+            note += f"; {c.note}"
         for who, r in (("gemma4", c.ours), (c.peer, c.theirs)):
             if r and "error" in r:
                 note += f"; {who} failed: {r['error']}"
