@@ -3,14 +3,19 @@
 Block formats the `gguf` package can quantise (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, BF16, F16) are written
 directly; K-quants need llama.cpp's quantiser. As llama.cpp does, 1-D tensors stay F32 and a matrix
 whose rows are not a whole number of blocks falls back to F16.
+
+Tensors are streamed: their table is written first, then each tensor is read, encoded a slab of rows at
+a time and written before the next is read, so a model far larger than memory converts in little of it.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+import torch
 
 from ..config import ModelConfig
 from . import names
@@ -77,47 +82,94 @@ def _rope_freqs(cfg: ModelConfig) -> np.ndarray | None:
     return np.array([1.0] * rotated + [UNROTATED_FACTOR] * (d // 2 - rotated), dtype=np.float32)
 
 
-def _encode(array: np.ndarray, qtype) -> tuple[np.ndarray, Any]:
+# Rows are encoded in slabs of about this many elements: bounds the float32 copy of a large tensor.
+SLAB_ELEMENTS = 1 << 24
+
+
+def _storage_type(shape: tuple[int, ...], qtype):
+    """The GGML type a tensor of `shape` is stored as when `qtype` is asked for."""
     import gguf
     from gguf.constants import GGML_QUANT_SIZES
 
     Q = gguf.GGMLQuantizationType
-    if array.ndim == 1 or qtype == Q.F32:
-        return array.astype(np.float32), Q.F32
+    if len(shape) == 1 or qtype == Q.F32:
+        return Q.F32
     if qtype == Q.F16:
-        return array.astype(np.float16), Q.F16
+        return Q.F16
     block, _ = GGML_QUANT_SIZES[qtype]
-    if array.shape[-1] % block:
-        return array.astype(np.float16), Q.F16
-    return gguf.quants.quantize(array.astype(np.float32), qtype), qtype
+    return Q.F16 if shape[-1] % block else qtype
+
+
+def _nbytes(shape: tuple[int, ...], qtype) -> int:
+    import gguf
+    from gguf.quants import quant_shape_to_byte_shape
+
+    Q = gguf.GGMLQuantizationType
+    if qtype in (Q.F32, Q.F16):
+        return int(np.prod(shape)) * (4 if qtype == Q.F32 else 2)
+    return int(np.prod(quant_shape_to_byte_shape(shape, qtype)))
+
+
+def _encode(tensor: torch.Tensor, qtype) -> np.ndarray:
+    """`tensor` in GGML type `qtype` (from _storage_type), one row per leading index; rows are blocks
+    on their own, so encoding slab by slab gives the same bytes as encoding the whole."""
+    import gguf
+
+    Q = gguf.GGMLQuantizationType
+    rows = tensor.reshape(-1, tensor.shape[-1]) if tensor.dim() > 1 else tensor.reshape(1, -1)
+    step = max(1, SLAB_ELEMENTS // max(1, rows.shape[1]))
+    out = None
+    for start in range(0, rows.shape[0], step):
+        part = rows[start:start + step].float().numpy()
+        if qtype == Q.F32:
+            enc = part
+        elif qtype == Q.F16:
+            enc = part.astype(np.float16)
+        else:
+            enc = gguf.quants.quantize(part, qtype)
+        if out is None:
+            out = np.empty((rows.shape[0], enc.shape[1]), dtype=enc.dtype)
+        out[start:start + len(part)] = enc
+    return out
 
 
 def write_gguf(checkpoint, path: str | Path, qtype: str = "F32",
                tokenizer_metadata: Mapping[str, Any] | None = None) -> Path:
-    """Write `checkpoint` (any reader with .config, .names(), .tensor()) to `path`."""
+    """Write `checkpoint` (any reader with .config, .names(), .shape(), .tensor()) to `path`; the file
+    appears only once complete."""
     import gguf
 
     cfg: ModelConfig = checkpoint.config
     qt = gguf.GGMLQuantizationType[qtype.upper()]
     path = Path(path)
-    w = gguf.GGUFWriter(str(path), cfg.architecture)
-    _write_config(w, cfg)
-    for key, value in (tokenizer_metadata or {}).items():
-        _add_any(w, key, value)
-    freqs = _rope_freqs(cfg)
-    if freqs is not None:
-        w.add_tensor("rope_freqs.weight", freqs)
-    for name in checkpoint.names():
-        if name == "lm_head.weight" and cfg.tie_word_embeddings:
-            continue
-        gguf_name = names.to_gguf(name)
-        array = checkpoint.tensor(name).float().numpy()
-        data, dtype = _encode(array, qt)
-        w.add_tensor(gguf_name, data, raw_dtype=dtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    partial = path.with_name(path.name + ".partial")
+    w = gguf.GGUFWriter(str(partial), cfg.architecture)
+    try:
+        _write_config(w, cfg)
+        for key, value in (tokenizer_metadata or {}).items():
+            _add_any(w, key, value)
+        freqs = _rope_freqs(cfg)
+        plan: list[tuple[str | None, Any]] = []  # (our name, or None for rope_freqs; storage type)
+        if freqs is not None:
+            w.add_tensor_info("rope_freqs.weight", freqs.shape, freqs.dtype, freqs.nbytes)
+            plan.append((None, gguf.GGMLQuantizationType.F32))
+        for name in checkpoint.names():
+            if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                continue
+            shape = tuple(checkpoint.shape(name))
+            stype = _storage_type(shape, qt)
+            w.add_tensor_info(names.to_gguf(name), shape, np.dtype(np.float32), _nbytes(shape, stype), raw_dtype=stype)
+            plan.append((name, stype))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for name, stype in plan:
+            w.write_tensor_data(freqs if name is None else _encode(checkpoint.tensor(name), stype))
+        w.close()
+        os.replace(partial, path)
+    finally:
+        w.close()
+        partial.unlink(missing_ok=True)
     return path
 
 
