@@ -173,7 +173,13 @@ def write_mmproj(checkpoint, path: str | Path, qtype: str = "F32") -> Path:
     writes them."""
     import gguf
 
-    from .gguf_writer import _encode
+    from .gguf_writer import _encode, _storage_type
+
+    def encoded(t, qtype):
+        """`t` in `qtype`, or F16 when its rows are not whole blocks, in its own shape."""
+        stored = _storage_type(tuple(t.shape), qtype)
+        data = _encode(t, stored)
+        return data.reshape(*t.shape[:-1], data.shape[-1]), stored
 
     cfg: VisionConfig = checkpoint.config
     if cfg.rope_theta != LLAMACPP_ROPE_THETA:
@@ -205,13 +211,13 @@ def write_mmproj(checkpoint, path: str | Path, qtype: str = "F32") -> Path:
             t = checkpoint.tensor(name).float()
             if name == PATCH_EMBD:
                 t = _linear_to_conv(t, cfg.patch_size)
-                data, dtype = _encode(t.numpy(), Q.F16 if qt == Q.F16 else Q.F32)
+                data, dtype = encoded(t, Q.F16 if qt == Q.F16 else Q.F32)
             elif t.dim() == 0:
                 data, dtype = t.reshape(1).numpy(), Q.F32
             elif name.endswith("position_embedding_table") or t.dim() == 1:
                 data, dtype = t.numpy(), Q.F32
             else:
-                data, dtype = _encode(t.numpy(), qt)
+                data, dtype = encoded(t, qt)
             w.add_tensor(gguf_name, data, raw_dtype=dtype)
         w.write_header_to_file()
         w.write_kv_data_to_file()
