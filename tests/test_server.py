@@ -228,7 +228,7 @@ def test_a_full_queue_answers_503_with_retry_after(embedded):
             with httpx.stream("POST", live.url + "/v1/completions", json=body, timeout=60) as waiting:
                 while sched.queue_depth < 1:
                     time.sleep(0.01)
-                r = httpx.post(live.url + "/v1/completions", json={"prompt": "x", "max_tokens": 1})
+                r = httpx.post(live.url + "/v1/completions", json={"prompt": "x", "max_tokens": 1}, timeout=60)
                 assert r.status_code == 503 and r.headers["retry-after"] and r.json()["error"]["message"]
                 assert waiting.status_code == 200
     finally:
