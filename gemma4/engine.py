@@ -95,14 +95,24 @@ def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tens
     return ids.to(device), pos.to(device)
 
 
+def joined_columns(embeds_mask: torch.Tensor | None) -> list[bool] | None:
+    """joined[i]: columns i and i+1 hold soft tokens of one run (an image), which a chunk must not split."""
+    return None if embeds_mask is None else (embeds_mask[:, 1:] & embeds_mask[:, :-1]).any(0).tolist()
+
+
+def chunk_end(start: int, length: int, chunk: int, joined: list[bool] | None) -> int:
+    """End of the chunk from `start`: at most `chunk` columns, stretched so that no image run is cut."""
+    end = min(start + chunk, length)
+    while joined is not None and end < length and joined[end - 1]:
+        end += 1
+    return end
+
+
 def _chunks(length: int, chunk: int, embeds_mask: torch.Tensor | None) -> Iterator[tuple[int, int]]:
-    """Column ranges of at most `chunk` columns, stretched so that no run of soft tokens (an image) is cut."""
-    joined = None if embeds_mask is None else (embeds_mask[:, 1:] & embeds_mask[:, :-1]).any(0).tolist()
+    joined = joined_columns(embeds_mask)
     start = 0
     while start < length:
-        end = min(start + chunk, length)
-        while joined is not None and end < length and joined[end - 1]:
-            end += 1
+        end = chunk_end(start, length, chunk, joined)
         yield start, end
         start = end
 

@@ -26,10 +26,10 @@ from typing import Callable
 
 import torch
 
-from .engine import PREFILL_CHUNK, Sequence, soft_embeds
+from .engine import PREFILL_CHUNK, Sequence, chunk_end, joined_columns, soft_embeds
 from .kv_budget import KVBudget
 from .prefix_cache import PrefixStore
-from .sampling import SamplingParams, apply_penalties, process_logits
+from .sampling import SamplingParams, apply_penalties, sample
 
 
 class QueueFull(Exception):
@@ -78,7 +78,8 @@ class _Running:
     seq: Sequence
     row: int
     prefilled: int = 0  # prompt tokens already in the cache
-    soft_embeds: tuple | None = None  # (embeds, mask) over the whole prompt, built at its first chunk
+    key: list[int] = field(default_factory=list)  # the prompt as the prefix store matches it (_prefix_key)
+    soft_embeds: tuple | None = None  # (embeds, mask, joined columns) over the prompt, built at its first chunk
     reused: int = 0  # prompt tokens whose KV came from the prefix store
     reserved: int = 0  # bytes of the KV budget held
 
@@ -200,7 +201,8 @@ class Scheduler:
                 tok = self.model.tokenizer
                 seq = Sequence(request.prompt_ids, request.params, self.model.eos_token_ids,
                                tok.stream() if tok is not None else None, soft=request.soft)
-                r = _Running(request, seq, self._free_rows.pop(0), reserved=need)
+                r = _Running(request, seq, self._free_rows.pop(0), reserved=need,
+                             key=_prefix_key(seq) if self.prefix_store is not None else [])
                 self._reuse_prefix(r)
                 self._running.append(r)
             return True
@@ -208,7 +210,7 @@ class Scheduler:
     def _reuse_prefix(self, r: _Running) -> None:
         if self.prefix_store is None:
             return
-        hit = self.prefix_store.lookup(_prefix_key(r.seq))
+        hit = self.prefix_store.lookup(r.key)
         if hit is None:
             return
         self._cache.restore(r.row, hit.snapshot, hit.length)
@@ -252,22 +254,23 @@ class Scheduler:
     def _prefill_chunk(self, r: _Running) -> None:
         decoder = self.model.decoder
         prompt = r.seq.prompt_ids
-        start, end = r.prefilled, min(len(prompt), r.prefilled + self.prefill_chunk)
-        soft = {}
+        start, joined = r.prefilled, None
         if r.seq.soft:
             if r.soft_embeds is None:
-                r.soft_embeds = soft_embeds([(len(prompt), r.seq.soft)], len(prompt), decoder.config.hidden_size,
-                                            decoder.dtype, decoder.device)
-            embeds, mask = r.soft_embeds
-            while end < len(prompt) and bool(mask[0, end - 1] & mask[0, end]):
-                end += 1  # an image's soft tokens are prefilled in one call (they attend to each other)
-            soft = dict(embeds=embeds[:, start:end], embeds_mask=mask[:, start:end])
+                embeds, mask = soft_embeds([(len(prompt), r.seq.soft)], len(prompt), decoder.config.hidden_size,
+                                           decoder.dtype, decoder.device)
+                r.soft_embeds = embeds, mask, joined_columns(mask)
+            joined = r.soft_embeds[2]
+        end = chunk_end(start, len(prompt), self.prefill_chunk, joined)
+        soft = {}
+        if r.soft_embeds is not None:
+            soft = dict(embeds=r.soft_embeds[0][:, start:end], embeds_mask=r.soft_embeds[1][:, start:end])
         ids = torch.tensor([prompt[start:end]], dtype=torch.long, device=decoder.device)
         pos = torch.arange(start, end, device=decoder.device)[None]
         hidden = decoder(ids, pos, self._cache.view([r.row]), **soft)
         r.prefilled = end
         if r.decoding:
-            self._remember(r, _prefix_key(r.seq))
+            self._remember(r, r.key)
             self._sample(r, decoder.logits(hidden[:, -1])[0])
 
     def _sample(self, r: _Running, logits: torch.Tensor) -> None:
@@ -279,11 +282,7 @@ class Scheduler:
         logits = apply_penalties(logits, seq.output_ids, params)
         if request.constraint is not None:
             logits = request.constraint.mask_logits(logits)
-        if params.greedy:
-            token = int(torch.argmax(logits))
-        else:
-            probs = torch.softmax(process_logits(logits, params), dim=-1)
-            token = int(torch.multinomial(probs, 1, generator=seq.generator))
+        token = sample(logits, params, seq.generator)
         logprob = _logprob(raw, token, request.logprobs) if request.logprobs is not None else None
         if request.constraint is not None:
             request.constraint.accept(token)
@@ -294,7 +293,7 @@ class Scheduler:
                             len(seq.output_ids), logprob)
         if seq.finished:
             # The cache holds every token but the last sampled one: the next turn of a conversation.
-            self._remember(r, _prefix_key(seq) + seq.output_ids[:-1])
+            self._remember(r, r.key + seq.output_ids[:-1])
             with self._lock:
                 self._retire(r)
         request.emit(out)

@@ -1,8 +1,6 @@
 """One KV budget for all running sequences: a request that does not fit waits for memory, one that
 could never fit is refused; int8 KV costs little accuracy."""
 
-import threading
-
 import pytest
 import torch
 
@@ -11,6 +9,7 @@ from gemma4.engine import prefill
 from gemma4.kv_budget import KVBudget, parse_bytes
 from gemma4.sampling import SamplingParams
 from gemma4.scheduler import Request, Scheduler, TooLarge
+from collect import Collector
 from reference import VOCAB
 
 
@@ -21,16 +20,6 @@ def model(gemma4_models):
 
 def _ids(n, seed):
     return torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-class Collector:
-    def __init__(self):
-        self.outputs, self.done = [], threading.Event()
-
-    def __call__(self, out):
-        self.outputs.append(out)
-        if out.finished:
-            self.done.set()
 
 
 def test_parse_bytes():

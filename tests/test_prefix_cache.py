@@ -1,8 +1,6 @@
 """Prefix reuse: a sequence resumed from a snapshot of another one's KV gives the logits of a plain
 full forward, whatever the reuse point's place relative to the sliding window and the ring wraps."""
 
-import threading
-
 import pytest
 import torch
 
@@ -12,6 +10,7 @@ from gemma4.engine import prefill
 from gemma4.prefix_cache import PrefixStore, block_hashes
 from gemma4.sampling import SamplingParams
 from gemma4.scheduler import Request, Scheduler
+from collect import Collector
 from reference import VOCAB
 
 # float32 everywhere: the same sums in a different chunking differ by rounding only (~1e-6 relative);
@@ -97,20 +96,6 @@ def test_store_finds_the_longest_usable_prefix(gemma4_models):
         prefill(dec, cache, torch.tensor([toks]), torch.arange(len(toks))[None])
         small.add(cache.snapshot(0, toks))
     assert len(small) == 2 and small.lookup(a + [1]).length == 30  # `a` itself was evicted
-
-
-class Collector:
-    def __init__(self):
-        self.outputs, self.done = [], threading.Event()
-
-    def __call__(self, out):
-        self.outputs.append(out)
-        if out.finished:
-            self.done.set()
-
-    @property
-    def token_ids(self):
-        return [o.token_id for o in self.outputs]
 
 
 def _run(sched, prompt, n):

@@ -1,13 +1,12 @@
 """Continuous batching: sequences that join, leave and share the batch give what they give alone."""
 
-import threading
-
 import pytest
 import torch
 
 import gemma4
 from gemma4.sampling import SamplingParams
 from gemma4.scheduler import QueueFull, Request, Scheduler
+from collect import Collector
 from reference import VOCAB
 
 
@@ -15,21 +14,6 @@ from reference import VOCAB
 def model(gemma4_models):
     path, _ = gemma4_models["moe_kv"]
     return gemma4.load(path)
-
-
-class Collector:
-    def __init__(self):
-        self.outputs = []
-        self.done = threading.Event()
-
-    def __call__(self, out):
-        self.outputs.append(out)
-        if out.finished:
-            self.done.set()
-
-    @property
-    def token_ids(self):
-        return [o.token_id for o in self.outputs]
 
 
 def _prompt(n, seed):

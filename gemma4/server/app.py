@@ -126,7 +126,7 @@ def create_app(model, *, model_name: str, api_key: str | None = None, max_batch:
     # ---- running requests ------------------------------------------------------------------
     async def _respond(request: Request, prepared: Prepared, states: list, stream: bool, kind: str, body):
         rid = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex
-        outputs = _submit(prepared, request.url.path)
+        outputs = _submit(prepared)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         if stream:
             return StreamingResponse(_sse(rid, kind, states, outputs, include_usage, request.url.path),
@@ -145,13 +145,12 @@ def create_app(model, *, model_name: str, api_key: str | None = None, max_batch:
         metrics.requests.labels(request.url.path, "200").inc()
         return _final_body(rid, kind, states, created=int(time.time()))
 
-    def _submit(prepared: Prepared, path: str) -> "_Outputs":
+    def _submit(prepared: Prepared) -> "_Outputs":
+        """Hands the jobs to the scheduler. An APIError raised here is counted in the metrics by its handler."""
         if scheduler.error is not None:
             raise APIError(503, "the engine failed; restart the server", "server_error")
         if scheduler.queue_depth + len(prepared.jobs) > scheduler.max_queue:
-            metrics.requests.labels(path, "503").inc()
-            raise APIError(503, "the server is busy: too many requests waiting; retry later", "server_error",
-                           headers={"Retry-After": str(RETRY_AFTER_S)})
+            raise _busy()
         outputs = _Outputs(scheduler, metrics)
         for i, job in enumerate(prepared.jobs):
             req = EngineRequest(job.prompt_ids, job.params, outputs.emitter(i), logprobs=job.logprobs,
@@ -160,13 +159,10 @@ def create_app(model, *, model_name: str, api_key: str | None = None, max_batch:
                 scheduler.submit(req)
             except TooLarge as e:
                 outputs.cancel()
-                metrics.requests.labels(path, "400").inc()
                 raise APIError(400, str(e), code="context_length_exceeded") from None
             except QueueFull:
                 outputs.cancel()
-                metrics.requests.labels(path, "503").inc()
-                raise APIError(503, "the server is busy: too many requests waiting; retry later", "server_error",
-                               headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+                raise _busy() from None
             outputs.requests.append(req)
             metrics.prompt_tokens.inc(len(job.prompt_ids))
         return outputs
@@ -239,6 +235,11 @@ class _Outputs:
     def cancel(self) -> None:
         for r in self.requests:
             self.scheduler.cancel(r)
+
+
+def _busy() -> APIError:
+    return APIError(503, "the server is busy: too many requests waiting; retry later", "server_error",
+                    headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 def _event(payload: dict) -> bytes:
