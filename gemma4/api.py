@@ -103,6 +103,7 @@ class Model:
         self.checkpoint = checkpoint
         self.vision_checkpoint = vision  # a reader (checkpoint/vision.py); the tower is built on first use
         self._vision = None
+        self._encoded: dict = {}  # image digest -> embeddings, the last few (multimodal.encode)
 
     @property
     def config(self) -> ModelConfig:
@@ -120,13 +121,17 @@ class Model:
     def vision(self):
         """The vision tower (model/vision.py), built from its checkpoint the first time it is asked for."""
         if self._vision is None:
-            if self.vision_checkpoint is None:
-                raise ValueError("this model has no vision tower: images need a multimodal checkpoint, or an "
-                                 "mmproj file beside a GGUF model")
+            self.check_vision()
             from .model.vision import load_vision
 
             self._vision = load_vision(self.vision_checkpoint, self.decoder.dtype, self.decoder.device)
         return self._vision
+
+    def check_vision(self) -> None:
+        """Raises ValueError, saying why, when the model cannot take images."""
+        if self.vision_checkpoint is None:
+            raise ValueError("this model has no vision tower: images need a multimodal checkpoint, or an "
+                             "mmproj file beside a GGUF model")
 
     def multimodal_prompt(self, text: str, media: list, image_tokens: int | None = None) -> MultimodalPrompt:
         """Prompt text with <|image|> / <|video|> placeholders (as the chat template writes them) and the
@@ -134,8 +139,7 @@ class Model:
         from .config import SUPPORTED_SOFT_TOKENS
         from .multimodal import MediaTokens, expand
 
-        if self.vision_checkpoint is None:
-            self.vision  # raises the error that says why
+        self.check_vision()
         cfg = self.vision_checkpoint.config
         image_tokens = cfg.max_soft_tokens if image_tokens is None else int(image_tokens)
         if image_tokens not in SUPPORTED_SOFT_TOKENS:
@@ -150,7 +154,7 @@ class Model:
             return []
         from .multimodal import encode
 
-        return encode(prompt, self.vision)
+        return encode(prompt, self.vision, self._encoded)
 
     # ---- logits -------------------------------------------------------------------------
     def forward(self, token_ids, chunk: int = PREFILL_CHUNK) -> torch.Tensor:
@@ -273,8 +277,7 @@ class Model:
 
         media = []
         if has_media(messages):
-            if self.vision_checkpoint is None:
-                self.vision  # raises the error that says why
+            self.check_vision()
             messages, media = collect_media(messages)
         prompt = self.chat_prompt(messages, tools=tools, enable_thinking=enable_thinking)
         if media:

@@ -20,6 +20,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="weight and activation dtype (auto: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (auto: CUDA when present)")
+    p.add_argument("--mmproj", metavar="FILE", help="the vision tower of a GGUF model, as llama.cpp ships it "
+                                                    "(an mmproj GGUF); HF multimodal folders carry their own")
+    p.add_argument("--image-tokens", type=int, default=None, choices=[70, 140, 280, 560, 1120],
+                   help="soft tokens per image at most (default: the model's, usually 280)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -43,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     mode = run.add_mutually_exclusive_group()
     mode.add_argument("--chat", action="store_true", help="use the chat format even if the model has no template")
     mode.add_argument("--raw", action="store_true", help="complete the raw text, no chat template")
+    run.add_argument("--image", action="append", default=[], metavar="PATH",
+                     help="an image (PNG, JPEG, WebP, GIF) shown before the prompt (repeatable)")
+    run.add_argument("--video", action="append", default=[], metavar="PATH",
+                     help="a video file (needs PyAV) or a folder of frames at 1 fps, sampled at 1 fps, at most "
+                          "60 frames (repeatable)")
     _model_args(run)
     _sampling_args(run)
 
@@ -76,7 +85,7 @@ def _load(args):
 
         cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
         dtype = "bfloat16" if cuda else "float32"
-    return gemma4.load(path, dtype=dtype, device=device)
+    return gemma4.load(path, dtype=dtype, device=device, mmproj=args.mmproj)
 
 
 def _sampling(args) -> dict:
@@ -121,6 +130,26 @@ def _messages(system: str | None, history: list[dict]) -> list[dict]:
     return ([{"role": "system", "content": system}] if system else []) + history
 
 
+def _media_parts(images: list[str], videos: list[str]) -> list[dict]:
+    """Content parts for image and video files, decoded now so that a bad file fails before the model loads."""
+    from gemma4.images import load_image
+    from gemma4.video import load_video
+
+    return ([{"type": "image", "image": load_image(p)} for p in images]
+            + [{"type": "video", "video": load_video(p)} for p in videos])
+
+
+def _user_message(text: str, media: list[dict]) -> dict:
+    return {"role": "user", "content": media + [{"type": "text", "text": text}] if media else text}
+
+
+def _note_media(model, messages: list[dict], args) -> None:
+    prompt = model.chat_input(messages, enable_thinking=args.think, image_tokens=args.image_tokens)
+    soft = sum(p.soft_tokens for p in getattr(prompt, "patches", []))
+    _note(f"note: {len(getattr(prompt, 'patches', []))} images/frames as {soft} soft tokens; "
+          f"prompt of {len(prompt)} tokens")
+
+
 # ---- commands -------------------------------------------------------------------------------
 def cmd_run(args) -> int:
     if args.prompt is None:
@@ -129,14 +158,22 @@ def cmd_run(args) -> int:
     if not prompt.strip():
         raise CLIError("the prompt is empty")
     _check_sampling(args)
+    if (args.image or args.video) and args.raw:
+        raise CLIError("--image and --video need the chat format: drop --raw")
+    media = _media_parts(args.image, args.video)
     model = _load(args)
+    if media:
+        model.check_vision()
     has_template = model.chat_template is not None
-    use_chat = args.chat or (has_template and not args.raw)
+    use_chat = args.chat or (has_template and not args.raw) or bool(media)
     if use_chat:
         if not has_template:
             _note(f"note: the model has no chat template; using the {model.config.architecture} turn format")
-        deltas = model.chat(_messages(args.system, [{"role": "user", "content": prompt}]),
-                            enable_thinking=args.think, stream=True, **_sampling(args))
+        messages = _messages(args.system, [_user_message(prompt, media)])
+        if media:
+            _note_media(model, messages, args)
+        deltas = model.chat(messages, enable_thinking=args.think, stream=True, image_tokens=args.image_tokens,
+                            **_sampling(args))
     else:
         if not args.raw:
             _note("note: the model has no chat template (a base model): completing the raw text; --chat uses the "
@@ -159,8 +196,10 @@ def cmd_chat(args) -> int:
     if model.chat_template is None:
         _note(f"note: the model has no chat template; using the {model.config.architecture} turn format "
               "(a base model chats poorly)")
-    _note("chat: /reset clears the history, /exit quits, Ctrl-C stops an answer")
+    _note("chat: /image PATH and /video PATH attach to your next message, /reset clears the history, /exit quits, "
+          "Ctrl-C stops an answer")
     history: list[dict] = []
+    attached: list[dict] = []
     while True:
         try:
             line = input(">>> ")
@@ -177,21 +216,38 @@ def cmd_chat(args) -> int:
             return 0
         if text == "/reset":
             history.clear()
+            attached.clear()
             _note("(history cleared)")
             continue
-        if text.startswith("/"):
-            _note("commands: /reset, /exit")
+        command, _, arg = text.partition(" ")
+        if command in ("/image", "/video") and arg.strip():
+            try:
+                model.check_vision()
+                attached += _media_parts([arg.strip()] if command == "/image" else [],
+                                         [arg.strip()] if command == "/video" else [])
+            except ValueError as e:
+                _note(f"error: {e}")
+                continue
+            _note(f"({len(attached)} attached to your next message)")
             continue
-        history.append({"role": "user", "content": line})
+        if text.startswith("/"):
+            _note("commands: /image PATH, /video PATH, /reset, /exit")
+            continue
+        history.append(_user_message(line, attached))
+        attached = []
         answer = []
         try:
             for d in model.chat(_messages(args.system, history), enable_thinking=args.think, stream=True,
-                                **_sampling(args)):
+                                image_tokens=args.image_tokens, **_sampling(args)):
                 if d.kind == "content":
                     answer.append(d.text)
                 _print_stream([d])
         except KeyboardInterrupt:
             _note("\n(stopped)")
+        except ValueError as e:  # e.g. an image the model cannot take: the turn is dropped, the chat goes on
+            history.pop()
+            _note(f"error: {e}")
+            continue
         print(flush=True)
         history.append({"role": "assistant", "content": "".join(answer)})
 

@@ -180,13 +180,19 @@ def expand(text: str, media: list[Image | Video], tokens: MediaTokens, tokenizer
 
 # ---- patches -> embeddings ---------------------------------------------------------------------
 
-def encode(prompt: MultimodalPrompt, vision) -> list[tuple[int, torch.Tensor]]:
-    """(offset, [n, text hidden] embeddings) per soft-token run; an image repeated in the prompt is
-    encoded once."""
-    done: dict[str, torch.Tensor] = {}
+def encode(prompt: MultimodalPrompt, vision, cache: dict | None = None, cache_size: int = 16
+           ) -> list[tuple[int, torch.Tensor]]:
+    """(offset, [n, text hidden] embeddings) per soft-token run. An image repeated in the prompt is
+    encoded once; `cache` (digest -> embeddings, the newest `cache_size` kept) carries them across
+    prompts, so a conversation's earlier images are not encoded again each turn."""
+    done: dict[str, torch.Tensor] = {} if cache is None else cache
     out = []
     for offset, p in zip(prompt.offsets, prompt.patches):
-        if p.digest not in done:
+        if p.digest in done:
+            done[p.digest] = done.pop(p.digest)  # the newest again
+        else:
             done[p.digest] = vision.encode(p.pixel_values, p.positions)
+            while cache is not None and len(done) > cache_size:
+                done.pop(next(iter(done)))
         out.append((offset, done[p.digest]))
     return out
