@@ -269,28 +269,30 @@ class Model:
                            enable_thinking=enable_thinking)
 
     def chat_input(self, messages: list[dict], tools: list | None = None, enable_thinking: bool = False,
-                   image_tokens: int | None = None):
+                   image_tokens: int | None = None, local_files: bool = True):
         """The token ids of a conversation (a MultimodalPrompt when it holds images or videos: content
         parts {"type": "image_url", "image_url": {"url": "data:..."}}, {"type": "image", "image": PATH |
-        bytes | Image}, {"type": "video", "video": PATH})."""
+        bytes | Image}, {"type": "video", "video": PATH}). local_files=False (for requests from a
+        network) refuses paths: a string is then only a data: URL."""
         from .multimodal import collect_media, has_media
 
         media = []
         if has_media(messages):
             self.check_vision()
-            messages, media = collect_media(messages)
+            messages, media = collect_media(messages, local_files)
         prompt = self.chat_prompt(messages, tools=tools, enable_thinking=enable_thinking)
         if media:
             return self.multimodal_prompt(prompt, media, image_tokens)
         return self.tokenizer.encode(prompt, add_special_tokens=False)  # the template writes BOS itself
 
     def chat(self, messages: list[dict], *, tools: list | None = None, enable_thinking: bool = False,
-             stream: bool = False, image_tokens: int | None = None, **sampling):
+             stream: bool = False, image_tokens: int | None = None, local_files: bool = True, **sampling):
         """Answer a conversation (OpenAI-style messages, images and videos among the content parts) through
         the chat template; `image_tokens` caps the soft tokens per image (70, 140, 280, 560 or 1120).
 
         Returns a ChatReply, or with stream=True an iterator of ChatDelta."""
-        ids = self.chat_input(messages, tools=tools, enable_thinking=enable_thinking, image_tokens=image_tokens)
+        ids = self.chat_input(messages, tools=tools, enable_thinking=enable_thinking, image_tokens=image_tokens,
+                              local_files=local_files)
         if stream:
             return self._chat_stream(ids, sampling)
         out = self.generate(ids, **sampling)

@@ -148,3 +148,38 @@ def test_image_token_budget(mm):
     assert small.patches[0].soft_tokens <= 70 < large.patches[0].soft_tokens <= 140
     with pytest.raises(ValueError, match="image_tokens"):
         model.multimodal_prompt("<|image|>", [img], image_tokens=100)
+
+
+def test_a_batch_mixing_image_and_text_prompts_matches_single_runs(mm, tmp_path):
+    _, _, _, model = mm
+    messages, _ = _two_image_messages(tmp_path)
+    image_prompt = model.chat_input(messages)
+    text_prompt = model.chat_input([{"role": "user", "content": "just text"}])
+    batch = model.generate([text_prompt, image_prompt], max_tokens=3, temperature=0, ignore_eos=True)
+    for prompt, got in zip((text_prompt, image_prompt), batch):
+        alone = model.generate(prompt, max_tokens=3, temperature=0, ignore_eos=True)
+        assert got.token_ids == alone.token_ids  # left padding moves the image; its embeddings move with it
+
+
+def test_bfloat16_tower_stays_near_float32(mm):
+    _, path, _, _ = mm
+    reader = HFVisionCheckpoint(open_checkpoint(path))
+    p = preprocess(decode_image(encoded(picture(40, 30, seed=5), "PNG")), VISION["patch_size"],
+                   VISION["pooling_kernel_size"], MAX_SOFT_TOKENS)
+    exact = load_vision(reader, torch.float32, torch.device("cpu")).encode(p.pixel_values, p.positions)
+    half = load_vision(reader, torch.bfloat16, torch.device("cpu")).encode(p.pixel_values, p.positions)
+    assert half.dtype == torch.bfloat16
+    # bfloat16 keeps 8 bits of mantissa: ~0.4% per rounding, a few percent after two layers and the projection
+    assert (half.float() - exact).abs().max() < 0.1 * exact.abs().max()
+
+
+def test_requests_from_a_network_cannot_name_local_files(mm, tmp_path):
+    _, _, _, model = mm
+    path = tmp_path / "secret.png"
+    path.write_bytes(encoded(picture(9, 9), "PNG"))
+    parts = [{"type": "image", "image": str(path)}, {"type": "text", "text": "x"}]
+    assert len(model.chat_input([{"role": "user", "content": parts}]).patches) == 1
+    with pytest.raises(ValueError, match="scheme|not fetched"):
+        model.chat_input([{"role": "user", "content": parts}], local_files=False)
+    with pytest.raises(ValueError, match="not accepted"):
+        model.chat_input([{"role": "user", "content": [{"type": "video", "video": str(tmp_path)}]}], local_files=False)
