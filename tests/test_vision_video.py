@@ -11,7 +11,7 @@ pytest.importorskip("PIL")
 import gemma4  # noqa: E402
 from gemma4.images import Image  # noqa: E402
 from gemma4.video import Video, load_frames, load_video, sample_indices  # noqa: E402
-from vision_reference import TOKEN_IDS, VISION, build_multimodal, encoded, picture  # noqa: E402
+from vision_reference import TOKEN_IDS, build_multimodal, encoded, picture  # noqa: E402
 
 
 @pytest.fixture(scope="module")
