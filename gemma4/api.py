@@ -96,6 +96,7 @@ class Model:
         self.checkpoint = checkpoint
         self.vision_checkpoint = vision  # a reader (checkpoint/vision.py); the tower is built on first use
         self._vision = None
+        self._encoded: dict = {}  # image digest -> embeddings, the last few (multimodal.encode)
 
     @property
     def config(self) -> ModelConfig:
@@ -113,13 +114,17 @@ class Model:
     def vision(self):
         """The vision tower (model/vision.py), built from its checkpoint the first time it is asked for."""
         if self._vision is None:
-            if self.vision_checkpoint is None:
-                raise ValueError("this model has no vision tower: images need a multimodal checkpoint, or an "
-                                 "mmproj file beside a GGUF model")
+            self.check_vision()
             from .model.vision import load_vision
 
             self._vision = load_vision(self.vision_checkpoint, self.decoder.dtype, self.decoder.device)
         return self._vision
+
+    def check_vision(self) -> None:
+        """Raises ValueError, saying why, when the model cannot take images."""
+        if self.vision_checkpoint is None:
+            raise ValueError("this model has no vision tower: images need a multimodal checkpoint, or an "
+                             "mmproj file beside a GGUF model")
 
     def multimodal_prompt(self, text: str, media: list, image_tokens: int | None = None) -> MultimodalPrompt:
         """Prompt text with <|image|> / <|video|> placeholders (as the chat template writes them) and the
@@ -127,8 +132,7 @@ class Model:
         from .config import SUPPORTED_SOFT_TOKENS
         from .multimodal import MediaTokens, expand
 
-        if self.vision_checkpoint is None:
-            self.vision  # raises the error that says why
+        self.check_vision()
         cfg = self.vision_checkpoint.config
         image_tokens = cfg.max_soft_tokens if image_tokens is None else int(image_tokens)
         if image_tokens not in SUPPORTED_SOFT_TOKENS:
@@ -138,12 +142,14 @@ class Model:
                       pooling_kernel_size=cfg.pooling_kernel_size, image_soft_tokens=image_tokens,
                       video_soft_tokens=cfg.video_max_soft_tokens)
 
-    def _soft(self, prompt) -> list:
+    def media_embeddings(self, prompt) -> list:
+        """[(offset, [N, hidden] embeddings)] of a prompt's images and video frames, through the vision
+        tower (an image seen recently is not encoded again); [] for a text prompt."""
         if not isinstance(prompt, MultimodalPrompt) or not prompt.patches:
             return []
         from .multimodal import encode
 
-        return encode(prompt, self.vision)
+        return encode(prompt, self.vision, self._encoded)
 
     # ---- logits -------------------------------------------------------------------------
     def forward(self, token_ids, chunk: int = PREFILL_CHUNK) -> torch.Tensor:
@@ -169,7 +175,7 @@ class Model:
     def _forward_multimodal(self, prompt: MultimodalPrompt, chunk: int) -> torch.Tensor:
         ids = torch.tensor([prompt.ids], dtype=torch.long, device=self.decoder.device)
         pos = torch.arange(ids.shape[1], device=ids.device)[None]
-        embeds, mask = soft_embeds([(ids.shape[1], self._soft(prompt))], ids.shape[1], self.config.hidden_size,
+        embeds, mask = soft_embeds([(ids.shape[1], self.media_embeddings(prompt))], ids.shape[1], self.config.hidden_size,
                                    self.decoder.dtype, ids.device)
         cache = self.decoder.new_cache(batch=1, capacity=ids.shape[1])
         out = []
@@ -197,7 +203,7 @@ class Model:
         seqs = []
         for p in prompts:
             detok = self.tokenizer.stream() if self.tokenizer is not None else None
-            seqs.append(Sequence(self._encode(p), params, self.eos_token_ids, detok, soft=self._soft(p)))
+            seqs.append(Sequence(self._encode(p), params, self.eos_token_ids, detok, soft=self.media_embeddings(p)))
         for s in seqs:
             limit = self.config.max_position_embeddings
             if len(s.prompt_ids) + params.max_tokens > limit:
@@ -262,25 +268,26 @@ class Model:
                            enable_thinking=enable_thinking, **template_kwargs)
 
     def chat_input(self, messages: list[dict], tools: list | None = None, enable_thinking: bool = False,
-                   image_tokens: int | None = None, suffix: str = "", **template_kwargs):
+                   image_tokens: int | None = None, suffix: str = "", local_files: bool = True,
+                   **template_kwargs):
         """The token ids of a conversation (a MultimodalPrompt when it holds images or videos: content
         parts {"type": "image_url", "image_url": {"url": "data:..."}}, {"type": "image", "image": PATH |
         bytes | Image}, {"type": "video", "video": PATH}). `suffix` is text the answer is made to start
-        with (after the generation prompt)."""
+        with (after the generation prompt). local_files=False (for requests from a network) refuses
+        paths: a string is then only a data: URL."""
         from .multimodal import collect_media, has_media
 
         media = []
         if has_media(messages):
-            if self.vision_checkpoint is None:
-                self.vision  # raises the error that says why
-            messages, media = collect_media(messages)
+            self.check_vision()
+            messages, media = collect_media(messages, local_files)
         prompt = self.chat_prompt(messages, tools=tools, enable_thinking=enable_thinking, **template_kwargs) + suffix
         if media:
             return self.multimodal_prompt(prompt, media, image_tokens)
         return self.tokenizer.encode(prompt, add_special_tokens=False)  # the template writes BOS itself
 
     def chat(self, messages: list[dict], *, tools: list | None = None, enable_thinking: bool = False,
-             stream: bool = False, image_tokens: int | None = None, **sampling):
+             stream: bool = False, image_tokens: int | None = None, local_files: bool = True, **sampling):
         """Answer a conversation (OpenAI-style messages, images and videos among the content parts) through
         the chat template; `image_tokens` caps the soft tokens per image (70, 140, 280, 560 or 1120).
 
@@ -288,7 +295,8 @@ class Model:
         and tool-call events)."""
         from .chat import parse_output
 
-        ids = self.chat_input(messages, tools=tools, enable_thinking=enable_thinking, image_tokens=image_tokens)
+        ids = self.chat_input(messages, tools=tools, enable_thinking=enable_thinking, image_tokens=image_tokens,
+                              local_files=local_files)
         if stream:
             return self._chat_stream(ids, sampling)
         out = self.generate(ids, **sampling)

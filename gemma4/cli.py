@@ -20,6 +20,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="weight and activation dtype (auto: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (auto: CUDA when present)")
+    p.add_argument("--mmproj", metavar="FILE", help="the vision tower of a GGUF model, as llama.cpp ships it "
+                                                    "(an mmproj GGUF); HF multimodal folders carry their own")
+    p.add_argument("--image-tokens", type=int, default=None, choices=[70, 140, 280, 560, 1120],
+                   help="soft tokens per image at most (default: the model's, usually 280)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -47,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "input)")
     run.add_argument("--prompt-cache", metavar="FILE", help="reuse the document's KV saved in FILE, or save it "
                                                             "there (made by this model only)")
+    run.add_argument("--image", action="append", default=[], metavar="PATH",
+                     help="an image (PNG, JPEG, WebP, GIF) shown before the prompt (repeatable)")
+    run.add_argument("--video", action="append", default=[], metavar="PATH",
+                     help="a video file (needs PyAV) or a folder of frames at 1 fps, sampled at 1 fps, at most "
+                          "60 frames (repeatable)")
     _model_args(run)
     _sampling_args(run)
 
@@ -100,7 +109,7 @@ def _load(args):
 
         cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
         dtype = "bfloat16" if cuda else "float32"
-    return gemma4.load(path, dtype=dtype, device=device)
+    return gemma4.load(path, dtype=dtype, device=device, mmproj=args.mmproj)
 
 
 def _sampling(args) -> dict:
@@ -145,6 +154,26 @@ def _messages(system: str | None, history: list[dict]) -> list[dict]:
     return ([{"role": "system", "content": system}] if system else []) + history
 
 
+def _media_parts(images: list[str], videos: list[str]) -> list[dict]:
+    """Content parts for image and video files, decoded now so that a bad file fails before the model loads."""
+    from gemma4.images import load_image
+    from gemma4.video import load_video
+
+    return ([{"type": "image", "image": load_image(p)} for p in images]
+            + [{"type": "video", "video": load_video(p)} for p in videos])
+
+
+def _user_message(text: str, media: list[dict]) -> dict:
+    return {"role": "user", "content": media + [{"type": "text", "text": text}] if media else text}
+
+
+def _note_media(model, messages: list[dict], args) -> None:
+    prompt = model.chat_input(messages, enable_thinking=args.think, image_tokens=args.image_tokens)
+    soft = sum(p.soft_tokens for p in getattr(prompt, "patches", []))
+    _note(f"note: {len(getattr(prompt, 'patches', []))} images/frames as {soft} soft tokens; "
+          f"prompt of {len(prompt)} tokens")
+
+
 # ---- commands -------------------------------------------------------------------------------
 def _read_document(args) -> str | None:
     if args.file is None:
@@ -162,18 +191,11 @@ def _read_document(args) -> str | None:
     return doc
 
 
-def _long_prompt(model, text: str, doc: str | None, chat_text: str | None, args) -> dict:
-    """Generation options for a document: the prefill progress bar and the prompt cache."""
+def _long_prompt(model, ids, head_ids, args) -> dict:
+    """Generation options for a long prompt (token ids, or a multimodal prompt) whose head (the document,
+    the images) is worth keeping: the prefill progress bar and the prompt cache."""
     from gemma4.engine import PREFILL_CHUNK
 
-    tok = model.tokenizer
-    if chat_text is not None:
-        ids = tok.encode(chat_text, add_special_tokens=False)
-        head = chat_text[:chat_text.find(doc) + len(doc)] if doc else chat_text
-        head_ids = tok.encode(head, add_special_tokens=False)
-    else:
-        ids = tok.encode(text, add_special_tokens=True)
-        head_ids = tok.encode(doc if doc else text, add_special_tokens=True)
     run: dict = {}
     if sys.stderr.isatty() and len(ids) > PREFILL_CHUNK:
         from tqdm import tqdm
@@ -190,7 +212,7 @@ def _long_prompt(model, text: str, doc: str | None, chat_text: str | None, args)
         from gemma4.prefix_cache import common_prefix
         from gemma4.prompt_cache import PromptCache
 
-        run["prompt_cache"] = PromptCache(args.prompt_cache, common_prefix(ids, head_ids))
+        run["prompt_cache"] = PromptCache(args.prompt_cache, common_prefix(getattr(ids, "ids", ids), getattr(head_ids, "ids", head_ids)))
     return run
 
 
@@ -211,22 +233,36 @@ def cmd_run(args) -> int:
     prompt = (sys.stdin.read() if args.prompt == "-" else args.prompt) if args.prompt is not None else ""
     if not prompt.strip() and doc is None:
         raise CLIError("the prompt is empty")
-    if args.prompt_cache and doc is None:
-        raise CLIError("--prompt-cache needs --file: it keeps the document's KV")
+    if args.prompt_cache and doc is None and not (args.image or args.video):
+        raise CLIError("--prompt-cache needs --file, --image or --video: it keeps the document's KV")
     question = prompt
     if doc is not None:
         prompt = doc + ("\n\n" + question if question.strip() else "")
     _check_sampling(args)
+    if (args.image or args.video) and args.raw:
+        raise CLIError("--image and --video need the chat format: drop --raw")
+    media = _media_parts(args.image, args.video)
     model = _load(args)
+    if media:
+        model.check_vision()
     has_template = model.chat_template is not None
-    use_chat = args.chat or (has_template and not args.raw)
+    use_chat = args.chat or (has_template and not args.raw) or bool(media)
     if use_chat:
         if not has_template:
             _note(f"note: the model has no chat template; using the {model.config.architecture} turn format")
-        messages = _messages(args.system, [{"role": "user", "content": prompt}])
-        run = _long_prompt(model, prompt, doc, model.chat_prompt(messages, enable_thinking=args.think), args) \
-            if doc is not None else {}
-        deltas = model.chat(messages, enable_thinking=args.think, stream=True, **_sampling(args), **run)
+        messages = _messages(args.system, [_user_message(prompt, media)])
+        if media:
+            _note_media(model, messages, args)
+        run = {}
+        if doc is not None or args.prompt_cache:
+            # the part worth keeping: the prompt without the question (the document, the images)
+            head = _messages(args.system, [_user_message(doc or "", media)])
+            run = _long_prompt(model, model.chat_input(messages, enable_thinking=args.think,
+                                                       image_tokens=args.image_tokens),
+                               model.chat_input(head, enable_thinking=args.think, image_tokens=args.image_tokens),
+                               args)
+        deltas = model.chat(messages, enable_thinking=args.think, stream=True, image_tokens=args.image_tokens,
+                            **_sampling(args), **run)
     else:
         if not args.raw:
             _note("note: the model has no chat template (a base model): completing the raw text; --chat uses the "
@@ -235,7 +271,8 @@ def cmd_run(args) -> int:
             _note("note: --system and --think apply to chat mode only")
         from gemma4.chat import StreamEvent
 
-        run = _long_prompt(model, prompt, doc, None, args) if doc is not None else {}
+        tok = model.tokenizer
+        run = _long_prompt(model, tok.encode(prompt), tok.encode(doc), args) if doc is not None else {}
         deltas = (StreamEvent("content", c.text)
                   for c in model.generate(prompt, stream=True, **_sampling(args), **run))
     if not use_chat:
@@ -252,8 +289,10 @@ def cmd_chat(args) -> int:
     if model.chat_template is None:
         _note(f"note: the model has no chat template; using the {model.config.architecture} turn format "
               "(a base model chats poorly)")
-    _note("chat: /reset clears the history, /exit quits, Ctrl-C stops an answer")
+    _note("chat: /image PATH and /video PATH attach to your next message, /reset clears the history, /exit quits, "
+          "Ctrl-C stops an answer")
     history: list[dict] = []
+    attached: list[dict] = []
     while True:
         try:
             line = input(">>> ")
@@ -270,21 +309,38 @@ def cmd_chat(args) -> int:
             return 0
         if text == "/reset":
             history.clear()
+            attached.clear()
             _note("(history cleared)")
             continue
-        if text.startswith("/"):
-            _note("commands: /reset, /exit")
+        command, _, arg = text.partition(" ")
+        if command in ("/image", "/video") and arg.strip():
+            try:
+                model.check_vision()
+                attached += _media_parts([arg.strip()] if command == "/image" else [],
+                                         [arg.strip()] if command == "/video" else [])
+            except ValueError as e:
+                _note(f"error: {e}")
+                continue
+            _note(f"({len(attached)} attached to your next message)")
             continue
-        history.append({"role": "user", "content": line})
+        if text.startswith("/"):
+            _note("commands: /image PATH, /video PATH, /reset, /exit")
+            continue
+        history.append(_user_message(line, attached))
+        attached = []
         answer = []
         try:
             for d in model.chat(_messages(args.system, history), enable_thinking=args.think, stream=True,
-                                **_sampling(args)):
+                                image_tokens=args.image_tokens, **_sampling(args)):
                 if d.kind == "content":
                     answer.append(d.text)
                 _print_stream([d])
         except KeyboardInterrupt:
             _note("\n(stopped)")
+        except ValueError as e:  # e.g. an image the model cannot take: the turn is dropped, the chat goes on
+            history.pop()
+            _note(f"error: {e}")
+            continue
         print(flush=True)
         history.append({"role": "assistant", "content": "".join(answer)})
 

@@ -162,7 +162,7 @@ def generate(decoder: Decoder, sequences: list[Sequence], pad_id: int = 0, chunk
              prompt_cache=None) -> Iterator[list[StepOutput]]:
     """Yields, per step, the outputs of the sequences still running at that step.
     progress(done, total): prompt columns prefilled. prompt_cache (one sequence only): has
-    prefill(decoder, ids, capacity, chunk, progress) -> (cache, last hidden), e.g. a PromptCache."""
+    prefill(decoder, ids, capacity, chunk, progress, soft) -> (cache, last hidden), e.g. a PromptCache."""
     device = decoder.device
     ids, pos = _left_pad([s.prompt_ids for s in sequences], pad_id, device)
     capacity = ids.shape[1] + max(s.params.max_tokens for s in sequences)
@@ -171,9 +171,8 @@ def generate(decoder: Decoder, sequences: list[Sequence], pad_id: int = 0, chunk
     if prompt_cache is not None:
         if len(sequences) != 1:
             raise ValueError("a prompt cache serves one prompt at a time")
-        if embeds is not None:
-            raise ValueError("a prompt cache holds text prompts only, not images")
-        cache, last_hidden = prompt_cache.prefill(decoder, sequences[0].prompt_ids, capacity, chunk, progress)
+        cache, last_hidden = prompt_cache.prefill(decoder, sequences[0].prompt_ids, capacity, chunk, progress,
+                                                  soft=sequences[0].soft)
     else:
         cache = decoder.new_cache(batch=len(sequences), capacity=capacity)
         last_hidden = prefill(decoder, cache, ids, pos, chunk, embeds=embeds, embeds_mask=embeds_mask,

@@ -73,7 +73,7 @@ class MultimodalPrompt:
 
 # ---- messages -> template parts + media --------------------------------------------------------
 
-def _image_of(part: Mapping[str, Any]) -> Image:
+def _image_of(part: Mapping[str, Any], local_files: bool) -> Image:
     kind = part.get("type")
     if kind == "image_url":
         url = part.get("image_url")
@@ -86,24 +86,28 @@ def _image_of(part: Mapping[str, Any]) -> Image:
         return decode_image(bytes(value))
     if isinstance(value, (str, Path)):
         text = str(value)
-        return image_from_url(text) if re.match(r"^[a-zA-Z][\w+.-]*:", text) and not Path(text).exists() \
-            else load_image(text)
+        if not local_files or (re.match(r"^[a-zA-Z][\w+.-]*:", text) and not Path(text).exists()):
+            return image_from_url(text)
+        return load_image(text)
     if value is not None and hasattr(value, "getbands"):  # a Pillow image
         return from_pil(value)
     raise ValueError("image part: expected an image (data: URL, file path, bytes, or Image)")
 
 
-def _video_of(part: Mapping[str, Any]) -> Video:
+def _video_of(part: Mapping[str, Any], local_files: bool) -> Video:
     value = part.get("video", part.get("path"))
     if isinstance(value, Video):
         return value
+    if not local_files:
+        raise ValueError("video part: videos from files are not accepted here")
     if isinstance(value, (str, Path)):
         return load_video(value, float(part.get("fps", 1.0)))
     raise ValueError("video part: expected a video file, a folder of frames, or a Video")
 
 
-def collect_media(messages: list) -> tuple[list, list[Image | Video]]:
-    """Messages whose media parts are plain {"type": "image"/"video"}, and the media in order."""
+def collect_media(messages: list, local_files: bool = True) -> tuple[list, list[Image | Video]]:
+    """Messages whose media parts are plain {"type": "image"/"video"}, and the media in order.
+    With local_files off (a server's requests), a string is only ever a data: URL, never a path."""
     media: list[Image | Video] = []
     out = []
     for message in messages:
@@ -115,10 +119,10 @@ def collect_media(messages: list) -> tuple[list, list[Image | Video]]:
         for part in content:
             kind = part.get("type") if isinstance(part, Mapping) else None
             if kind in ("image", "image_url"):
-                media.append(_image_of(part))
+                media.append(_image_of(part, local_files))
                 parts.append({"type": "image"})
             elif kind == "video":
-                media.append(_video_of(part))
+                media.append(_video_of(part, local_files))
                 parts.append({"type": "video"})
             else:
                 parts.append(part)
@@ -180,13 +184,19 @@ def expand(text: str, media: list[Image | Video], tokens: MediaTokens, tokenizer
 
 # ---- patches -> embeddings ---------------------------------------------------------------------
 
-def encode(prompt: MultimodalPrompt, vision) -> list[tuple[int, torch.Tensor]]:
-    """(offset, [n, text hidden] embeddings) per soft-token run; an image repeated in the prompt is
-    encoded once."""
-    done: dict[str, torch.Tensor] = {}
+def encode(prompt: MultimodalPrompt, vision, cache: dict | None = None, cache_size: int = 16
+           ) -> list[tuple[int, torch.Tensor]]:
+    """(offset, [n, text hidden] embeddings) per soft-token run. An image repeated in the prompt is
+    encoded once; `cache` (digest -> embeddings, the newest `cache_size` kept) carries them across
+    prompts, so a conversation's earlier images are not encoded again each turn."""
+    done: dict[str, torch.Tensor] = {} if cache is None else cache
     out = []
     for offset, p in zip(prompt.offsets, prompt.patches):
-        if p.digest not in done:
+        if p.digest in done:
+            done[p.digest] = done.pop(p.digest)  # the newest again
+        else:
             done[p.digest] = vision.encode(p.pixel_values, p.positions)
+            while cache is not None and len(done) > cache_size:
+                done.pop(next(iter(done)))
         out.append((offset, done[p.digest]))
     return out

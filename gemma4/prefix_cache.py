@@ -20,6 +20,21 @@ from .cache import Snapshot
 BLOCK_TOKENS = 256
 
 
+def prompt_key(ids: list[int], soft: list | None = None) -> list[int]:
+    """A prompt as the prefix store and prompt-cache files match it: token ids, where image soft tokens
+    (soft: [(offset, embeddings)]) stand as negative keys derived from their embeddings (a function of
+    the pixels), so the same image reuses its KV and another never does."""
+    if not soft:
+        return list(ids)
+    key = list(ids)
+    for offset, values in soft:
+        digest = hashlib.blake2b(values.detach().float().cpu().contiguous().numpy().tobytes(), digest_size=8)
+        base = int.from_bytes(digest.digest(), "little") >> 4
+        for j in range(values.shape[0]):
+            key[offset + j] = -1 - (base + j) % 2**59  # below every token id
+    return key
+
+
 def block_hashes(tokens: list[int], block: int) -> list[bytes]:
     """Chained hashes of tokens' whole blocks: hash k depends on blocks 0..k."""
     out, h = [], b""

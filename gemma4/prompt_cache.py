@@ -3,7 +3,8 @@
 A file is a cache.Snapshot in safetensors (tensors "LAYER.NAME") with JSON metadata: the format and
 its version, the package version, a fingerprint of the model (config, every tensor's name, shape and
 dtype, and a few sampled values of each, so a model of the same shape with other weights is refused),
-the KV storage type and the token ids. Files are written to a temporary name and renamed: a reader
+the KV storage type and the token ids (prefix_cache.prompt_key: an image's soft tokens keyed by its
+embeddings). Files are written to a temporary name and renamed: a reader
 never sees half a file.
 """
 
@@ -21,7 +22,7 @@ import torch
 
 from . import engine
 from .cache import Snapshot
-from .prefix_cache import common_prefix
+from .prefix_cache import common_prefix, prompt_key
 
 FORMAT = "gemma4-prompt-cache"
 VERSION = 1
@@ -108,27 +109,39 @@ class PromptCache:
         self.saved = 0
 
     def prefill(self, decoder, ids: list[int], capacity: int, chunk: int,
-                progress: Callable[[int, int], None] | None = None):
-        """Returns (cache, last hidden state) for `ids` as engine.prefill would."""
+                progress: Callable[[int, int], None] | None = None, soft: list | None = None):
+        """Returns (cache, last hidden state) for `ids` as engine.prefill would; soft: the prompt's image
+        embeddings [(offset, embeddings)], whose runs are keyed in the file by their values."""
+        key = prompt_key(ids, soft)
+        embeds, mask = engine.soft_embeds([(len(ids), soft or [])], len(ids), decoder.config.hidden_size,
+                                          decoder.dtype, decoder.device)
+        joined = engine.joined_columns(mask)
+
+        def whole(c: int) -> int:  # a cut never falls inside an image's run of soft tokens
+            while joined is not None and 0 < c < len(ids) and joined[c - 1]:
+                c -= 1
+            return c
+
         cache = decoder.new_cache(batch=1, capacity=capacity, tail=self.tail)
         start = 0
         if self.path.exists():
             snap = load(self.path, decoder, cache.kv_dtype)
-            c = min(common_prefix(ids, snap.tokens), len(ids) - 1)
+            c = whole(min(common_prefix(key, snap.tokens), len(ids) - 1))
             if c >= 1 and snap.usable(c):
                 cache.restore(0, snap, c)
                 start = c
         self.reused = start
-        keep = min(self.prefix_len, len(ids))
+        keep = whole(min(self.prefix_len, len(ids)))
         cuts = sorted({start, len(ids)} | ({keep} if start < keep else set()))
         t = torch.tensor([ids], dtype=torch.long, device=decoder.device)
         pos = torch.arange(len(ids), device=decoder.device)[None]
         hidden = None
         for a, b in zip(cuts, cuts[1:]):
             tick = None if progress is None else (lambda done, _, a=a: progress(a + done, len(ids)))
-            hidden = engine.prefill(decoder, cache, t[:, a:b], pos[:, a:b], chunk, progress=tick)
+            part = {} if mask is None else dict(embeds=embeds[:, a:b], embeds_mask=mask[:, a:b])
+            hidden = engine.prefill(decoder, cache, t[:, a:b], pos[:, a:b], chunk, progress=tick, **part)
             if b == keep and start < keep:
-                save(self.path, cache.snapshot(0, ids[:keep]), decoder)
+                save(self.path, cache.snapshot(0, key[:keep]), decoder)
                 self.saved = keep
         if progress is not None and start:
             progress(len(ids), len(ids))

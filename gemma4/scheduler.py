@@ -17,7 +17,6 @@ Outputs go to each request's `emit` callback, called on the scheduler thread.
 from __future__ import annotations
 
 import collections
-import hashlib
 import itertools
 import threading
 import time
@@ -28,7 +27,7 @@ import torch
 
 from .engine import PREFILL_CHUNK, Sequence, chunk_end, joined_columns, soft_embeds
 from .kv_budget import KVBudget
-from .prefix_cache import PrefixStore
+from .prefix_cache import PrefixStore, prompt_key
 from .sampling import SamplingParams, apply_penalties, sample
 
 
@@ -78,7 +77,7 @@ class _Running:
     seq: Sequence
     row: int
     prefilled: int = 0  # prompt tokens already in the cache
-    key: list[int] = field(default_factory=list)  # the prompt as the prefix store matches it (_prefix_key)
+    key: list[int] = field(default_factory=list)  # the prompt as the prefix store matches it (prompt_key)
     soft_embeds: tuple | None = None  # (embeds, mask, joined columns) over the prompt, built at its first chunk
     reused: int = 0  # prompt tokens whose KV came from the prefix store
     reserved: int = 0  # bytes of the KV budget held
@@ -202,7 +201,7 @@ class Scheduler:
                 seq = Sequence(request.prompt_ids, request.params, self.model.eos_token_ids,
                                tok.stream() if tok is not None else None, soft=request.soft)
                 r = _Running(request, seq, self._free_rows.pop(0), reserved=need,
-                             key=_prefix_key(seq) if self.prefix_store is not None else [])
+                             key=prompt_key(seq.prompt_ids, seq.soft) if self.prefix_store is not None else [])
                 self._reuse_prefix(r)
                 self._running.append(r)
             return True
@@ -297,20 +296,6 @@ class Scheduler:
             with self._lock:
                 self._retire(r)
         request.emit(out)
-
-
-def _prefix_key(seq: Sequence) -> list[int]:
-    """The prompt as the prefix store matches it: image soft tokens stand as keys derived from their
-    embeddings (a function of the pixels), so the same image reuses its KV and another never does."""
-    if not seq.soft:
-        return seq.prompt_ids
-    key = list(seq.prompt_ids)
-    for offset, values in seq.soft:
-        digest = hashlib.blake2b(values.detach().float().cpu().contiguous().numpy().tobytes(), digest_size=8)
-        base = int.from_bytes(digest.digest(), "little") >> 4
-        for j in range(values.shape[0]):
-            key[offset + j] = -1 - (base + j) % 2**59  # below every token id
-    return key
 
 
 def _logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:

@@ -5,12 +5,10 @@ import base64
 import httpx
 import pytest
 
-pytest.importorskip("PIL")
-
-import gemma4  # noqa: E402
-from gemma4.server import create_app  # noqa: E402
-from test_server import LiveServer  # noqa: E402
-from vision_reference import build_multimodal, encoded, picture  # noqa: E402
+import gemma4
+from gemma4.server import create_app
+from test_server import LiveServer
+from vision_reference import build_multimodal, encoded, picture
 
 
 @pytest.fixture(scope="module")

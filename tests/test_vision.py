@@ -6,14 +6,12 @@ import base64
 import pytest
 import torch
 
-pytest.importorskip("PIL")
-
-import gemma4  # noqa: E402
-from gemma4.checkpoint import open_checkpoint  # noqa: E402
-from gemma4.checkpoint.vision import HFVisionCheckpoint  # noqa: E402
-from gemma4.images import decode_image, preprocess  # noqa: E402
-from gemma4.model.vision import load_vision  # noqa: E402
-from vision_reference import (MAX_SOFT_TOKENS, TOKEN_IDS, VISION, build_multimodal, encoded, image_processor,  # noqa: E402
+import gemma4
+from gemma4.checkpoint import open_checkpoint
+from gemma4.checkpoint.vision import HFVisionCheckpoint
+from gemma4.images import decode_image, preprocess
+from gemma4.model.vision import load_vision
+from vision_reference import (MAX_SOFT_TOKENS, TOKEN_IDS, VISION, build_multimodal, encoded, image_processor,
                               picture)
 
 # float32 on both sides, same math in a different order (SDPA vs eager attention, pooling by
@@ -125,7 +123,7 @@ def test_a_repeated_image_is_encoded_once_and_reuses_nothing_across_images(mm, m
     monkeypatch.setattr(model.vision, "encode", lambda *args: calls.append(1) or real(*args))
     parts = [{"type": "image_url", "image_url": {"url": _data_url(x)}} for x in (a, a, b)]
     prompt = model.chat_input([{"role": "user", "content": parts}])
-    soft = model._soft(prompt)
+    soft = model.media_embeddings(prompt)
     assert len(calls) == 2 and len(soft) == 3
     assert prompt.digests[0] == prompt.digests[1] != prompt.digests[2]
     assert soft[0][1] is soft[1][1] and not torch.equal(soft[0][1], soft[2][1])
@@ -148,3 +146,66 @@ def test_image_token_budget(mm):
     assert small.patches[0].soft_tokens <= 70 < large.patches[0].soft_tokens <= 140
     with pytest.raises(ValueError, match="image_tokens"):
         model.multimodal_prompt("<|image|>", [img], image_tokens=100)
+
+
+def test_a_batch_mixing_image_and_text_prompts_matches_single_runs(mm, tmp_path):
+    _, _, _, model = mm
+    messages, _ = _two_image_messages(tmp_path)
+    image_prompt = model.chat_input(messages)
+    text_prompt = model.chat_input([{"role": "user", "content": "just text"}])
+    batch = model.generate([text_prompt, image_prompt], max_tokens=3, temperature=0, ignore_eos=True)
+    for prompt, got in zip((text_prompt, image_prompt), batch):
+        alone = model.generate(prompt, max_tokens=3, temperature=0, ignore_eos=True)
+        assert got.token_ids == alone.token_ids  # left padding moves the image; its embeddings move with it
+
+
+def test_bfloat16_tower_stays_near_float32(mm):
+    _, path, _, _ = mm
+    reader = HFVisionCheckpoint(open_checkpoint(path))
+    p = preprocess(decode_image(encoded(picture(40, 30, seed=5), "PNG")), VISION["patch_size"],
+                   VISION["pooling_kernel_size"], MAX_SOFT_TOKENS)
+    exact = load_vision(reader, torch.float32, torch.device("cpu")).encode(p.pixel_values, p.positions)
+    half = load_vision(reader, torch.bfloat16, torch.device("cpu")).encode(p.pixel_values, p.positions)
+    assert half.dtype == torch.bfloat16
+    # bfloat16 keeps 8 bits of mantissa: ~0.4% per rounding, a few percent after two layers and the projection
+    assert (half.float() - exact).abs().max() < 0.1 * exact.abs().max()
+
+
+def test_requests_from_a_network_cannot_name_local_files(mm, tmp_path):
+    _, _, _, model = mm
+    path = tmp_path / "secret.png"
+    path.write_bytes(encoded(picture(9, 9), "PNG"))
+    parts = [{"type": "image", "image": str(path)}, {"type": "text", "text": "x"}]
+    assert len(model.chat_input([{"role": "user", "content": parts}]).patches) == 1
+    with pytest.raises(ValueError, match="scheme|not fetched"):
+        model.chat_input([{"role": "user", "content": parts}], local_files=False)
+    with pytest.raises(ValueError, match="not accepted"):
+        model.chat_input([{"role": "user", "content": [{"type": "video", "video": str(tmp_path)}]}], local_files=False)
+
+
+def test_a_prompt_cache_keys_images_by_their_pixels(mm, tmp_path):
+    """A saved prompt with an image is reused by a later question on the same image (logits equal a plain
+    forward); an image of the same size but other pixels reuses nothing from the image on."""
+    from gemma4.prefix_cache import common_prefix
+    from gemma4.prompt_cache import PromptCache
+
+    _, _, _, model = mm
+    path = tmp_path / "page.kv"
+
+    def run(image, question):
+        def messages(text):
+            return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": text}]}]
+
+        prompt, head = model.chat_input(messages(question)), model.chat_input(messages(""))
+        pc = PromptCache(path, common_prefix(prompt.ids, head.ids))
+        _, hidden = pc.prefill(model.decoder, prompt.ids, len(prompt) + 1, 16, soft=model.media_embeddings(prompt))
+        torch.testing.assert_close(model.decoder.logits(hidden)[0], model.forward(prompt)[-1], atol=ATOL, rtol=0)
+        return pc, prompt.offsets[0], prompt.offsets[0] + prompt.patches[0].soft_tokens  # the image's run
+
+    a, b = picture(40, 30, seed=1), picture(40, 30, seed=2)
+    pc, image_start, image_end = run(a, "what is this?")
+    assert pc.reused == 0 and pc.saved > image_end
+    pc, _, _ = run(a, "and its colour?")
+    assert pc.reused > image_end  # the image's KV came from the file
+    pc, _, _ = run(b, "what is this?")
+    assert 0 < pc.reused <= image_start  # only the text before the image: the other picture is not reused

@@ -10,17 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("PIL")
-
-import gemma4  # noqa: E402
-from gemma4.checkpoint import open_checkpoint  # noqa: E402
-from gemma4.checkpoint.gguf_file import GGUFFile  # noqa: E402
-from gemma4.checkpoint.gguf_writer import write_gguf  # noqa: E402
-from gemma4.checkpoint.vision import HFVisionCheckpoint, MmprojCheckpoint, write_mmproj  # noqa: E402
-from gemma4.errors import ModelLoadError  # noqa: E402
-from gemma4.model.vision import load_vision  # noqa: E402
-from reference import tiny_vocab_metadata  # noqa: E402
-from vision_reference import MEDIA_TOKENS, TOKEN_IDS, build_multimodal, encoded, picture  # noqa: E402
+import gemma4
+from gemma4.checkpoint import open_checkpoint
+from gemma4.checkpoint.gguf_file import GGUFFile
+from gemma4.checkpoint.gguf_writer import write_gguf
+from gemma4.checkpoint.vision import HFVisionCheckpoint, MmprojCheckpoint, write_mmproj
+from gemma4.errors import ModelLoadError
+from gemma4.model.vision import load_vision
+from reference import tiny_vocab_metadata
+from vision_reference import MEDIA_TOKENS, TOKEN_IDS, build_multimodal, encoded, picture
 
 LLAMA_CPP = Path(os.environ.get("LLAMA_CPP_DIR", "/work/llsrc/llama_cpp_python-0.3.36/vendor/llama.cpp"))
 

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-PIL = pytest.importorskip("PIL")
-from PIL import Image as PILImage, ImageOps  # noqa: E402
+import PIL
+from PIL import Image as PILImage, ImageOps
 
-from gemma4.images import decode_image, image_from_url, load_image, preprocess, target_size  # noqa: E402
-from vision_reference import encoded, image_processor, picture  # noqa: E402
+from gemma4.images import decode_image, image_from_url, load_image, preprocess, target_size
+from vision_reference import encoded, image_processor, picture
 
 PATCH, POOL = 4, 3
 

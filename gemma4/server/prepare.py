@@ -123,8 +123,9 @@ def prepare_chat(model, body: ChatCompletionRequest, fetch_remote: bool = False)
         if key in _RESERVED:
             raise APIError(400, f"chat_template_kwargs: {key!r} is set by the server", param="chat_template_kwargs")
     try:
-        prompt = model.chat_input(messages, tools=tools, enable_thinking=thinking, suffix=forced, **kwargs)
-        soft = model._soft(prompt)  # images through the vision tower, here and not on the scheduler thread
+        prompt = model.chat_input(messages, tools=tools, enable_thinking=thinking, suffix=forced, local_files=False,
+                                  **kwargs)
+        soft = model.media_embeddings(prompt)  # images through the vision tower, here and not on the scheduler thread
     except ChatTemplateError as e:
         raise APIError(400, str(e), param="messages") from None
     except ValueError as e:
