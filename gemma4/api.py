@@ -64,11 +64,15 @@ def _device(device) -> torch.device:
     return device
 
 
-def load(path: str | Path, dtype="float32", device="cpu", progress: bool = True) -> "Model":
-    """Load a model from an HF checkpoint folder or a GGUF file."""
+def load(path: str | Path, dtype="float32", device="cpu", progress: bool = True,
+         quantize: str | None = None) -> "Model":
+    """Load a model from an HF checkpoint folder or a GGUF file.
+
+    GGUF weights stay in their quantised form; `quantize` ("int4" or "int8") quantises float weights.
+    """
     checkpoint = open_checkpoint(path)
     tokenizer = checkpoint.load_tokenizer()  # before the weights: a missing tokenizer fails fast
-    decoder = build_decoder(checkpoint, _dtype(dtype), _device(device), progress=progress)
+    decoder = build_decoder(checkpoint, _dtype(dtype), _device(device), progress=progress, quantize=quantize)
     return Model(decoder, tokenizer, checkpoint)
 
 

@@ -20,6 +20,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="weight and activation dtype (auto: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (auto: CUDA when present)")
+    p.add_argument("--quantize", choices=["int4", "int8"], default=None,
+                   help="quantise float weights at load (GGUF weights stay in their own quantised form)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -76,7 +78,7 @@ def _load(args):
 
         cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
         dtype = "bfloat16" if cuda else "float32"
-    return gemma4.load(path, dtype=dtype, device=device)
+    return gemma4.load(path, dtype=dtype, device=device, quantize=getattr(args, "quantize", None))
 
 
 def _sampling(args) -> dict:

@@ -66,28 +66,33 @@ class Decoder(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed_tokens.weight.dtype
+        """The activation dtype (a quantised embedding carries it, having no float weight)."""
+        return getattr(self.embed_tokens, "dtype", None) or self.embed_tokens.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.embed_tokens.weight.device
+        return self.norm.weight.device
 
     def new_cache(self, batch: int = 1, capacity: int = 256) -> KVCache:
         return KVCache(self.config, batch, capacity, self.dtype, self.device)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """ids, positions: [B, T] (position -1 marks left padding). Returns final-normed hidden states."""
-        weight = self.embed_tokens.weight
         # The scale is rounded to the weight dtype first, as the reference does.
-        h = self.embed_tokens(ids) * torch.tensor(self.config.embed_scale, dtype=weight.dtype)
+        h = self.embed_tokens(ids) * torch.tensor(self.config.embed_scale, dtype=self.dtype)
         for layer, kv in zip(self.layers, cache.layers):
             h = layer(h, positions, kv)
         return self.norm(h)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits, soft-capped: cap * tanh(logits / cap)."""
-        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = (hidden @ head.T).float()
+        if self.lm_head is not None:
+            logits = self.lm_head(hidden)
+        elif hasattr(self.embed_tokens, "linear"):  # quantised tied embedding
+            logits = self.embed_tokens.linear(hidden)
+        else:
+            logits = hidden @ self.embed_tokens.weight.T
+        logits = logits.float()
         cap = self.config.final_logit_softcapping
         if cap:
             logits = torch.tanh(logits / cap) * cap
