@@ -61,7 +61,7 @@ torch::Tensor qmm(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10::op
             const float* sr = S + n * G;
             for (int64_t m = 0; m < M; ++m) {
                 const float* xr = X + m * K;
-                __m256 acc = _mm256_setzero_ps();
+                __m256 acc = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps();
                 if (bits == 4) {
                     const __m128i lowmask = _mm_set1_epi8(15);
                     for (int64_t g = 0; g < G; ++g) {
@@ -69,34 +69,37 @@ torch::Tensor qmm(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10::op
                         __m128i lo = _mm_and_si128(v, lowmask);
                         __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), lowmask);
                         const float* xg = xr + g * 32;
-                        __m256 t = _mm256_mul_ps(u8f(lo), _mm256_loadu_ps(xg));
-                        t = _mm256_fmadd_ps(u8f(_mm_srli_si128(lo, 8)), _mm256_loadu_ps(xg + 8), t);
-                        t = _mm256_fmadd_ps(u8f(hi), _mm256_loadu_ps(xg + 16), t);
-                        t = _mm256_fmadd_ps(u8f(_mm_srli_si128(hi, 8)), _mm256_loadu_ps(xg + 24), t);
-                        acc = _mm256_fmadd_ps(t, _mm256_set1_ps(sr[g]), acc);
+                        __m256 t0 = _mm256_mul_ps(u8f(lo), _mm256_loadu_ps(xg));
+                        __m256 t1 = _mm256_mul_ps(u8f(_mm_srli_si128(lo, 8)), _mm256_loadu_ps(xg + 8));
+                        t0 = _mm256_fmadd_ps(u8f(hi), _mm256_loadu_ps(xg + 16), t0);
+                        t1 = _mm256_fmadd_ps(u8f(_mm_srli_si128(hi, 8)), _mm256_loadu_ps(xg + 24), t1);
+                        if (g & 1) acc2 = _mm256_fmadd_ps(_mm256_add_ps(t0, t1), _mm256_set1_ps(sr[g]), acc2);
+                        else acc = _mm256_fmadd_ps(_mm256_add_ps(t0, t1), _mm256_set1_ps(sr[g]), acc);
                     }
                 } else if (group == 32) {
                     for (int64_t g = 0; g < G; ++g) {
                         const int8_t* qg = (const int8_t*)qr + g * 32;
                         const float* xg = xr + g * 32;
                         __m128i a = _mm_loadu_si128((const __m128i*)qg), b = _mm_loadu_si128((const __m128i*)(qg + 16));
-                        __m256 t = _mm256_mul_ps(i8f(a), _mm256_loadu_ps(xg));
-                        t = _mm256_fmadd_ps(i8f(_mm_srli_si128(a, 8)), _mm256_loadu_ps(xg + 8), t);
-                        t = _mm256_fmadd_ps(i8f(b), _mm256_loadu_ps(xg + 16), t);
-                        t = _mm256_fmadd_ps(i8f(_mm_srli_si128(b, 8)), _mm256_loadu_ps(xg + 24), t);
-                        acc = _mm256_fmadd_ps(t, _mm256_set1_ps(sr[g]), acc);
+                        __m256 t0 = _mm256_mul_ps(i8f(a), _mm256_loadu_ps(xg));
+                        __m256 t1 = _mm256_mul_ps(i8f(_mm_srli_si128(a, 8)), _mm256_loadu_ps(xg + 8));
+                        t0 = _mm256_fmadd_ps(i8f(b), _mm256_loadu_ps(xg + 16), t0);
+                        t1 = _mm256_fmadd_ps(i8f(_mm_srli_si128(b, 8)), _mm256_loadu_ps(xg + 24), t1);
+                        if (g & 1) acc2 = _mm256_fmadd_ps(_mm256_add_ps(t0, t1), _mm256_set1_ps(sr[g]), acc2);
+                        else acc = _mm256_fmadd_ps(_mm256_add_ps(t0, t1), _mm256_set1_ps(sr[g]), acc);
                     }
                 } else {  // int8, group 16
                     for (int64_t g = 0; g < G; ++g) {
                         const int8_t* qg = (const int8_t*)qr + g * 16;
                         const float* xg = xr + g * 16;
                         __m128i a = _mm_loadu_si128((const __m128i*)qg);
-                        __m256 t = _mm256_mul_ps(i8f(a), _mm256_loadu_ps(xg));
-                        t = _mm256_fmadd_ps(i8f(_mm_srli_si128(a, 8)), _mm256_loadu_ps(xg + 8), t);
-                        acc = _mm256_fmadd_ps(t, _mm256_set1_ps(sr[g]), acc);
+                        __m256 t0 = _mm256_mul_ps(i8f(a), _mm256_loadu_ps(xg));
+                        __m256 t1 = _mm256_mul_ps(i8f(_mm_srli_si128(a, 8)), _mm256_loadu_ps(xg + 8));
+                        if (g & 1) acc2 = _mm256_fmadd_ps(_mm256_add_ps(t0, t1), _mm256_set1_ps(sr[g]), acc2);
+                        else acc = _mm256_fmadd_ps(_mm256_add_ps(t0, t1), _mm256_set1_ps(sr[g]), acc);
                     }
                 }
-                float y = hsum(acc);
+                float y = hsum(_mm256_add_ps(acc, acc2));
                 if (has_zero) {
                     const float* zr = Z + n * G;
                     const float* xsr = XS + m * G;
@@ -130,7 +133,7 @@ def _build():
     try:
         from torch.utils.cpp_extension import load_inline
 
-        return load_inline(name="gemma4_qmm_v1", cpp_sources=_SOURCE, functions=["qmm"],
+        return load_inline(name="gemma4_qmm_v2", cpp_sources=_SOURCE, functions=["qmm"],
                            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c"], verbose=False)
     except Exception:  # no compiler, no headers: the plain-torch path serves
         return None
