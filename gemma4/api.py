@@ -59,14 +59,17 @@ def _device(device) -> torch.device:
 
 
 def load(path: str | Path, dtype="float32", device="cpu", progress: bool = True,
-         mmproj: str | Path | None = None) -> "Model":
+         mmproj: str | Path | None = None, quantize: str | None = None) -> "Model":
     """Load a model from an HF checkpoint folder or a GGUF file. An HF multimodal checkpoint brings its
     vision tower; a GGUF model takes it from a llama.cpp mmproj file (`mmproj`). The tower is built
-    the first time an image comes."""
+    the first time an image comes.
+
+    GGUF weights stay in their quantised form; `quantize` ("int4" or "int8") quantises float weights.
+    """
     checkpoint = open_checkpoint(path)
     tokenizer = checkpoint.load_tokenizer()  # before the weights: a missing tokenizer fails fast
     vision = _vision_checkpoint(checkpoint, mmproj)  # before the weights too: a bad mmproj fails fast
-    decoder = build_decoder(checkpoint, _dtype(dtype), _device(device), progress=progress)
+    decoder = build_decoder(checkpoint, _dtype(dtype), _device(device), progress=progress, quantize=quantize)
     return Model(decoder, tokenizer, checkpoint, vision=vision)
 
 

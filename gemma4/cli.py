@@ -24,6 +24,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                                                     "(an mmproj GGUF); HF multimodal folders carry their own")
     p.add_argument("--image-tokens", type=int, default=None, choices=[70, 140, 280, 560, 1120],
                    help="soft tokens per image at most (default: the model's, usually 280)")
+    p.add_argument("--quantize", choices=["int4", "int8"], default=None,
+                   help="quantise float weights at load (GGUF weights stay in their own quantised form)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -109,7 +111,8 @@ def _load(args):
 
         cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
         dtype = "bfloat16" if cuda else "float32"
-    return gemma4.load(path, dtype=dtype, device=device, mmproj=args.mmproj)
+    return gemma4.load(path, dtype=dtype, device=device, mmproj=args.mmproj,
+                       quantize=getattr(args, "quantize", None))
 
 
 def _sampling(args) -> dict:

@@ -175,6 +175,14 @@ class GGUFCheckpoint:
             raise ModelLoadError(f"{gguf_name}: tensor type {t.type.name} cannot be dequantised") from None
         return np.asarray(data, dtype=np.float32).reshape(t.shape)
 
+    def quantized(self, name: str):
+        """The tensor as a QuantWeight straight from its GGUF blocks (never dequantised to float when
+        the block layout maps onto ours), or None for float tensors (F32, F16, BF16)."""
+        from ..quant.formats import from_gguf
+
+        info = self._tensors[self._ours[name]]
+        return from_gguf(self.file.raw(info.name), info.type, info.shape)
+
     def tensor(self, name: str) -> torch.Tensor:
         data = self.tensor_data(self._ours[name])
         return torch.from_numpy(data if data.flags.writeable else data.copy())

@@ -66,11 +66,12 @@ class Decoder(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed_tokens.weight.dtype
+        """The activation dtype (a quantised embedding carries it, having no float weight)."""
+        return getattr(self.embed_tokens, "dtype", None) or self.embed_tokens.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.embed_tokens.weight.device
+        return self.norm.weight.device
 
     def new_cache(self, batch: int = 1, capacity: int = 256, tail: int = 0, kv_dtype: str = "float") -> KVCache:
         return KVCache(self.config, batch, capacity, self.dtype, self.device, tail=tail, kv_dtype=kv_dtype)
@@ -83,12 +84,11 @@ class Decoder(nn.Module):
         tokens, already in the model's space (not scaled). With use_bidirectional_attention "vision",
         each run of them attends to itself both ways on sliding layers; a call must hold whole runs.
         """
-        weight = self.embed_tokens.weight
         sees_until = None
         if embeds_mask is not None:
             ids = ids.masked_fill(embeds_mask, 0)  # soft-token ids need no embedding row
         # The scale is rounded to the weight dtype first, as the reference does.
-        h = self.embed_tokens(ids) * torch.tensor(self.config.embed_scale, dtype=weight.dtype)
+        h = self.embed_tokens(ids) * torch.tensor(self.config.embed_scale, dtype=self.dtype)
         if embeds_mask is not None:
             h = torch.where(embeds_mask[..., None], embeds.to(h.dtype), h)
             if self.config.use_bidirectional_attention == "vision":
@@ -99,8 +99,13 @@ class Decoder(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits, soft-capped: cap * tanh(logits / cap)."""
-        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = (hidden @ head.T).float()
+        if self.lm_head is not None:
+            logits = self.lm_head(hidden)
+        elif hasattr(self.embed_tokens, "linear"):  # quantised tied embedding
+            logits = self.embed_tokens.linear(hidden)
+        else:
+            logits = hidden @ self.embed_tokens.weight.T
+        logits = logits.float()
         cap = self.config.final_logit_softcapping
         if cap:
             logits = torch.tanh(logits / cap) * cap

@@ -2,6 +2,11 @@
 
 The module is built on the meta device, so nothing is allocated twice; each tensor is read from the
 memory-mapped file, converted to its dtype and device, and assigned.
+
+Weight matrices (the linear layers, the experts, the embedding / tied head) are swapped for quantised
+modules when the checkpoint stores them quantised (GGUF blocks, converted without dequantising) or
+when `quantize` asks for it (float weights quantised at load). The router stays float: it picks the
+experts, and it is tiny.
 """
 
 from __future__ import annotations
@@ -11,7 +16,11 @@ import sys
 import torch
 
 from ..errors import ModelLoadError
+from ..quant import formats
+from ..quant.modules import QuantEmbedding, QuantLinear, QuantParam
 from .decoder import Decoder
+
+QUANTIZE = ("int4", "int8")
 
 # Checkpoint entries that are not weights of ours and carry no meaning for inference.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -22,7 +31,47 @@ def _target_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if name.endswith("norm.weight") else dtype
 
 
-def build_decoder(checkpoint, dtype: torch.dtype, device: torch.device, progress: bool = True) -> Decoder:
+def _is_matrix(name: str) -> bool:
+    """Weights that may be held quantised: linear layers, experts, embedding / output head."""
+    if ".router." in name or name.endswith("norm.weight"):
+        return False
+    return name.endswith(("_proj.weight", ".gate_up_proj", ".down_proj")) or name in ("embed_tokens.weight",
+                                                                                       "lm_head.weight")
+
+
+def _quantized(checkpoint, name: str, quantize: str | None):
+    """The tensor as a QuantWeight, or None to keep it float."""
+    if not _is_matrix(name):
+        return None
+    stored = checkpoint.quantized(name) if hasattr(checkpoint, "quantized") else None
+    if stored is not None or quantize is None:
+        return stored
+    w = checkpoint.tensor(name)
+    if w.shape[-1] % 32:
+        return None  # rows that are not whole groups stay float
+    # The tied embedding is also the output head, the most sensitive matrix: int8 even for int4.
+    if quantize == "int8" or name == "embed_tokens.weight":
+        return formats.quantize_int8(w)
+    return formats.quantize_int4(w)
+
+
+def _swap(decoder: Decoder, name: str, w, dtype: torch.dtype) -> None:
+    path, _, leaf = name.rpartition(".")
+    if leaf == "weight":  # a Linear or the embedding: the module itself is replaced
+        parent_path, _, attr = path.rpartition(".")
+        parent = decoder.get_submodule(parent_path) if parent_path else decoder
+        module = QuantEmbedding(w, dtype) if attr == "embed_tokens" else QuantLinear(w)
+        setattr(parent, attr, module)
+    else:  # an experts' stacked matrix
+        parent = decoder.get_submodule(path)
+        delattr(parent, leaf)
+        setattr(parent, leaf, QuantParam(w))
+
+
+def build_decoder(checkpoint, dtype: torch.dtype, device: torch.device, progress: bool = True,
+                  quantize: str | None = None) -> Decoder:
+    if quantize not in (None, *QUANTIZE):
+        raise ValueError(f"quantize: unsupported {quantize!r} (use {' or '.join(QUANTIZE)})")
     config = checkpoint.config
     with torch.device("meta"):
         decoder = Decoder(config)
@@ -46,14 +95,23 @@ def build_decoder(checkpoint, dtype: torch.dtype, device: torch.device, progress
         from tqdm import tqdm
         bar = tqdm(total=len(names), desc="loading", unit="tensor", leave=False)
     state = {}
+    swapped = []
     for name in names:
-        t = checkpoint.tensor(name).reshape(expected[name])
-        state[name] = t.to(device=device, dtype=_target_dtype(name, dtype))
+        w = _quantized(checkpoint, name, quantize)
+        if w is not None:
+            _swap(decoder, name, w.to(device), dtype)
+            swapped.append(name)
+        else:
+            t = checkpoint.tensor(name).reshape(expected[name])
+            state[name] = t.to(device=device, dtype=_target_dtype(name, dtype))
         if bar is not None:
             bar.update()
     if bar is not None:
         bar.close()
-    decoder.load_state_dict(state, strict=True, assign=True)
+    missing, unexpected = decoder.load_state_dict(state, strict=False, assign=True)
+    still_empty = [n for n, t in [*decoder.named_parameters(), *decoder.named_buffers()] if t.is_meta]
+    if unexpected or still_empty:
+        raise ModelLoadError(f"internal: tensors not placed: {(unexpected + still_empty)[:3]}")
     decoder.to(device)  # the non-persistent buffers (RoPE frequencies) were built on the CPU
     decoder.eval()
     decoder.requires_grad_(False)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from ..quant.modules import matmul
 from .layers import RMSNorm, gelu_tanh
 
 
@@ -35,7 +36,8 @@ class Experts(nn.Module):
     """Expert e: down_e(gelu_tanh(gate) * up), gate/up the two halves of gate_up_proj[e] @ x.
 
     Tokens are grouped by expert (one sort), and only experts that were hit run: a decode step
-    touches top_k experts' weights, a prefill one matmul per expert hit.
+    touches top_k experts' weights, a prefill one matmul per expert hit. The two stacked matrices are
+    float parameters or, once loaded quantised, QuantParam modules indexed by expert.
     """
 
     def __init__(self, config: ModelConfig):
@@ -50,17 +52,15 @@ class Experts(nn.Module):
         k = experts.shape[1]
         flat = experts.reshape(-1)
         order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        hit, counts = torch.unique_consecutive(flat[order], return_counts=True)
         flat_weights = weights.reshape(-1)
         out = torch.zeros_like(x)
         start = 0
-        for e, count in enumerate(counts):
-            if count == 0:
-                continue
+        for e, count in zip(hit.tolist(), counts.tolist()):  # the experts hit, never all of them
             picks = order[start:start + count]
             start += count
             tokens = picks // k
-            gate, up = (x[tokens] @ self.gate_up_proj[e].T).chunk(2, dim=-1)
-            y = (gelu_tanh(gate) * up) @ self.down_proj[e].T
+            gate, up = matmul(x[tokens], self.gate_up_proj[e]).chunk(2, dim=-1)
+            y = matmul(gelu_tanh(gate) * up, self.down_proj[e])
             out.index_add_(0, tokens, (y * flat_weights[picks, None]).to(out.dtype))
         return out

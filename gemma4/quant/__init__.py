@@ -1,0 +1,1 @@
+"""Quantised weights: formats, GGUF conversions, kernels, and the Linear-like modules that use them."""

@@ -1,0 +1,198 @@
+"""Weight formats: a matrix stored as small integers with a float scale (and offset) per group.
+
+    w[n, k] = scale[n, k // group] * q[n, k] + zero[n, k // group]
+
+- int4: q in 0..15, group 32, packed two per byte as GGML packs a 32-element block: byte j of a
+  group holds element j (low nibble) and element j + 16 (high nibble).
+- int8: q in -128..127 (one byte each), group 32 or 16 (Q6_K's sub-blocks); `zero` may be None.
+
+Scales and offsets are float32, so a GGUF block's f16 scale times its integer sub-scale is exact:
+Q4_0, Q4_1, Q4_K (int4 g32), Q8_0, Q5_0, Q5_1 (int8 g32) and Q6_K (int8 g16) convert losslessly, and
+dequantise to the very float32 values the `gguf` package produces. Other GGUF types are dequantised
+and re-quantised to int8 g32 (lossy; see `from_gguf`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as T
+
+
+@dataclass
+class QuantWeight:
+    bits: int                 # 4 or 8
+    group: int                # elements per scale
+    q: torch.Tensor           # int4: uint8 [..., N, K/2]; int8: int8 [..., N, K]
+    scale: torch.Tensor       # float32 [..., N, K/group]
+    zero: torch.Tensor | None  # float32 like scale, or None (symmetric)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        k = self.q.shape[-1] * (2 if self.bits == 4 else 1)
+        return (*self.q.shape[:-1], k)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.q, self.scale, self.zero) if t is not None)
+
+    def to(self, device) -> "QuantWeight":
+        mv = lambda t: None if t is None else t.to(device)
+        return QuantWeight(self.bits, self.group, mv(self.q), mv(self.scale), mv(self.zero))
+
+    def __getitem__(self, index) -> "QuantWeight":
+        """Index the leading (expert or row) dimensions."""
+        pick = lambda t: None if t is None else t[index]
+        return QuantWeight(self.bits, self.group, pick(self.q), pick(self.scale), pick(self.zero))
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float matrix, computed as scale * q + zero in float32 (plain torch, any device)."""
+        *lead, n, k = self.shape
+        g = self.group
+        if self.bits == 4:
+            packed = self.q.reshape(*lead, n, k // 32, 16)
+            q = torch.cat([packed & 15, packed >> 4], dim=-1).to(torch.float32)
+        else:
+            q = self.q.reshape(*lead, n, k // g, g).to(torch.float32)
+        q = q.reshape(*lead, n, k // g, g)
+        w = q * self.scale[..., None]
+        if self.zero is not None:
+            w = w + self.zero[..., None]
+        return w.reshape(*lead, n, k).to(dtype)
+
+
+# ---- quantise float weights at load ------------------------------------------------------
+def quantize_int8(w: torch.Tensor, group: int = 32) -> QuantWeight:
+    """Symmetric: scale = max|w| / 127 per group, q = round(w / scale)."""
+    *lead, n, k = w.shape
+    _check_k(k, group)
+    g = w.float().reshape(*lead, n, k // group, group)
+    scale = g.abs().amax(-1) / 127
+    q = torch.round(g / torch.where(scale == 0, 1, scale)[..., None]).clamp(-127, 127).to(torch.int8)
+    return QuantWeight(8, group, q.reshape(*lead, n, k), scale.contiguous(), None)
+
+
+def quantize_int4(w: torch.Tensor, group: int = 32) -> QuantWeight:
+    """Asymmetric: 16 levels from the group's min to its max (scale = (max - min) / 15, zero = min)."""
+    *lead, n, k = w.shape
+    _check_k(k, 32)
+    g = w.float().reshape(*lead, n, k // 32, 32)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = (hi - lo) / 15
+    q = torch.round((g - lo[..., None]) / torch.where(scale == 0, 1, scale)[..., None]).clamp(0, 15).to(torch.uint8)
+    return QuantWeight(4, 32, _pack4(q).reshape(*lead, n, k // 2), scale.contiguous(), lo.contiguous())
+
+
+def _check_k(k: int, group: int) -> None:
+    if k % group:
+        raise ValueError(f"row length {k} is not a multiple of the quantisation group {group}")
+
+
+def _pack4(q: torch.Tensor) -> torch.Tensor:
+    """[..., 32] values 0..15 -> [..., 16] bytes, element j low nibble, j + 16 high."""
+    return (q[..., :16] | (q[..., 16:] << 4)).contiguous()
+
+
+# ---- GGUF blocks -> our formats (numpy, memory-mapped input) -----------------------------
+LOSSLESS = (T.Q4_0, T.Q4_1, T.Q4_K, T.Q8_0, T.Q5_0, T.Q5_1, T.Q6_K)
+
+
+def from_gguf(raw: np.ndarray, qtype: T, shape: tuple[int, ...]) -> QuantWeight | None:
+    """A quantised GGUF matrix as a QuantWeight; None for types we do not convert (F32, F16, BF16).
+
+    `raw` holds the tensor's packed blocks, rows of bytes ([..., N, bytes per row]).
+    """
+    *lead, n, k = shape
+    rows = int(np.prod(shape[:-1]))
+    b = np.ascontiguousarray(raw).reshape(rows, -1)
+    conv = _CONVERTERS.get(qtype)
+    if conv is None:
+        if qtype in (T.F32, T.F16, T.BF16):
+            return None
+        from gguf.quants import dequantize  # lossy fallback: dequantise, then int8 g32
+
+        w = torch.from_numpy(np.asarray(dequantize(b, qtype), dtype=np.float32).reshape(shape))
+        return quantize_int8(w)
+    bits, group, q, scale, zero = conv(b, k)
+    t = lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(a))
+    qw = QuantWeight(bits, group, t(q), t(scale), t(zero))
+    return QuantWeight(bits, group, qw.q.reshape(*lead, n, -1), qw.scale.reshape(*lead, n, -1),
+                       None if zero is None else qw.zero.reshape(*lead, n, -1))
+
+
+def _blocks(b: np.ndarray, k: int, block: int, size: int) -> np.ndarray:
+    return b.reshape(b.shape[0], k // block, size)
+
+
+def _f16(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a).view(np.float16).astype(np.float32)[..., 0]
+
+
+def _q8_0(b, k):
+    blk = _blocks(b, k, 32, 34)
+    return 8, 32, blk[..., 2:].view(np.int8).reshape(b.shape[0], k), _f16(blk[..., :2]), None
+
+
+def _q4_0(b, k):
+    blk = _blocks(b, k, 32, 18)
+    d = _f16(blk[..., :2])
+    return 4, 32, blk[..., 2:].reshape(b.shape[0], k // 2), d, -8 * d
+
+
+def _q4_1(b, k):
+    blk = _blocks(b, k, 32, 20)
+    return 4, 32, blk[..., 4:].reshape(b.shape[0], k // 2), _f16(blk[..., :2]), _f16(blk[..., 2:4])
+
+
+def _five_bits(qh_bytes: np.ndarray, qs: np.ndarray) -> np.ndarray:
+    """Q5 blocks: 4 low bits in nibbles (j low, j + 16 high), the fifth bit of element j in bit j of qh."""
+    qh = np.ascontiguousarray(qh_bytes).view(np.uint32)  # [rows, blocks, 1]
+    hbits = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
+    return np.concatenate([qs & 15, qs >> 4], axis=-1) | (hbits << 4)
+
+
+def _q5_0(b, k):
+    blk = _blocks(b, k, 32, 22)
+    q = _five_bits(blk[..., 2:6], blk[..., 6:]).astype(np.int8) - np.int8(16)
+    return 8, 32, q.reshape(b.shape[0], k), _f16(blk[..., :2]), None
+
+
+def _q5_1(b, k):
+    blk = _blocks(b, k, 32, 24)
+    q = _five_bits(blk[..., 4:8], blk[..., 8:]).astype(np.int8)
+    return 8, 32, q.reshape(b.shape[0], k), _f16(blk[..., :2]), _f16(blk[..., 2:4])
+
+
+def _q4_k(b, k):
+    blk = _blocks(b, k, 256, 144)
+    d, dmin = _f16(blk[..., 0:2]), _f16(blk[..., 2:4])
+    s = blk[..., 4:16].astype(np.uint8)
+    sc = np.empty(s.shape[:-1] + (8,), np.uint8)
+    m = np.empty_like(sc)
+    sc[..., :4], m[..., :4] = s[..., 0:4] & 63, s[..., 4:8] & 63
+    sc[..., 4:] = (s[..., 8:12] & 15) | ((s[..., 0:4] >> 6) << 4)
+    m[..., 4:] = (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)
+    scale = d[..., None] * sc.astype(np.float32)
+    zero = -(dmin[..., None] * m.astype(np.float32))
+    # 4 chunks of 32 bytes: low nibbles are sub-block 2j, high nibbles 2j+1; repack per 32-group.
+    qs = blk[..., 16:].reshape(*blk.shape[:-1], 4, 32)
+    groups = np.stack([qs & 15, qs >> 4], axis=-2)  # [rows, sb, 4, 2, 32] values 0..15
+    packed = groups[..., :16] | (groups[..., 16:] << 4)
+    return 4, 32, packed.reshape(b.shape[0], k // 2), scale.reshape(b.shape[0], -1), zero.reshape(b.shape[0], -1)
+
+
+def _q6_k(b, k):
+    blk = _blocks(b, k, 256, 210)
+    ql, qh = blk[..., :128], blk[..., 128:192]
+    sc = np.ascontiguousarray(blk[..., 192:208]).view(np.int8).astype(np.float32)
+    d = _f16(blk[..., 208:210])
+    ql = ql.reshape(*ql.shape[:-1], 2, 64)
+    qh = qh.reshape(*qh.shape[:-1], 2, 32)
+    low = np.stack([ql[..., :32] & 15, ql[..., 32:] & 15, ql[..., :32] >> 4, ql[..., 32:] >> 4], axis=-2)
+    high = np.stack([(qh >> s) & 3 for s in (0, 2, 4, 6)], axis=-2)
+    q = (low | (high << 4)).astype(np.int8) - np.int8(32)  # [rows, sb, 2, 4, 32]
+    return 8, 16, q.reshape(b.shape[0], k), (d[..., None] * sc).reshape(b.shape[0], -1), None
+
+
+_CONVERTERS = {T.Q8_0: _q8_0, T.Q4_0: _q4_0, T.Q4_1: _q4_1, T.Q5_0: _q5_0, T.Q5_1: _q5_1, T.Q4_K: _q4_k, T.Q6_K: _q6_k}

@@ -1,0 +1,64 @@
+"""The quantised stand-ins for nn.Linear, nn.Embedding and the experts' stacked matrices.
+
+The model code calls them as it calls the float modules (quantization as a swap of the linear
+layer); `matmul(x, w)` multiplies by either kind of weight.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .formats import QuantWeight
+from .kernels import qlinear
+
+
+class QuantParam(nn.Module):
+    """A QuantWeight held as buffers, so .to(device) and state_dict see its tensors."""
+
+    def __init__(self, w: QuantWeight):
+        super().__init__()
+        self.bits, self.group = w.bits, w.group
+        self.register_buffer("q", w.q)
+        self.register_buffer("scale", w.scale)
+        self.register_buffer("zero", w.zero)
+
+    @property
+    def qweight(self) -> QuantWeight:
+        return QuantWeight(self.bits, self.group, self.q, self.scale, self.zero)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.qweight.shape
+
+    def __getitem__(self, index) -> QuantWeight:
+        return self.qweight[index]
+
+    def extra_repr(self) -> str:
+        return f"int{self.bits}, group {self.group}, shape {list(self.shape)}"
+
+
+class QuantLinear(QuantParam):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return qlinear(x, self.qweight)
+
+
+class QuantEmbedding(QuantParam):
+    """Row lookup dequantises only the rows asked for; `linear` is the tied output head."""
+
+    def __init__(self, w: QuantWeight, dtype: torch.dtype):
+        super().__init__(w)
+        self.dtype = dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.qweight[ids].dequantize(self.dtype)
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        return qlinear(x, self.qweight)
+
+
+def matmul(x: torch.Tensor, w) -> torch.Tensor:
+    """x @ w.T for a float matrix or a QuantWeight."""
+    if isinstance(w, QuantWeight):
+        return qlinear(x, w)
+    return x @ w.T
