@@ -70,7 +70,19 @@ def load(path: str | Path, dtype="float32", device="cpu", progress: bool = True,
     tokenizer = checkpoint.load_tokenizer()  # before the weights: a missing tokenizer fails fast
     vision = _vision_checkpoint(checkpoint, mmproj)  # before the weights too: a bad mmproj fails fast
     decoder = build_decoder(checkpoint, _dtype(dtype), _device(device), progress=progress, quantize=quantize)
+    _prepare_kernels(decoder)
     return Model(decoder, tokenizer, checkpoint, vision=vision)
+
+
+def _prepare_kernels(decoder) -> None:
+    """Quantised weights on the CPU: the native kernel is built now (once per machine, about a minute,
+    then cached), at load and not inside the first request."""
+    from .quant.modules import QuantParam
+
+    if decoder.device.type == "cpu" and any(isinstance(m, QuantParam) for m in decoder.modules()):
+        from .quant.kernels import native
+
+        native()
 
 
 def _vision_checkpoint(checkpoint, mmproj):

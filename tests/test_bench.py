@@ -98,3 +98,22 @@ def test_runner_smoke(tiny, tmp_path):
     assert row.split("|")[4].strip() != "—"  # gemma4's prefill figure is in the table
     assert json.dumps(c.weights)  # the file's sizes were read
     assert 0 < c.weights["active_bytes"] < c.weights["total_bytes"]
+
+
+def test_vision_bench_tower_round_trips_through_mmproj(tmp_path):
+    """bench/vision.py's random tower has every tensor the tower needs, and the mmproj it writes (the file
+    both engines read) gives them back."""
+    import vision
+    from gemma4.checkpoint.vision import MmprojCheckpoint, write_mmproj
+    from gemma4.config import VisionConfig
+    from gemma4.model.vision import load_vision
+
+    cfg = VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                       num_key_value_heads=2, head_dim=16, patch_size=16, pooling_kernel_size=3,
+                       position_embedding_size=64, text_hidden_size=48, standardize=True)
+    src = vision.RandomVision(cfg)
+    write_mmproj(src, tmp_path / "mmproj.gguf", "F32")
+    back = MmprojCheckpoint(tmp_path / "mmproj.gguf", cfg.text_hidden_size)
+    tower = load_vision(back, torch.float32, torch.device("cpu"))
+    for name, value in tower.state_dict().items():
+        assert torch.equal(value, src.tensor(name).float()), name
