@@ -222,7 +222,10 @@ def test_a_full_queue_answers_503_with_retry_after(embedded):
         sched = live.app.state.scheduler
         body = {"prompt": "Once upon a time", "max_tokens": 3000, "stream": True}
         with httpx.stream("POST", live.url + "/v1/completions", json=body, timeout=60) as running:
-            next(running.iter_lines())
+            lines = running.iter_lines()
+            next(lines)
+            # a client reads its stream as it comes (one that does not is the next test's business)
+            threading.Thread(target=lambda: [None for _ in lines], daemon=True).start()
             while sched.running < 1:
                 time.sleep(0.01)
             with httpx.stream("POST", live.url + "/v1/completions", json=body, timeout=60) as waiting:
@@ -231,6 +234,19 @@ def test_a_full_queue_answers_503_with_retry_after(embedded):
                 r = httpx.post(live.url + "/v1/completions", json={"prompt": "x", "max_tokens": 1}, timeout=60)
                 assert r.status_code == 503 and r.headers["retry-after"] and r.json()["error"]["message"]
                 assert waiting.status_code == 200
+    finally:
+        live.stop()
+
+
+def test_a_client_that_stops_reading_does_not_hold_up_others(embedded):
+    live = LiveServer(create_app(embedded, model_name="m", max_batch=2, max_queue=1))
+    try:
+        body = {"prompt": "Once upon a time", "max_tokens": 3000, "stream": True}
+        with httpx.stream("POST", live.url + "/v1/completions", json=body, timeout=60) as stalled:
+            next(stalled.iter_lines())  # then never reads again
+            time.sleep(5)
+            r = httpx.post(live.url + "/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=60)
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
     finally:
         live.stop()
 

@@ -42,6 +42,7 @@ static inline __m256 i8f(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_e
 // out[m, n] = sum_k x[m, k] * (scale[n, k/g] * q[n, k] + zero[n, k/g])
 torch::Tensor qmm(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10::optional<torch::Tensor> zero_opt,
                   int64_t bits, int64_t group) {
+    pybind11::gil_scoped_release no_gil;  // other Python threads (the HTTP server) run during the product
     const int64_t M = x.size(0), K = x.size(1), N = q.size(0), G = K / group;
     auto out = torch::empty({M, N}, x.options());
     // Per-group sums of x carry the offsets: sum_k x*zero = sum_g zero_g * sum_{k in g} x_k.
@@ -133,7 +134,7 @@ def _build():
     try:
         from torch.utils.cpp_extension import load_inline
 
-        return load_inline(name="gemma4_qmm_v2", cpp_sources=_SOURCE, functions=["qmm"],
+        return load_inline(name="gemma4_qmm_v3", cpp_sources=_SOURCE, functions=["qmm"],
                            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c"], verbose=False)
     except Exception:  # no compiler, no headers: the plain-torch path serves
         return None
