@@ -179,6 +179,50 @@ def test_hf_and_gguf_give_the_same_logits(pair, tmp_path):
     assert torch.equal(la, lb) and torch.equal(ha, hb)
 
 
+class _WithoutMaskedHead:
+    """A reader of `checkpoint` without the masked-head tensors, as llama.cpp's converter writes it."""
+
+    def __init__(self, checkpoint):
+        import dataclasses
+
+        self.inner = checkpoint
+        self.config = dataclasses.replace(checkpoint.config, use_ordered_embeddings=False)
+
+    def names(self):
+        return [n for n in self.inner.names() if not n.startswith("masked_embedding.")]
+
+    def shape(self, name):
+        return self.inner.shape(name)
+
+    def tensor(self, name):
+        return self.inner.tensor(name)
+
+
+def test_gguf_without_masked_head_scores_the_whole_vocabulary(pair, tmp_path):
+    name, _, _, assistant_path, _ = pair
+    hf = open_assistant(assistant_path)
+    gg = open_assistant(write_gguf(_WithoutMaskedHead(hf), tmp_path / "no_masked_head.gguf"))
+    assert not gg.config.use_ordered_embeddings
+    full = build_assistant(gg, torch.float32)
+    masked = build_assistant(hf, torch.float32)
+    g = torch.Generator().manual_seed(0)
+    e, h = torch.randn(2, 1, hf.config.backbone_hidden_size, generator=g)
+    shared = {layer.kind: (torch.randn(1, 1, 6, layer.self_attn.head_dim, generator=g),
+                           torch.randn(1, 1, 6, layer.self_attn.head_dim, generator=g), torch.arange(6)[None])
+              for layer in masked.layers}
+    with torch.no_grad():
+        logits, _ = full(e, h, torch.tensor([6]), shared)
+        masked_logits, _ = masked(e, h, torch.tensor([6]), shared)
+    assert logits.shape == (1, VOCAB) and logits[0].unique().numel() == VOCAB  # every token scored
+    # the masked head scores some clusters only, and those as the full head does (a plain head: all);
+    # same weights, so only the memory alignment of the mapped files changes the last bits
+    kept = torch.ones(VOCAB, dtype=torch.bool)
+    if masked.config.use_ordered_embeddings:
+        kept = masked_logits[0] > masked_logits[0].min()
+        assert kept.sum() < VOCAB
+    assert (logits[0][kept] - masked_logits[0][kept]).abs().max().item() <= TOL
+
+
 def test_not_an_assistant(pair, tmp_path):
     _, target_path, *_ = pair
     model = gemma4.load(target_path, progress=False)
