@@ -150,6 +150,13 @@ class LayerKV:
         n = self.used()
         return self._read("k", rows, n), self._read("v", rows, n), _rows(self.pos, rows, n)
 
+    def read(self, row: int) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """What row `row` holds, in slot order: k (None when keys are rebuilt from values), v [KV, S, D]
+        and their positions [S] (-1: empty slot)."""
+        n = self.used()
+        k, v = self._read("k", slice(row, row + 1), n), self._read("v", slice(row, row + 1), n)
+        return (None if k is None else k[0]), v[0], self.pos[row, :n]
+
     def clear(self, row: int) -> None:
         """Forget row `row`'s contents (its slots read as empty)."""
         self.pos[row] = -1

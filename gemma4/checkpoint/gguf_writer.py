@@ -17,14 +17,14 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from ..config import ModelConfig
+from ..config import AssistantConfig, ModelConfig
 from . import names
 
 # The unrotated RoPE pairs of full layers, marked for llama.cpp by a huge frequency divisor.
 UNROTATED_FACTOR = 1e30
 
 
-def _write_config(w, cfg: ModelConfig) -> None:
+def _write_config(w, cfg: ModelConfig, shared_kv_layers: int = 0) -> None:
     n = cfg.num_hidden_layers
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
@@ -65,7 +65,7 @@ def _write_config(w, cfg: ModelConfig) -> None:
     w.add_sliding_window_pattern([cfg.is_sliding(i) for i in range(n)])
     w.add_rope_dimension_count(head_full)
     w.add_rope_dimension_count_swa(cfg.head_dim)
-    w.add_shared_kv_layers(0)
+    w.add_shared_kv_layers(shared_kv_layers)
     w.add_embedding_length_per_layer_input(0)
     if cfg.enable_moe_block:
         w.add_expert_count(cfg.num_experts)
@@ -140,12 +140,18 @@ def write_gguf(checkpoint, path: str | Path, qtype: str = "F32",
     import gguf
 
     cfg: ModelConfig = checkpoint.config
+    assistant = cfg if isinstance(cfg, AssistantConfig) else None
+    if assistant is not None:
+        cfg = assistant.text
     qt = gguf.GGMLQuantizationType[qtype.upper()]
     path = Path(path)
     partial = path.with_name(path.name + ".partial")
-    w = gguf.GGUFWriter(str(partial), cfg.architecture)
+    w = gguf.GGUFWriter(str(partial), ASSISTANT_ARCH if assistant else cfg.architecture)
     try:
-        _write_config(w, cfg)
+        if assistant is None:
+            _write_config(w, cfg)
+        else:
+            _write_assistant_config(w, assistant)
         for key, value in (tokenizer_metadata or {}).items():
             _add_any(w, key, value)
         freqs = _rope_freqs(cfg)
@@ -171,6 +177,20 @@ def write_gguf(checkpoint, path: str | Path, qtype: str = "F32",
         w.close()
         partial.unlink(missing_ok=True)
     return path
+
+
+ASSISTANT_ARCH = "gemma4-assistant"
+
+
+def _write_assistant_config(w, cfg: AssistantConfig) -> None:
+    """llama.cpp's gemma4-assistant keys: the decoder's, every layer's KV shared, the target's width as
+    embedding_length_out; and the masked head's top-k (a key of ours: llama.cpp drops that head)."""
+    n = cfg.text.num_hidden_layers
+    _write_config(w, cfg.text, shared_kv_layers=n)
+    w.add_embedding_length_out(cfg.backbone_hidden_size)
+    w.add_nextn_predict_layers(n)
+    if cfg.use_ordered_embeddings:
+        w.add_uint32(f"{ASSISTANT_ARCH}.centroid_intermediate_top_k", cfg.centroid_intermediate_top_k)
 
 
 def _add_any(w, key: str, value: Any) -> None:

@@ -40,7 +40,17 @@ TENSORS: list[tuple[str, str]] = [
     ("layers.{i}.pre_feedforward_layernorm_2.weight", "blk.{i}.pre_ffw_norm_2.weight"),
     ("layers.{i}.post_feedforward_layernorm_1.weight", "blk.{i}.post_ffw_norm_1.weight"),
     ("layers.{i}.post_feedforward_layernorm_2.weight", "blk.{i}.post_ffw_norm_2.weight"),
+    # the Gemma 4 assistant (llama.cpp arch gemma4-assistant); in its HF checkpoint these four sit at the
+    # top level under these same names, its decoder under "model."
+    ("pre_projection.weight", "nextn.pre_projection.weight"),
+    ("post_projection.weight", "nextn.post_projection.weight"),
+    ("masked_embedding.centroids.weight", "masked_embd_centroids.weight"),
+    ("masked_embedding.token_ordering", "masked_embd_ordering"),
 ]
+
+# Assistant tensors outside its decoder (a target checkpoint never has them).
+ASSISTANT_TOP_LEVEL = ("pre_projection.weight", "post_projection.weight", "masked_embedding.centroids.weight",
+                       "masked_embedding.token_ordering")
 
 
 def _pattern(template: str) -> re.Pattern:

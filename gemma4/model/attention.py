@@ -79,3 +79,12 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=self.scale,
                                              enable_gqa=self.heads != self.kv_heads)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+
+    def cached_kv(self, kv: LayerKV, row: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The rotated keys and the values row `row` of this layer's cache holds, [KV, S, D] each, and
+        their positions [S] (-1: empty), as this layer attends over them (an assistant drafter reads them)."""
+        k, v, pos = kv.read(row)
+        if k is None:  # K=V: rebuilt as forward() does
+            cos, sin = rope_cos_sin(self.inv_freq, pos.clamp(min=0)[None], v.dtype)
+            k = apply_rope((v.transpose(0, 1)[None] * self.k_norm.weight).to(v.dtype), cos, sin)[0].transpose(0, 1)
+        return k, v, pos
