@@ -239,19 +239,20 @@ def _speculative_decode(decoder: Decoder, sequences: list[Sequence], cache, last
                 qs.append(q)
             ids, pos = spec.verify_batch(plans, pad_id, decoder.device)
             hidden = decoder(ids, pos, cache)
+            all_logits = spec.verify_logits(decoder, hidden, pos)
             step = []
             for b, (seq, plan, q) in enumerate(zip(sequences, plans, qs)):
                 if plan is None:
                     continue
                 _, position, drafts = plan
-                logits = decoder.logits(hidden[b, :len(drafts) + 1])
-                new = spec.accept(logits, drafts, q, seq.params, seq.output_ids, seq.generator)
+                new = spec.accept(all_logits[b], drafts, q, seq.params, seq.output_ids, seq.generator)
                 seq.speculation.record(len(drafts), len(new) - 1)
                 for token in new:
                     step.append(StepOutput(b, token, seq.append(token), seq.finished, seq.finish_reason))
                     if seq.finished:
                         break
-                cache.truncate(b, position + len(new))  # the last new token is not in the cache yet
+                if len(new) <= len(drafts):  # some rejected: forget them (the last new token is not in the cache yet)
+                    cache.truncate(b, position + len(new))
                 seq.speculation.hidden = hidden[b, len(new) - 1]
     finally:
         for b in range(len(sequences)):

@@ -260,16 +260,15 @@ class Scheduler:
             plans = [self._draft(r) for r in decoding]
             ids, pos = spec.verify_batch([p[:3] for p in plans], 0, decoder.device)
             hidden = decoder(ids, pos, self._cache.view([r.row for r in decoding]))
-            plain = decoder.logits(hidden[:, 0]) if ids.shape[1] == 1 else None  # no drafts: one batched head
+            logits = spec.verify_logits(decoder, hidden, pos)  # one head call for every row's positions
             tokens = 0
             for b, (r, (_, position, drafts, q)) in enumerate(zip(decoding, plans)):
                 if not drafts:
                     r.hidden = hidden[b, 0]
-                    self._sample(r, plain[b] if plain is not None else decoder.logits(hidden[b, 0]))
+                    self._sample(r, logits[b][0])
                     tokens += 1
                 else:
-                    tokens += self._verify(r, decoder.logits(hidden[b, :len(drafts) + 1]), position, drafts, q,
-                                           hidden[b])
+                    tokens += self._verify(r, logits[b], position, drafts, q, hidden[b])
             self.stats.decode_tokens_per_s = tokens / (time.perf_counter() - start)
             self.stats.decode_steps += 1
 
@@ -300,7 +299,8 @@ class Scheduler:
             self._emit_token(r, token, logits[i])
             if seq.finished:
                 return i + 1
-        self._cache.truncate(row, position + len(new))  # the last new token is not in the cache yet
+        if len(new) <= len(drafts):  # some rejected: forget them (the last new token is not in the cache yet)
+            self._cache.truncate(row, position + len(new))
         r.hidden = hidden[len(new) - 1]
         return len(new)
 

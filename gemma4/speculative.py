@@ -133,6 +133,13 @@ def verify_batch(rows: list[tuple[int, int, list[int]] | None], pad_id: int, dev
     return ids.to(device), pos.to(device)
 
 
+def verify_logits(decoder, hidden: torch.Tensor, pos: torch.Tensor) -> list[torch.Tensor]:
+    """Per row, the target's logits [n, V] at its n real (not padding) positions, through one head call."""
+    valid = pos >= 0
+    flat = decoder.logits(hidden[valid])
+    return list(flat.split(valid.sum(dim=1).tolist()))
+
+
 def accept(logits: torch.Tensor, drafts: list[int], q: torch.Tensor | None, params: SamplingParams,
            output_ids: list[int], generator: torch.Generator | None, mask=None) -> list[int]:
     """The tokens one verify step yields: the accepted drafts, then one token of the target's.

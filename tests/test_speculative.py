@@ -192,7 +192,7 @@ def small_vocab(tmp_path_factory):
     return gemma4.load(path)
 
 
-SAMPLES = 3000
+SAMPLES = 2000
 ALPHA = 1e-3  # significance level; the seeds are fixed, so each run draws exactly the same samples
 
 
@@ -228,9 +228,10 @@ def _exact_second_and_third(model, prompt, params):
     return exact
 
 
-@pytest.mark.parametrize("params", [dict(temperature=1.0, top_k=0, top_p=1.0),
-                                    dict(temperature=0.7, top_k=5, top_p=0.9, min_p=0.05)])
-@pytest.mark.parametrize("drafter", ["random_q", "prompt_lookup"])
+@pytest.mark.parametrize("drafter, params", [
+    ("random_q", dict(temperature=0.7, top_k=5, top_p=0.9, min_p=0.05)),  # q from the drafter, p filtered
+    ("prompt_lookup", dict(temperature=1.0, top_k=0, top_p=1.0)),  # one-hot q
+])
 def test_sampled_tokens_follow_the_models_distribution(small_vocab, params, drafter):
     model = small_vocab
     prompt = [2, 5, 3, 7, 5, 3]
@@ -359,3 +360,36 @@ def test_scheduler_does_not_speculate_under_a_grammar(models):
         sched.stop()
     assert sched.stats.draft_tokens == 0
     assert c.token_ids == model.generate(_repetitive(4, 3, seed=2), max_tokens=12, **GREEDY).token_ids
+
+
+# ---- command line -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    from gemma4.checkpoint import open_checkpoint
+    from gemma4.checkpoint.gguf_writer import write_gguf
+    from reference import tiny_vocab_metadata
+
+    d = tmp_path_factory.mktemp("spec_cli")
+    build_gemma4(d / "hf", "moe_kv", seed=2)
+    return write_gguf(open_checkpoint(d / "hf"), d / "tiny.gguf", "F32", tiny_vocab_metadata())
+
+
+def test_cli_speculative_run_prints_the_plain_completion(tiny_gguf):
+    from test_cli import cli
+
+    prompt = "the cat the cat the cat"
+    expected = gemma4.load(tiny_gguf).generate(prompt, max_tokens=16, temperature=0)
+    for extra in (["--speculative", "4"], ["--speculative", "3", "--draft-model", str(tiny_gguf)]):
+        r = cli("run", "-m", str(tiny_gguf), "--temperature", "0", "-n", "16", *extra, prompt)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == prompt + expected.text + "\n"
+
+
+@pytest.mark.parametrize("args, says", [(["--draft-model", "x.gguf"], "--draft-model needs --speculative"),
+                                        (["--speculative", "99"], "--speculative: ")])
+def test_cli_refuses_bad_speculative_options(tiny_gguf, args, says):
+    from test_cli import cli
+
+    r = cli("run", "-m", str(tiny_gguf), *args, "hello")
+    assert r.returncode == 2
+    assert says in r.stderr and len(r.stderr.strip().splitlines()) == 1
