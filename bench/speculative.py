@@ -63,7 +63,6 @@ def _timed(model, ids, new_tokens, k):
 
 def embedded_section(args) -> str:
     import gemma4
-    from gemma4 import speculative as spec
     from gemma4.engine import Sequence, generate
     from gemma4.sampling import SamplingParams
     from gemma4.store import embedded_path

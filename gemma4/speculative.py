@@ -15,7 +15,7 @@ assistant when gemma4.assistant_drafter is present.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -84,7 +84,6 @@ class Speculation:
     hidden: torch.Tensor | None = None  # the target's hidden state that produced the last token
     drafted: int = 0
     accepted: int = 0
-    steps: list[tuple[int, int]] = field(default_factory=list)  # (proposed, accepted) per verify step
 
     def record(self, proposed: int, accepted: int) -> None:
         self.drafted += proposed
@@ -141,17 +140,14 @@ def verify_logits(decoder, hidden: torch.Tensor, pos: torch.Tensor) -> list[torc
 
 
 def accept(logits: torch.Tensor, drafts: list[int], q: torch.Tensor | None, params: SamplingParams,
-           output_ids: list[int], generator: torch.Generator | None, mask=None) -> list[int]:
+           output_ids: list[int], generator: torch.Generator | None) -> list[int]:
     """The tokens one verify step yields: the accepted drafts, then one token of the target's.
 
     logits [n + 1, V]: the target's raw logits after tokens + drafts[:i]; q [n, V] or None (one-hot);
-    output_ids: the sequence's output so far (penalties see the accepted drafts too); mask(logits):
-    an extra logits transform applied after the penalties, as plain decoding applies it."""
+    output_ids: the sequence's output so far (penalties see the accepted drafts too)."""
     out: list[int] = []
     for i in range(len(drafts) + 1):
         row = apply_penalties(logits[i], output_ids + out, params)
-        if mask is not None:
-            row = mask(row)
         if params.greedy:
             token = int(torch.argmax(row))
             out.append(token)

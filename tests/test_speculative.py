@@ -247,7 +247,7 @@ def test_the_distribution_test_catches_a_wrong_rule(small_vocab, monkeypatch):
     """The same test on a rule that keeps every draft: its samples follow q, and the test rejects them."""
     params = dict(temperature=1.0, top_k=0, top_p=1.0)
 
-    def keep_all(logits, drafts, q, params, output_ids, generator, mask=None):
+    def keep_all(logits, drafts, q, params, output_ids, generator):
         return list(drafts) + [int(torch.multinomial(spec.distribution(logits[len(drafts)], params), 1,
                                                      generator=generator))]
 
