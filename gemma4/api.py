@@ -26,6 +26,8 @@ class Completion:
     token_ids: list[int]
     finish_reason: str
     prompt_tokens: int
+    drafted_tokens: int = 0  # speculative decoding: tokens drafted, and how many of them were kept
+    accepted_tokens: int = 0
 
 
 @dataclass
@@ -229,7 +231,7 @@ class Model:
     def generate(self, prompt_or_ids, max_tokens: int = 256, temperature: float = 1.0, top_k: int = 64,
                  top_p: float = 0.95, min_p: float = 0.0, seed: int | None = None,
                  stop: str | list[str] | None = None, stop_token_ids: Seq[int] = (), ignore_eos: bool = False,
-                 stream: bool = False, progress=None, prompt_cache=None):
+                 stream: bool = False, progress=None, prompt_cache=None, speculative: int = 0, drafter=None):
         """Complete a prompt (text, without any chat template, token ids, or a MultimodalPrompt), or a batch
         of them.
 
@@ -247,12 +249,14 @@ class Model:
             raise ValueError("no prompt given")
         seqs = self._sequences(prompts, params)
         pad = self.config.pad_token_id or 0
-        run = dict(progress=progress, prompt_cache=prompt_cache)
+        run = dict(progress=progress, prompt_cache=prompt_cache, speculative=speculative, drafter=drafter)
         if stream:
             return self._stream(seqs, pad, run)
         for _ in generate(self.decoder, seqs, pad_id=pad, **run):
             pass
-        results = [Completion(s.text, s.output_ids, s.finish_reason, len(s.prompt_ids)) for s in seqs]
+        results = [Completion(s.text, s.output_ids, s.finish_reason, len(s.prompt_ids),
+                              *((s.speculation.drafted, s.speculation.accepted) if s.speculation else ()))
+                   for s in seqs]
         return results if batch else results[0]
 
     def _stream(self, seqs: list[Sequence], pad: int, run: dict) -> Iterator[StepOutput]:

@@ -19,7 +19,8 @@ Rows are independent: a row holds one sequence at its own positions. `KVCache.vi
 model a cache over some rows only, so sequences can be prefilled alone and decoded together, and a
 freed row (`clear(row)`) is taken by the next request. `snapshot(row, length)` copies a row's first
 `length` positions out (what a sliding ring still holds of them) and `restore(row, snap, upto)` puts
-them back into a row, so a later request sharing the prefix skips its prefill.
+them back into a row, so a later request sharing the prefix skips its prefill. `truncate(row, length)`
+rolls a row back past rejected draft tokens (speculative decoding).
 """
 
 from __future__ import annotations
@@ -161,6 +162,16 @@ class LayerKV:
         """Forget row `row`'s contents (its slots read as empty)."""
         self.pos[row] = -1
 
+    def truncate(self, row: int, length: int) -> None:
+        """Forget row `row`'s positions >= length (their slots read as empty)."""
+        self.pos[row].masked_fill_(self.pos[row] >= length, -1)
+
+    def holds_window(self, row: int, length: int, window: int) -> bool:
+        """Does row `row` still hold every position a query at `length` attends to before itself?"""
+        lo = max(0, length - window + 1) if self.ring else 0
+        pos = self.pos[row]
+        return int(((pos >= lo) & (pos < length)).sum()) == length - lo
+
     def snapshot(self, row: int, length: int) -> dict[str, torch.Tensor]:
         """Copies of what row `row` holds of positions [0, length), in position order: "pos" [n] and
         one [KV, n, D] tensor per stored name."""
@@ -283,6 +294,17 @@ class KVCache:
     def clear(self, row: int) -> None:
         for layer in self.layers:
             layer.clear(row)
+
+    def truncate(self, row: int, length: int) -> None:
+        """Row `row` forgets positions >= length in every layer (rejected draft tokens). A sliding ring
+        overwrote the slots of the positions just before its window with the tokens now forgotten, so
+        it must have at least (tokens rolled back - 1) `tail` slots; ValueError otherwise (the row is
+        then left as it was)."""
+        if any(layer.ring and not layer.holds_window(row, length, self.window) for layer in self.layers):
+            raise ValueError(f"cannot roll row {row} back to {length} tokens: its sliding rings no longer hold "
+                             f"the window before it (give the cache more tail slots)")
+        for layer in self.layers:
+            layer.truncate(row, length)
 
     def snapshot(self, row: int, tokens: list[int]) -> Snapshot:
         """Row `row` holding the sequence `tokens` (positions 0 .. len-1): a copy of its KV."""

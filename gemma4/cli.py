@@ -40,6 +40,15 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--think", action="store_true", help="let the model think first, where its template supports it")
 
 
+def _speculative_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--speculative", type=int, default=0, metavar="K",
+                   help="speculative decoding: draft up to K tokens per step and verify them in one forward "
+                        "(same output; K adapts down when few are accepted; default 0: off)")
+    p.add_argument("--draft-model", metavar="PATH",
+                   help="the drafter for --speculative: a smaller model with the same tokenizer, or a Gemma 4 "
+                        "assistant checkpoint (default: prompt lookup, copying from the prompt and output)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gemma4", description="Run Gemma 4 (and Gemma 3) models locally.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -60,13 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
                           "60 frames (repeatable)")
     _model_args(run)
     _sampling_args(run)
+    _speculative_args(run)
 
     chat = sub.add_parser("chat", help="multi-turn chat in the terminal")
     _model_args(chat)
     _sampling_args(chat)
+    _speculative_args(chat)
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     _model_args(serve)
+    _speculative_args(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     serve.add_argument("--api-key", default=os.environ.get("GEMMA4_API_KEY"),
@@ -127,6 +139,32 @@ def _check_sampling(args) -> None:
         SamplingParams(**_sampling(args))
     except ValueError as e:
         raise CLIError(str(e)) from None
+    _check_speculative(args)
+
+
+def _check_speculative(args) -> None:
+    from gemma4.speculative import check_k
+
+    try:
+        check_k(args.speculative)
+    except ValueError as e:
+        raise CLIError(f"--speculative: {e}") from None
+    if args.draft_model and not args.speculative:
+        raise CLIError("--draft-model needs --speculative K")
+
+
+def _speculation(model, args) -> dict:
+    """generate()'s speculative options from the command line (the draft model loaded now)."""
+    if not args.speculative:
+        return {}
+    from gemma4.speculative import drafter_for
+
+    if args.draft_model is None:
+        return dict(speculative=args.speculative)
+    from gemma4 import store
+
+    return dict(speculative=args.speculative, drafter=drafter_for(store.resolve(args.draft_model), model,
+                                                                  quantize=getattr(args, "quantize", None)))
 
 
 def _print_stream(deltas) -> None:
@@ -248,6 +286,7 @@ def cmd_run(args) -> int:
     model = _load(args)
     if media:
         model.check_vision()
+    speculation = _speculation(model, args)
     has_template = model.chat_template is not None
     use_chat = args.chat or (has_template and not args.raw) or bool(media)
     if use_chat:
@@ -265,7 +304,7 @@ def cmd_run(args) -> int:
                                model.chat_input(head, enable_thinking=args.think, image_tokens=args.image_tokens),
                                args)
         deltas = model.chat(messages, enable_thinking=args.think, stream=True, image_tokens=args.image_tokens,
-                            **_sampling(args), **run)
+                            **_sampling(args), **run, **speculation)
     else:
         if not args.raw:
             _note("note: the model has no chat template (a base model): completing the raw text; --chat uses the "
@@ -277,7 +316,7 @@ def cmd_run(args) -> int:
         tok = model.tokenizer
         run = _long_prompt(model, tok.encode(prompt), tok.encode(doc), args) if doc is not None else {}
         deltas = (StreamEvent("content", c.text)
-                  for c in model.generate(prompt, stream=True, **_sampling(args), **run))
+                  for c in model.generate(prompt, stream=True, **_sampling(args), **run, **speculation))
     if not use_chat:
         sys.stdout.write(question if doc is not None else prompt)  # a document is not echoed
     _print_stream(deltas)
@@ -289,6 +328,7 @@ def cmd_run(args) -> int:
 def cmd_chat(args) -> int:
     _check_sampling(args)
     model = _load(args)
+    speculation = _speculation(model, args)
     if model.chat_template is None:
         _note(f"note: the model has no chat template; using the {model.config.architecture} turn format "
               "(a base model chats poorly)")
@@ -334,7 +374,7 @@ def cmd_chat(args) -> int:
         answer = []
         try:
             for d in model.chat(_messages(args.system, history), enable_thinking=args.think, stream=True,
-                                image_tokens=args.image_tokens, **_sampling(args)):
+                                image_tokens=args.image_tokens, **_sampling(args), **speculation):
                 if d.kind == "content":
                     answer.append(d.text)
                 _print_stream([d])
@@ -355,6 +395,7 @@ def cmd_serve(args) -> int:
         raise CLIError(f"--port must be in 1..65535, got {args.port}")
     if args.parallel < 1 or args.max_queue < 0:
         raise CLIError("--parallel must be at least 1 and --max-queue at least 0")
+    _check_speculative(args)
     from gemma4.kv_budget import parse_bytes
     from gemma4.server import serve
 
@@ -364,6 +405,7 @@ def cmd_serve(args) -> int:
     except ValueError as e:
         raise CLIError(f"--kv-budget / --prefix-cache-size: {e}") from None
     model = _load(args)
+    engine.update(_speculation(model, args))
     name = args.served_model_name or (store.EMBEDDED_NAME if args.model is None else _model_id(args.model))
     _note(f"serving {name!r} on http://{args.host}:{args.port}/v1" + (" (API key required)" if args.api_key else ""))
     serve(model, model_name=name, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.parallel,

@@ -12,8 +12,9 @@ from typing import Callable, Iterator
 
 import torch
 
+from . import speculative as spec
 from .model.decoder import Decoder
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams, apply_penalties, sample
 
 PREFILL_CHUNK = 512
 
@@ -43,6 +44,7 @@ class Sequence:
     _shown: int = 0
 
     def __post_init__(self):
+        self.speculation: spec.Speculation | None = None  # set by a speculative generate()
         if not self.prompt_ids:
             raise ValueError("empty prompt: at least one token is needed")
         if self.params.stop and self.detokenizer is None:
@@ -159,10 +161,14 @@ def soft_embeds(rows: list[tuple[int, list[tuple[int, torch.Tensor]]]], width: i
 @torch.inference_mode()
 def generate(decoder: Decoder, sequences: list[Sequence], pad_id: int = 0, chunk: int = PREFILL_CHUNK,
              progress: Callable[[int, int], None] | None = None,
-             prompt_cache=None) -> Iterator[list[StepOutput]]:
-    """Yields, per step, the outputs of the sequences still running at that step.
+             prompt_cache=None, speculative: int = 0, drafter=None) -> Iterator[list[StepOutput]]:
+    """Yields, per step, the outputs of the sequences still running at that step (with speculation, a
+    sequence may give several tokens in one step).
     progress(done, total): prompt columns prefilled. prompt_cache (one sequence only): has
-    prefill(decoder, ids, capacity, chunk, progress, soft) -> (cache, last hidden), e.g. a PromptCache."""
+    prefill(decoder, ids, capacity, chunk, progress, soft) -> (cache, last hidden), e.g. a PromptCache.
+    speculative: tokens drafted per step at most (0: off); drafter: a speculative.Drafter (default:
+    prompt lookup)."""
+    spec.check_k(speculative)
     device = decoder.device
     ids, pos = _left_pad([s.prompt_ids for s in sequences], pad_id, device)
     capacity = ids.shape[1] + max(s.params.max_tokens for s in sequences)
@@ -174,9 +180,14 @@ def generate(decoder: Decoder, sequences: list[Sequence], pad_id: int = 0, chunk
         cache, last_hidden = prompt_cache.prefill(decoder, sequences[0].prompt_ids, capacity, chunk, progress,
                                                   soft=sequences[0].soft)
     else:
-        cache = decoder.new_cache(batch=len(sequences), capacity=capacity)
+        # a verify step may roll the rings back by `speculative` positions: they need as many spare slots
+        cache = decoder.new_cache(batch=len(sequences), capacity=capacity, tail=speculative)
         last_hidden = prefill(decoder, cache, ids, pos, chunk, embeds=embeds, embeds_mask=embeds_mask,
                               progress=progress)
+    if speculative:
+        yield from _speculative_decode(decoder, sequences, cache, last_hidden, speculative,
+                                       drafter if drafter is not None else spec.PromptLookup(), pad_id)
+        return
     next_pos = pos[:, -1] + 1
     while True:
         logits = decoder.logits(last_hidden)
@@ -184,7 +195,7 @@ def generate(decoder: Decoder, sequences: list[Sequence], pad_id: int = 0, chunk
         for b, seq in enumerate(sequences):
             if seq.finished:
                 continue
-            token = sample(logits[b], seq.params, seq.generator)
+            token = sample(apply_penalties(logits[b], seq.output_ids, seq.params), seq.params, seq.generator)
             text = seq.append(token)
             step.append(StepOutput(b, token, text, seq.finished, seq.finish_reason))
         yield step
@@ -194,3 +205,55 @@ def generate(decoder: Decoder, sequences: list[Sequence], pad_id: int = 0, chunk
         tokens = torch.tensor([[s.output_ids[-1]] for s in sequences], dtype=torch.long, device=device)
         last_hidden = decoder(tokens, next_pos[:, None], cache)[:, -1]
         next_pos = next_pos + 1
+
+
+def _speculative_decode(decoder: Decoder, sequences: list[Sequence], cache, last_hidden: torch.Tensor, k_max: int,
+                        drafter, pad_id: int) -> Iterator[list[StepOutput]]:
+    """The decode loop of generate() with drafting: each running sequence drafts on its own, then one
+    target forward over every row's [last token, drafts] (right padded) verifies them all."""
+    room = spec.draft_room(cache)
+    logits = decoder.logits(last_hidden)
+    step = []
+    for b, seq in enumerate(sequences):
+        seq.speculation = spec.Speculation(spec.AdaptiveK(k_max), hidden=last_hidden[b])
+        token = sample(apply_penalties(logits[b], seq.output_ids, seq.params), seq.params, seq.generator)
+        step.append(StepOutput(b, token, seq.append(token), seq.finished, seq.finish_reason))
+    try:
+        while True:
+            yield step
+            if all(s.finished for s in sequences):
+                return
+            plans: list[tuple[int, int, list[int]] | None] = []
+            qs = []
+            for b, seq in enumerate(sequences):
+                if seq.finished:
+                    plans.append(None)
+                    qs.append(None)
+                    continue
+                tokens = seq.prompt_ids + seq.output_ids
+                state = seq.speculation
+                k = min(state.k.k, room, seq.params.max_tokens - len(seq.output_ids) - 1)
+                ctx = spec.DraftContext(tokens, len(tokens) - 1, state.hidden, decoder, cache, b, seq.params)
+                drafts, q = spec.propose(drafter, ctx, k)
+                plans.append((tokens[-1], len(tokens) - 1, drafts))
+                qs.append(q)
+            ids, pos = spec.verify_batch(plans, pad_id, decoder.device)
+            hidden = decoder(ids, pos, cache)
+            all_logits = spec.verify_logits(decoder, hidden, pos)
+            step = []
+            for b, (seq, plan, q) in enumerate(zip(sequences, plans, qs)):
+                if plan is None:
+                    continue
+                _, position, drafts = plan
+                new = spec.accept(all_logits[b], drafts, q, seq.params, seq.output_ids, seq.generator)
+                seq.speculation.record(len(drafts), len(new) - 1)
+                for token in new:
+                    step.append(StepOutput(b, token, seq.append(token), seq.finished, seq.finish_reason))
+                    if seq.finished:
+                        break
+                if len(new) <= len(drafts):  # some rejected: forget them (the last new token is not in the cache yet)
+                    cache.truncate(b, position + len(new))
+                seq.speculation.hidden = hidden[b, len(new) - 1]
+    finally:
+        for b in range(len(sequences)):
+            spec.release(drafter, b)

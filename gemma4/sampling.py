@@ -79,9 +79,15 @@ def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
     return logits
 
 
+def distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The float32 probabilities [V] that sample() draws from: one-hot on the argmax when greedy."""
+    if params.greedy:
+        return torch.nn.functional.one_hot(torch.argmax(logits), logits.shape[-1]).float()
+    return torch.softmax(process_logits(logits.float(), params), dim=-1)
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """One token id from float32 logits [V]."""
     if params.greedy:
         return int(torch.argmax(logits))
-    probs = torch.softmax(process_logits(logits, params), dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return int(torch.multinomial(distribution(logits, params), 1, generator=generator))

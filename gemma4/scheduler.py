@@ -11,6 +11,10 @@ snapshotted, and a new request sharing a prefix with one of them starts from tha
 the rest. With a KV budget, a request is admitted only when the KV it may reach (prompt + max_tokens)
 fits beside the running ones; otherwise it waits in the queue until one finishes.
 
+Speculative decoding (speculative=K): each generating sequence drafts on its own (its own adaptive K;
+none for a request under a grammar), one forward verifies every row's drafts together, and each row is
+rolled back past its rejected drafts.
+
 Outputs go to each request's `emit` callback, called on the scheduler thread.
 """
 
@@ -25,6 +29,7 @@ from typing import Callable
 
 import torch
 
+from . import speculative as spec
 from .engine import PREFILL_CHUNK, Sequence, chunk_end, joined_columns, soft_embeds
 from .kv_budget import KVBudget
 from .prefix_cache import PrefixStore, prompt_key
@@ -81,6 +86,7 @@ class _Running:
     soft_embeds: tuple | None = None  # (embeds, mask, joined columns) over the prompt, built at its first chunk
     reused: int = 0  # prompt tokens whose KV came from the prefix store
     reserved: int = 0  # bytes of the KV budget held
+    hidden: torch.Tensor | None = None  # the target's state that produced the last sampled token
 
     @property
     def decoding(self) -> bool:
@@ -95,15 +101,19 @@ class Stats:
     decode_steps: int = 0
     prefix_hits: int = 0
     prefix_reused_tokens: int = 0
+    draft_tokens: int = 0  # speculative decoding: tokens drafted, and those the target kept
+    accepted_tokens: int = 0
 
 
 class Scheduler:
     def __init__(self, model, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = PREFILL_CHUNK,
                  prefix_store: PrefixStore | None = None, ring_tail: int | None = None,
-                 kv_budget: int | None = None, kv_dtype: str = "float"):
+                 kv_budget: int | None = None, kv_dtype: str = "float", speculative: int = 0, drafter=None):
         """prefix_store: reuse of shared prefixes (None: off). ring_tail: extra sliding-ring slots, how far
         back from a snapshot's end a prefix can be reused (default 256 with a prefix store, else 0).
-        kv_budget: bytes of KV shared by all rows (None: unbounded). kv_dtype: "float" or "int8"."""
+        kv_budget: bytes of KV shared by all rows (None: unbounded). kv_dtype: "float" or "int8".
+        speculative: tokens drafted per step at most (0: off); drafter: a speculative.Drafter (default:
+        prompt lookup)."""
         self.model = model
         self.max_batch = max_batch
         self.max_queue = max_queue
@@ -111,12 +121,16 @@ class Scheduler:
         self.prefix_store = prefix_store
         if ring_tail is None:
             ring_tail = 256 if prefix_store is not None else 0
+        self.speculative = spec.check_k(speculative)
+        self.drafter = (drafter if drafter is not None else spec.PromptLookup()) if speculative else None
+        ring_tail = max(ring_tail, self.speculative)  # a verify step rolls the rings back that far
         self.stats = Stats()
         self._waiting: collections.deque[Request] = collections.deque()
         self._running: list[_Running] = []
         self._free_rows = list(range(max_batch))
         self._cache = model.decoder.new_cache(batch=max_batch, capacity=256, tail=ring_tail, kv_dtype=kv_dtype)
         self.budget = KVBudget(kv_budget, self._cache) if kv_budget is not None else None
+        self._draft_room = spec.draft_room(self._cache)
         self._lock = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -202,6 +216,8 @@ class Scheduler:
                                tok.stream() if tok is not None else None, soft=request.soft)
                 r = _Running(request, seq, self._free_rows.pop(0), reserved=need,
                              key=prompt_key(seq.prompt_ids, seq.soft) if self.prefix_store is not None else [])
+                if self.speculative and request.constraint is None:
+                    seq.speculation = spec.Speculation(spec.AdaptiveK(self.speculative))
                 self._reuse_prefix(r)
                 self._running.append(r)
             return True
@@ -226,6 +242,8 @@ class Scheduler:
     def _retire(self, r: _Running) -> None:
         self._running.remove(r)
         self._cache.clear(r.row)
+        if self.drafter is not None:
+            spec.release(self.drafter, r.row)
         if self.budget is not None:
             self.budget.release(r.reserved)
         self._free_rows.append(r.row)
@@ -239,16 +257,52 @@ class Scheduler:
         if decoding:
             start = time.perf_counter()
             decoder = self.model.decoder
-            device = decoder.device
-            ids = torch.tensor([[r.seq.output_ids[-1]] for r in decoding], dtype=torch.long, device=device)
-            pos = torch.tensor([[len(r.seq.prompt_ids) + len(r.seq.output_ids) - 1] for r in decoding],
-                               dtype=torch.long, device=device)
-            hidden = decoder(ids, pos, self._cache.view([r.row for r in decoding]))[:, -1]
-            logits = decoder.logits(hidden)
-            for b, r in enumerate(decoding):
-                self._sample(r, logits[b])
-            self.stats.decode_tokens_per_s = len(decoding) / (time.perf_counter() - start)
+            plans = [self._draft(r) for r in decoding]
+            ids, pos = spec.verify_batch([p[:3] for p in plans], 0, decoder.device)
+            hidden = decoder(ids, pos, self._cache.view([r.row for r in decoding]))
+            logits = spec.verify_logits(decoder, hidden, pos)  # one head call for every row's positions
+            tokens = 0
+            for b, (r, (_, position, drafts, q)) in enumerate(zip(decoding, plans)):
+                if not drafts:
+                    r.hidden = hidden[b, 0]
+                    self._sample(r, logits[b][0])
+                    tokens += 1
+                else:
+                    tokens += self._verify(r, logits[b], position, drafts, q, hidden[b])
+            self.stats.decode_tokens_per_s = tokens / (time.perf_counter() - start)
             self.stats.decode_steps += 1
+
+    def _draft(self, r: _Running) -> tuple[int, int, list[int], torch.Tensor | None]:
+        """(last token, its position, drafts, draft probabilities) of one sequence's next step."""
+        seq = r.seq
+        tokens = seq.prompt_ids + seq.output_ids
+        state = seq.speculation
+        drafts, q = [], None
+        if state is not None and r.hidden is not None and not r.request.cancelled:
+            k = min(state.k.k, self._draft_room, seq.params.max_tokens - len(seq.output_ids) - 1)
+            ctx = spec.DraftContext(tokens, len(tokens) - 1, r.hidden, self.model.decoder, self._cache, r.row,
+                                    seq.params)
+            drafts, q = spec.propose(self.drafter, ctx, k)
+        return tokens[-1], len(tokens) - 1, drafts, q
+
+    def _verify(self, r: _Running, logits: torch.Tensor, position: int, drafts: list[int], q, hidden) -> int:
+        """Accept a sequence's drafts against the target's logits [n + 1, V]; returns the tokens emitted."""
+        seq = r.seq
+        if r.request.cancelled:
+            return 0
+        new = spec.accept(logits, drafts, q, seq.params, seq.output_ids, seq.generator)
+        seq.speculation.record(len(drafts), len(new) - 1)
+        self.stats.draft_tokens += len(drafts)
+        self.stats.accepted_tokens += len(new) - 1
+        row = r.row
+        for i, token in enumerate(new):
+            self._emit_token(r, token, logits[i])
+            if seq.finished:
+                return i + 1
+        if len(new) <= len(drafts):  # some rejected: forget them (the last new token is not in the cache yet)
+            self._cache.truncate(row, position + len(new))
+        r.hidden = hidden[len(new) - 1]
+        return len(new)
 
     def _prefill_chunk(self, r: _Running) -> None:
         decoder = self.model.decoder
@@ -270,6 +324,7 @@ class Scheduler:
         r.prefilled = end
         if r.decoding:
             self._remember(r, r.key)
+            r.hidden = hidden[0, -1]
             self._sample(r, decoder.logits(hidden[:, -1])[0])
 
     def _sample(self, r: _Running, logits: torch.Tensor) -> None:
@@ -281,7 +336,12 @@ class Scheduler:
         logits = apply_penalties(logits, seq.output_ids, params)
         if request.constraint is not None:
             logits = request.constraint.mask_logits(logits)
-        token = sample(logits, params, seq.generator)
+        self._emit_token(r, sample(logits, params, seq.generator), raw)
+
+    def _emit_token(self, r: _Running, token: int, raw: torch.Tensor) -> None:
+        """Record a chosen token (raw: the model's logits it came from, for logprobs), emit it, and retire
+        the sequence when it is finished."""
+        seq, request = r.seq, r.request
         logprob = _logprob(raw, token, request.logprobs) if request.logprobs is not None else None
         if request.constraint is not None:
             request.constraint.accept(token)

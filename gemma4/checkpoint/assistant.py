@@ -41,6 +41,25 @@ def open_assistant(path: str | Path):
     raise ModelLoadError(f"{path}: no such file or folder")
 
 
+def is_assistant(path: str | Path) -> bool:
+    """Whether `path` claims to be a Gemma 4 assistant (config.json model_type, or the GGUF architecture);
+    it is then loaded as one, and its errors are its own."""
+    path = Path(path).expanduser()
+    if path.is_file() and path.name == "config.json":
+        path = path.parent
+    try:
+        if path.is_dir():
+            return json.loads((path / "config.json").read_text()).get("model_type") == "gemma4_assistant"
+        if path.is_file():
+            with open(path, "rb") as f:
+                if f.read(4) != GGUF_MAGIC:
+                    return False
+            return GGUFFile(path).metadata.get("general.architecture") == GGUF_ARCH
+    except (OSError, ValueError, AttributeError, ModelLoadError):
+        return False
+    return False
+
+
 class HFAssistantCheckpoint(SafetensorsCheckpoint):
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)

@@ -10,7 +10,7 @@ __all__ = ["create_app", "serve"]
 def serve(model, *, model_name: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_batch: int = 8, max_queue: int = 64, allow_remote_images: bool = False, log_level: str = "info",
           **engine) -> None:
-    """engine: create_app's kv_budget, kv_cache, prefix_cache_bytes."""
+    """engine: create_app's kv_budget, kv_cache, prefix_cache_bytes, speculative, drafter."""
     import uvicorn
 
     app = create_app(model, model_name=model_name, api_key=api_key, max_batch=max_batch, max_queue=max_queue,

@@ -31,12 +31,15 @@ RETRY_AFTER_S = 2
 
 def create_app(model, *, model_name: str, api_key: str | None = None, max_batch: int = 8,
                max_queue: int = 64, scheduler: Scheduler | None = None, allow_remote_images: bool = False,
-               kv_budget: int | None = None, kv_cache: str = "float", prefix_cache_bytes: int = 0) -> FastAPI:
+               kv_budget: int | None = None, kv_cache: str = "float", prefix_cache_bytes: int = 0,
+               speculative: int = 0, drafter=None) -> FastAPI:
     """kv_budget: bytes of KV shared by running requests (None: unbounded); kv_cache: "float" or
-    "int8"; prefix_cache_bytes: memory for automatic prefix reuse (0: off)."""
+    "int8"; prefix_cache_bytes: memory for automatic prefix reuse (0: off); speculative: tokens drafted
+    per step at most (0: off), by `drafter` (default: prompt lookup)."""
     store = PrefixStore(prefix_cache_bytes) if prefix_cache_bytes else None
     scheduler = scheduler or Scheduler(model, max_batch=max_batch, max_queue=max_queue, prefix_store=store,
-                                       kv_budget=kv_budget, kv_dtype=kv_cache)
+                                       kv_budget=kv_budget, kv_dtype=kv_cache, speculative=speculative,
+                                       drafter=drafter)
     metrics = Metrics(scheduler)
     created = int(time.time())
 

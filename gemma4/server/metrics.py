@@ -1,9 +1,25 @@
-"""Prometheus metrics of one server: requests, tokens, queue depth, time to first token, decode speed."""
+"""Prometheus metrics of one server: requests, tokens, queue depth, time to first token, decode speed,
+and speculative decoding's drafted and accepted tokens."""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+
+class _SpeculativeCounters:
+    """Counters the scheduler keeps as plain numbers (Stats), read at each scrape."""
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+
+    def collect(self):
+        stats = self.scheduler.stats
+        yield CounterMetricFamily("gemma4_speculative_draft_tokens", "tokens drafted for speculative decoding",
+                                  value=stats.draft_tokens)
+        yield CounterMetricFamily("gemma4_speculative_accepted_tokens", "drafted tokens the model accepted",
+                                  value=stats.accepted_tokens)
 
 
 class Metrics:
@@ -22,6 +38,7 @@ class Metrics:
             lambda: scheduler.running)
         Gauge("gemma4_decode_tokens_per_second", "tokens per second of the last decode step",
               registry=r).set_function(lambda: scheduler.stats.decode_tokens_per_s)
+        r.register(_SpeculativeCounters(scheduler))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,0 +1,293 @@
+"""Speculative decoding: a drafter proposes k tokens, one target forward over k+1 positions checks them.
+
+A step feeds the target [tokens[-1], d1 .. dk] at their positions. Greedy: the drafts agreeing with
+the target's argmax are kept, plus the target's own next token. Sampling: the standard rule (Leviathan
+et al., Chen et al.): draft d_i is kept with probability min(1, p(d_i) / q(d_i)); at the first rejection
+the token is drawn from norm(max(p - q, 0)); after k acceptances one more from p. p is the target's
+distribution after the request's own transforms (sampling.distribution, the one sample() draws from),
+so the output distribution is exactly plain decoding's. The cache row is then rolled back past the
+rejected positions (KVCache.truncate).
+
+Drafters behind one interface (Drafter.propose): PromptLookup (n-grams of the prompt and output so
+far), DraftModel (any smaller model with the target's vocabulary) and, through drafter_for, the Gemma 4
+assistant (gemma4/assistant_drafter.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+
+from .sampling import SamplingParams, apply_penalties, distribution
+
+if TYPE_CHECKING:
+    from .cache import KVCache
+    from .model.decoder import Decoder
+
+MAX_DRAFT = 16  # tokens one step may draft at most (--speculative above this is refused)
+
+
+@dataclass
+class DraftContext:
+    tokens: list[int]  # prompt + output so far; tokens[-1] is sampled but NOT yet in the target's cache
+    position: int  # position of tokens[-1]
+    hidden: torch.Tensor  # [hidden_size]: the target's Decoder.forward output (after the final norm) at
+    # position - 1, i.e. the state whose logits produced tokens[-1]
+    decoder: "Decoder"  # the target
+    cache: "KVCache"  # the target's cache; row `row` holds positions < position
+    row: int
+    params: SamplingParams | None = None  # the request's sampling (a drafter may ignore it)
+
+
+class Drafter(Protocol):
+    def propose(self, ctx: DraftContext, k: int) -> tuple[list[int], torch.Tensor | None]:
+        """Up to k tokens to follow ctx.tokens, and their draft probabilities as float32 rows [n, vocab]
+        (None: the drafts are deterministic — greedy or copied — i.e. one-hot)."""
+        ...
+
+    # Optional: release(row) — the sequence in `row` has ended (the engine calls it when present).
+
+
+def release(drafter, row: int) -> None:
+    """Tell a drafter that the sequence in `row` has ended, if it keeps state per row."""
+    done = getattr(drafter, "release", None)
+    if done is not None:
+        done(row)
+
+
+def check_k(k: int) -> int:
+    if not isinstance(k, int) or not 0 <= k <= MAX_DRAFT:
+        raise ValueError(f"speculative: draft tokens per step must be an integer in 0..{MAX_DRAFT}, got {k!r}")
+    return k
+
+
+# ---- the step -------------------------------------------------------------------------------------
+class AdaptiveK:
+    """How many tokens to draft next for one sequence: up by 2 after a step whose drafts were all kept,
+    down by 1 after a rejection, within 1 .. k_max. A step with no proposal changes nothing."""
+
+    def __init__(self, k_max: int):
+        self.k_max = self.k = k_max
+
+    def update(self, proposed: int, accepted: int) -> None:
+        if proposed:
+            self.k = min(self.k_max, self.k + 2) if accepted == proposed else max(1, self.k - 1)
+
+
+@dataclass
+class Speculation:
+    """One sequence's speculative state: its K, the target state for its drafter, its counts."""
+
+    k: AdaptiveK
+    hidden: torch.Tensor | None = None  # the target's hidden state that produced the last token
+    drafted: int = 0
+    accepted: int = 0
+
+    def record(self, proposed: int, accepted: int) -> None:
+        self.drafted += proposed
+        self.accepted += accepted
+        self.k.update(proposed, accepted)
+
+
+def draft_room(cache: "KVCache") -> int:
+    """Tokens one step may draft in this cache: a sliding ring with `tail` spare slots can be rolled back
+    by tail + 1 positions (the slots the verify step overwrote held only positions before the window)."""
+    spare = [layer.capacity - cache.window for layer in cache.layers if layer.ring]
+    return max(0, min(spare) + 1) if spare else MAX_DRAFT
+
+
+def propose(drafter, ctx: DraftContext, k: int) -> tuple[list[int], torch.Tensor | None]:
+    """The drafter's proposal, cut to k tokens and checked."""
+    if k <= 0:
+        return [], None
+    drafts, q = drafter.propose(ctx, k)
+    drafts = [int(t) for t in drafts][:k]
+    if q is not None:
+        q = q[:len(drafts)].float()
+        if q.shape != (len(drafts), ctx.decoder.config.vocab_size):
+            raise ValueError(f"drafter: draft probabilities of shape {tuple(q.shape)}, expected "
+                             f"({len(drafts)}, {ctx.decoder.config.vocab_size})")
+    vocab = ctx.decoder.config.vocab_size
+    if any(not 0 <= t < vocab for t in drafts):
+        raise ValueError(f"drafter: a proposed token id is outside the vocabulary [0, {vocab})")
+    return drafts, q
+
+
+def verify_batch(rows: list[tuple[int, int, list[int]] | None], pad_id: int, device
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids and positions [B, T] of one verify forward: per row (last token, its position, drafts), right
+    padded at position -1 (not written, outputs ignored); None: a row that takes no part."""
+    width = max((1 + len(r[2]) for r in rows if r is not None), default=1)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    pos = torch.full((len(rows), width), -1, dtype=torch.long)
+    for b, r in enumerate(rows):
+        if r is None:
+            continue
+        last, position, drafts = r
+        n = 1 + len(drafts)
+        ids[b, :n] = torch.tensor([last, *drafts], dtype=torch.long)
+        pos[b, :n] = torch.arange(position, position + n)
+    return ids.to(device), pos.to(device)
+
+
+def verify_logits(decoder, hidden: torch.Tensor, pos: torch.Tensor) -> list[torch.Tensor]:
+    """Per row, the target's logits [n, V] at its n real (not padding) positions, through one head call."""
+    valid = pos >= 0
+    flat = decoder.logits(hidden[valid])
+    return list(flat.split(valid.sum(dim=1).tolist()))
+
+
+def accept(logits: torch.Tensor, drafts: list[int], q: torch.Tensor | None, params: SamplingParams,
+           output_ids: list[int], generator: torch.Generator | None) -> list[int]:
+    """The tokens one verify step yields: the accepted drafts, then one token of the target's.
+
+    logits [n + 1, V]: the target's raw logits after tokens + drafts[:i]; q [n, V] or None (one-hot);
+    output_ids: the sequence's output so far (penalties see the accepted drafts too)."""
+    out: list[int] = []
+    for i in range(len(drafts) + 1):
+        row = apply_penalties(logits[i], output_ids + out, params)
+        if params.greedy:
+            token = int(torch.argmax(row))
+            out.append(token)
+            if i == len(drafts) or token != drafts[i]:
+                return out
+            continue
+        p = distribution(row, params)
+        if i == len(drafts):
+            out.append(int(torch.multinomial(p, 1, generator=generator)))
+            return out
+        d = drafts[i]
+        qd = 1.0 if q is None else float(q[i, d])
+        u = float(torch.rand((), generator=generator, device=_device(generator)))
+        if u * qd < float(p[d]):  # u < p/q: kept with probability min(1, p/q)
+            out.append(d)
+            continue
+        if q is None:
+            residual = p.clone()
+            residual[d] = 0.0
+        else:
+            residual = (p - q[i].to(p.device)).clamp(min=0.0)
+        if float(residual.sum()) <= 0.0:  # p <= q everywhere only when p == q: then nothing is rejected
+            residual = p
+        out.append(int(torch.multinomial(residual, 1, generator=generator)))
+        return out
+    return out
+
+
+def _device(generator: torch.Generator | None):
+    return generator.device if generator is not None else "cpu"
+
+
+# ---- drafters -------------------------------------------------------------------------------------
+class PromptLookup:
+    """Drafts by copying: the longest n-gram (max_ngram down to min_ngram) ending the tokens so far that
+    also occurred earlier is looked up, and the tokens that followed its latest earlier occurrence are
+    proposed. No extra model; it pays where the answer copies its context (summaries, code edits, RAG)."""
+
+    def __init__(self, max_ngram: int = 4, min_ngram: int = 1):
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError(f"prompt lookup: need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+
+    def propose(self, ctx: DraftContext, k: int) -> tuple[list[int], None]:
+        tokens = ctx.tokens
+        t = torch.tensor(tokens, dtype=torch.long)
+        for n in range(min(self.max_ngram, len(tokens) - 1), self.min_ngram - 1, -1):
+            suffix = t[-n:]
+            windows = t[:-1].unfold(0, n, 1)  # every earlier n-gram (the suffix itself excluded)
+            hits = (windows == suffix).all(dim=1).nonzero()
+            if hits.numel():
+                start = int(hits[-1]) + n
+                return tokens[start:start + k], None
+        return [], None
+
+
+class DraftModel:
+    """Drafts greedily with a smaller model of the same vocabulary. It keeps its own KV cache per target
+    row, holding the tokens it has seen; each proposal rolls it back to where they still agree with the
+    target's tokens (or starts the row over when its rings cannot go back that far)."""
+
+    def __init__(self, draft, target=None, max_draft: int = MAX_DRAFT):
+        """draft, target: api.Model (or Decoder) objects; with target, their vocabularies must agree."""
+        self.decoder = getattr(draft, "decoder", draft)
+        if target is not None:
+            check_vocabulary(draft, target)
+        self.tail = max_draft
+        self._rows: dict[int, tuple["KVCache", list[int]]] = {}
+
+    def release(self, row: int) -> None:
+        self._rows.pop(row, None)
+
+    @torch.inference_mode()
+    def propose(self, ctx: DraftContext, k: int) -> tuple[list[int], None]:
+        from .engine import prefill
+        from .prefix_cache import common_prefix
+
+        vocab, target_vocab = self.decoder.config.vocab_size, ctx.decoder.config.vocab_size
+        if vocab != target_vocab:
+            raise ValueError(f"draft model: vocabulary of {vocab} tokens, the target's has {target_vocab}")
+        tokens = ctx.tokens
+        cache, held = self._rows.get(ctx.row, (None, []))
+        if cache is None:
+            cache = self.decoder.new_cache(batch=1, capacity=len(tokens) + k + 1, tail=self.tail)
+        keep = min(common_prefix(held, tokens), len(tokens) - 1)  # the last token is fed for its logits
+        try:
+            cache.truncate(0, keep)
+        except ValueError:  # rolled back further than the rings reach: start the row over
+            cache.clear(0)
+            keep = 0
+        device = self.decoder.device
+        ids = torch.tensor([tokens[keep:]], dtype=torch.long, device=device)
+        pos = torch.arange(keep, len(tokens), device=device)[None]
+        hidden = prefill(self.decoder, cache, ids, pos)
+        drafts = [int(torch.argmax(self.decoder.logits(hidden)[0]))]
+        while len(drafts) < k:
+            at = len(tokens) + len(drafts) - 1
+            hidden = self.decoder(torch.tensor([[drafts[-1]]], device=device),
+                                  torch.tensor([[at]], device=device), cache)[:, -1]
+            drafts.append(int(torch.argmax(self.decoder.logits(hidden)[0])))
+        self._rows[ctx.row] = (cache, tokens + drafts[:-1])
+        return drafts, None
+
+
+def check_vocabulary(draft, target) -> None:
+    """ValueError unless the draft model speaks the target's vocabulary (same size, same token texts)."""
+    dv, tv = draft.config.vocab_size, target.config.vocab_size
+    if dv != tv:
+        raise ValueError(f"draft model: its vocabulary has {dv} tokens, the target's {tv}: a draft model "
+                         "must use the target's tokenizer")
+    dtok, ttok = getattr(draft, "tokenizer", None), getattr(target, "tokenizer", None)
+    if dtok is None or ttok is None:
+        return
+    a, b = _vocabulary(dtok), _vocabulary(ttok)
+    if a != b:
+        differ = next((i for i in range(max(len(a), len(b))) if a.get(i) != b.get(i)), None)
+        raise ValueError(f"draft model: its tokenizer differs from the target's (token {differ}: "
+                         f"{a.get(differ)!r} against {b.get(differ)!r}): a draft model must use the "
+                         "target's tokenizer")
+
+
+def _vocabulary(tokenizer) -> dict[int, str]:
+    backend = getattr(tokenizer, "_backend", None)
+    if backend is not None and hasattr(backend, "get_vocab"):
+        return {i: t for t, i in backend.get_vocab(with_added_tokens=True).items()}
+    return {i: tokenizer.id_to_token(i) for i in range(tokenizer.vocab_size)}
+
+
+def drafter_for(path, target, max_draft: int = MAX_DRAFT, **load_kwargs):
+    """The drafter a --draft-model file makes for `target` (an api.Model).
+
+    A Gemma 4 assistant checkpoint (checkpoint/assistant.py) becomes an AssistantDrafter reading the
+    target's states; any other model file is loaded as a draft model of the target's vocabulary."""
+    from .checkpoint.assistant import is_assistant
+
+    if is_assistant(path):
+        from .assistant_drafter import load_drafter
+
+        return load_drafter(path, target)
+    from .api import load
+
+    draft = load(path, dtype=target.decoder.dtype, device=target.decoder.device, progress=False, **load_kwargs)
+    return DraftModel(draft, target, max_draft=max_draft)
