@@ -57,6 +57,7 @@ class RequestOutput:
     prompt_tokens: int
     completion_tokens: int
     logprob: TokenLogprob | None = None
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix store
 
 
 @dataclass
@@ -289,7 +290,7 @@ class Scheduler:
         if not seq.finished and request.constraint is not None and request.constraint.done:
             text += seq.finish("stop")
         out = RequestOutput(token, text, seq.finished, seq.finish_reason, len(seq.prompt_ids),
-                            len(seq.output_ids), logprob)
+                            len(seq.output_ids), logprob, r.reused)
         if seq.finished:
             # The cache holds every token but the last sampled one: the next turn of a conversation.
             self._remember(r, r.key + seq.output_ids[:-1])
