@@ -97,12 +97,12 @@ class LayerKV:
         q, scale = quantize_int8(x, self.group)
         return {name: q, name + "_scale": scale}
 
-    def _read(self, name: str, rows, n: int | None = None) -> torch.Tensor | None:
+    def _read(self, name: str, rows, start: int = 0, stop: int | None = None) -> torch.Tensor | None:
         if name not in self.data:
             return None
-        t = _rows(self.data[name], rows, n)
+        t = _rows(self.data[name], rows, start, stop)
         if self.int8:
-            t = dequantize_int8(t, _rows(self.data[name + "_scale"], rows, n), self.dtype)
+            t = dequantize_int8(t, _rows(self.data[name + "_scale"], rows, start, stop), self.dtype)
         return t
 
     def write(self, k: torch.Tensor | None, v: torch.Tensor, pos: torch.Tensor, rows=None) -> None:
@@ -134,8 +134,10 @@ class LayerKV:
         """Slots worth attending over: the whole ring, or up to the furthest written position."""
         return self.capacity if self.ring else self.top
 
-    def update(self, k: torch.Tensor | None, v: torch.Tensor, pos: torch.Tensor, rows=None):
-        """Store a chunk and return (k, v, kpos) to attend over, the chunk included.
+    def update(self, k: torch.Tensor | None, v: torch.Tensor, pos: torch.Tensor, rows=None, chunk: int | None = None):
+        """Store a chunk and return the (k, v, kpos) to attend over, the chunk included, as a list of
+        pieces of at most `chunk` slots each (None: one piece): attention merges them, so no piece of the
+        whole context is ever dequantised or upcast at once. k is None on K=V layers.
 
         A ring written before attending would lose positions that earlier queries of a multi-token
         chunk still see, so for chunks the ring's old contents are joined to the new tokens instead.
@@ -145,10 +147,11 @@ class LayerKV:
             out_k = None if k is None else torch.cat([old_k, k], dim=2)
             out = (out_k, torch.cat([old_v, v], dim=2), torch.cat([old_pos, pos], dim=1))
             self.write(k, v, pos, rows)
-            return out
+            return [out]
         self.write(k, v, pos, rows)
         n = self.used()
-        return self._read("k", rows, n), self._read("v", rows, n), _rows(self.pos, rows, n)
+        step = n if chunk is None or self.ring else max(1, chunk)
+        return _Pieces(self, rows, n, step)
 
     def clear(self, row: int) -> None:
         """Forget row `row`'s contents (its slots read as empty)."""
@@ -192,15 +195,28 @@ def _row_index(rows, device) -> torch.Tensor:
     return rows
 
 
-def _rows(t: torch.Tensor | None, rows, n: int | None = None) -> torch.Tensor | None:
-    """Rows of a cache tensor (a view for a slice, a gather for an index), slots cut to n."""
+def _rows(t: torch.Tensor | None, rows, start: int = 0, stop: int | None = None) -> torch.Tensor | None:
+    """Rows of a cache tensor (a view for a slice, a gather for an index), slots cut to [start, stop)."""
     if t is None:
         return None
+    if start or stop is not None:
+        t = t[:, :, start:stop] if t.dim() == 4 else t[:, start:stop]
     if rows is not None:
         t = t[rows]
-    if n is not None:
-        t = t[:, :, :n] if t.dim() == 4 else t[:, :n]
     return t
+
+
+class _Pieces:
+    """The slots [0, n) of some rows of a layer, read lazily `step` slots at a time: (k, v, kpos)."""
+
+    def __init__(self, layer: "LayerKV", rows, n: int, step: int):
+        self.layer, self.rows, self.n, self.step = layer, rows, n, step
+
+    def __iter__(self):
+        layer = self.layer
+        for a in range(0, self.n, self.step):
+            b = min(self.n, a + self.step)
+            yield layer._read("k", self.rows, a, b), layer._read("v", self.rows, a, b), _rows(layer.pos, self.rows, a, b)
 
 
 class RowsView:
@@ -209,8 +225,8 @@ class RowsView:
     def __init__(self, layer: LayerKV, rows):
         self.layer, self.rows = layer, rows
 
-    def update(self, k, v, pos):
-        return self.layer.update(k, v, pos, self.rows)
+    def update(self, k, v, pos, chunk: int | None = None):
+        return self.layer.update(k, v, pos, self.rows, chunk)
 
 
 @dataclass
