@@ -118,6 +118,8 @@ class Scheduler:
         self._free_rows = list(range(max_batch))
         self._cache = model.decoder.new_cache(batch=max_batch, capacity=256, tail=ring_tail, kv_dtype=kv_dtype)
         self.budget = KVBudget(kv_budget, self._cache) if kv_budget is not None else None
+        if self.budget is not None:  # the budget is what the cache allocates: rings and a fixed pool
+            self._cache.fix_pool(self.budget.blocks)
         self._lock = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -141,8 +143,8 @@ class Scheduler:
             need = self._need(request)
             if need > self.budget.total:
                 raise TooLarge(f"the request needs {need / 2**20:.1f} MiB of KV memory for "
-                               f"{len(request.prompt_ids) + request.params.max_tokens} tokens; the whole KV "
-                               f"budget is {self.budget.total / 2**20:.1f} MiB")
+                               f"{len(request.prompt_ids) + request.params.max_tokens} tokens; the KV budget "
+                               f"holds {self.budget.total / 2**20:.1f} MiB beside the sliding windows")
         with self._lock:
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are already waiting")

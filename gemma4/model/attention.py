@@ -13,11 +13,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..cache import LayerKV
+from ..cache import RowsView
 from ..config import ModelConfig
 from .layers import RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
 
-PIECE_ELEMENTS = 1 << 20  # float32 elements of one piece's scores or values (4 MiB: stays in cache)
+PIECE_ELEMENTS = 1 << 22  # float32 elements of one piece's scores or values (16 MiB)
 PIECE_ALIGN = 256  # pieces of whole cache blocks
 
 
@@ -115,6 +115,14 @@ class Attention(nn.Module):
         k[..., :r], k[..., half:half + r] = self._rotate(k[..., :r], k[..., half:half + r], kpos, r)
         return k
 
+    def keys_values(self, cache, layer: int, row: int, n: int):
+        """Row `row`'s rotated K and V of this layer (number `layer` of `cache`) for positions below n:
+        k, v [KV heads, m, D] float32 and pos [m] (cache.keys_values, with K=V layers' keys rebuilt)."""
+        k, v, pos = cache.keys_values(layer, row, n)
+        if k is None:
+            k = self.keys_from_values(v[None], pos[None])[0]
+        return k.float(), v.float(), pos
+
     def _rotate(self, x1, x2, kpos, r):
         angle = kpos.clamp(min=0).float()[:, None, :, None] * self.inv_freq[:r].to(x1.device)  # [B, 1, S, r]
         cos, sin = angle.cos(), angle.sin()
@@ -144,7 +152,7 @@ class Attention(nn.Module):
 
         return scores
 
-    def forward(self, x: torch.Tensor, qpos: torch.Tensor, kv: LayerKV,
+    def forward(self, x: torch.Tensor, qpos: torch.Tensor, kv: RowsView,
                 sees_until: torch.Tensor | None = None) -> torch.Tensor:
         """x: [B, T, hidden]; qpos: [B, T] absolute positions (-1: padding); sees_until: see attention_mask."""
         b, t, _ = x.shape
