@@ -20,14 +20,16 @@ from .errors import ModelLoadError
 from .model.assistant import Assistant, build_assistant
 
 
-def target_shared_kv(decoder, cache, row: int) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Layer type -> (k, v [1, KV, S, D], positions [1, S]) of the target's last layer of that type."""
+def target_shared_kv(decoder, cache, row: int, n: int = 2**62) -> dict[str, tuple[torch.Tensor, torch.Tensor,
+                                                                                 torch.Tensor]]:
+    """Layer type -> (k, v [1, KV, S, D], positions [1, S]) of the target's last layer of that type, for
+    the positions below n the row holds, in the target's dtype."""
     types = decoder.config.layer_types
     shared = {}
     for kind in set(types):
         last = max(i for i, t in enumerate(types) if t == kind)
-        k, v, pos = decoder.layers[last].self_attn.cached_kv(cache.layers[last], row)
-        shared[kind] = (k[None], v[None], pos[None])
+        k, v, pos = decoder.layers[last].self_attn.keys_values(cache, last, row, n)
+        shared[kind] = (k[None].to(decoder.dtype), v[None].to(decoder.dtype), pos[None])
     return shared
 
 
@@ -67,7 +69,7 @@ class AssistantDrafter:
         decoder = ctx.decoder
         device = self.assistant.pre_projection.weight.device
         shared = {kind: tuple(t.to(device) for t in kv)
-                  for kind, kv in target_shared_kv(decoder, ctx.cache, ctx.row).items()}
+                  for kind, kv in target_shared_kv(decoder, ctx.cache, ctx.row, ctx.position).items()}
         pos = torch.tensor([ctx.position], device=device)
         scale = torch.tensor(decoder.config.embed_scale, dtype=decoder.dtype)
         hidden = ctx.hidden.reshape(1, -1).to(device)

@@ -1,26 +1,24 @@
 """KV memory for generation.
 
-Each layer keeps its keys and values with the absolute position of every slot (-1: empty), so the
-attention mask is computed from positions alone and a batch of prompts of different lengths (left
-padded, pads at position -1) shares one layout.
+- Sliding layers keep, per row, a ring of `sliding_window + tail` slots with the absolute position of
+  every slot (-1: empty): position p lives in slot p % slots, and the attention mask is computed from
+  positions alone. The `tail` extra slots keep the positions just before the window, so a snapshot
+  taken at length L can be restored at any length c >= L - tail (prefix reuse), and a row can be
+  truncated back by up to `tail` positions.
+- Full layers keep their KV in a block pool shared by all rows (kv_pool.py): memory follows what the
+  rows hold, block by block, not rows x the longest row; with a fixed number of blocks (the KV budget)
+  it never grows.
+- Full layers with K=V keep one tensor: the normed values. Attention rebuilds keys from them (values *
+  k_norm weight, then RoPE), which halves the long-context memory.
+- `kv_dtype="int8"` stores K and V as int8 with one float32 scale per group of 32 values (kv_int8.py).
 
-- Sliding layers keep a ring of `sliding_window + tail` slots: position p lives in slot p % slots. The
-  mask limits attention to the window; the `tail` extra slots keep the positions just before the
-  window, so a snapshot taken at length L can be restored at any length c >= L - tail (prefix reuse).
-- Full layers keep slot == position and grow by doubling (or are allocated to a known length).
-- Full layers with K=V keep one tensor: the normed values. Keys are rebuilt from them at attention
-  time (values * k_norm weight, then RoPE), which halves the long-context memory.
-- `kv_dtype="int8"` stores K and V as int8 with one float32 scale per group of 32 elements of a
-  (token, head) vector, dequantised when attention reads it: 0.56 of the bytes of bf16. One scale per
-  whole vector costs 10-400x more KL than bf16 rounding on the test models (scores use scale 1.0, so
-  attention is sharp); groups of 32 bring it near bf16's.
-
-Rows are independent: a row holds one sequence at its own positions. `KVCache.view(rows)` hands the
-model a cache over some rows only, so sequences can be prefilled alone and decoded together, and a
-freed row (`clear(row)`) is taken by the next request. `snapshot(row, length)` copies a row's first
-`length` positions out (what a sliding ring still holds of them) and `restore(row, snap, upto)` puts
-them back into a row, so a later request sharing the prefix skips its prefill. `truncate(row, length)`
-rolls a row back past rejected draft tokens (speculative decoding).
+Rows are independent: a row holds one sequence at its own positions (a batch of prompts of different
+lengths is left padded, pads at position -1). `KVCache.view(rows)` hands the model a cache over some
+rows only, so sequences can be prefilled alone and decoded together, and a freed row (`clear(row)`) is
+taken by the next request. `snapshot(row, tokens)` copies a row's first positions out (what a sliding
+ring still holds of them) and `restore(row, snap, upto)` puts them back into a row, so a later request
+sharing the prefix skips its prefill. `truncate(row, length)` forgets positions >= length (speculative
+decoding's rollback); `keys_values(layer, row, n)` reads a row's stored K and V below position n.
 """
 
 from __future__ import annotations
@@ -31,49 +29,27 @@ import torch
 
 from .config import ModelConfig
 
-KV_DTYPES = ("float", "int8")
+from .kv_int8 import KV_DTYPES, Codec
+from .kv_pool import BLOCK_TOKENS, BlockTable, PagedKV, row_list
+
+__all__ = ["KV_DTYPES", "BLOCK_TOKENS", "KVCache", "Snapshot", "RingKV", "PagedKV"]
 
 
-INT8_GROUP = 32  # elements sharing one scale, as llama.cpp's q8_0 blocks
+class RingKV:
+    """One sliding layer: per row a ring of `capacity` slots [rows, KV heads, capacity, D], with positions."""
 
+    ring = True
 
-def int8_group(head_dim: int) -> int:
-    """The largest divisor of head_dim not above INT8_GROUP."""
-    return max(g for g in range(1, min(INT8_GROUP, head_dim) + 1) if head_dim % g == 0)
-
-
-def quantize_int8(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[..., D] -> int8 values [..., D] and float32 scales [..., D / group]: x ~ q * scale per group."""
-    g = x.float().unflatten(-1, (-1, group))
-    scale = g.abs().amax(dim=-1).clamp(min=1e-12) / 127.0
-    q = (g / scale[..., None]).round().clamp(-127, 127).to(torch.int8)
-    return q.flatten(-2), scale
-
-
-def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return (q.unflatten(-1, (scale.shape[-1], -1)).float() * scale[..., None]).flatten(-2).to(dtype)
-
-
-class LayerKV:
-    def __init__(self, batch: int, kv_heads: int, head_dim: int, capacity: int, ring: bool, keys: bool,
+    def __init__(self, batch: int, kv_heads: int, head_dim: int, capacity: int, keys: bool,
                  dtype: torch.dtype, device: torch.device, kv_dtype: str = "float"):
-        if kv_dtype not in KV_DTYPES:
-            raise ValueError(f"kv_cache: unknown {kv_dtype!r} (use one of {', '.join(KV_DTYPES)})")
-        self.ring = ring
         self.capacity = capacity
-        self.dtype = dtype  # what attention reads
-        self.int8 = kv_dtype == "int8"
-        self.group = int8_group(head_dim)
-        names = (["k"] if keys else []) + ["v"]
-        self.data: dict[str, torch.Tensor] = {}  # every tensor [B, KV, slots, D or D / group]
-        for n in names:
-            self.data[n] = torch.zeros((batch, kv_heads, capacity, head_dim), device=device,
-                                       dtype=torch.int8 if self.int8 else dtype)
-            if self.int8:
-                self.data[n + "_scale"] = torch.zeros((batch, kv_heads, capacity, head_dim // self.group),
-                                                      dtype=torch.float32, device=device)
+        self.codec = Codec(kv_dtype, head_dim, dtype)
+        self.dtype = dtype
+        self.names = (["k"] if keys else []) + ["v"]
+        self.data: dict[str, torch.Tensor] = {  # every tensor [B, KV, slots, D or D / group]
+            n: torch.zeros((batch, kv_heads, capacity, last), dtype=dt, device=device)
+            for name in self.names for n, (last, dt) in self.codec.shapes(name, head_dim).items()}
         self.pos = torch.full((batch, capacity), -1, dtype=torch.long, device=device)
-        self.top = 0  # one past the furthest slot written (full layers)
 
     @property
     def k(self) -> torch.Tensor | None:
@@ -83,152 +59,103 @@ class LayerKV:
     def v(self) -> torch.Tensor:
         return self.data["v"]
 
-    def _grow(self, needed: int) -> None:
-        new_cap = max(needed, 2 * self.capacity)
-        pad = new_cap - self.capacity
-        for n, t in self.data.items():
-            extra = torch.zeros((*t.shape[:2], pad, t.shape[3]), dtype=t.dtype, device=t.device)
-            self.data[n] = torch.cat([t, extra], dim=2)
-        self.pos = torch.cat([self.pos, self.pos.new_full((self.pos.shape[0], pad), -1)], dim=1)
-        self.capacity = new_cap
-
-    def _encode(self, name: str, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        if not self.int8:
-            return {name: x}
-        q, scale = quantize_int8(x, self.group)
-        return {name: q, name + "_scale": scale}
-
-    def _read(self, name: str, rows, n: int | None = None) -> torch.Tensor | None:
-        if name not in self.data:
-            return None
-        t = _rows(self.data[name], rows, n)
-        if self.int8:
-            t = dequantize_int8(t, _rows(self.data[name + "_scale"], rows, n), self.dtype)
-        return t
+    def _read(self, name: str, rows) -> torch.Tensor | None:
+        return self.codec.decode({n: t[rows] if rows is not None else t for n, t in self.data.items()}, name)
 
     def write(self, k: torch.Tensor | None, v: torch.Tensor, pos: torch.Tensor, rows=None) -> None:
         """k, v: [B, KV, T, D]; pos: [B, T] absolute positions, -1 for padding (not written).
         rows: the cache row of each batch row (default: batch row b is cache row b)."""
-        keep = pos >= 0
-        if self.ring:
-            # Only the last `capacity` tokens of a chunk survive; writing only them keeps slots unique.
-            newest = pos.max(dim=1, keepdim=True).values
-            keep &= pos > newest - self.capacity
-            slots = pos % self.capacity
-        else:
-            slots = pos
-            top = int(pos.max()) + 1
-            if top > self.capacity:
-                self._grow(top)
-            self.top = max(self.top, top)
+        # Only the last `capacity` tokens of a chunk survive; writing only them keeps slots unique.
+        newest = pos.max(dim=1, keepdim=True).values
+        keep = (pos >= 0) & (pos > newest - self.capacity)
+        slots = pos % self.capacity
         b_idx, t_idx = keep.nonzero(as_tuple=True)
         s_idx = slots[b_idx, t_idx]
-        r_idx = b_idx if rows is None else _row_index(rows, pos.device)[b_idx]
-        new = self._encode("v", v)
-        if k is not None and "k" in self.data:
-            new.update(self._encode("k", k))
+        r_idx = b_idx if rows is None else torch.tensor(row_list(rows, pos.shape[0]), device=pos.device)[b_idx]
+        new = self.codec.encode("v", v)
+        if k is not None and "k" in self.names:
+            new.update(self.codec.encode("k", k))
         for n, x in new.items():
             self.data[n][r_idx, :, s_idx] = x[b_idx, :, t_idx]
         self.pos[r_idx, s_idx] = pos[b_idx, t_idx]
 
-    def used(self) -> int:
-        """Slots worth attending over: the whole ring, or up to the furthest written position."""
-        return self.capacity if self.ring else self.top
-
-    def update(self, k: torch.Tensor | None, v: torch.Tensor, pos: torch.Tensor, rows=None):
-        """Store a chunk and return (k, v, kpos) to attend over, the chunk included.
+    def update(self, k: torch.Tensor | None, v: torch.Tensor, pos: torch.Tensor, rows=None, chunk: int | None = None):
+        """Store a chunk and return the (k, v, kpos) to attend over, the chunk included, as a list of
+        pieces (here one: a ring is small). k is None on K=V layers.
 
         A ring written before attending would lose positions that earlier queries of a multi-token
         chunk still see, so for chunks the ring's old contents are joined to the new tokens instead.
         """
-        if self.ring and pos.shape[1] > 1:
+        if pos.shape[1] > 1:
             old_k, old_v, old_pos = self._read("k", rows), self._read("v", rows), _rows(self.pos, rows)
             out_k = None if k is None else torch.cat([old_k, k], dim=2)
             out = (out_k, torch.cat([old_v, v], dim=2), torch.cat([old_pos, pos], dim=1))
             self.write(k, v, pos, rows)
-            return out
+            return [out]
         self.write(k, v, pos, rows)
-        n = self.used()
-        return self._read("k", rows, n), self._read("v", rows, n), _rows(self.pos, rows, n)
-
-    def read(self, row: int) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-        """What row `row` holds, in slot order: k (None when keys are rebuilt from values), v [KV, S, D]
-        and their positions [S] (-1: empty slot)."""
-        n = self.used()
-        k, v = self._read("k", slice(row, row + 1), n), self._read("v", slice(row, row + 1), n)
-        return (None if k is None else k[0]), v[0], self.pos[row, :n]
+        return [(self._read("k", rows), self._read("v", rows), _rows(self.pos, rows))]
 
     def clear(self, row: int) -> None:
         """Forget row `row`'s contents (its slots read as empty)."""
         self.pos[row] = -1
 
     def truncate(self, row: int, length: int) -> None:
-        """Forget row `row`'s positions >= length (their slots read as empty)."""
+        """Forget row `row`'s positions >= length."""
         self.pos[row].masked_fill_(self.pos[row] >= length, -1)
 
-    def holds_window(self, row: int, length: int, window: int) -> bool:
-        """Does row `row` still hold every position a query at `length` attends to before itself?"""
-        lo = max(0, length - window + 1) if self.ring else 0
+    def earliest(self, row: int) -> int | None:
+        """The first position row `row` holds (None: empty)."""
+        held = self.pos[row][self.pos[row] >= 0]
+        return int(held.min()) if held.numel() else None
+
+    def _slots(self, row: int, length: int) -> torch.Tensor:
         pos = self.pos[row]
-        return int(((pos >= lo) & (pos < length)).sum()) == length - lo
+        slots = ((pos >= 0) & (pos < length)).nonzero(as_tuple=True)[0]
+        return slots[torch.argsort(pos[slots])]
+
+    def keys_values(self, row: int, n: int):
+        """(k or None, v, pos) of what row `row` holds below position n, in position order: [KV, m, D], [m]."""
+        slots = self._slots(row, n)
+        got = {name: t[row, :, slots] for name, t in self.data.items()}
+        return self.codec.decode(got, "k"), self.codec.decode(got, "v"), self.pos[row, slots]
 
     def snapshot(self, row: int, length: int) -> dict[str, torch.Tensor]:
         """Copies of what row `row` holds of positions [0, length), in position order: "pos" [n] and
         one [KV, n, D] tensor per stored name."""
-        pos = self.pos[row]
-        slots = ((pos >= 0) & (pos < length)).nonzero(as_tuple=True)[0]
-        slots = slots[torch.argsort(pos[slots])]
+        slots = self._slots(row, length)
         out = {n: t[row, :, slots].clone() for n, t in self.data.items()}
-        out["pos"] = pos[slots].clone()
+        out["pos"] = self.pos[row, slots].clone()
         return out
 
     def restore(self, row: int, snap: dict[str, torch.Tensor], upto: int) -> None:
         """Row `row` becomes the snapshot's positions below `upto` (and nothing else)."""
         self.clear(row)
-        keep = snap["pos"] < upto
-        if self.ring:
-            keep &= snap["pos"] >= upto - self.capacity
+        keep = (snap["pos"] < upto) & (snap["pos"] >= upto - self.capacity)
         pos = snap["pos"][keep].to(self.pos.device)
         if pos.numel() == 0:
             return
-        if not self.ring:
-            if upto > self.capacity:
-                self._grow(upto)
-            self.top = max(self.top, upto)
-        slots = pos % self.capacity if self.ring else pos
+        slots = pos % self.capacity
         for n, t in self.data.items():
             t[row, :, slots] = snap[n][:, keep].to(t.device, t.dtype)
         self.pos[row, slots] = pos
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.data.values())
+        return sum(t.numel() * t.element_size() for t in self.data.values()) + self.pos.numel() * self.pos.element_size()
 
 
-def _row_index(rows, device) -> torch.Tensor:
-    if isinstance(rows, slice):
-        return torch.arange(rows.start, rows.stop, device=device)
-    return rows
-
-
-def _rows(t: torch.Tensor | None, rows, n: int | None = None) -> torch.Tensor | None:
-    """Rows of a cache tensor (a view for a slice, a gather for an index), slots cut to n."""
-    if t is None:
-        return None
-    if rows is not None:
-        t = t[rows]
-    if n is not None:
-        t = t[:, :, :n] if t.dim() == 4 else t[:, :n]
-    return t
+def _rows(t: torch.Tensor, rows) -> torch.Tensor:
+    """Rows of a cache tensor (a view for a slice, a gather for an index)."""
+    return t if rows is None else t[rows]
 
 
 class RowsView:
     """One layer of the cache seen through some of its rows: what attention calls update() on."""
 
-    def __init__(self, layer: LayerKV, rows):
+    def __init__(self, layer, rows):
         self.layer, self.rows = layer, rows
 
-    def update(self, k, v, pos):
-        return self.layer.update(k, v, pos, self.rows)
+    def update(self, k, v, pos, chunk: int | None = None):
+        return self.layer.update(k, v, pos, self.rows, chunk)
 
 
 @dataclass
@@ -261,26 +188,45 @@ class Snapshot:
 
 
 class KVCache:
-    """One LayerKV per decoder layer for a batch of sequences."""
+    """One layer store per decoder layer for a batch of rows: RingKV (sliding) or PagedKV (full, one
+    BlockTable for all of them)."""
 
     def __init__(self, config: ModelConfig, batch: int = 1, capacity: int = 256,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", tail: int = 0,
-                 kv_dtype: str = "float"):
+                 kv_dtype: str = "float", block: int = BLOCK_TOKENS, blocks: int | None = None):
+        """capacity: tokens per row the pool starts with (it grows); blocks: a fixed pool of that many
+        blocks of `block` tokens instead, never grown (see fix_pool)."""
         device = torch.device(device)
         if tail < 0:
             raise ValueError(f"tail: must be at least 0, got {tail}")
         self.window = config.sliding_window
+        self.tail = tail
         self.kv_dtype = kv_dtype
+        start = blocks if blocks is not None else max(1, batch * -(-max(1, capacity) // block))
+        self.table = BlockTable(batch, block, start, fixed=blocks is not None)
         self.layers = []
         for i in range(config.num_hidden_layers):
-            ring = config.is_sliding(i)
-            cap = config.sliding_window + tail if ring else max(1, capacity)
-            self.layers.append(LayerKV(batch, config.kv_heads_of(i), config.head_dim_of(i), cap, ring,
-                                       keys=not config.k_eq_v(i), dtype=dtype, device=device, kv_dtype=kv_dtype))
+            kv, d, keys = config.kv_heads_of(i), config.head_dim_of(i), not config.k_eq_v(i)
+            if config.is_sliding(i):
+                self.layers.append(RingKV(batch, kv, d, config.sliding_window + tail, keys, dtype, device, kv_dtype))
+            else:
+                self.layers.append(PagedKV(self.table, kv, d, keys, dtype, device, kv_dtype))
+        self.batch = batch
 
-    @property
-    def batch(self) -> int:
-        return self.layers[0].pos.shape[0] if self.layers else 0
+    def fix_pool(self, blocks: int) -> None:
+        """The full layers get a pool of exactly `blocks` blocks, allocated now and never grown (rows empty)."""
+        self.table.resize(blocks, fixed=True)
+        for layer in self.layers:
+            if not layer.ring:
+                layer._sync()
+
+    def ring_nbytes(self) -> int:
+        """Bytes of the sliding rings of all rows (fixed)."""
+        return sum(layer.nbytes() for layer in self.layers if layer.ring)
+
+    def pool_bytes_per_token(self) -> int:
+        """Bytes one token takes in the full layers' pools, all of them together."""
+        return sum(layer.bytes_per_token() for layer in self.layers if not layer.ring)
 
     def view(self, rows) -> "CacheView":
         """The cache over `rows` (a list of row numbers, in batch order), for one model call."""
@@ -288,23 +234,38 @@ class KVCache:
         if rows == list(range(rows[0], rows[0] + len(rows))):
             index = slice(rows[0], rows[0] + len(rows))  # contiguous: views, no copies
         else:
-            index = torch.tensor(rows, dtype=torch.long, device=self.layers[0].pos.device)
+            index = torch.tensor(rows, dtype=torch.long, device=self.layers[0].v.device)
         return CacheView([RowsView(layer, index) for layer in self.layers])
 
     def clear(self, row: int) -> None:
         for layer in self.layers:
             layer.clear(row)
 
+    def length(self, row: int) -> int:
+        """Positions row `row` holds (0 .. length-1), as the full layers count them."""
+        return self.table.lengths[row]
+
     def truncate(self, row: int, length: int) -> None:
-        """Row `row` forgets positions >= length in every layer (rejected draft tokens). A sliding ring
-        overwrote the slots of the positions just before its window with the tokens now forgotten, so
-        it must have at least (tokens rolled back - 1) `tail` slots; ValueError otherwise (the row is
-        then left as it was)."""
-        if any(layer.ring and not layer.holds_window(row, length, self.window) for layer in self.layers):
-            raise ValueError(f"cannot roll row {row} back to {length} tokens: its sliding rings no longer hold "
-                             f"the window before it (give the cache more tail slots)")
+        """Row `row` forgets positions >= length, so the sequence continues at `length` (speculative
+        decoding's rollback). ValueError if a sliding ring no longer holds the window before `length`
+        (a rollback further than its `tail` slots)."""
+        if length < 0:
+            raise ValueError(f"truncate: length must be at least 0, got {length}")
+        need = max(0, length - self.window + 1)
+        for layer in self.layers:
+            first = layer.earliest(row) if layer.ring else None
+            if first is not None and 0 < length and first > need:
+                raise ValueError(f"truncate: row {row} cannot go back to {length} tokens: its sliding layers "
+                                 f"start at position {first} (its rings keep {self.tail} tail slots before the window)")
         for layer in self.layers:
             layer.truncate(row, length)
+
+    def keys_values(self, layer: int, row: int, n: int):
+        """Row `row`'s K and V of layer `layer` for positions below n, as stored: (k, v, pos) with k, v
+        [KV heads, m, head_dim] in the attention dtype (int8 dequantised) and pos [m] ascending; sliding
+        layers give only what their ring holds. K is rotated; on K=V layers it is None (the keys are
+        the values times k_norm's weight, then RoPE: Attention.keys_values rebuilds them)."""
+        return self.layers[layer].keys_values(row, n)
 
     def snapshot(self, row: int, tokens: list[int]) -> Snapshot:
         """Row `row` holding the sequence `tokens` (positions 0 .. len-1): a copy of its KV."""
@@ -328,6 +289,7 @@ class KVCache:
             layer.restore(row, s, upto)
 
     def nbytes(self) -> int:
+        """Bytes allocated: the rings of every row and the full layers' pools."""
         return sum(layer.nbytes() for layer in self.layers)
 
 

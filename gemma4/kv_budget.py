@@ -1,17 +1,16 @@
-"""One KV memory budget shared by every running sequence, counted in blocks of tokens.
+"""One KV memory budget for every running sequence: it sizes the cache, and admission keeps within it.
 
-A sequence needs its full layers' KV for every position it will reach (prompt + max_tokens, rounded
-up to whole blocks) plus its sliding layers' rings, which are fixed. The scheduler reserves that on
-admission and gives it back when the sequence leaves; a request that does not fit waits.
-The full layers' storage itself stays contiguous per row (rows of one tensor): the budget bounds
-what is admitted, it does not page the tensors.
+What the cache allocates is the budget: the sliding layers' rings of every row (fixed: a ring is
+bounded by the window) and, with the rest, the full layers' block pool (kv_pool.py), fixed at
+`blocks` blocks. A sequence needs pool blocks for every position it may reach (prompt + max_tokens,
+rounded up to whole blocks); the scheduler reserves them on admission and gives them back when the
+sequence leaves, so a running sequence never finds the pool full. A request that does not fit waits.
 """
 
 from __future__ import annotations
 
 import re
 
-BLOCK_TOKENS = 256
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
           "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
 
@@ -27,26 +26,25 @@ def parse_bytes(text: str | int) -> int:
 
 
 class KVBudget:
-    def __init__(self, total_bytes: int, cache, block_tokens: int = BLOCK_TOKENS):
-        """cache: the KVCache whose rows the sequences use (its layers give the sizes)."""
-        if block_tokens < 1:
-            raise ValueError("kv budget: block_tokens must be at least 1")
-        self.total = total_bytes
-        self.block = block_tokens
-        self.per_token = 0  # full layers, bytes per token per row
-        self.per_row = 0  # sliding rings (and their positions), fixed per row
-        for layer in cache.layers:
-            size = sum(t[0, :, 0].numel() * t.element_size() for t in layer.data.values())
-            size += layer.pos.element_size()
-            if layer.ring:
-                self.per_row += size * layer.capacity
-            else:
-                self.per_token += size
+    def __init__(self, total_bytes: int, cache):
+        """cache: the KVCache whose rows the sequences use (its layers give the sizes); the caller fixes
+        its pool at `blocks` (cache.fix_pool)."""
+        self.budget = total_bytes
+        self.block = cache.table.block
+        self.per_token = cache.pool_bytes_per_token()  # full layers, bytes per token of a row
+        self.fixed = cache.ring_nbytes()  # every row's sliding rings
+        block_bytes = self.block * self.per_token
+        self.blocks = (total_bytes - self.fixed) // block_bytes if block_bytes else 1
+        if self.blocks < 1:
+            raise ValueError(f"kv budget: {total_bytes / 2**20:.1f} MiB does not hold the sliding windows of "
+                             f"{cache.batch} rows ({self.fixed / 2**20:.1f} MiB) and one block of {self.block} "
+                             f"tokens ({block_bytes / 2**20:.2f} MiB): raise it or run fewer rows at once")
+        self.total = self.blocks * block_bytes  # what admission hands out: the pool
         self.reserved = 0
 
     def need(self, tokens: int) -> int:
-        blocks = -(-tokens // self.block)
-        return blocks * self.block * self.per_token + self.per_row
+        """Pool bytes a sequence reaching `tokens` positions may take."""
+        return -(-tokens // self.block) * self.block * self.per_token
 
     def fits(self, need: int) -> bool:
         return self.reserved + need <= self.total

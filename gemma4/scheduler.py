@@ -62,6 +62,7 @@ class RequestOutput:
     prompt_tokens: int
     completion_tokens: int
     logprob: TokenLogprob | None = None
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix store
 
 
 @dataclass
@@ -131,6 +132,8 @@ class Scheduler:
         self._cache = model.decoder.new_cache(batch=max_batch, capacity=256, tail=ring_tail, kv_dtype=kv_dtype)
         self.budget = KVBudget(kv_budget, self._cache) if kv_budget is not None else None
         self._draft_room = spec.draft_room(self._cache)
+        if self.budget is not None:  # the budget is what the cache allocates: rings and a fixed pool
+            self._cache.fix_pool(self.budget.blocks)
         self._lock = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -154,8 +157,8 @@ class Scheduler:
             need = self._need(request)
             if need > self.budget.total:
                 raise TooLarge(f"the request needs {need / 2**20:.1f} MiB of KV memory for "
-                               f"{len(request.prompt_ids) + request.params.max_tokens} tokens; the whole KV "
-                               f"budget is {self.budget.total / 2**20:.1f} MiB")
+                               f"{len(request.prompt_ids) + request.params.max_tokens} tokens; the KV budget "
+                               f"holds {self.budget.total / 2**20:.1f} MiB beside the sliding windows")
         with self._lock:
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are already waiting")
@@ -349,7 +352,7 @@ class Scheduler:
         if not seq.finished and request.constraint is not None and request.constraint.done:
             text += seq.finish("stop")
         out = RequestOutput(token, text, seq.finished, seq.finish_reason, len(seq.prompt_ids),
-                            len(seq.output_ids), logprob)
+                            len(seq.output_ids), logprob, r.reused)
         if seq.finished:
             # The cache holds every token but the last sampled one: the next turn of a conversation.
             self._remember(r, r.key + seq.output_ids[:-1])

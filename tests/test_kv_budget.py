@@ -32,20 +32,25 @@ def test_parse_bytes():
 def test_budget_counts_full_layers_per_block_and_rings_per_row(model):
     cfg = model.config
     cache = model.decoder.new_cache(batch=2, tail=3)
-    b = KVBudget(10**9, cache, block_tokens=16)
-    full = sum(cfg.kv_bytes_per_token(i, 4) + 8 for i in range(cfg.num_hidden_layers) if not cfg.is_sliding(i))
+    b = KVBudget(10**9, cache)
+    full = sum(cfg.kv_bytes_per_token(i, 4) for i in range(cfg.num_hidden_layers) if not cfg.is_sliding(i))
     ring = sum((cfg.kv_bytes_per_token(i, 4) + 8) * (cfg.sliding_window + 3)
                for i in range(cfg.num_hidden_layers) if cfg.is_sliding(i))
-    assert b.per_token == full and b.per_row == ring  # float32 values, int64 positions
-    assert b.need(1) == b.need(16) == 16 * full + ring and b.need(17) == 32 * full + ring
+    # float32 values; rings keep int64 positions, a pool's rows are their lengths
+    assert b.per_token == full and b.fixed == 2 * ring
+    block = cache.table.block
+    assert b.need(1) == b.need(block) == block * full and b.need(block + 1) == 2 * block * full
+    assert b.blocks == (10**9 - 2 * ring) // (block * full) and b.total == b.blocks * block * full
+    with pytest.raises(ValueError, match="does not hold the sliding windows"):
+        KVBudget(2 * ring, cache)
 
 
 def test_a_request_over_the_budget_waits_and_completes(model):
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
-    probe = Scheduler(model, max_batch=2, kv_budget=10**12)
-    one = probe._need(Request(_ids(20, 1), params, Collector()))
+    probe = KVBudget(10**12, model.decoder.new_cache(batch=2))  # sizes only: nothing allocated
+    one = probe.need(20 + 40)
     # room for one such request, not two: the second must wait for the first to finish
-    sched = Scheduler(model, max_batch=2, kv_budget=one + one // 2, prefill_chunk=4)
+    sched = Scheduler(model, max_batch=2, kv_budget=probe.fixed + one + one // 2, prefill_chunk=4)
     a, b = Collector(), Collector()
     sched.submit(Request(_ids(20, 1), params, a))
     sched.submit(Request(_ids(20, 2), params, b))

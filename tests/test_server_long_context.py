@@ -35,3 +35,30 @@ def test_prefix_reuse_and_budget_through_the_server(embedded):
         assert r.status_code == 400 and "KV budget" in r.json()["error"]["message"]
     finally:
         live.stop()
+
+
+def test_usage_reports_the_reused_prefix_as_cached_tokens(embedded):
+    """usage.prompt_tokens_details.cached_tokens, as the openai client reads it: 0 on a first request,
+    the prefix store's reused tokens on a second question about the same document (streamed too)."""
+    live = LiveServer(create_app(embedded, model_name="m", max_batch=1, prefix_cache_bytes=2**30))
+    try:
+        sched = live.app.state.scheduler
+        client = live.client()
+        doc = " ".join(f"Line {i} says the tide is {['high', 'low'][i % 2]}." for i in range(50))
+        first = client.completions.create(model="m", prompt=doc + "\nIs the tide high?", max_tokens=2,
+                                          temperature=0)
+        assert first.usage.prompt_tokens_details.cached_tokens == 0
+        stream = client.completions.create(model="m", prompt=doc + "\nIs the tide low?", max_tokens=2,
+                                           temperature=0, stream=True, stream_options={"include_usage": True})
+        usage = [chunk.usage for chunk in stream if chunk.usage is not None]
+        assert len(usage) == 1
+        reused = sched.stats.prefix_reused_tokens
+        assert sched.stats.prefix_hits == 1 and 200 < reused < usage[0].prompt_tokens
+        assert usage[0].prompt_tokens_details.cached_tokens == reused
+        chat = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}],
+                                              max_tokens=1)
+        # only the BOS token is shared with the document: what the store reused, no more
+        assert chat.usage.prompt_tokens_details.cached_tokens == sched.stats.prefix_reused_tokens - reused
+        assert chat.usage.prompt_tokens_details.cached_tokens < 4
+    finally:
+        live.stop()

@@ -1,34 +1,84 @@
-"""Attention of one decoder layer over its KV cache view (sliding ring or full)."""
+"""Attention of one decoder layer over its KV cache view (sliding ring or full).
+
+The cache hands attention its keys and values in pieces (a ring whole; a full layer's context a few
+thousand slots at a time). Each piece is scored in float32 and folded into a running softmax (the
+maximum and sum of exponentials of each query, log-sum-exp style), so no temporary spans the whole
+context in float32 and the stored dtype (bf16, int8) is widened one piece at a time.
+K=V layers store only the values; a piece's keys are rebuilt from them (times the k_norm weight,
+then RoPE on the channels whose frequency is not zero: a quarter of them under proportional RoPE).
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from ..cache import LayerKV
+from ..cache import RowsView
 from ..config import ModelConfig
 from .layers import RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
 
+PIECE_ELEMENTS = 1 << 22  # float32 elements of one piece's scores or values (16 MiB)
+PIECE_ALIGN = 256  # pieces of whole cache blocks
+
+
+def piece_slots(batch: int, heads: int, queries: int, kv_heads: int, head_dim: int) -> int:
+    """Key slots per piece so that its scores [B, H, T, n] and its values [B, KV, n, D] stay within
+    PIECE_ELEMENTS (never below one block)."""
+    n = min(PIECE_ELEMENTS // (batch * heads * queries), PIECE_ELEMENTS // (batch * kv_heads * head_dim))
+    return max(PIECE_ALIGN, n // PIECE_ALIGN * PIECE_ALIGN)
+
 
 def attention_mask(qpos: torch.Tensor, kpos: torch.Tensor, window: int | None,
-                   sees_until: torch.Tensor | None = None) -> torch.Tensor | None:
-    """[B, 1, T, S] booleans (True: attend) from absolute positions; None when every pair may attend.
+                   sees_until: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, T, S] booleans (True: attend) from absolute positions.
 
     A query at p sees keys p-window+1 .. p on sliding layers, 0 .. p on full ones. `sees_until` [B, T]
     moves the upper bound past p (an image's soft tokens see the whole image). Slots at -1 are
-    empty. Padding queries (-1) would see nothing, which makes softmax NaN; they see everything
-    instead, and their outputs are never used.
+    empty; padding queries (-1) see nothing (their outputs are zeros, never used).
     """
     q = qpos[:, :, None]
     k = kpos[:, None, :]
     allowed = (k >= 0) & (k <= (q if sees_until is None else sees_until[:, :, None]))
     if window is not None:
         allowed &= k > q - window
-    allowed |= ~allowed.any(dim=-1, keepdim=True)
-    if bool(allowed.all()):
-        return None
-    return allowed[:, None]
+    return allowed
+
+
+def attend(q: torch.Tensor, pieces, qpos: torch.Tensor, window: int | None, sees_until: torch.Tensor | None,
+           scale: float, scores_of=None) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v over every piece (k, v, kpos) of the cache, in float32.
+
+    q: [B, H, T, D]; a piece's k, v: [B, KV, S, D], kpos [B, S]. Heads h*KV/H share KV head h // (H/KV)
+    (grouped-query attention): q is seen as [B, KV, (H/KV)*T, D]. A piece without keys (K=V layers) is
+    scored by scores_of(v as float32, kpos) -> [B, KV, (H/KV)*T, S]. Returns [B, H, T, D] float32.
+    """
+    b, h, t, d = q.shape
+    qf = q.float()
+    m = l = acc = None
+    for k, v, kpos in pieces:
+        kv = v.shape[1]
+        g = h // kv
+        vf = v.float()
+        s = scores_of(vf, kpos) if k is None else torch.matmul(qf.reshape(b, kv, g * t, d), k.float().transpose(-1, -2))
+        if scale != 1.0:
+            s.mul_(scale)
+        allowed = attention_mask(qpos, kpos, window, sees_until)  # [B, T, S]
+        s.view(b, kv, g, t, -1).masked_fill_(~allowed[:, None, None], float("-inf"))
+        top = s.amax(dim=-1, keepdim=True)
+        if m is not None:
+            top = torch.maximum(top, m)
+        top_safe = top.masked_fill(top == float("-inf"), 0.0)  # a query that sees nothing yet
+        p = torch.exp(s.sub_(top_safe))
+        part = torch.matmul(p, vf)
+        if m is None:
+            l, acc = p.sum(dim=-1, keepdim=True), part
+        else:
+            corr = torch.exp(m - top_safe)
+            l = l.mul_(corr).add_(p.sum(dim=-1, keepdim=True))
+            acc = acc.mul_(corr).add_(part)
+        m = top
+    out = acc / l.clamp(min=torch.finfo(torch.float32).tiny)
+    return out.view(b, h, t, -1)
 
 
 class Attention(nn.Module):
@@ -53,7 +103,56 @@ class Attention(nn.Module):
             raise ValueError("attention_k_eq_v needs v_norm")
         self.register_buffer("inv_freq", rope_inv_freq(config.rope_of(layer), d), persistent=False)
 
-    def forward(self, x: torch.Tensor, qpos: torch.Tensor, kv: LayerKV,
+    def rotated_pairs(self) -> int:
+        """How many rotate-half pairs (i, i + D/2) RoPE turns: those of a non-zero frequency (the first)."""
+        return int((self.inv_freq != 0).sum())
+
+    def keys_from_values(self, v: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
+        """K=V layers: the rotated keys [B, KV, S, D] (float32) of stored values v at positions kpos.
+        k_norm(raw) == v_norm(raw) * k_norm.weight, then RoPE."""
+        k = v.float() * self.k_norm.weight
+        r, half = self.rotated_pairs(), k.shape[-1] // 2
+        k[..., :r], k[..., half:half + r] = self._rotate(k[..., :r], k[..., half:half + r], kpos, r)
+        return k
+
+    def keys_values(self, cache, layer: int, row: int, n: int):
+        """Row `row`'s rotated K and V of this layer (number `layer` of `cache`) for positions below n:
+        k, v [KV heads, m, D] float32 and pos [m] (cache.keys_values, with K=V layers' keys rebuilt)."""
+        k, v, pos = cache.keys_values(layer, row, n)
+        if k is None:
+            k = self.keys_from_values(v[None], pos[None])[0]
+        return k.float(), v.float(), pos
+
+    def _rotate(self, x1, x2, kpos, r):
+        angle = kpos.clamp(min=0).float()[:, None, :, None] * self.inv_freq[:r].to(x1.device)  # [B, 1, S, r]
+        cos, sin = angle.cos(), angle.sin()
+        return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+
+    def value_scores(self, q: torch.Tensor):
+        """K=V layers: scores_of(v, kpos) for attend, q [B, H, T, D] float32, without building whole keys.
+        q . rope(v * w) = (q * w) . v on the channels RoPE leaves alone, so the k_norm weight folds into
+        q there and only the r rotated pairs of each value are weighted and turned (a quarter of them
+        under proportional RoPE)."""
+        b, h, t, d = q.shape
+        w, r, half = self.k_norm.weight, self.rotated_pairs(), d // 2
+        g = h // self.kv_heads
+        q_plain = q * w
+        q_plain[..., :r] = 0
+        q_plain[..., half:half + r] = 0
+        q_plain = q_plain.reshape(b, self.kv_heads, g * t, d)
+        q_rot = torch.cat([q[..., :r], q[..., half:half + r]], dim=-1).reshape(b, self.kv_heads, g * t, 2 * r)
+        w1, w2 = w[:r], w[half:half + r]
+
+        def scores(v: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
+            s = torch.matmul(q_plain, v.transpose(-1, -2))
+            if r:
+                k1, k2 = self._rotate(v[..., :r] * w1, v[..., half:half + r] * w2, kpos, r)
+                s.add_(torch.matmul(q_rot, torch.cat([k1, k2], dim=-1).transpose(-1, -2)))
+            return s
+
+        return scores
+
+    def forward(self, x: torch.Tensor, qpos: torch.Tensor, kv: RowsView,
                 sees_until: torch.Tensor | None = None) -> torch.Tensor:
         """x: [B, T, hidden]; qpos: [B, T] absolute positions (-1: padding); sees_until: see attention_mask."""
         b, t, _ = x.shape
@@ -63,28 +162,14 @@ class Attention(nn.Module):
         raw_k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim)
         raw_v = raw_k if self.k_eq_v else self.v_proj(x).view(b, t, self.kv_heads, self.head_dim)
         v = self.v_norm(raw_v) if self.v_norm is not None else raw_v
-
+        step = piece_slots(b, self.heads, t, self.kv_heads, self.head_dim)
         if self.k_eq_v:
-            # One stored tensor: k_norm(raw) == v_norm(raw) * k_norm.weight, so keys are rebuilt
-            # from the cached values at their own positions.
-            _, v_all, kpos = kv.update(None, v.transpose(1, 2), qpos)
-            kcos, ksin = rope_cos_sin(self.inv_freq, kpos.clamp(min=0), x.dtype)
-            k_all = apply_rope((v_all.transpose(1, 2) * self.k_norm.weight).to(x.dtype), kcos, ksin).transpose(1, 2)
+            # One stored tensor (the values); each piece's keys are rebuilt from it.
+            pieces = kv.update(None, v.transpose(1, 2), qpos, chunk=step)
         else:
             k = apply_rope(self.k_norm(raw_k), cos, sin)
-            k_all, v_all, kpos = kv.update(k.transpose(1, 2), v.transpose(1, 2), qpos)
-
-        mask = attention_mask(qpos, kpos, self.window, sees_until)
-        q = q.transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=self.scale,
-                                             enable_gqa=self.heads != self.kv_heads)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
-
-    def cached_kv(self, kv: LayerKV, row: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The rotated keys and the values row `row` of this layer's cache holds, [KV, S, D] each, and
-        their positions [S] (-1: empty), as this layer attends over them (an assistant drafter reads them)."""
-        k, v, pos = kv.read(row)
-        if k is None:  # K=V: rebuilt as forward() does
-            cos, sin = rope_cos_sin(self.inv_freq, pos.clamp(min=0)[None], v.dtype)
-            k = apply_rope((v.transpose(0, 1)[None] * self.k_norm.weight).to(v.dtype), cos, sin)[0].transpose(0, 1)
-        return k, v, pos
+            pieces = kv.update(k.transpose(1, 2), v.transpose(1, 2), qpos, chunk=step)
+        q = q.transpose(1, 2).float()
+        scores_of = self.value_scores(q) if self.k_eq_v else None
+        out = attend(q, pieces, qpos, self.window, sees_until, self.scale, scores_of)
+        return self.o_proj(out.to(x.dtype).transpose(1, 2).reshape(b, t, self.heads * self.head_dim))

@@ -257,7 +257,9 @@ def _chunk(rid: str, kind: str, created: int, model_name: str, choices: list) ->
 def _usage(states: list) -> dict:
     prompt = sum(s.prompt_tokens for s in states if s.counts_prompt)
     completion = sum(s.completion_tokens for s in states)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    cached = sum(s.cached_tokens for s in states if s.counts_prompt)  # prefix reuse, as OpenAI and vLLM report it
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def _model_card(name: str, created: int, model) -> dict:

@@ -23,6 +23,7 @@ class _Choice:
         self.prompt_tokens = len(self.job.prompt_ids)
         self.counts_prompt = index % prepared.n == 0  # n answers to one prompt count it once
         self.completion_tokens = 0
+        self.cached_tokens = 0
         self.finish_reason: str | None = None
 
     def _token(self, token_id: int) -> str:
@@ -30,6 +31,7 @@ class _Choice:
 
     def _record(self, out: RequestOutput) -> None:
         self.completion_tokens = out.completion_tokens
+        self.cached_tokens = out.cached_tokens
         if out.finished:
             self.finish_reason = out.finish_reason
 

@@ -1,0 +1,88 @@
+"""Attention over the cache in pieces merged by a running softmax equals one plain masked softmax; K=V
+layers score values without building whole keys and still equal q . RoPE(v * k_norm weight)."""
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+import gemma4
+from gemma4.engine import prefill
+from gemma4.model import attention
+from gemma4.model.attention import Attention, attend, attention_mask
+from gemma4.model.layers import apply_rope, rope_cos_sin
+from reference import VOCAB
+
+
+def _plain(q, k, v, qpos, kpos, window, sees_until):
+    """softmax over all keys at once (SDPA with a boolean mask, heads repeated for GQA)."""
+    g = q.shape[1] // k.shape[1]
+    mask = attention_mask(qpos, kpos, window, sees_until)[:, None]
+    return F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1),
+                                          attn_mask=mask, scale=1.0)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("step", [1, 3, 7, 40])
+def test_pieces_merged_equal_one_softmax(window, step):
+    g = torch.Generator().manual_seed(0)
+    b, h, kv, t, s, d = 2, 6, 2, 4, 23, 8
+    q, k, v = (torch.randn(shape, generator=g) * 2 for shape in [(b, h, t, d), (b, kv, s, d), (b, kv, s, d)])
+    kpos = torch.arange(s).repeat(b, 1)
+    kpos[1, 15:] = -1  # empty slots of a shorter row
+    kpos[0, :3] = -1
+    qpos = torch.tensor([[19, 20, 21, 22], [11, 12, 13, 14]])
+    sees_until = qpos.clone()
+    sees_until[0, 1] = 22  # a soft token that sees the rest of its image
+    pieces = [(k[:, :, a:a + step], v[:, :, a:a + step], kpos[:, a:a + step]) for a in range(0, s, step)]
+    got = attend(q, pieces, qpos, window, sees_until, 1.0)
+    want = _plain(q, k, v, qpos, kpos, window, sees_until)
+    assert (got - want).abs().max() <= 1e-5  # float32 rounding of two summation orders
+
+
+def test_padding_queries_see_nothing_and_give_zeros():
+    q, k, v = torch.randn(1, 2, 2, 4), torch.randn(1, 1, 3, 4), torch.randn(1, 1, 3, 4)
+    out = attend(q, [(k, v, torch.tensor([[0, 1, 2]]))], torch.tensor([[-1, 2]]), None, None, 1.0)
+    assert torch.isfinite(out).all() and (out[:, :, 0] == 0).all()
+
+
+def test_k_eq_v_scores_equal_rotated_keys(gemma4_models):
+    cfg = gemma4.load(gemma4_models["moe_kv"][0]).config
+    layer = next(i for i in range(cfg.num_hidden_layers) if cfg.k_eq_v(i) and not cfg.is_sliding(i))
+    attn = Attention(cfg, layer)
+    g = torch.Generator().manual_seed(1)
+    attn.k_norm.weight.copy_(0.5 + torch.rand(attn.head_dim, generator=g))
+    assert 0 < attn.rotated_pairs() < attn.head_dim // 2, "the test wants partial rotation"
+    b, t, s = 2, 3, 9
+    q = torch.randn(b, attn.heads, t, attn.head_dim, generator=g)
+    v = torch.randn(b, attn.kv_heads, s, attn.head_dim, generator=g)
+    kpos = torch.randint(0, 5000, (b, s), generator=g)
+    cos, sin = rope_cos_sin(attn.inv_freq, kpos, torch.float32)
+    keys = apply_rope((v * attn.k_norm.weight).transpose(1, 2), cos, sin).transpose(1, 2)
+    assert (attn.keys_from_values(v, kpos) - keys).abs().max() <= 1e-5
+    grp = attn.heads // attn.kv_heads
+    want = q.reshape(b, attn.kv_heads, grp * t, -1) @ keys.transpose(-1, -2)
+    got = attn.value_scores(q)(v, kpos)
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()  # float32, summed in another order
+
+
+@pytest.mark.parametrize("kv_dtype", ["float", "int8"])
+def test_decode_over_one_slot_pieces_equals_whole_pieces(gemma4_models, monkeypatch, kv_dtype):
+    model = gemma4.load(gemma4_models["moe_kv"][0])
+    dec = model.decoder
+    ids = torch.randint(3, VOCAB, (40,), generator=torch.Generator().manual_seed(3))
+    pos = torch.arange(40)[None]
+
+    def run():
+        cache = dec.new_cache(batch=1, capacity=4, kv_dtype=kv_dtype)
+        with torch.inference_mode():
+            h = prefill(dec, cache, ids[None, :30], pos[:, :30], chunk=7)
+            out = [dec.logits(h)[0]]
+            for i in range(30, 40):
+                out.append(dec.logits(dec(ids[None, i:i + 1], pos[:, i:i + 1], cache)[:, -1])[0])
+        return torch.stack(out)
+
+    whole = run()
+    monkeypatch.setattr(attention, "PIECE_ALIGN", 1)
+    monkeypatch.setattr(attention, "PIECE_ELEMENTS", 1)
+    pieces = run()
+    assert (whole - pieces).abs().max() <= 1e-4  # float32: the same sums in another order
