@@ -47,9 +47,21 @@ def _formats(w):
     return {"int4": quantize_int4(w), "int8": quantize_int8(w), "int8_g16": quantize_int8(w, 16)}
 
 
+def _q8_activations(x):
+    """Activations as the int8 kernel rounds them, in the kernel's own float32 steps: per block of 32,
+    d = max|x| / 127, q = round-half-even(x * (1 / d)); returns (q * d, d)."""
+    m, k = x.shape
+    b = x.reshape(m, k // 32, 32)
+    d = b.abs().amax(-1, keepdim=True) / 127
+    q = torch.round(b * torch.where(d > 0, 1 / d, 0))
+    return (q * d).reshape(m, k), d
+
+
+@pytest.mark.parametrize("acts", ["float", "int8"])
 @pytest.mark.parametrize("native", [True, False])
-@pytest.mark.parametrize("rows", [1, 3, 8, 9])
-def test_kernel_equals_float_product_with_dequantised_weight(monkeypatch, native, rows):
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 21])
+def test_kernel_equals_float_product_with_dequantised_weight(monkeypatch, native, rows, acts):
+    monkeypatch.setenv("GEMMA4_ACTIVATIONS", acts)
     if not native:
         monkeypatch.setattr(kernels, "_native", False)  # the plain-torch path (CUDA, no compiler)
     elif kernels.native() is None:
@@ -57,13 +69,46 @@ def test_kernel_equals_float_product_with_dequantised_weight(monkeypatch, native
     g = torch.Generator().manual_seed(1)
     n, k = 72, 640
     w, x = torch.randn(n, k, generator=g), torch.randn(rows, k, generator=g)
+    x[0, 5] = 0.0  # a block's maximum may sit anywhere; an all-zero block must give zeros, not NaN
+    x[-1, 32:64] = 0.0
+    # On the int8 path the kernel multiplies the activations rounded per block of 32 (llama.cpp's
+    # Q8_0 activations); the plain-torch path keeps them float.
+    seen = _q8_activations(x)[0] if native and acts == "int8" else x
     for name, qw in _formats(w).items():
-        ref = x.double() @ qw.dequantize().double().T
+        ref = seen.double() @ qw.dequantize().double().T
         got = kernels.qlinear(x, qw).double()
         # Only float32 rounding differs: any summation order of K products (plus the per-group scale
-        # and offset terms) is within (K + 4) * eps * sum|x * w| of the exact sum.
-        bound = (k + 4) * EPS32 * (x.abs().double() @ qw.dequantize().abs().double().T)
+        # and offset terms) is within (K + 4) * eps * sum|x * w| of the exact sum. (The int8 path sums
+        # each block exactly in integers, then rounds once per block: fewer roundings, same bound.)
+        bound = (k + 4) * EPS32 * (seen.abs().double() @ qw.dequantize().abs().double().T)
         assert ((got - ref).abs() <= bound).all(), name
+
+
+def test_kernel_rounds_activations_like_q8_0():
+    if kernels.native() is None:
+        pytest.skip("no AVX2 kernel on this machine")
+    x = torch.randn(5, 256, generator=torch.Generator().manual_seed(3)) * torch.logspace(-3, 3, 5)[:, None]
+    x[2, :32] = 0.0
+    assert torch.equal(kernels.native().quantize_activations(x), _q8_activations(x)[0])
+
+
+def test_int8_activations_err_at_most_half_a_step_per_block(monkeypatch):
+    """|x@w - x_q@w| <= sum over blocks of d_b / 2 * sum_b |w|: each activation moves at most half its
+    block's step d_b = max|x| / 127. A scale or block misplaced by the kernel breaks this at once."""
+    if kernels.native() is None:
+        pytest.skip("no AVX2 kernel on this machine")
+    monkeypatch.setenv("GEMMA4_ACTIVATIONS", "int8")
+    g = torch.Generator().manual_seed(2)
+    n, k = 64, 1024
+    w, x = torch.randn(n, k, generator=g), torch.randn(4, k, generator=g) ** 3  # heavy-tailed, like activations
+    for name, qw in _formats(w).items():
+        wd = qw.dequantize().double()
+        exact = x.double() @ wd.T
+        got = kernels.qlinear(x, qw).double()
+        d = _q8_activations(x)[1].double()  # [rows, blocks, 1]
+        half_steps = (d / 2).expand(-1, -1, 32).reshape(4, k)
+        rounding = (k + 4) * EPS32 * (x.abs().double() @ wd.abs().T) * 2
+        assert ((got - exact).abs() <= half_steps @ wd.abs().T + rounding).all(), name
 
 
 def test_quantised_weights_round_trip_within_half_a_step():
@@ -119,3 +164,95 @@ def test_quantize_rejects_unknown_format(tmp_path):
     build_gemma4(tmp_path / "hf", "blocks", seed=5)
     with pytest.raises(ValueError, match="quantize"):
         gemma4.load(tmp_path / "hf", progress=False, quantize="int3")
+
+
+def _logits_by_activations(monkeypatch, model, ids) -> dict[str, torch.Tensor]:
+    out = {}
+    for acts in ("float", "int8"):
+        monkeypatch.setenv("GEMMA4_ACTIVATIONS", acts)
+        out[acts] = model.forward(ids)
+    return out
+
+
+# Rounding activations to 8 bits per block of 32 is Q8_0's rounding applied to the other factor of each
+# product, so on the same model it should cost about what Q8_0 weights cost. Random tiny models are
+# chaotic (the router's top-2 of 4 flips at near-ties: over seeds 5-7 the ratio ran 0.25-1.5), hence 2x;
+# a misplaced scale or block costs orders of magnitude more.
+def test_int8_activations_cost_about_what_q8_0_weights_cost(tmp_path, monkeypatch):
+    if kernels.native() is None:
+        pytest.skip("no AVX2 kernel on this machine")
+    build_gemma4(tmp_path / "hf", "blocks", seed=5)
+    ids = torch.randint(3, VOCAB, (40,), generator=torch.Generator().manual_seed(4))
+    ref = gemma4.load(tmp_path / "hf", progress=False).forward(ids)
+    path = write_gguf(open_checkpoint(tmp_path / "hf"), tmp_path / "q8.gguf", "Q8_0", tiny_vocab_metadata())
+    got = _logits_by_activations(monkeypatch, gemma4.load(path, progress=False), ids)
+    cost, weights_cost = _mean_kl(got["float"], got["int8"]), _mean_kl(ref, got["float"])
+    assert 0 < cost <= 2 * weights_cost, (cost, weights_cost)
+
+
+@pytest.mark.llamacpp
+def test_int8_activations_cost_less_than_llamacpp_rounding(monkeypatch):
+    """On the embedded model, over bench/data/english.txt: the KL of int8-activation logits from the
+    float-activation ones is below the KL of llama.cpp's logits (which round activations to 8 bits per
+    32 or per 256) from the same float-activation logits: we lose less than the peer does."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    if kernels.native() is None:
+        pytest.skip("no AVX2 kernel on this machine")
+    from pathlib import Path
+
+    from gemma4.store import embedded_path
+
+    path = embedded_path()
+    text = (Path(__file__).parent.parent / "bench" / "data" / "english.txt").read_text()
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=1024, n_threads=2, logits_all=True, verbose=False)
+    ids = llm.tokenize(text.encode(), add_bos=True, special=False)
+    llm.eval(ids)
+    theirs = torch.tensor(np.array(llm.scores[: len(ids)], dtype=np.float32))
+    got = _logits_by_activations(monkeypatch, gemma4.load(path, progress=False), ids)
+    cost, peer_cost = _mean_kl(got["float"], got["int8"]), _mean_kl(got["float"], theirs)
+    print(f"KL int8 activations {cost:.5f}, llama.cpp {peer_cost:.5f}")
+    assert 0 < cost < peer_cost, (cost, peer_cost)
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
+def test_fused_routed_experts_equal_the_per_expert_loop(tmp_path, monkeypatch, qtype):
+    """Decode's two native expert calls against the grouped loop (one matmul per expert hit): the same
+    int8-rounded activations and weights, so only float summation order differs (within 1e-5 relative)."""
+    if kernels.native() is None:
+        pytest.skip("no AVX2 kernel on this machine")
+    from gemma4.model.moe import Experts
+
+    build_gemma4(tmp_path / "hf", "blocks", seed=9)
+    path = write_gguf(open_checkpoint(tmp_path / "hf"), tmp_path / "m.gguf", qtype, tiny_vocab_metadata())
+    layer = gemma4.load(path, progress=False).decoder.layers[0]
+    g = torch.Generator().manual_seed(6)
+    for tokens in (1, 3):
+        x = torch.randn(tokens, layer.experts.gate_up_proj.shape[-1], generator=g)
+        weights, experts = layer.router(x)
+        fused = layer.experts._fused(x, experts, weights)
+        assert fused is not None
+        monkeypatch.setattr(Experts, "FUSED_MAX_TOKENS", 0)
+        loop = layer.experts(x, experts, weights)
+        monkeypatch.undo()
+        assert torch.allclose(fused, loop, rtol=1e-5, atol=1e-5 * loop.abs().max().item())
+
+
+def test_native_rms_norm_equals_the_torch_ops(monkeypatch):
+    """The fused norm (with and without weight, with the residual add) against the plain torch path:
+    the same float32 operations, only the sum of squares in another order (within 1e-6 relative)."""
+    if kernels.native() is None:
+        pytest.skip("no AVX2 kernel on this machine")
+    from gemma4.model.layers import RMSNorm
+
+    g = torch.Generator().manual_seed(8)
+    for dim, with_scale in ((640, True), (256, False), (100, True)):
+        norm = RMSNorm(dim, 1e-6, with_scale=with_scale)
+        if with_scale:
+            norm.weight.copy_(torch.randn(dim, generator=g))
+        x, r = torch.randn(3, 2, dim, generator=g) * 7, torch.randn(3, 2, dim, generator=g)
+        native = norm(x), norm(x, residual=r)
+        monkeypatch.setattr(kernels, "_native", False)
+        plain = norm(x), norm(x, residual=r)
+        monkeypatch.undo()
+        for a, b in zip(native, plain):
+            assert torch.allclose(a, b, rtol=1e-6, atol=1e-6 * b.abs().max().item())

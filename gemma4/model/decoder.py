@@ -39,7 +39,7 @@ class DecoderLayer(nn.Module):
             self.layer_scalar = None
 
     def forward(self, h: torch.Tensor, qpos: torch.Tensor, kv, sees_until: torch.Tensor | None = None) -> torch.Tensor:
-        h = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), qpos, kv, sees_until))
+        h = self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), qpos, kv, sees_until), residual=h)
 
         residual = h
         m = self.mlp(self.pre_feedforward_layernorm(residual))
@@ -47,8 +47,8 @@ class DecoderLayer(nn.Module):
             flat = residual.reshape(-1, residual.shape[-1])
             weights, experts = self.router(flat)  # routed on the residual, not the normed input
             e = self.experts(self.pre_feedforward_layernorm_2(flat), experts, weights).view_as(residual)
-            m = self.post_feedforward_layernorm_1(m) + self.post_feedforward_layernorm_2(e)
-        h = residual + self.post_feedforward_layernorm(m)
+            m = self.post_feedforward_layernorm_2(e, residual=self.post_feedforward_layernorm_1(m))
+        h = self.post_feedforward_layernorm(m, residual=residual)
 
         if self.layer_scalar is not None:
             h = h * self.layer_scalar

@@ -7,6 +7,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..config import RopeSpec
+from ..quant.kernels import native
 
 
 class RMSNorm(nn.Module):
@@ -22,12 +23,19 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32), requires_grad=False) if with_scale else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """norm(x), or residual + norm(x) in one pass (the decoder's residual adds)."""
+        if x.device.type == "cpu" and x.dtype == torch.float32 and (residual is None or residual.dtype == x.dtype):
+            kernel = native()
+            if kernel is not None:  # one native pass instead of six small aten ops
+                return kernel.rms_norm(x.contiguous(), self.weight, self.eps,
+                                       None if residual is None else residual.contiguous())
         h = x.float()
         h = h * torch.pow(h.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
         if self.weight is not None:
             h = h * self.weight
-        return h.type_as(x)
+        h = h.type_as(x)
+        return h if residual is None else residual + h
 
 
 def rope_inv_freq(spec: RopeSpec, head_dim: int) -> torch.Tensor:

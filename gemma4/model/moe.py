@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..quant.modules import matmul
+from ..quant.kernels import expert_matmul
+from ..quant.modules import QuantParam, matmul
 from .layers import RMSNorm, gelu_tanh
 
 
@@ -47,8 +48,15 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h), requires_grad=False)
         self.down_proj = nn.Parameter(torch.empty(e, h, i), requires_grad=False)
 
+    # Up to this many tokens (decode steps of a batch) the routed experts run as two native calls.
+    FUSED_MAX_TOKENS = 4
+
     def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x: [N, hidden]; experts, weights: [N, k]."""
+        if x.shape[0] <= self.FUSED_MAX_TOKENS:
+            out = self._fused(x, experts, weights)
+            if out is not None:
+                return out
         k = experts.shape[1]
         flat = experts.reshape(-1)
         order = torch.argsort(flat, stable=True)
@@ -64,3 +72,17 @@ class Experts(nn.Module):
             y = matmul(gelu_tanh(gate) * up, self.down_proj[e])
             out.index_add_(0, tokens, (y * flat_weights[picks, None]).to(out.dtype))
         return out
+
+    def _fused(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor | None:
+        """Each token's k routed experts in two native calls (gate_up, then down with the weighted sum),
+        no Python loop; None when the weights are not quantised or the kernel does not apply."""
+        if not (isinstance(self.gate_up_proj, QuantParam) and isinstance(self.down_proj, QuantParam)):
+            return None
+        k = experts.shape[1]
+        ids = experts.reshape(-1)
+        gate_up = expert_matmul(x.repeat_interleave(k, dim=0), self.gate_up_proj.qweight, ids)
+        if gate_up is None:
+            return None
+        gate, up = gate_up.chunk(2, dim=-1)
+        out = expert_matmul(gelu_tanh(gate) * up, self.down_proj.qweight, ids, weights.reshape(-1), k)
+        return None if out is None else out.to(x.dtype)

