@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROMPT ?= The capital of France is
 
-.PHONY: run test install bench parity clean
+.PHONY: run test install kernels bench parity clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -18,10 +18,15 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
-run: $(STAMP)
+# The native CPU kernel for quantised weights is compiled once per source version (about a minute,
+# cached under ~/.cache/torch_extensions); built here so that no command or test pays it.
+kernels: $(STAMP)
+	$(BIN)/python -c "from gemma4.quant.kernels import native; native()"
+
+run: kernels
 	$(BIN)/gemma4 run --max-tokens 48 "$(PROMPT)"
 
-test: $(STAMP)
+test: kernels
 	$(BIN)/python -m pytest -q -x
 
 # Prepares once (llama-cpp-python, the random 26B-A4B-shape model: ~20 minutes for 6 layers), caches it
