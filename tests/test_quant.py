@@ -256,3 +256,17 @@ def test_native_rms_norm_equals_the_torch_ops(monkeypatch):
         monkeypatch.undo()
         for a, b in zip(native, plain):
             assert torch.allclose(a, b, rtol=1e-6, atol=1e-6 * b.abs().max().item())
+
+
+@pytest.mark.parametrize("quantize", [quantize_int4, quantize_int8,
+                                      lambda w: quantize_int8(w, group=16)])
+def test_a_rows_product_does_not_depend_on_the_rows_beside_it(quantize):
+    """Bit for bit: a verify step over k+1 rows must give each row what a one-row decode step gives, or
+    greedy speculative output could differ from plain decoding at near-ties."""
+    g = torch.Generator().manual_seed(3)
+    w = quantize(torch.randn(96, 256, generator=g))
+    for m in (2, 3, 5, 8, 9, 17):
+        x = torch.randn(m, 256, generator=g)
+        together = kernels.qlinear(x, w)
+        alone = torch.cat([kernels.qlinear(x[i:i + 1], w) for i in range(m)])
+        assert torch.equal(together, alone), m

@@ -202,7 +202,8 @@ static inline void row_dot(const uint8_t* qr, const float* sr, const float* zr, 
     __m256 acc[MR];
     for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
     int64_t b = 0;
-    if constexpr (MR <= 2) {  // two blocks per step: two FMA chains per row hide their latency
+    {  // two blocks per step: two FMA chains per row hide their latency. The same order for every MR, so
+       // a row's result never depends on how many rows share the call (speculative verify == decode).
         __m256 acc2[MR];
         for (int r = 0; r < MR; ++r) acc2[r] = _mm256_setzero_ps();
         for (; b + 2 <= B; b += 2) {
