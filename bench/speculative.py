@@ -99,7 +99,7 @@ def embedded_section(args) -> str:
         f"(a paragraph, then the request to repeat it with the names changed), {args.new_tokens} new tokens; "
         f"decode time after the first token, median of {args.reps}, runs interleaved. Drafter: prompt lookup "
         f"(n-grams of 4 down to 1 over the prompt and output).", "", *rows, "",
-        f"Output (the same with and without): {text[:300]!r}…"])
+        f"Output without speculation: {text[:300]!r}…"])
 
 
 # ---- 2. a verify step on the 26B-A4B shape ---------------------------------------------------------
