@@ -32,9 +32,11 @@ test: kernels
 # Prepares once (llama-cpp-python, the random 26B-A4B-shape model: ~20 minutes for 6 layers), caches it
 # under $GEMMA4_BENCH_CACHE (default ~/.cache/gemma4-bench), then measures; BENCH_ARGS="--layers 1" etc.
 # bench/speculative.py: prompt lookup on the embedded model, a verify step's cost on the 26B-A4B shape
-bench: $(STAMP)
+# bench/long_context.py: KV bytes and peak memory at 8K-128K, time to first token on a cached document
+bench: kernels
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 	$(BIN)/python bench/speculative.py $(SPEC_BENCH_ARGS)
+	$(BIN)/python -m bench.long_context $(LONG_BENCH_ARGS)
 
 # llama.cpp is built from source by pip (about 10 minutes on 2 cores), once.
 parity: $(STAMP)
