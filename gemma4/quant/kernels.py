@@ -407,6 +407,11 @@ torch::Tensor rms_norm(torch::Tensor x, c10::optional<torch::Tensor> weight, dou
 }
 """
 
+# -fopenmp: at::parallel_for is OpenMP in torch's CPU build and a header template here; compiled without
+# it, every product ran on one thread. The extension links libgomp.so.1, which resolves to the copy torch
+# has already loaded, so one thread pool serves both.
+_CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
+
 _lock = threading.Lock()
 _native = None  # the compiled module, False when it cannot be built
 
@@ -427,11 +432,11 @@ def _build():
     try:
         from torch.utils.cpp_extension import load_inline
 
-        # Named by its source, so builds of different versions never meet in torch's build cache.
-        tag = hashlib.sha256(_SOURCE.encode()).hexdigest()[:12]
+        # Named by its source and flags, so builds of different versions never meet in torch's build cache.
+        tag = hashlib.sha256((_SOURCE + " ".join(_CFLAGS)).encode()).hexdigest()[:12]
         return load_inline(name=f"gemma4_qmm_{tag}", cpp_sources=_SOURCE,
                            functions=["qmm", "qmm_q8", "qmm_experts", "quantize_activations", "rms_norm"],
-                           extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c"], verbose=False)
+                           extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
     except Exception:  # no compiler, no headers: the plain-torch path serves
         return None
 
