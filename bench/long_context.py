@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -130,21 +131,25 @@ def memory_child(context: int, layers: int) -> dict:
 
 
 def llama_cpp_kv(context: int) -> dict | None:
-    """llama.cpp's KV buffer sizes for a GGUF of this shape, from its verbose log (None: no file)."""
+    """llama.cpp's KV buffer sizes per layer for a GGUF of this shape, from its verbose log (None: no
+    file). Any depth of `make bench`'s shape files serves; its full (non-SWA) cache is logged first."""
     root = Path(os.environ.get("GEMMA4_BENCH_CACHE") or Path.home() / ".cache" / "gemma4-bench")
-    gguf = root / "gemma4-26b-a4b-shape-L6" / "model-Q8_0.gguf"
-    if not gguf.exists():
+    files = sorted(root.glob("gemma4-26b-a4b-shape-L*/model-Q8_0.gguf"))
+    if not files:
         return None
     code = ("from llama_cpp import Llama\n"
-            f"Llama(model_path={str(gguf)!r}, n_ctx={context}, n_threads=2, n_batch={CHUNK}, n_ubatch={CHUNK}, "
+            f"Llama(model_path={str(files[0])!r}, n_ctx={context}, n_threads=2, n_batch={CHUNK}, n_ubatch={CHUNK}, "
             "verbose=True)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    sizes = [line for line in r.stderr.splitlines() if line.startswith("llama_kv_cache: size =")]
+    sizes = [re.search(r"size =\s*([\d.]+) MiB \(\s*\d+ cells,\s*(\d+) layers", line)
+             for line in r.stderr.splitlines() if line.startswith("llama_kv_cache") and "size =" in line]
+    sizes = [(float(m.group(1)), int(m.group(2))) for m in sizes if m]
     if not sizes:
         return None
-    mib = [float(line.split("=")[1].split("MiB")[0]) for line in sizes]
-    # the file has 5 sliding + 1 full layers; the first "size" line is the full (non-SWA) cache
-    return dict(full_layer_mib=mib[0], sliding_layers_mib=sum(mib[1:]), swa_full="full-size SWA" in r.stderr)
+    (full_mib, full_layers), rest = sizes[0], sizes[1:]
+    sliding = sum(mib for mib, _ in rest) / max(1, sum(n for _, n in rest))
+    return dict(full_layer_mib=full_mib / full_layers, sliding_layer_mib=sliding, file=files[0].parent.name,
+                swa_full="full-size SWA" in r.stderr)
 
 
 def ttft(context: int, layers: int, question: int = 32) -> dict:
@@ -211,7 +216,7 @@ def _table(rs: list[dict]) -> str:
         kv30 = REAL_FULL * r["full_bytes_per_token"] * ctx + REAL_SLIDING * r["sliding_ring_bytes"]
         min30 = REAL_FULL * 2 * 512 * 2 * ctx + REAL_SLIDING * 1024 * 8 * 256 * 2 * 2
         lc = r.get("llama_cpp")
-        lc30 = (f"{(REAL_FULL * lc['full_layer_mib'] + REAL_SLIDING / 5 * lc['sliding_layers_mib']) * mib / 2**30:.2f}"
+        lc30 = (f"{(REAL_FULL * lc['full_layer_mib'] + REAL_SLIDING * lc['sliding_layer_mib']) * mib / 2**30:.2f}"
                 if lc else "n/a")
         lines.append(f"{ctx:>8} {r['full_bytes_per_token'] / kib:>12.2f} {r['sliding_ring_bytes'] / mib:>9.2f} "
                      f"{kv30 / 2**30:>10.2f} {min30 / 2**30:>11.2f} {r['peak_above_weights_mib']:>12.0f} {lc30:>17} "
