@@ -79,7 +79,9 @@ def decode_image(data: bytes, what: str = "image") -> Image:
             return from_pil(img)
     except UnidentifiedImageError:
         raise ValueError(f"{what}: not an image in a supported format ({', '.join(FORMATS)})") from None
-    except (OSError, SyntaxError, PILImage.DecompressionBombError) as e:
+    except PILImage.DecompressionBombError:  # Pillow refuses from the header too, above its own limit
+        raise ValueError(f"{what}: the image is too large (at most {MAX_PIXELS} pixels)") from None
+    except (OSError, SyntaxError) as e:
         raise ValueError(f"{what}: cannot decode the image ({e})") from None
 
 

@@ -8,7 +8,7 @@ import pytest
 import gemma4
 from gemma4.server import create_app
 from test_server import LiveServer
-from vision_reference import build_multimodal, encoded, picture
+from vision_reference import build_multimodal, encoded, picture, png_bomb
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +41,8 @@ def test_images_in_chat_give_what_the_engine_gives(live):
     ({"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}, "scheme"),
     ({"type": "image", "image": "/etc/passwd"}, "not accepted"),
     ({"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}, "image"),
+    ({"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png_bomb()).decode()}},
+     "too large"),
 ])
 def test_refused_images_are_400(live, part, words):
     _, server = live

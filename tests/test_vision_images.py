@@ -11,7 +11,7 @@ import PIL
 from PIL import Image as PILImage, ImageOps
 
 from gemma4.images import decode_image, image_from_url, load_image, preprocess, target_size
-from vision_reference import encoded, image_processor, picture
+from vision_reference import encoded, image_processor, picture, png_bomb
 
 PATCH, POOL = 4, 3
 
@@ -116,6 +116,8 @@ def test_data_urls():
     (b"not an image at all", "supported format"),
     (encoded(picture(20, 20), "PNG")[:60], "cannot decode"),
     (b"BM" + b"\0" * 100, "supported format"),  # BMP is not among the accepted formats
+    (png_bomb(30000, 30000), "too large"),  # refused from its header, never decoded
+    (png_bomb(9000, 9000), "too large"),  # under Pillow's own bomb limit, over ours
 ])
 def test_bad_image_data_is_one_line(data, words):
     with pytest.raises(ValueError, match=words) as e:

@@ -102,3 +102,16 @@ def encoded(image, fmt: str, **save_args) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format=fmt, **save_args)
     return buf.getvalue()
+
+
+def png_bomb(width: int = 30000, height: int = 30000) -> bytes:
+    """A PNG that declares width x height grey pixels and holds almost none (a decompression bomb's
+    header: whoever decodes it before checking its size allocates width x height bytes)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
