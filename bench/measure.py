@@ -106,18 +106,21 @@ def _mem_available() -> int:
 
 
 def _gemma4_dtype(path: str, dtype: str, quantize: str | None) -> str:
-    """`auto`: float32 (the engine's default and, on a CPU without bf16 arithmetic, far the faster)
-    when the dequantized model fits in 80% of the available memory, else bfloat16; an error line when
-    the chosen dtype does not fit (the machine is shared: better no figure than a swap storm)."""
+    """`auto`: the file's own dtype for a bf16 checkpoint (bf16 weights are read by the native kernel at
+    decode and widened per matrix at prefill), else float32 (GGUF: the quantised matrices' activations)
+    when it fits in 80% of the available memory, else bfloat16; an error line when the chosen dtype
+    does not fit (the machine is shared: better no figure than a swap storm)."""
     if quantize:
         return "float32" if dtype == "auto" else dtype
     from gemma4.checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(path)
-    params = sum(int(np.prod(ckpt.shape(n))) for n in ckpt.names())
+    names = list(ckpt.names())
+    params = sum(int(np.prod(ckpt.shape(n))) for n in names)
     room = 0.8 * _mem_available()
     if dtype == "auto":
-        dtype = "float32" if params * 4 < room else "bfloat16"
+        stored_bf16 = not str(path).endswith(".gguf") and ckpt.tensor(names[0]).dtype == torch.bfloat16
+        dtype = "bfloat16" if stored_bf16 or params * 4 >= room else "float32"
     need = params * (4 if dtype == "float32" else 2)
     if need > room:
         raise SystemExit(f"gemma4 in {dtype} needs {need / 1e9:.1f} GB, more than 80% of the "

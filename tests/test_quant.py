@@ -270,3 +270,41 @@ def test_a_rows_product_does_not_depend_on_the_rows_beside_it(quantize):
         together = kernels.qlinear(x, w)
         alone = torch.cat([kernels.qlinear(x[i:i + 1], w) for i in range(m)])
         assert torch.equal(together, alone), m
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 9, 16])
+def test_bf16_kernel_equals_the_float_product(rows):
+    """bf16 weights at decode: the native product equals float32 x times the exactly widened weights,
+    up to float32 summation order, and each row's result does not depend on the rows beside it."""
+    if kernels.native() is None:
+        pytest.skip("no AVX2 kernel on this machine")
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(40, 2824, generator=g).bfloat16()  # K not a multiple of 16: the tail is summed too
+    x = torch.randn(rows, 2824, generator=g)
+    got = kernels.bf16_linear(x, w)
+    assert got is not None and got.dtype == torch.float32
+    exact = x.double() @ w.double().T
+    bound = (2824 + 4) * EPS32 * (x.abs().double() @ w.abs().double().T)
+    assert ((got.double() - exact).abs() <= bound).all()
+    alone = torch.cat([kernels.bf16_linear(x[i:i + 1], w) for i in range(rows)])
+    assert torch.equal(got, alone)
+    # in the activations' dtype; above MAX_BF16_KERNEL_ROWS rows, float32 GEMM on the widened matrix
+    assert kernels.bf16_linear(x.bfloat16(), w).dtype == torch.bfloat16
+    many = torch.randn(kernels.MAX_BF16_KERNEL_ROWS + 1, 2824, generator=g)
+    assert torch.equal(kernels.bf16_linear(many, w), many @ w.float().T)
+
+
+def test_linear_layers_take_the_bf16_kernel(monkeypatch):
+    """The decoder's Linear (attention, MLP, untied head) multiplies bf16 weights with the kernel at decode."""
+    if kernels.native() is None:
+        pytest.skip("no AVX2 kernel on this machine")
+    from gemma4.quant import modules
+
+    calls = []
+    real = kernels.bf16_linear
+    monkeypatch.setattr(modules, "bf16_linear", lambda x, w: calls.append(tuple(w.shape)) or real(x, w))
+    layer = modules.Linear(64, 32, bias=False).bfloat16()
+    x = torch.randn(1, 64).bfloat16()
+    y = layer(x)
+    assert calls == [(32, 64)] and y.dtype == torch.bfloat16
+    assert torch.allclose(y.float(), (x.float() @ layer.weight.float().T), rtol=1e-2, atol=1e-2)

@@ -16,6 +16,7 @@ from torch import nn
 from ..cache import RowsView
 from ..config import ModelConfig
 from .layers import RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
+from ..quant.modules import Linear
 
 PIECE_ELEMENTS = 1 << 22  # float32 elements of one piece's scores or values (16 MiB)
 PIECE_ALIGN = 256  # pieces of whole cache blocks
@@ -92,10 +93,10 @@ class Attention(nn.Module):
         self.window = config.sliding_window if config.is_sliding(layer) else None
         self.scale = config.attention_scale
 
-        self.q_proj = nn.Linear(hidden, heads * d, bias=False)
-        self.k_proj = nn.Linear(hidden, kv * d, bias=False)
-        self.v_proj = None if self.k_eq_v else nn.Linear(hidden, kv * d, bias=False)
-        self.o_proj = nn.Linear(heads * d, hidden, bias=False)
+        self.q_proj = Linear(hidden, heads * d, bias=False)
+        self.k_proj = Linear(hidden, kv * d, bias=False)
+        self.v_proj = None if self.k_eq_v else Linear(hidden, kv * d, bias=False)
+        self.o_proj = Linear(heads * d, hidden, bias=False)
         self.q_norm = RMSNorm(d, config.rms_norm_eps)
         self.k_norm = RMSNorm(d, config.rms_norm_eps)
         self.v_norm = RMSNorm(d, config.rms_norm_eps, with_scale=False) if config.use_v_norm else None

@@ -11,6 +11,7 @@ from torch import nn
 
 from ..cache import KVCache
 from ..config import ModelConfig
+from ..quant.modules import Linear, matmul
 from .attention import Attention
 from .layers import GatedMLP, RMSNorm
 from .moe import Experts, Router
@@ -62,7 +63,7 @@ class Decoder(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, bias=False)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -104,7 +105,7 @@ class Decoder(nn.Module):
         elif hasattr(self.embed_tokens, "linear"):  # quantised tied embedding
             logits = self.embed_tokens.linear(hidden)
         else:
-            logits = hidden @ self.embed_tokens.weight.T
+            logits = matmul(hidden, self.embed_tokens.weight)
         logits = logits.float()
         cap = self.config.final_logit_softcapping
         if cap:

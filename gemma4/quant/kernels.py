@@ -38,6 +38,7 @@ _SOURCE = r"""
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <cmath>
+#include <cstring>
 
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -360,6 +361,57 @@ torch::Tensor quantize_activations(torch::Tensor x) {
     return (xq.to(torch::kFloat).view({M, B, 32}) * xd.view({M, B, 1})).view({M, K});
 }
 
+// ---- bf16 weights: out[m, n] = sum_k x[m, k] * w[n, k], x float32, w bf16 widened exactly, float32 sums ----
+// Each output row is computed alone, in the same order for any number of rows (decode == verify).
+template <int MR>
+static inline void bf16_rows(const uint16_t* wr, const float* X, int64_t K, float* out, int64_t ostride) {
+    __m256 acc[MR], acc2[MR];
+    for (int r = 0; r < MR; ++r) acc[r] = acc2[r] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {  // two chains per row hide the FMA latency
+        const __m256 w0 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(wr + k))), 16));
+        const __m256 w1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(wr + k + 8))), 16));
+        for (int r = 0; r < MR; ++r) {
+            acc[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(X + r * K + k), acc[r]);
+            acc2[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(X + r * K + k + 8), acc2[r]);
+        }
+    }
+    for (int r = 0; r < MR; ++r) {
+        float y = hsum(_mm256_add_ps(acc[r], acc2[r]));
+        for (int64_t j = k; j < K; ++j) {
+            uint32_t bits = (uint32_t)wr[j] << 16;
+            float wf;
+            std::memcpy(&wf, &bits, 4);
+            y += wf * X[r * K + j];
+        }
+        out[r * ostride] = y;
+    }
+}
+
+torch::Tensor bf16mm(torch::Tensor x, torch::Tensor w) {
+    pybind11::gil_scoped_release no_gil;
+    const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+    auto out = torch::empty({M, N}, x.options());
+    const float* X = x.data_ptr<float>();
+    const uint16_t* W = (const uint16_t*)w.data_ptr();
+    float* O = out.data_ptr<float>();
+    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+        for (int64_t n = n0; n < n1; ++n) {
+            const uint16_t* wr = W + n * K;
+            for (int64_t m0 = 0; m0 < M; m0 += 4) {
+                const int64_t mr = std::min<int64_t>(4, M - m0);
+                const float* xt = X + m0 * K;
+                float* o = O + m0 * N + n;
+                if (mr == 4) bf16_rows<4>(wr, xt, K, o, N);
+                else if (mr == 3) bf16_rows<3>(wr, xt, K, o, N);
+                else if (mr == 2) bf16_rows<2>(wr, xt, K, o, N);
+                else bf16_rows<1>(wr, xt, K, o, N);
+            }
+        }
+    });
+    return out;
+}
+
 // ---- small fused ops of the decoder (one pass instead of five aten calls each) ----
 // out = residual + (x * (mean(x^2) + eps)^-0.5) * weight per row of D, all float32; weight and residual
 // optional. Same rounding order as the unfused torch ops; only the sum of squares is ordered differently.
@@ -435,7 +487,7 @@ def _build():
         # Named by its source and flags, so builds of different versions never meet in torch's build cache.
         tag = hashlib.sha256((_SOURCE + " ".join(_CFLAGS)).encode()).hexdigest()[:12]
         return load_inline(name=f"gemma4_qmm_{tag}", cpp_sources=_SOURCE,
-                           functions=["qmm", "qmm_q8", "qmm_experts", "quantize_activations", "rms_norm"],
+                           functions=["qmm", "qmm_q8", "qmm_experts", "quantize_activations", "rms_norm", "bf16mm"],
                            extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
     except Exception:  # no compiler, no headers: the plain-torch path serves
         return None
@@ -477,6 +529,28 @@ def qlinear(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
         if x2.shape[0] <= MAX_KERNEL_ROWS:
             return kernel.qmm(x2, w.q, w.scale, w.zero, w.bits, w.group).reshape(*lead, -1)
     return F.linear(x, w.dequantize(x.dtype))
+
+
+# bf16 weights on a CPU without bf16 arithmetic (AVX2): up to this many rows of activations (decode,
+# verify steps) the kernel reads the weights once; above it (prefill) the matrix is widened to float32
+# for the product, one matrix at a time (the widening costs a few % of a 512-row product, and float32
+# GEMM runs ~2.5x torch's bf16 GEMM here).
+MAX_BF16_KERNEL_ROWS = 16
+
+
+def bf16_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
+    """x [..., K] @ w.T for a bf16 matrix w [N, K] on the CPU, float32 sums, in x's dtype; None where
+    this does not apply (then the caller multiplies with torch)."""
+    if w.dtype != torch.bfloat16 or w.device.type != "cpu" or w.dim() != 2 or not w.is_contiguous():
+        return None
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    kernel = native()
+    if kernel is None:
+        return None
+    if x2.shape[0] > MAX_BF16_KERNEL_ROWS:
+        return (x2.float() @ w.float().T).to(x.dtype).reshape(*lead, -1)
+    return kernel.bf16mm(x2.float().contiguous(), w).to(x.dtype).reshape(*lead, -1)
 
 
 def expert_matmul(x: torch.Tensor, w: QuantWeight, ids: torch.Tensor, weights: torch.Tensor | None = None,

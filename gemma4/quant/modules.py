@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .formats import QuantWeight
-from .kernels import qlinear
+from .kernels import bf16_linear, qlinear
 
 
 class QuantParam(nn.Module):
@@ -57,8 +57,16 @@ class QuantEmbedding(QuantParam):
         return qlinear(x, self.qweight)
 
 
+class Linear(nn.Linear):
+    """nn.Linear whose product goes through `matmul` (bf16 weights take the native kernel at decode)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return matmul(x, self.weight) if self.bias is None else super().forward(x)
+
+
 def matmul(x: torch.Tensor, w) -> torch.Tensor:
     """x @ w.T for a float matrix or a QuantWeight."""
     if isinstance(w, QuantWeight):
         return qlinear(x, w)
-    return x @ w.T
+    y = bf16_linear(x, w)
+    return x @ w.T if y is None else y
