@@ -76,3 +76,18 @@ def test_prefix_reuse_keys_images_by_their_pixels(tmp_path_factory):
         assert ask(b, "What is it?") - reused < 70  # another image of the same size does not reuse them
     finally:
         server.stop()
+
+
+def test_an_image_to_a_text_only_model_is_400_and_the_server_keeps_serving():
+    from gemma4 import store
+
+    server = LiveServer(create_app(gemma4.load(store.embedded_path()), model_name="text", max_batch=1))
+    try:
+        part = {"type": "image_url", "image_url": {"url": _url(picture(16, 16, 1))}}
+        r = httpx.post(server.url + "/v1/chat/completions", timeout=60,
+                       json={"messages": [{"role": "user", "content": [part]}], "max_tokens": 2})
+        assert r.status_code == 400 and "no vision tower" in r.json()["error"]["message"], r.text
+        r = httpx.post(server.url + "/v1/completions", json={"prompt": "Hello", "max_tokens": 2}, timeout=60)
+        assert r.status_code == 200
+    finally:
+        server.stop()
