@@ -115,11 +115,10 @@ def _gemma4_dtype(path: str, dtype: str, quantize: str | None) -> str:
     from gemma4.checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(path)
-    names = list(ckpt.names())
-    params = sum(int(np.prod(ckpt.shape(n))) for n in names)
+    params = sum(int(np.prod(ckpt.shape(n))) for n in ckpt.names())
     room = 0.8 * _mem_available()
     if dtype == "auto":
-        stored_bf16 = not str(path).endswith(".gguf") and ckpt.tensor(names[0]).dtype == torch.bfloat16
+        stored_bf16 = not str(path).endswith(".gguf") and "BF16" in ckpt.tensor_types()
         dtype = "bfloat16" if stored_bf16 or params * 4 >= room else "float32"
     need = params * (4 if dtype == "float32" else 2)
     if need > room:

@@ -15,8 +15,8 @@ from torch import nn
 
 from ..cache import RowsView
 from ..config import ModelConfig
-from .layers import RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
 from ..quant.modules import Linear
+from .layers import RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
 
 PIECE_ELEMENTS = 1 << 22  # float32 elements of one piece's scores or values (16 MiB)
 PIECE_ALIGN = 256  # pieces of whole cache blocks
