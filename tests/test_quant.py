@@ -11,7 +11,7 @@ import gemma4
 from gemma4.checkpoint import open_checkpoint
 from gemma4.checkpoint.gguf_writer import write_gguf
 from gemma4.quant import kernels
-from gemma4.quant.formats import from_gguf, quantize_int4, quantize_int8
+from gemma4.quant.formats import QuantWeight, from_gguf, pack6, quantize_int4, quantize_int8, unpack6
 from gemma4.quant.modules import QuantEmbedding, QuantLinear, QuantParam
 from reference import VOCAB, build_gemma4, tiny_vocab_metadata
 
@@ -256,6 +256,79 @@ def test_native_rms_norm_equals_the_torch_ops(monkeypatch):
         monkeypatch.undo()
         for a, b in zip(native, plain):
             assert torch.allclose(a, b, rtol=1e-6, atol=1e-6 * b.abs().max().item())
+
+
+def _int6(lead: tuple[int, ...], n: int, k: int, g: torch.Generator) -> QuantWeight:
+    """A random int6 (Q6_K) weight with the extremes of every field: codes 0 and 63, sub-scales -128 and 127."""
+    c = torch.randint(0, 64, (*lead, n, k), generator=g, dtype=torch.uint8)
+    c[..., 0, :2] = torch.tensor([0, 63], dtype=torch.uint8)
+    sub = torch.randint(-128, 128, (*lead, n, k // 16), generator=g).to(torch.int8)
+    sub[..., 0, :2] = torch.tensor([-128, 127], dtype=torch.int8)
+    d = torch.rand(*lead, n, k // 256, generator=g) * 1e-3
+    return QuantWeight(6, 256, pack6(c), d, None, sub)
+
+
+def test_int6_packing_round_trips():
+    c = torch.randint(0, 64, (5, 512), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    p = pack6(c)
+    assert p.shape == (5, 384) and torch.equal(unpack6(p.reshape(5, 4, 96)), c)
+
+
+def test_q6_k_loads_as_int6_at_the_files_size():
+    """Q6_K stays 6-bit in memory (the embedded model's Q6_K tensors): 6.56 bits per weight with scales."""
+    from gemma4.checkpoint.gguf_file import GGUFFile
+    from gemma4.store import embedded_path
+
+    f = GGUFFile(embedded_path())
+    name, info = next((n, i) for n, i in f.tensors.items() if i.type == T.Q6_K)
+    qw = from_gguf(f.raw(name)[:8], T.Q6_K, (8, info.shape[-1]))
+    assert qw.bits == 6 and qw.shape == (8, info.shape[-1])
+    assert qw.nbytes() * 8 / (8 * info.shape[-1]) == pytest.approx(6.5 + 32 / 256)
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 21])
+def test_int6_kernel_equals_float_product_with_dequantised_weight(monkeypatch, native, rows):
+    """As the test above, for Q6_K's layout. The kernel sums codes 0..63 and subtracts 32 per code
+    through the activations' sums, so its float roundings are bounded by the magnitude of those terms:
+    |x| times (|w| + 32 steps) summed, where a step is d * |sub| of the element's 16."""
+    monkeypatch.setenv("GEMMA4_ACTIVATIONS", "int8")
+    if not native:
+        monkeypatch.setattr(kernels, "_native", False)
+    elif kernels.native() is None:
+        pytest.skip("no AVX2 kernel on this machine")
+    g = torch.Generator().manual_seed(4)
+    n, k = 40, 768
+    qw, x = _int6((), n, k, g), torch.randn(rows, k, generator=g) ** 3
+    x[-1, 32:64] = 0.0
+    seen = _q8_activations(x)[0] if native else x
+    wd = qw.dequantize().double()
+    step = (qw.scale.repeat_interleave(16, -1) * qw.sub.float().abs()).repeat_interleave(16, -1).double()
+    ref = seen.double() @ wd.T
+    got = kernels.qlinear(x, qw).double()
+    bound = (k + 4) * EPS32 * (seen.abs().double() @ (wd.abs() + 32 * step).T)
+    assert ((got - ref).abs() <= bound).all()
+    if native:  # each row alone gives the same bits (speculative verify == decode)
+        alone = torch.cat([kernels.qlinear(x[i:i + 1], qw) for i in range(rows)])
+        assert torch.equal(kernels.qlinear(x, qw), alone)
+
+
+def test_int6_routed_experts_equal_one_product_per_row():
+    """Q6_K expert stacks (Q4_K_M files hold some) go through the fused expert call: each row against its
+    expert equals the plain one-row product bit for bit, and the weighted sum matches."""
+    if kernels.native() is None:
+        pytest.skip("no AVX2 kernel on this machine")
+    g = torch.Generator().manual_seed(7)
+    w = _int6((5,), 24, 512, g)
+    x = torch.randn(6, 512, generator=g)
+    ids = torch.tensor([4, 0, 2, 2, 1, 4])
+    got = kernels.expert_matmul(x, w, ids)
+    rows = torch.cat([kernels.qlinear(x[j:j + 1], w[int(ids[j])]) for j in range(6)])
+    assert torch.equal(got, rows)
+    weights = torch.rand(6, generator=g)
+    mixed = kernels.expert_matmul(x, w, ids, weights, top_k=2)
+    expect = (rows * weights[:, None]).reshape(3, 2, -1).sum(1)
+    assert torch.allclose(mixed, expect, rtol=1e-5, atol=1e-5 * expect.abs().max().item())
 
 
 @pytest.mark.parametrize("quantize", [quantize_int4, quantize_int8,

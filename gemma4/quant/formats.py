@@ -4,10 +4,15 @@
 
 - int4: q in 0..15, group 32, packed two per byte as GGML packs a 32-element block: byte j of a
   group holds element j (low nibble) and element j + 16 (high nibble).
-- int8: q in -128..127 (one byte each), group 32 or 16 (Q6_K's sub-blocks); `zero` may be None.
+- int8: q in -128..127 (one byte each), group 32 or 16; `zero` may be None.
+- int6 (Q6_K): codes c in 0..63, w = scale[n, k // 256] * sub[n, k // 16] * (c - 32), `sub` int8.
+  Packed per 128 elements (blocks j = 0..3 of 32) in 96 bytes: 32 bytes whose byte i holds the low 4
+  bits of element i of block 0 (low nibble) and block 1 (high nibble), 32 bytes the same for blocks 2
+  and 3, then 32 bytes whose byte i holds bits 4-5 of element i of block j at bits 2j, 2j+1 (one load
+  decodes two blocks, one more their high bits). 6.56 bits per weight with the scales, as in the file.
 
 Scales and offsets are float32, so a GGUF block's f16 scale times its integer sub-scale is exact:
-Q4_0, Q4_1, Q4_K (int4 g32), Q8_0, Q5_0, Q5_1 (int8 g32) and Q6_K (int8 g16) convert losslessly, and
+Q4_0, Q4_1, Q4_K (int4 g32), Q8_0, Q5_0, Q5_1 (int8 g32) and Q6_K (int6) convert losslessly, and
 dequantise to the very float32 values the `gguf` package produces. Other GGUF types are dequantised
 and re-quantised to int8 g32 (lossy; see `from_gguf`).
 """
@@ -23,33 +28,41 @@ from gguf import GGMLQuantizationType as T
 
 @dataclass
 class QuantWeight:
-    bits: int                 # 4 or 8
+    bits: int                 # 4, 6 or 8
     group: int                # elements per scale
-    q: torch.Tensor           # int4: uint8 [..., N, K/2]; int8: int8 [..., N, K]
+    q: torch.Tensor           # int4: uint8 [..., N, K/2]; int6: uint8 [..., N, 3K/4]; int8: int8 [..., N, K]
     scale: torch.Tensor       # float32 [..., N, K/group]
     zero: torch.Tensor | None  # float32 like scale, or None (symmetric)
+    sub: torch.Tensor | None = None  # int6: int8 [..., N, K/16], the scales of 16 elements within a group
 
     @property
     def shape(self) -> tuple[int, ...]:
-        k = self.q.shape[-1] * (2 if self.bits == 4 else 1)
-        return (*self.q.shape[:-1], k)
+        k = self.q.shape[-1] * {4: 2, 6: 4 / 3, 8: 1}[self.bits]
+        return (*self.q.shape[:-1], int(k))
+
+    def tensors(self) -> tuple[torch.Tensor | None, ...]:
+        return self.q, self.scale, self.zero, self.sub
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.q, self.scale, self.zero) if t is not None)
+        return sum(t.numel() * t.element_size() for t in self.tensors() if t is not None)
 
     def to(self, device) -> "QuantWeight":
         mv = lambda t: None if t is None else t.to(device)
-        return QuantWeight(self.bits, self.group, mv(self.q), mv(self.scale), mv(self.zero))
+        return QuantWeight(self.bits, self.group, *map(mv, self.tensors()))
 
     def __getitem__(self, index) -> "QuantWeight":
         """Index the leading (expert or row) dimensions."""
         pick = lambda t: None if t is None else t[index]
-        return QuantWeight(self.bits, self.group, pick(self.q), pick(self.scale), pick(self.zero))
+        return QuantWeight(self.bits, self.group, *map(pick, self.tensors()))
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float matrix, computed as scale * q + zero in float32 (plain torch, any device)."""
         *lead, n, k = self.shape
         g = self.group
+        if self.bits == 6:
+            c = unpack6(self.q.reshape(*lead, n, k // 128, 96)).to(torch.float32) - 32
+            step = self.scale.repeat_interleave(g // 16, dim=-1) * self.sub.to(torch.float32)  # per 16
+            return (c.reshape(*lead, n, k // 16, 16) * step[..., None]).reshape(*lead, n, k).to(dtype)
         if self.bits == 4:
             packed = self.q.reshape(*lead, n, k // 32, 16)
             q = torch.cat([packed & 15, packed >> 4], dim=-1).to(torch.float32)
@@ -84,6 +97,24 @@ def quantize_int4(w: torch.Tensor, group: int = 32) -> QuantWeight:
     return QuantWeight(4, 32, _pack4(q).reshape(*lead, n, k // 2), scale.contiguous(), lo.contiguous())
 
 
+def pack6(c: torch.Tensor) -> torch.Tensor:
+    """Codes [..., 128k] in 0..63 -> uint8 [..., 96k], the int6 layout (see the module docstring)."""
+    c = c.to(torch.uint8).reshape(*c.shape[:-1], -1, 4, 32)  # [..., units, block j, element i]
+    low = c & 15
+    high = c >> 4
+    pairs = [low[..., 0, :] | (low[..., 1, :] << 4), low[..., 2, :] | (low[..., 3, :] << 4)]
+    shifted = high[..., 0, :] | (high[..., 1, :] << 2) | (high[..., 2, :] << 4) | (high[..., 3, :] << 6)
+    return torch.cat([*pairs, shifted], dim=-1).flatten(-2).contiguous()
+
+
+def unpack6(p: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., units, 96] -> codes uint8 [..., units * 128] (the inverse of pack6)."""
+    pairs = p[..., :64].reshape(*p.shape[:-1], 2, 1, 32)
+    low = torch.cat([pairs & 15, pairs >> 4], dim=-2).flatten(-3, -2)  # [..., 4, 32], blocks 0 1 2 3
+    high = torch.stack([(p[..., 64:] >> (2 * j)) & 3 for j in range(4)], dim=-2)  # [..., 4, 32]
+    return (low | (high << 4)).flatten(-3)
+
+
 def _check_k(k: int, group: int) -> None:
     if k % group:
         raise ValueError(f"row length {k} is not a multiple of the quantisation group {group}")
@@ -114,11 +145,9 @@ def from_gguf(raw: np.ndarray, qtype: T, shape: tuple[int, ...]) -> QuantWeight 
 
         w = torch.from_numpy(np.asarray(dequantize(b, qtype), dtype=np.float32).reshape(shape))
         return quantize_int8(w)
-    bits, group, q, scale, zero = conv(b, k)
-    t = lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(a))
-    qw = QuantWeight(bits, group, t(q), t(scale), t(zero))
-    return QuantWeight(bits, group, qw.q.reshape(*lead, n, -1), qw.scale.reshape(*lead, n, -1),
-                       None if zero is None else qw.zero.reshape(*lead, n, -1))
+    bits, group, *arrays = conv(b, k)
+    shaped = lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(a)).reshape(*lead, n, -1)
+    return QuantWeight(bits, group, *map(shaped, arrays))
 
 
 def _blocks(b: np.ndarray, k: int, block: int, size: int) -> np.ndarray:
@@ -183,16 +212,20 @@ def _q4_k(b, k):
 
 
 def _q6_k(b, k):
+    rows = b.shape[0]
+    q = np.empty((rows, k * 3 // 4), np.uint8)
+    step = max(1, (1 << 24) // k)  # rows per chunk: the temporaries stay ~100 MB on a 262144-row head
+    for r in range(0, rows, step):
+        blk = _blocks(b[r:r + step], k, 256, 210)
+        ql = blk[..., :128].reshape(*blk.shape[:-1], 2, 64)
+        qh = blk[..., 128:192].reshape(*blk.shape[:-1], 2, 32)
+        low = np.stack([ql[..., :32] & 15, ql[..., 32:] & 15, ql[..., :32] >> 4, ql[..., 32:] >> 4], axis=-2)
+        high = np.stack([(qh >> s) & 3 for s in (0, 2, 4, 6)], axis=-2)
+        c = (low | (high << 4)).reshape(blk.shape[0], k)  # codes 0..63 in element order
+        q[r:r + step] = pack6(torch.from_numpy(c)).numpy()
     blk = _blocks(b, k, 256, 210)
-    ql, qh = blk[..., :128], blk[..., 128:192]
-    sc = np.ascontiguousarray(blk[..., 192:208]).view(np.int8).astype(np.float32)
-    d = _f16(blk[..., 208:210])
-    ql = ql.reshape(*ql.shape[:-1], 2, 64)
-    qh = qh.reshape(*qh.shape[:-1], 2, 32)
-    low = np.stack([ql[..., :32] & 15, ql[..., 32:] & 15, ql[..., :32] >> 4, ql[..., 32:] >> 4], axis=-2)
-    high = np.stack([(qh >> s) & 3 for s in (0, 2, 4, 6)], axis=-2)
-    q = (low | (high << 4)).astype(np.int8) - np.int8(32)  # [rows, sb, 2, 4, 32]
-    return 8, 16, q.reshape(b.shape[0], k), (d[..., None] * sc).reshape(b.shape[0], -1), None
+    sub = np.ascontiguousarray(blk[..., 192:208]).view(np.int8).reshape(rows, -1)
+    return 6, 256, q, _f16(blk[..., 208:210]).reshape(rows, -1), None, sub
 
 
 _CONVERTERS = {T.Q8_0: _q8_0, T.Q4_0: _q4_0, T.Q4_1: _q4_1, T.Q5_0: _q5_0, T.Q5_1: _q5_1, T.Q4_K: _q4_k, T.Q6_K: _q6_k}

@@ -39,6 +39,7 @@ _SOURCE = r"""
 #include <immintrin.h>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -249,15 +250,101 @@ static void rows_dot(int MR, const uint8_t* qr, const float* sr, const float* zr
     }
 }
 
+// int6 (Q6_K) weights, per unit of 128 elements (4 blocks of 32): 32 bytes of the low 4 bits of
+// blocks 0 | 1 (low | high nibble), 32 bytes of blocks 2 | 3, 32 bytes of bits 4-5 (block j at bits
+// 2j, 2j+1). The codes c in 0..63 go into maddubs unsigned; their offset -32 is applied once per 256
+// through the activations' sums per 16 (XS16). The 16-element sub-scales multiply in integers (madd);
+// then one float scale d * xd per block. Blocks alternate between two FMA chains, the same for any MR.
+template <int MR>
+static inline void six_block(__m256i code, int j, __m256i s16, float d, int64_t b, const int8_t* XQ,
+                             const float* XD, int64_t B, int64_t K, __m256 (*acc)[2]) {
+    const __m256i pick = _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1,
+                                          2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3);
+    // lanes 0-7 (elements 0-15) the sub-scale 2j, lanes 8-15 the sub-scale 2j + 1
+    const __m256i sc = _mm256_shuffle_epi8(_mm256_permutevar8x32_epi32(s16, _mm256_set1_epi32(j)), pick);
+    for (int r = 0; r < MR; ++r) {
+        const __m256i xv = _mm256_loadu_si256((const __m256i*)(XQ + r * K + b * 32));
+        const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(code, xv), sc);
+        acc[r][j & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * XD[r * B + b]), acc[r][j & 1]);
+    }
+}
+
+template <int MR>
+static inline void row_dot6(const uint8_t* qr, const float* dr, const int8_t* sub, int64_t B, const int8_t* XQ,
+                            const float* XD, const int16_t* XS16, int64_t K, float* out, int64_t ostride) {
+    __m256 acc[MR][2], cor[MR];
+    for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = cor[r] = _mm256_setzero_ps();
+    const __m256i m15 = _mm256_set1_epi8(15), m30 = _mm256_set1_epi8(0x30);
+    for (int64_t s = 0; s < B / 8; ++s) {  // super-blocks of 256: one d, 16 sub-scales
+        const __m256i s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(sub + 16 * s)));
+        const float d = dr[s];
+        for (int r = 0; r < MR; ++r) {  // lane j: block j's sum over its two 16s of sub * sum(x)
+            const __m256i c = _mm256_madd_epi16(s16, _mm256_loadu_si256((const __m256i*)(XS16 + r * (K / 16) + 16 * s)));
+            cor[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(c), _mm256_mul_ps(_mm256_loadu_ps(XD + r * B + 8 * s),
+                                     _mm256_set1_ps(d)), cor[r]);
+        }
+        for (int h = 0; h < 2; ++h) {
+            const uint8_t* unit = qr + (2 * s + h) * 96;
+            const __m256i lo01 = _mm256_loadu_si256((const __m256i*)unit);
+            const __m256i lo23 = _mm256_loadu_si256((const __m256i*)(unit + 32));
+            const __m256i high = _mm256_loadu_si256((const __m256i*)(unit + 64));
+            const int64_t b = 8 * s + 4 * h;
+            six_block<MR>(_mm256_or_si256(_mm256_and_si256(lo01, m15), _mm256_and_si256(_mm256_slli_epi16(high, 4), m30)),
+                          4 * h, s16, d, b, XQ, XD, B, K, acc);
+            six_block<MR>(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(lo01, 4), m15),
+                                          _mm256_and_si256(_mm256_slli_epi16(high, 2), m30)),
+                          4 * h + 1, s16, d, b + 1, XQ, XD, B, K, acc);
+            six_block<MR>(_mm256_or_si256(_mm256_and_si256(lo23, m15), _mm256_and_si256(high, m30)),
+                          4 * h + 2, s16, d, b + 2, XQ, XD, B, K, acc);
+            six_block<MR>(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(lo23, 4), m15),
+                                          _mm256_and_si256(_mm256_srli_epi16(high, 2), m30)),
+                          4 * h + 3, s16, d, b + 3, XQ, XD, B, K, acc);
+        }
+    }
+    for (int r = 0; r < MR; ++r)
+        out[r * ostride] = hsum(_mm256_add_ps(acc[r][0], acc[r][1])) - 32.0f * hsum(cor[r]);
+}
+
+// The int8 activations' sums per 16 (int6's offset term): XS16 [M, K/16].
+static std::vector<int16_t> sums16(const int8_t* XQ, int64_t M, int64_t K) {
+    std::vector<int16_t> out(M * (K / 16));
+    for (int64_t i = 0; i < M * (K / 16); ++i) {
+        int s = 0;
+        for (int e = 0; e < 16; ++e) s += XQ[i * 16 + e];
+        out[i] = (int16_t)s;
+    }
+    return out;
+}
+
+static void rows_dot6(int MR, const uint8_t* qr, const float* dr, const int8_t* sub, int64_t B, const int8_t* XQ,
+                      const float* XD, const int16_t* XS16, int64_t K, float* out, int64_t ostride) {
+    switch (MR) {
+        case 1: row_dot6<1>(qr, dr, sub, B, XQ, XD, XS16, K, out, ostride); break;
+        case 2: row_dot6<2>(qr, dr, sub, B, XQ, XD, XS16, K, out, ostride); break;
+        case 3: row_dot6<3>(qr, dr, sub, B, XQ, XD, XS16, K, out, ostride); break;
+        case 4: row_dot6<4>(qr, dr, sub, B, XQ, XD, XS16, K, out, ostride); break;
+        case 5: row_dot6<5>(qr, dr, sub, B, XQ, XD, XS16, K, out, ostride); break;
+        case 6: row_dot6<6>(qr, dr, sub, B, XQ, XD, XS16, K, out, ostride); break;
+        case 7: row_dot6<7>(qr, dr, sub, B, XQ, XD, XS16, K, out, ostride); break;
+        default: row_dot6<8>(qr, dr, sub, B, XQ, XD, XS16, K, out, ostride); break;
+    }
+}
+
+static void check_layout(const char* what, int64_t K, int64_t bits, int64_t group, bool has_zero, bool has_sub) {
+    const bool ok = bits == 6 ? (K % 256 == 0 && group == 256 && has_sub && !has_zero)
+                              : K % 32 == 0 && (group == 32 || (group == 16 && bits == 8 && !has_zero));
+    TORCH_CHECK(ok, what, ": unsupported layout");
+}
+
 // out[m, n] = sum_k xq8(x)[m, k] * (scale[n, k/g] * q[n, k] + zero[n, k/g]), x quantised per 32.
 // Rows of x go 8 at a time against each weight row (each weight block is decoded once per 8 rows);
 // output rows are split across threads, 16 weight rows at a time so an 8-row tile of x stays in cache.
 torch::Tensor qmm_q8(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10::optional<torch::Tensor> zero_opt,
-                     int64_t bits, int64_t group) {
+                     int64_t bits, int64_t group, c10::optional<torch::Tensor> sub_opt) {
     pybind11::gil_scoped_release no_gil;
     const int64_t M = x.size(0), K = x.size(1), N = q.size(0), B = K / 32;
-    TORCH_CHECK(K % 32 == 0 && (group == 32 || (group == 16 && bits == 8 && !zero_opt.has_value())),
-                "qmm_q8: unsupported layout");
+    check_layout("qmm_q8", K, bits, group, zero_opt.has_value(), sub_opt.has_value());
+    const int8_t* SUB = sub_opt.has_value() ? sub_opt->data_ptr<int8_t>() : nullptr;
     auto out = torch::empty({M, N}, x.options());
     auto xq = torch::empty({M, K}, x.options().dtype(torch::kInt8));
     auto xd = torch::empty({M, B}, x.options()), xs = torch::empty({M, B}, x.options());
@@ -265,11 +352,13 @@ torch::Tensor qmm_q8(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10:
     float* XD = xd.data_ptr<float>();
     float* XS = xs.data_ptr<float>();
     quantize_rows(x.data_ptr<float>(), M, K, XQ, XD, XS);
+    const std::vector<int16_t> xs16 = bits == 6 ? sums16(XQ, M, K) : std::vector<int16_t>();
+    const int16_t* X16 = xs16.data();
     const uint8_t* Q = (const uint8_t*)q.data_ptr();
     const float* S = scale.data_ptr<float>();
     const float* Z = zero_opt.has_value() ? zero_opt->data_ptr<float>() : nullptr;
     float* O = out.data_ptr<float>();
-    const int64_t row_bytes = bits == 4 ? K / 2 : K, G = K / group;
+    const int64_t row_bytes = bits == 4 ? K / 2 : bits == 6 ? K / 4 * 3 : K, G = K / group;
     const int64_t NB = 16;
     at::parallel_for(0, (N + NB - 1) / NB, 1, [&](int64_t c0, int64_t c1) {
         for (int64_t c = c0; c < c1; ++c) {
@@ -284,7 +373,8 @@ torch::Tensor qmm_q8(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10:
                     const float* sr = S + n * G;
                     const float* zr = Z ? Z + n * G : nullptr;
                     float* o = O + m0 * N + n;
-                    if (bits == 4) rows_dot<4, false>(MR, qr, sr, zr, B, xq_t, xd_t, xs_t, K, o, N);
+                    if (bits == 6) rows_dot6(MR, qr, sr, SUB + n * (K / 16), B, xq_t, xd_t, X16 + m0 * (K / 16), K, o, N);
+                    else if (bits == 4) rows_dot<4, false>(MR, qr, sr, zr, B, xq_t, xd_t, xs_t, K, o, N);
                     else if (group == 32) rows_dot<8, false>(MR, qr, sr, zr, B, xq_t, xd_t, xs_t, K, o, N);
                     else rows_dot<8, true>(MR, qr, sr, zr, B, xq_t, xd_t, xs_t, K, o, N);
                 }
@@ -298,30 +388,33 @@ torch::Tensor qmm_q8(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10:
 // Without weights: out [J, N]. With weights [J]: out [J / topk, N], row t = sum over its topk rows j of
 // weights[j] * (x[j] @ W[ids[j]]^T) (the MoE's weighted sum, fused). Only the experts named are read.
 torch::Tensor qmm_experts(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10::optional<torch::Tensor> zero_opt,
-                          int64_t bits, int64_t group, torch::Tensor ids, c10::optional<torch::Tensor> weights,
-                          int64_t topk) {
+                          int64_t bits, int64_t group, c10::optional<torch::Tensor> sub_opt, torch::Tensor ids,
+                          c10::optional<torch::Tensor> weights, int64_t topk) {
     pybind11::gil_scoped_release no_gil;
     const int64_t J = x.size(0), K = x.size(1), N = q.size(1), B = K / 32;
-    TORCH_CHECK(K % 32 == 0 && (group == 32 || (group == 16 && bits == 8 && !zero_opt.has_value())),
-                "qmm_experts: unsupported layout");
+    check_layout("qmm_experts", K, bits, group, zero_opt.has_value(), sub_opt.has_value());
+    const int8_t* SUB = sub_opt.has_value() ? sub_opt->data_ptr<int8_t>() : nullptr;
     auto xq = torch::empty({J, K}, x.options().dtype(torch::kInt8));
     auto xd = torch::empty({J, B}, x.options()), xs = torch::empty({J, B}, x.options());
     int8_t* XQ = xq.data_ptr<int8_t>();
     float* XD = xd.data_ptr<float>();
     float* XS = xs.data_ptr<float>();
     quantize_rows(x.data_ptr<float>(), J, K, XQ, XD, XS);
+    const std::vector<int16_t> xs16 = bits == 6 ? sums16(XQ, J, K) : std::vector<int16_t>();
+    const int16_t* X16 = xs16.data();
     const int64_t* I = ids.data_ptr<int64_t>();
     const uint8_t* Q = (const uint8_t*)q.data_ptr();
     const float* S = scale.data_ptr<float>();
     const float* Z = zero_opt.has_value() ? zero_opt->data_ptr<float>() : nullptr;
-    const int64_t row_bytes = bits == 4 ? K / 2 : K, G = K / group;
+    const int64_t row_bytes = bits == 4 ? K / 2 : bits == 6 ? K / 4 * 3 : K, G = K / group;
     auto dot = [&](int64_t j, int64_t n, float* o) {
         const int64_t r = I[j] * N + n;
         const int8_t* xq_j = XQ + j * K;
         const float* xd_j = XD + j * B;
         const float* xs_j = XS + j * B;
         const float* zr = Z ? Z + r * G : nullptr;
-        if (bits == 4) row_dot<4, false, 1>(Q + r * row_bytes, S + r * G, zr, B, xq_j, xd_j, xs_j, K, o, 0);
+        if (bits == 6) row_dot6<1>(Q + r * row_bytes, S + r * G, SUB + r * (K / 16), B, xq_j, xd_j, X16 + j * (K / 16), K, o, 0);
+        else if (bits == 4) row_dot<4, false, 1>(Q + r * row_bytes, S + r * G, zr, B, xq_j, xd_j, xs_j, K, o, 0);
         else if (group == 32) row_dot<8, false, 1>(Q + r * row_bytes, S + r * G, zr, B, xq_j, xd_j, xs_j, K, o, 0);
         else row_dot<8, true, 1>(Q + r * row_bytes, S + r * G, zr, B, xq_j, xd_j, xs_j, K, o, 0);
     };
@@ -513,6 +606,9 @@ def activations() -> str:
 
 
 def _int8_layout(w: QuantWeight, k: int) -> bool:
+    """Whether the int8-activation kernels take this weight (the layouts check_layout accepts)."""
+    if w.bits == 6:
+        return k % 256 == 0 and w.group == 256 and w.sub is not None and w.zero is None
     return k % 32 == 0 and (w.group == 32 or (w.group == 16 and w.bits == 8 and w.zero is None))
 
 
@@ -525,8 +621,8 @@ def qlinear(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
         x2 = x2.contiguous()
         # Integer dot products beat dequantise + BLAS at every row count measured (1 to 512 rows).
         if activations() == "int8" and _int8_layout(w, x2.shape[1]):
-            return kernel.qmm_q8(x2, w.q, w.scale, w.zero, w.bits, w.group).reshape(*lead, -1)
-        if x2.shape[0] <= MAX_KERNEL_ROWS:
+            return kernel.qmm_q8(x2, w.q, w.scale, w.zero, w.bits, w.group, w.sub).reshape(*lead, -1)
+        if x2.shape[0] <= MAX_KERNEL_ROWS and w.bits != 6:
             return kernel.qmm(x2, w.q, w.scale, w.zero, w.bits, w.group).reshape(*lead, -1)
     return F.linear(x, w.dequantize(x.dtype))
 
@@ -563,5 +659,5 @@ def expert_matmul(x: torch.Tensor, w: QuantWeight, ids: torch.Tensor, weights: t
     kernel = native()
     if kernel is None:
         return None
-    return kernel.qmm_experts(x.contiguous(), w.q, w.scale, w.zero, w.bits, w.group, ids.contiguous(),
+    return kernel.qmm_experts(x.contiguous(), w.q, w.scale, w.zero, w.bits, w.group, w.sub, ids.contiguous(),
                               None if weights is None else weights.float().contiguous(), top_k)

@@ -22,10 +22,11 @@ class QuantParam(nn.Module):
         self.register_buffer("q", w.q)
         self.register_buffer("scale", w.scale)
         self.register_buffer("zero", w.zero)
+        self.register_buffer("sub", w.sub)
 
     @property
     def qweight(self) -> QuantWeight:
-        return QuantWeight(self.bits, self.group, self.q, self.scale, self.zero)
+        return QuantWeight(self.bits, self.group, self.q, self.scale, self.zero, self.sub)
 
     @property
     def shape(self) -> tuple[int, ...]:
