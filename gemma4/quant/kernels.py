@@ -7,7 +7,7 @@ its source) reads the packed weights directly:
   max|x|/127 (llama.cpp's Q8_0 activations), and each block's dot product with the int4/int8 weights is
   summed exactly in integers (`maddubs` + `madd`) before the two scales are applied. This is what
   reaches memory bandwidth at decode (a block of weights costs a handful of instructions) and beats
-  dequantise + BLAS at prefill too (up to 8 rows share each decoded weight block). The cost in quality
+  dequantise + BLAS at prefill too (4 rows share each decoded weight block). The cost in quality
   is bounded in tests/test_quant.py: half an activation step per block, and on the embedded model a
   KL from float activations well under llama.cpp's own.
 - float activations (GEMMA4_ACTIVATIONS=float): float32 times the widened weights, the exact product
@@ -242,11 +242,7 @@ static void rows_dot(int MR, const uint8_t* qr, const float* sr, const float* zr
         case 1: row_dot<BITS, G16, 1>(qr, sr, zr, B, XQ, XD, XS, K, out, ostride); break;
         case 2: row_dot<BITS, G16, 2>(qr, sr, zr, B, XQ, XD, XS, K, out, ostride); break;
         case 3: row_dot<BITS, G16, 3>(qr, sr, zr, B, XQ, XD, XS, K, out, ostride); break;
-        case 4: row_dot<BITS, G16, 4>(qr, sr, zr, B, XQ, XD, XS, K, out, ostride); break;
-        case 5: row_dot<BITS, G16, 5>(qr, sr, zr, B, XQ, XD, XS, K, out, ostride); break;
-        case 6: row_dot<BITS, G16, 6>(qr, sr, zr, B, XQ, XD, XS, K, out, ostride); break;
-        case 7: row_dot<BITS, G16, 7>(qr, sr, zr, B, XQ, XD, XS, K, out, ostride); break;
-        default: row_dot<BITS, G16, 8>(qr, sr, zr, B, XQ, XD, XS, K, out, ostride); break;
+        default: row_dot<BITS, G16, 4>(qr, sr, zr, B, XQ, XD, XS, K, out, ostride); break;
     }
 }
 
@@ -322,11 +318,7 @@ static void rows_dot6(int MR, const uint8_t* qr, const float* dr, const int8_t* 
         case 1: row_dot6<1>(qr, dr, sub, B, XQ, XD, XS16, K, out, ostride); break;
         case 2: row_dot6<2>(qr, dr, sub, B, XQ, XD, XS16, K, out, ostride); break;
         case 3: row_dot6<3>(qr, dr, sub, B, XQ, XD, XS16, K, out, ostride); break;
-        case 4: row_dot6<4>(qr, dr, sub, B, XQ, XD, XS16, K, out, ostride); break;
-        case 5: row_dot6<5>(qr, dr, sub, B, XQ, XD, XS16, K, out, ostride); break;
-        case 6: row_dot6<6>(qr, dr, sub, B, XQ, XD, XS16, K, out, ostride); break;
-        case 7: row_dot6<7>(qr, dr, sub, B, XQ, XD, XS16, K, out, ostride); break;
-        default: row_dot6<8>(qr, dr, sub, B, XQ, XD, XS16, K, out, ostride); break;
+        default: row_dot6<4>(qr, dr, sub, B, XQ, XD, XS16, K, out, ostride); break;
     }
 }
 
@@ -336,9 +328,11 @@ static void check_layout(const char* what, int64_t K, int64_t bits, int64_t grou
     TORCH_CHECK(ok, what, ": unsupported layout");
 }
 
+constexpr int64_t ROW_TILE = 4;  // rows of x per weight row: 4 x 2 FMA chains fit the 16 registers (8 spilled)
+
 // out[m, n] = sum_k xq8(x)[m, k] * (scale[n, k/g] * q[n, k] + zero[n, k/g]), x quantised per 32.
-// Rows of x go 8 at a time against each weight row (each weight block is decoded once per 8 rows);
-// output rows are split across threads, 16 weight rows at a time so an 8-row tile of x stays in cache.
+// Rows of x go ROW_TILE at a time against each weight row (each weight block is decoded once per tile);
+// output rows are split across threads, 16 weight rows at a time so a tile of x stays in cache.
 torch::Tensor qmm_q8(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10::optional<torch::Tensor> zero_opt,
                      int64_t bits, int64_t group, c10::optional<torch::Tensor> sub_opt) {
     pybind11::gil_scoped_release no_gil;
@@ -363,8 +357,8 @@ torch::Tensor qmm_q8(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10:
     at::parallel_for(0, (N + NB - 1) / NB, 1, [&](int64_t c0, int64_t c1) {
         for (int64_t c = c0; c < c1; ++c) {
             const int64_t n0 = c * NB, n1 = std::min(N, n0 + NB);
-            for (int64_t m0 = 0; m0 < M; m0 += 8) {
-                const int MR = (int)std::min<int64_t>(8, M - m0);
+            for (int64_t m0 = 0; m0 < M; m0 += ROW_TILE) {
+                const int MR = (int)std::min<int64_t>(ROW_TILE, M - m0);
                 const int8_t* xq_t = XQ + m0 * K;
                 const float* xd_t = XD + m0 * B;
                 const float* xs_t = XS + m0 * B;
