@@ -3,15 +3,19 @@
 The cache hands attention its keys and values in pieces (a ring whole; a full layer's context a few
 thousand slots at a time). Each piece is scored in float32 and folded into a running softmax (the
 maximum and sum of exponentials of each query, log-sum-exp style), so no temporary spans the whole
-context in float32 and the stored dtype (bf16, int8) is widened one piece at a time.
+context in float32 and the stored dtype (bf16, int8) is widened one piece at a time. A context that
+fits one piece (the usual case) goes through torch's fused scaled_dot_product_attention instead.
 K=V layers store only the values; a piece's keys are rebuilt from them (times the k_norm weight,
 then RoPE on the channels whose frequency is not zero: a quarter of them under proportional RoPE).
 """
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ..cache import RowsView
 from ..config import ModelConfig
@@ -55,8 +59,18 @@ def attend(q: torch.Tensor, pieces, qpos: torch.Tensor, window: int | None, sees
     """
     b, h, t, d = q.shape
     qf = q.float()
+    pieces = iter(pieces)
+    first = next(pieces)
+    second = next(pieces, None)
+    if second is None and first[0] is not None:  # the whole context in one piece, keys stored
+        k, v, kpos = first
+        allowed = attention_mask(qpos, kpos, window, sees_until)
+        if bool(allowed.any(-1).all()):  # (a query that sees nothing must give zeros, not NaN)
+            # torch's fused kernel: no [T x S] temporaries per op, one pass of exp; same softmax.
+            return F.scaled_dot_product_attention(qf, k.float(), v.float(), attn_mask=allowed[:, None],
+                                                  scale=scale, enable_gqa=k.shape[1] != h)
     m = l = acc = None
-    for k, v, kpos in pieces:
+    for k, v, kpos in itertools.chain([first], [] if second is None else [second], pieces):
         kv = v.shape[1]
         g = h // kv
         vf = v.float()

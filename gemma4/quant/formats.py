@@ -19,6 +19,7 @@ and re-quantised to int8 g32 (lossy; see `from_gguf`).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +40,14 @@ class QuantWeight:
     def shape(self) -> tuple[int, ...]:
         k = self.q.shape[-1] * {4: 2, 6: 4 / 3, 8: 1}[self.bits]
         return (*self.q.shape[:-1], int(k))
+
+    @functools.cached_property
+    def int8_layout(self) -> bool:
+        """Whether the int8-activation CPU kernels take this weight (the layouts their check_layout accepts)."""
+        k = self.shape[-1]
+        if self.bits == 6:
+            return k % 256 == 0 and self.group == 256 and self.sub is not None and self.zero is None
+        return k % 32 == 0 and (self.group == 32 or (self.group == 16 and self.bits == 8 and self.zero is None))
 
     def tensors(self) -> tuple[torch.Tensor | None, ...]:
         return self.q, self.scale, self.zero, self.sub

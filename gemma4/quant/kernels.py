@@ -333,10 +333,14 @@ constexpr int64_t ROW_TILE = 4;  // rows of x per weight row: 4 x 2 FMA chains f
 // out[m, n] = sum_k xq8(x)[m, k] * (scale[n, k/g] * q[n, k] + zero[n, k/g]), x quantised per 32.
 // Rows of x go ROW_TILE at a time against each weight row (each weight block is decoded once per tile);
 // output rows are split across threads, 16 weight rows at a time so a tile of x stays in cache.
-torch::Tensor qmm_q8(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10::optional<torch::Tensor> zero_opt,
+// x may have leading dimensions ([..., K] -> [..., N]): reshaped here, where it costs no Python call.
+torch::Tensor qmm_q8(torch::Tensor x_in, torch::Tensor q, torch::Tensor scale, c10::optional<torch::Tensor> zero_opt,
                      int64_t bits, int64_t group, c10::optional<torch::Tensor> sub_opt) {
     pybind11::gil_scoped_release no_gil;
+    auto out_sizes = x_in.sizes().vec();
+    const torch::Tensor x = x_in.reshape({-1, x_in.size(-1)}).contiguous();
     const int64_t M = x.size(0), K = x.size(1), N = q.size(0), B = K / 32;
+    out_sizes.back() = N;
     check_layout("qmm_q8", K, bits, group, zero_opt.has_value(), sub_opt.has_value());
     const int8_t* SUB = sub_opt.has_value() ? sub_opt->data_ptr<int8_t>() : nullptr;
     auto out = torch::empty({M, N}, x.options());
@@ -375,7 +379,7 @@ torch::Tensor qmm_q8(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10:
             }
         }
     });
-    return out;
+    return out.view(out_sizes);
 }
 
 // Routed experts in one call. x [J, K]: row j goes through expert ids[j] of the stacked q [E, N, ...].
@@ -599,23 +603,16 @@ def activations() -> str:
     return mode
 
 
-def _int8_layout(w: QuantWeight, k: int) -> bool:
-    """Whether the int8-activation kernels take this weight (the layouts check_layout accepts)."""
-    if w.bits == 6:
-        return k % 256 == 0 and w.group == 256 and w.sub is not None and w.zero is None
-    return k % 32 == 0 and (w.group == 32 or (w.group == 16 and w.bits == 8 and w.zero is None))
-
-
 def qlinear(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
     """x [..., K] @ dequantize(w).T -> [..., N]; w is one matrix ([N, ...])."""
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    kernel = native() if x2.device.type == "cpu" and x2.dtype == torch.float32 else None
+    # Called ~130 times per decode step of a small model: the checks are kept to a few attribute reads.
+    kernel = native() if x.is_cpu and x.dtype is torch.float32 else None
     if kernel is not None:
-        x2 = x2.contiguous()
         # Integer dot products beat dequantise + BLAS at every row count measured (1 to 512 rows).
-        if activations() == "int8" and _int8_layout(w, x2.shape[1]):
-            return kernel.qmm_q8(x2, w.q, w.scale, w.zero, w.bits, w.group, w.sub).reshape(*lead, -1)
+        if w.int8_layout and activations() == "int8":
+            return kernel.qmm_q8(x, w.q, w.scale, w.zero, w.bits, w.group, w.sub)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
         if x2.shape[0] <= MAX_KERNEL_ROWS and w.bits != 6:
             return kernel.qmm(x2, w.q, w.scale, w.zero, w.bits, w.group).reshape(*lead, -1)
     return F.linear(x, w.dequantize(x.dtype))
@@ -648,7 +645,7 @@ def expert_matmul(x: torch.Tensor, w: QuantWeight, ids: torch.Tensor, weights: t
     """Row j of x [J, K] times expert ids[j] of the stacked w [E, N, K] -> [J, N]; with weights [J], the
     weighted sum over each token's top_k consecutive rows -> [J / top_k, N]. One native call that reads
     only the experts named; None where it does not apply (then the caller loops over the experts)."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or activations() != "int8" or not _int8_layout(w, x.shape[1]):
+    if x.device.type != "cpu" or x.dtype != torch.float32 or activations() != "int8" or not w.int8_layout:
         return None
     kernel = native()
     if kernel is None:

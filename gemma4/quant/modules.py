@@ -23,10 +23,17 @@ class QuantParam(nn.Module):
         self.register_buffer("scale", w.scale)
         self.register_buffer("zero", w.zero)
         self.register_buffer("sub", w.sub)
+        self._qweight = None
 
     @property
     def qweight(self) -> QuantWeight:
-        return QuantWeight(self.bits, self.group, self.q, self.scale, self.zero, self.sub)
+        """The buffers as a QuantWeight, built once (a decode step asks ~130 times) and again after
+        .to() or any other replacement of the buffers."""
+        b = self._buffers
+        qw = self._qweight
+        if qw is None or qw.q is not b["q"] or qw.scale is not b["scale"] or qw.zero is not b["zero"] or qw.sub is not b["sub"]:
+            qw = self._qweight = QuantWeight(self.bits, self.group, b["q"], b["scale"], b["zero"], b["sub"])
+        return qw
 
     @property
     def shape(self) -> tuple[int, ...]:
