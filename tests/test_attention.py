@@ -86,3 +86,38 @@ def test_decode_over_one_slot_pieces_equals_whole_pieces(gemma4_models, monkeypa
     monkeypatch.setattr(attention, "PIECE_ELEMENTS", 1)
     pieces = run()
     assert (whole - pieces).abs().max() <= 1e-4  # float32: the same sums in another order
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_attention_of_few_queries_equals_one_softmax(dtype):
+    """Decode and verify steps (few queries per KV head) run a native kernel over the cache as stored
+    (bf16 read directly), its keys in chunks of 64 merged as the pieces are: against one softmax over
+    the same widened keys, across several chunks, a window, empty slots, an image span, GQA; and each
+    query's result does not depend on the queries beside it (a verify step's row == a decode step)."""
+    from gemma4.quant import kernels
+
+    if kernels.native() is None:
+        pytest.skip("no AVX2 kernel on this machine")
+    g = torch.Generator().manual_seed(3)
+    b, h, kv, t, s, d = 2, 8, 2, 3, 300, 256
+    q = torch.randn(b, h, t, d, generator=g)
+    k, v = (torch.randn(b, kv, s, d, generator=g).to(dtype) for _ in range(2))
+    kpos = torch.arange(s).repeat(b, 1)
+    kpos[1, 200:] = -1
+    kpos[0, 10:20] = -1
+    qpos = torch.tensor([[290, 291, 292], [150, 151, 152]])
+    sees_until = qpos.clone()
+    sees_until[1, 0] = 160
+    for window in (None, 100):
+        got = kernels.attend_small(q, k, v, qpos, kpos, window, sees_until, 0.1)
+        assert got is not None
+        want = _plain(q * 0.1, k.float(), v.float(), qpos, kpos, window, sees_until)
+        assert (got - want).abs().max() <= 1e-5
+        alone = torch.cat([kernels.attend_small(q[:, :, i:i + 1], k, v, qpos[:, i:i + 1], kpos, window,
+                                                sees_until[:, i:i + 1], 0.1) for i in range(t)], dim=2)
+        assert torch.equal(got, alone)
+    nothing = kernels.attend_small(q[:1, :, :1], k[:1], v[:1], torch.tensor([[5]]), torch.full((1, s), -1), None, None, 1.0)
+    assert torch.equal(nothing, torch.zeros_like(nothing))
+    # many queries (prefill) are left to torch's fused attention
+    many = torch.randn(1, h, kernels.MAX_SMALL_ATTENTION_ROWS, d)
+    assert kernels.attend_small(many, k[:1], v[:1], qpos[:1, :1].expand(1, many.shape[2]), kpos[:1], None, None, 1.0) is None

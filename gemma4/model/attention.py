@@ -19,6 +19,7 @@ from torch.nn import functional as F
 
 from ..cache import RowsView
 from ..config import ModelConfig
+from ..quant.kernels import attend_small
 from ..quant.modules import Linear
 from .layers import RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
 
@@ -64,6 +65,9 @@ def attend(q: torch.Tensor, pieces, qpos: torch.Tensor, window: int | None, sees
     second = next(pieces, None)
     if second is None and first[0] is not None:  # the whole context in one piece, keys stored
         k, v, kpos = first
+        out = attend_small(qf, k, v, qpos, kpos, window, sees_until, scale)
+        if out is not None:
+            return out
         allowed = attention_mask(qpos, kpos, window, sees_until)
         if bool(allowed.any(-1).all()):  # (a query that sees nothing must give zeros, not NaN)
             # torch's fused kernel: no [T x S] temporaries per op, one pass of exp; same softmax.

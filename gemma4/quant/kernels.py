@@ -503,6 +503,177 @@ torch::Tensor bf16mm(torch::Tensor x, torch::Tensor w) {
     return out;
 }
 
+// ---- attention of a few queries (decode, verify) over one piece of the cache ----
+// q [B, H, T, D] float32; k, v [B, KV, S, D] float32 or bf16 (rows contiguous); qpos [B, T], kpos [B, S]
+// (-1: empty slot); a query at p sees keys p - window + 1 .. min(p or sees_until) (window 0: all).
+// Keys are split in chunks of 64 across threads (flash-decoding): each chunk keeps, per query, its max
+// score, sum of exponentials and weighted values; a second pass merges them. A query that sees nothing
+// gets zeros. Every query's arithmetic is the same whatever the others (T, batch) are.
+static inline __m256 widen8(const float* p) { return _mm256_loadu_ps(p); }
+static inline __m256 widen8(const uint16_t* p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+
+// e^x for x <= 0 (scores minus their maximum; -inf and anything below -87 give 0): 2^n * p(f), n = round(x / ln 2), f = x - n ln 2
+// in two parts, p a degree-6 Taylor polynomial on |f| <= ln 2 / 2 (relative error < 2e-7, float32's own).
+static inline __m256 exp_nonpositive(__m256 x) {
+    const __m256 live = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_GE_OQ);  // below: e^x < 2^-125, 0
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 f = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    f = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), f);
+    __m256 p = _mm256_set1_ps(1.0f / 720);
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_and_ps(live, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+template <typename KT>
+static void attend_chunks(const float* Q, const KT* K, const KT* V, const int64_t* QP, const int64_t* KP,
+                          const int64_t* SU, int64_t window, float scale, int64_t B, int64_t H, int64_t T,
+                          int64_t KV, int64_t S, int64_t D, int64_t CH, int64_t NC, float* PM, float* PL, float* PA) {
+    const int64_t G = H / KV, R = G * T;
+    at::parallel_for(0, B * KV * NC, 1, [&](int64_t i0, int64_t i1) {
+        std::vector<float> kb(D), vb(D), sc(R * CH);
+        std::vector<const float*> rq(R);
+        std::vector<int64_t> rlo(R), rhi(R);
+        for (int64_t i = i0; i < i1; ++i) {
+            const int64_t b = i / (KV * NC), kv = (i / NC) % KV, c = i % NC;
+            const int64_t j0 = c * CH, j1 = std::min(S, j0 + CH);
+            const KT* kbase = K + (b * KV + kv) * S * D;
+            const KT* vbase = V + (b * KV + kv) * S * D;
+            float* pm = PM + i * R;
+            float* pl = PL + i * R;
+            float* pa = PA + i * R * D;
+            for (int64_t r = 0; r < R; ++r) {  // query row r: head kv * G + r / T, position t = r % T
+                const int64_t t = r % T, qp = QP[b * T + t];
+                pm[r] = -INFINITY;
+                rq[r] = Q + ((b * H + kv * G + r / T) * T + t) * D;
+                rhi[r] = SU ? SU[b * T + t] : qp;  // sees keys at rlo .. rhi
+                rlo[r] = window > 0 ? std::max<int64_t>(0, qp - window + 1) : 0;
+            }
+            for (int64_t j = j0; j < j1; ++j) {  // scores
+                const int64_t kp = KP[b * S + j];
+                float* row = kb.data();
+                bool widened = false;
+                for (int64_t r = 0; r < R; ++r) {
+                    float& out = sc[r * CH + (j - j0)];
+                    if (kp < rlo[r] || kp > rhi[r]) { out = -INFINITY; continue; }
+                    if (!widened) {
+                        for (int64_t e = 0; e < D; e += 8) _mm256_storeu_ps(row + e, widen8(kbase + j * D + e));
+                        widened = true;
+                    }
+                    const float* qr = rq[r];
+                    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+                    int64_t e = 0;
+                    for (; e + 16 <= D; e += 16) {
+                        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + e), _mm256_loadu_ps(row + e), a0);
+                        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + e + 8), _mm256_loadu_ps(row + e + 8), a1);
+                    }
+                    for (; e < D; e += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + e), _mm256_loadu_ps(row + e), a0);
+                    out = hsum(_mm256_add_ps(a0, a1)) * scale;
+                    pm[r] = std::max(pm[r], out);
+                }
+            }
+            for (int64_t r = 0; r < R; ++r) {  // exponentials
+                float* x = sc.data() + r * CH;
+                const int64_t n = j1 - j0;
+                if (pm[r] == -INFINITY) {
+                    std::fill(x, x + n, 0.0f);
+                    pl[r] = 0.0f;
+                } else {
+                    const __m256 top = _mm256_set1_ps(pm[r]);
+                    __m256 l8 = _mm256_setzero_ps();
+                    int64_t j = 0;
+                    for (; j + 8 <= n; j += 8) {
+                        const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(x + j), top));
+                        _mm256_storeu_ps(x + j, e);
+                        l8 = _mm256_add_ps(l8, e);
+                    }
+                    float l = hsum(l8);
+                    for (; j < n; ++j) l += (x[j] = std::exp(x[j] - pm[r]));
+                    pl[r] = l;
+                }
+                std::fill(pa + r * D, pa + (r + 1) * D, 0.0f);
+            }
+            for (int64_t j = j0; j < j1; ++j) {  // weighted values
+                bool widened = false;
+                for (int64_t r = 0; r < R; ++r) {
+                    const float p = sc[r * CH + (j - j0)];
+                    if (p == 0.0f) continue;
+                    if (!widened) {
+                        for (int64_t e = 0; e < D; e += 8) _mm256_storeu_ps(vb.data() + e, widen8(vbase + j * D + e));
+                        widened = true;
+                    }
+                    const __m256 pv = _mm256_set1_ps(p);
+                    float* acc = pa + r * D;
+                    for (int64_t e = 0; e < D; e += 8)
+                        _mm256_storeu_ps(acc + e, _mm256_fmadd_ps(pv, _mm256_loadu_ps(vb.data() + e), _mm256_loadu_ps(acc + e)));
+                }
+            }
+        }
+    });
+}
+
+torch::Tensor attend_small(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor qpos, torch::Tensor kpos,
+                           int64_t window, c10::optional<torch::Tensor> sees_until, double scale) {
+    pybind11::gil_scoped_release no_gil;
+    q = q.contiguous(); k = k.contiguous(); v = v.contiguous();
+    qpos = qpos.contiguous(); kpos = kpos.contiguous();
+    const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), KV = k.size(1), S = k.size(2);
+    TORCH_CHECK(D % 8 == 0 && H % KV == 0 && k.scalar_type() == v.scalar_type(), "attend_small: unsupported shapes");
+    const int64_t G = H / KV, R = G * T, CH = 64, NC = (S + CH - 1) / CH;
+    auto f = q.options();
+    auto pm = torch::empty({B * KV * NC, R}, f), pl = torch::empty({B * KV * NC, R}, f);
+    auto pa = torch::empty({B * KV * NC, R, D}, f);
+    torch::Tensor su;
+    if (sees_until.has_value()) su = sees_until->contiguous();
+    const int64_t* SU = sees_until.has_value() ? su.data_ptr<int64_t>() : nullptr;
+    if (k.scalar_type() == torch::kBFloat16)
+        attend_chunks<uint16_t>(q.data_ptr<float>(), (const uint16_t*)k.data_ptr(), (const uint16_t*)v.data_ptr(),
+                                qpos.data_ptr<int64_t>(), kpos.data_ptr<int64_t>(), SU, window, (float)scale,
+                                B, H, T, KV, S, D, CH, NC, pm.data_ptr<float>(), pl.data_ptr<float>(), pa.data_ptr<float>());
+    else {
+        TORCH_CHECK(k.scalar_type() == torch::kFloat, "attend_small: keys must be float32 or bfloat16");
+        attend_chunks<float>(q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(),
+                             qpos.data_ptr<int64_t>(), kpos.data_ptr<int64_t>(), SU, window, (float)scale,
+                             B, H, T, KV, S, D, CH, NC, pm.data_ptr<float>(), pl.data_ptr<float>(), pa.data_ptr<float>());
+    }
+    auto out = torch::zeros({B, H, T, D}, f);
+    const float* PM = pm.data_ptr<float>();
+    const float* PL = pl.data_ptr<float>();
+    const float* PA = pa.data_ptr<float>();
+    float* O = out.data_ptr<float>();
+    at::parallel_for(0, B * H * T, 1, [&](int64_t i0, int64_t i1) {  // merge the chunks of each query
+        for (int64_t i = i0; i < i1; ++i) {
+            const int64_t b = i / (H * T), h = (i / T) % H, t = i % T, kv = h / G, r = (h % G) * T + t;
+            float top = -INFINITY;
+            for (int64_t c = 0; c < NC; ++c) top = std::max(top, PM[((b * KV + kv) * NC + c) * R + r]);
+            if (top == -INFINITY) continue;  // sees nothing: zeros
+            float l = 0.0f;
+            float* o = O + i * D;
+            for (int64_t c = 0; c < NC; ++c) {
+                const int64_t pi = (b * KV + kv) * NC + c;
+                const float m = PM[pi * R + r];
+                if (m == -INFINITY) continue;
+                const float w = std::exp(m - top);
+                l += w * PL[pi * R + r];
+                const float* a = PA + (pi * R + r) * D;
+                for (int64_t e = 0; e < D; ++e) o[e] += w * a[e];
+            }
+            const float inv = 1.0f / l;
+            for (int64_t e = 0; e < D; ++e) o[e] *= inv;
+        }
+    });
+    return out;
+}
+
 // ---- small fused ops of the decoder (one pass instead of five aten calls each) ----
 // out = residual + (x * (mean(x^2) + eps)^-0.5) * weight per row of D, all float32; weight and residual
 // optional. Same rounding order as the unfused torch ops; only the sum of squares is ordered differently.
@@ -578,7 +749,8 @@ def _build():
         # Named by its source and flags, so builds of different versions never meet in torch's build cache.
         tag = hashlib.sha256((_SOURCE + " ".join(_CFLAGS)).encode()).hexdigest()[:12]
         return load_inline(name=f"gemma4_qmm_{tag}", cpp_sources=_SOURCE,
-                           functions=["qmm", "qmm_q8", "qmm_experts", "quantize_activations", "rms_norm", "bf16mm"],
+                           functions=["qmm", "qmm_q8", "qmm_experts", "quantize_activations", "rms_norm", "bf16mm",
+                                      "attend_small"],
                            extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
     except Exception:  # no compiler, no headers: the plain-torch path serves
         return None
@@ -652,3 +824,24 @@ def expert_matmul(x: torch.Tensor, w: QuantWeight, ids: torch.Tensor, weights: t
         return None
     return kernel.qmm_experts(x.contiguous(), w.q, w.scale, w.zero, w.bits, w.group, w.sub, ids.contiguous(),
                               None if weights is None else weights.float().contiguous(), top_k)
+
+
+# Queries per KV head up to which attention runs in the native kernel (decode, verify steps); above it
+# (prefill) torch's fused attention, whose blocked GEMMs win at many queries.
+MAX_SMALL_ATTENTION_ROWS = 64
+
+
+def attend_small(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.Tensor, kpos: torch.Tensor,
+                 window: int | None, sees_until: torch.Tensor | None, scale: float) -> torch.Tensor | None:
+    """softmax(q k^T * scale, masked as attention_mask masks) v for a few queries, read straight from a
+    float32 or bf16 cache piece: q [B, H, T, D] float32, k, v [B, KV, S, D] -> [B, H, T, D] float32.
+    None where it does not apply (then the caller uses torch)."""
+    b, h, t, d = q.shape
+    if (q.device.type != "cpu" or q.dtype != torch.float32 or k.dtype != v.dtype
+            or k.dtype not in (torch.float32, torch.bfloat16) or d % 8 or (h // k.shape[1]) * t > MAX_SMALL_ATTENTION_ROWS):
+        return None
+    kernel = native()
+    if kernel is None:
+        return None
+    return kernel.attend_small(q, k, v, qpos, kpos, window or 0, sees_until, scale)
+
