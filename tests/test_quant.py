@@ -57,17 +57,18 @@ def _q8_activations(x):
     return (q * d).reshape(m, k), d
 
 
+@pytest.mark.parametrize("k", [640, 608])  # 608: an odd number of blocks (int4 pairs them, the last alone)
 @pytest.mark.parametrize("acts", ["float", "int8"])
 @pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("rows", [1, 3, 8, 9, 21])
-def test_kernel_equals_float_product_with_dequantised_weight(monkeypatch, native, rows, acts):
+def test_kernel_equals_float_product_with_dequantised_weight(monkeypatch, native, rows, acts, k):
     monkeypatch.setenv("GEMMA4_ACTIVATIONS", acts)
     if not native:
         monkeypatch.setattr(kernels, "_native", False)  # the plain-torch path (CUDA, no compiler)
     elif kernels.native() is None:
         pytest.skip("no AVX2 kernel on this machine")
     g = torch.Generator().manual_seed(1)
-    n, k = 72, 640
+    n = 72
     w, x = torch.randn(n, k, generator=g), torch.randn(rows, k, generator=g)
     x[0, 5] = 0.0  # a block's maximum may sit anywhere; an all-zero block must give zeros, not NaN
     x[-1, 32:64] = 0.0
@@ -337,9 +338,9 @@ def test_a_rows_product_does_not_depend_on_the_rows_beside_it(quantize):
     """Bit for bit: a verify step over k+1 rows must give each row what a one-row decode step gives, or
     greedy speculative output could differ from plain decoding at near-ties."""
     g = torch.Generator().manual_seed(3)
-    w = quantize(torch.randn(96, 256, generator=g))
+    w = quantize(torch.randn(96, 288, generator=g))  # 9 blocks: int4's pairs and its unpaired last block
     for m in (2, 3, 5, 8, 9, 17):
-        x = torch.randn(m, 256, generator=g)
+        x = torch.randn(m, 288, generator=g)
         together = kernels.qlinear(x, w)
         alone = torch.cat([kernels.qlinear(x[i:i + 1], w) for i in range(m)])
         assert torch.equal(together, alone), m

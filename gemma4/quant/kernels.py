@@ -126,7 +126,10 @@ torch::Tensor qmm(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10::op
 
 // ---- int8 activations: each row quantised per block of 32 (scale max|x|/127), as llama.cpp's Q8_0 ----
 // XQ int8 [M, K]; XD [M, K/32] the block scales; XS [M, K/32] = XD * sum of the block's XQ (offset terms).
-static void quantize_rows(const float* X, int64_t M, int64_t K, int8_t* XQ, float* XD, float* XS) {
+// pair4 (for int4 weights): each pair of blocks b, b + 1 is stored as x_b[0:16] x_b+1[0:16] x_b[16:32]
+// x_b+1[16:32], the order of the nibbles of one 32-byte weight load (see pair4 below); an odd last
+// block stays as it is. XD and XS keep block order.
+static void quantize_rows(const float* X, int64_t M, int64_t K, int8_t* XQ, float* XD, float* XS, bool pair4 = false) {
     const int64_t B = K / 32;
     const __m256 signbit = _mm256_set1_ps(-0.0f);
     const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
@@ -156,6 +159,14 @@ static void quantize_rows(const float* X, int64_t M, int64_t K, int8_t* XQ, floa
             _mm256_storeu_si256((__m256i*)(XQ + m * K + b * 32), _mm256_permutevar8x32_epi32(p, perm));
             XD[m * B + b] = d;
             XS[m * B + b] = d * (float)_mm_cvtsi128_si32(s4);
+        }
+        if (pair4) {
+            for (int64_t b = 0; b + 2 <= B; b += 2) {  // swap x_b[16:32] and x_b+1[0:16]
+                int8_t* p = XQ + m * K + b * 32;
+                const __m128i a = _mm_loadu_si128((const __m128i*)(p + 16)), c = _mm_loadu_si128((const __m128i*)(p + 32));
+                _mm_storeu_si128((__m128i*)(p + 16), c);
+                _mm_storeu_si128((__m128i*)(p + 32), a);
+            }
         }
     }
 }
@@ -198,13 +209,47 @@ static inline __m256 block_scale(const float* sr, int64_t b) {
 
 // MR activation rows against one weight row: out[r * ostride] for r < MR. G16: weight scales per 16.
 // The offsets' share, sum_b zero[b] * XS[r, b], is a separate short dot product (no scalar chain).
+// int4 blocks b, b + 1 from one 32-byte load: its low nibbles are elements 0-15 of block b (low half)
+// and of block b + 1 (high half), its high nibbles elements 16-31. The activations of such a pair are
+// laid out to match (quantize_rows with pair4), so two maddubs cover both blocks and each 128-bit half
+// of the sums carries one block, scaled by one FMA with (s_b xd_b | s_b+1 xd_b+1).
+template <int MR>
+static inline void pair4(const uint8_t* qr, const float* sr, int64_t b, const int8_t* XQ, const float* XD,
+                         int64_t B, int64_t K, __m256* acc) {
+    const __m256i v = _mm256_loadu_si256((const __m256i*)(qr + b * 16));
+    const __m256i m15 = _mm256_set1_epi8(15);
+    const __m256i lo = _mm256_and_si256(v, m15), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m15);
+    const __m128 ws = _mm_castpd_ps(_mm_load_sd((const double*)(sr + b)));
+    const __m256i halves = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+    for (int r = 0; r < MR; ++r) {
+        const int8_t* x = XQ + r * K + b * 32;
+        const __m256i p16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i*)x)),
+                                             _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i*)(x + 32))));
+        const __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
+        const __m128 d2 = _mm_mul_ps(ws, _mm_castpd_ps(_mm_load_sd((const double*)(XD + r * B + b))));
+        acc[r] = _mm256_fmadd_ps(p, _mm256_permutevar8x32_ps(_mm256_castps128_ps256(d2), halves), acc[r]);
+    }
+}
+
 template <int BITS, bool G16, int MR>
 static inline void row_dot(const uint8_t* qr, const float* sr, const float* zr, int64_t B, const int8_t* XQ,
                            const float* XD, const float* XS, int64_t K, float* out, int64_t ostride) {
     __m256 acc[MR];
     for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
     int64_t b = 0;
-    {  // two blocks per step: two FMA chains per row hide their latency. The same order for every MR, so
+    if constexpr (BITS == 4) {  // pairs of blocks, two FMA chains (the tail block below, unpaired)
+        __m256 acc2[MR];
+        for (int r = 0; r < MR; ++r) acc2[r] = _mm256_setzero_ps();
+        for (; b + 4 <= B; b += 4) {
+            pair4<MR>(qr, sr, b, XQ, XD, B, K, acc);
+            pair4<MR>(qr, sr, b + 2, XQ, XD, B, K, acc2);
+        }
+        if (b + 2 <= B) {
+            pair4<MR>(qr, sr, b, XQ, XD, B, K, acc);
+            b += 2;
+        }
+        for (int r = 0; r < MR; ++r) acc[r] = _mm256_add_ps(acc[r], acc2[r]);
+    } else {  // two blocks per step: two FMA chains per row hide their latency. The same order for every MR, so
        // a row's result never depends on how many rows share the call (speculative verify == decode).
         __m256 acc2[MR];
         for (int r = 0; r < MR; ++r) acc2[r] = _mm256_setzero_ps();
@@ -349,7 +394,7 @@ torch::Tensor qmm_q8(torch::Tensor x_in, torch::Tensor q, torch::Tensor scale, c
     int8_t* XQ = xq.data_ptr<int8_t>();
     float* XD = xd.data_ptr<float>();
     float* XS = xs.data_ptr<float>();
-    quantize_rows(x.data_ptr<float>(), M, K, XQ, XD, XS);
+    quantize_rows(x.data_ptr<float>(), M, K, XQ, XD, XS, bits == 4);
     const std::vector<int16_t> xs16 = bits == 6 ? sums16(XQ, M, K) : std::vector<int16_t>();
     const int16_t* X16 = xs16.data();
     const uint8_t* Q = (const uint8_t*)q.data_ptr();
@@ -397,7 +442,7 @@ torch::Tensor qmm_experts(torch::Tensor x, torch::Tensor q, torch::Tensor scale,
     int8_t* XQ = xq.data_ptr<int8_t>();
     float* XD = xd.data_ptr<float>();
     float* XS = xs.data_ptr<float>();
-    quantize_rows(x.data_ptr<float>(), J, K, XQ, XD, XS);
+    quantize_rows(x.data_ptr<float>(), J, K, XQ, XD, XS, bits == 4);
     const std::vector<int16_t> xs16 = bits == 6 ? sums16(XQ, J, K) : std::vector<int16_t>();
     const int16_t* X16 = xs16.data();
     const int64_t* I = ids.data_ptr<int64_t>();
