@@ -65,6 +65,16 @@ class RingKV:
     def write(self, k: torch.Tensor | None, v: torch.Tensor, pos: torch.Tensor, rows=None) -> None:
         """k, v: [B, KV, T, D]; pos: [B, T] absolute positions, -1 for padding (not written).
         rows: the cache row of each batch row (default: batch row b is cache row b)."""
+        new = self.codec.encode("v", v)
+        if k is not None and "k" in self.names:
+            new.update(self.codec.encode("k", k))
+        if pos.shape[1] == 1:  # a decode step: one position per row, written in place
+            for b, (r, p) in enumerate(zip(row_list(rows, pos.shape[0]), pos[:, 0].tolist())):
+                if p >= 0:
+                    for n, x in new.items():
+                        self.data[n][r, :, p % self.capacity] = x[b, :, 0]
+                    self.pos[r, p % self.capacity] = p
+            return
         # Only the last `capacity` tokens of a chunk survive; writing only them keeps slots unique.
         newest = pos.max(dim=1, keepdim=True).values
         keep = (pos >= 0) & (pos > newest - self.capacity)
@@ -72,9 +82,6 @@ class RingKV:
         b_idx, t_idx = keep.nonzero(as_tuple=True)
         s_idx = slots[b_idx, t_idx]
         r_idx = b_idx if rows is None else torch.tensor(row_list(rows, pos.shape[0]), device=pos.device)[b_idx]
-        new = self.codec.encode("v", v)
-        if k is not None and "k" in self.names:
-            new.update(self.codec.encode("k", k))
         for n, x in new.items():
             self.data[n][r_idx, :, s_idx] = x[b_idx, :, t_idx]
         self.pos[r_idx, s_idx] = pos[b_idx, t_idx]

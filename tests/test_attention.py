@@ -121,3 +121,26 @@ def test_native_attention_of_few_queries_equals_one_softmax(dtype):
     # many queries (prefill) are left to torch's fused attention
     many = torch.randn(1, h, kernels.MAX_SMALL_ATTENTION_ROWS, d)
     assert kernels.attend_small(many, k[:1], v[:1], qpos[:1, :1].expand(1, many.shape[2]), kpos[:1], None, None, 1.0) is None
+
+
+def test_native_rope_equals_the_torch_ops(monkeypatch):
+    """The one-pass RoPE against rope_cos_sin + apply_rope: the same float32 angles, cos/sin from two
+    libraries (each within an ulp), at positions up to 256K, with proportional RoPE's zero frequencies."""
+    from gemma4.config import RopeSpec
+    from gemma4.model.layers import rope_inv_freq, rotate
+    from gemma4.quant import kernels
+
+    if kernels.native() is None:
+        pytest.skip("no AVX2 kernel on this machine")
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 4, 64, generator=g)
+    positions = torch.tensor([[0, 1, 7], [262000, -1, 4095]])
+    for spec in (RopeSpec(theta=10000.0), RopeSpec(theta=1e6, partial_rotary_factor=0.25)):
+        inv = rope_inv_freq(spec, 64)
+        got = rotate(x, positions, inv)
+        cos, sin = rope_cos_sin(inv, positions.clamp(min=0), x.dtype)
+        want = apply_rope(x, cos, sin)
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+        monkeypatch.setattr(kernels, "_native", False)
+        assert torch.equal(rotate(x, positions, inv), want)  # the plain path is the torch ops
+        monkeypatch.undo()

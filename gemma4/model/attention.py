@@ -21,7 +21,7 @@ from ..cache import RowsView
 from ..config import ModelConfig
 from ..quant.kernels import attend_small
 from ..quant.modules import Linear
-from .layers import RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
+from .layers import RMSNorm, rope_inv_freq, rotate
 
 PIECE_ELEMENTS = 1 << 22  # float32 elements of one piece's scores or values (16 MiB)
 PIECE_ALIGN = 256  # pieces of whole cache blocks
@@ -175,8 +175,7 @@ class Attention(nn.Module):
                 sees_until: torch.Tensor | None = None) -> torch.Tensor:
         """x: [B, T, hidden]; qpos: [B, T] absolute positions (-1: padding); sees_until: see attention_mask."""
         b, t, _ = x.shape
-        cos, sin = rope_cos_sin(self.inv_freq, qpos.clamp(min=0), x.dtype)
-        q = apply_rope(self.q_norm(self.q_proj(x).view(b, t, self.heads, self.head_dim)), cos, sin)
+        q = rotate(self.q_norm(self.q_proj(x).view(b, t, self.heads, self.head_dim)), qpos, self.inv_freq)
 
         raw_k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim)
         raw_v = raw_k if self.k_eq_v else self.v_proj(x).view(b, t, self.kv_heads, self.head_dim)
@@ -186,7 +185,7 @@ class Attention(nn.Module):
             # One stored tensor (the values); each piece's keys are rebuilt from it.
             pieces = kv.update(None, v.transpose(1, 2), qpos, chunk=step)
         else:
-            k = apply_rope(self.k_norm(raw_k), cos, sin)
+            k = rotate(self.k_norm(raw_k), qpos, self.inv_freq)
             pieces = kv.update(k.transpose(1, 2), v.transpose(1, 2), qpos, chunk=step)
         q = q.transpose(1, 2).float()
         scores_of = self.value_scores(q) if self.k_eq_v else None

@@ -68,6 +68,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+def rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """RoPE of x [B, T, heads, D] at positions [B, T] (negative ones as 0): one native pass on the CPU
+    (float32), else rope_cos_sin + apply_rope."""
+    if x.device.type == "cpu" and x.dtype == torch.float32:
+        kernel = native()
+        if kernel is not None:
+            return kernel.rope(x, positions, inv_freq)
+    cos, sin = rope_cos_sin(inv_freq, positions.clamp(min=0), x.dtype)
+    return apply_rope(x, cos, sin)
+
+
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 

@@ -719,6 +719,42 @@ torch::Tensor attend_small(torch::Tensor q, torch::Tensor k, torch::Tensor v, to
     return out;
 }
 
+// ---- rotate-half RoPE in one pass: x [B, T, H, D] float32, positions [B, T] (negative: 0), inv_freq [D/2]:
+// angle = float(p) * inv_freq[i] (float32, as torch computes it); out_i = x_i cos - x_{i+D/2} sin,
+// out_{i+D/2} = x_{i+D/2} cos + x_i sin. Frequencies of zero (proportional RoPE) leave their pairs as they are.
+torch::Tensor rope(torch::Tensor x, torch::Tensor positions, torch::Tensor inv_freq) {
+    pybind11::gil_scoped_release no_gil;
+    x = x.contiguous();
+    positions = positions.contiguous();
+    const int64_t B = x.size(0), T = x.size(1), H = x.size(2), D = x.size(3), half = D / 2;
+    auto out = torch::empty_like(x);
+    const float* X = x.data_ptr<float>();
+    const int64_t* P = positions.data_ptr<int64_t>();
+    const float* F = inv_freq.data_ptr<float>();
+    float* O = out.data_ptr<float>();
+    at::parallel_for(0, B * T, 16, [&](int64_t i0, int64_t i1) {
+        std::vector<float> c(half), sn(half);
+        for (int64_t i = i0; i < i1; ++i) {
+            const float p = (float)std::max<int64_t>(0, P[i]);
+            for (int64_t j = 0; j < half; ++j) {
+                const float a = p * F[j];
+                c[j] = std::cos(a);
+                sn[j] = std::sin(a);
+            }
+            for (int64_t h = 0; h < H; ++h) {
+                const float* xr = X + (i * H + h) * D;
+                float* o = O + (i * H + h) * D;
+                for (int64_t j = 0; j < half; ++j) {
+                    const float x1 = xr[j], x2 = xr[j + half];
+                    o[j] = x1 * c[j] - x2 * sn[j];
+                    o[j + half] = x2 * c[j] + x1 * sn[j];
+                }
+            }
+        }
+    });
+    return out;
+}
+
 // ---- small fused ops of the decoder (one pass instead of five aten calls each) ----
 // out = residual + (x * (mean(x^2) + eps)^-0.5) * weight per row of D, all float32; weight and residual
 // optional. Same rounding order as the unfused torch ops; only the sum of squares is ordered differently.
@@ -795,7 +831,7 @@ def _build():
         tag = hashlib.sha256((_SOURCE + " ".join(_CFLAGS)).encode()).hexdigest()[:12]
         return load_inline(name=f"gemma4_qmm_{tag}", cpp_sources=_SOURCE,
                            functions=["qmm", "qmm_q8", "qmm_experts", "quantize_activations", "rms_norm", "bf16mm",
-                                      "attend_small"],
+                                      "attend_small", "rope"],
                            extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
     except Exception:  # no compiler, no headers: the plain-torch path serves
         return None
