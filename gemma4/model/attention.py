@@ -19,7 +19,7 @@ from torch.nn import functional as F
 
 from ..cache import RowsView
 from ..config import ModelConfig
-from ..quant.kernels import attend_small
+from ..quant.kernels import attend_small, small_attention
 from ..quant.modules import Linear
 from .layers import RMSNorm, rope_inv_freq, rotate
 
@@ -51,18 +51,22 @@ def attention_mask(qpos: torch.Tensor, kpos: torch.Tensor, window: int | None,
 
 
 def attend(q: torch.Tensor, pieces, qpos: torch.Tensor, window: int | None, sees_until: torch.Tensor | None,
-           scale: float, scores_of=None) -> torch.Tensor:
+           scale: float, scores_of=None, keys_of=None) -> torch.Tensor:
     """softmax(q k^T * scale + mask) v over every piece (k, v, kpos) of the cache, in float32.
 
     q: [B, H, T, D]; a piece's k, v: [B, KV, S, D], kpos [B, S]. Heads h*KV/H share KV head h // (H/KV)
     (grouped-query attention): q is seen as [B, KV, (H/KV)*T, D]. A piece without keys (K=V layers) is
-    scored by scores_of(v as float32, kpos) -> [B, KV, (H/KV)*T, S]. Returns [B, H, T, D] float32.
+    scored by scores_of(v as float32, kpos) -> [B, KV, (H/KV)*T, S]; when the context is one piece and
+    the queries few (decode), keys_of(v, kpos) -> [B, KV, S, D] builds its keys for the native kernel
+    instead. Returns [B, H, T, D] float32.
     """
     b, h, t, d = q.shape
     qf = q.float()
     pieces = iter(pieces)
     first = next(pieces)
     second = next(pieces, None)
+    if second is None and first[0] is None and keys_of is not None and small_attention(qf, first[1]):
+        first = (keys_of(first[1], first[2]), first[1].float(), first[2])  # K=V: rebuild this piece's keys
     if second is None and first[0] is not None:  # the whole context in one piece, keys stored
         k, v, kpos = first
         out = attend_small(qf, k, v, qpos, kpos, window, sees_until, scale)
@@ -189,5 +193,6 @@ class Attention(nn.Module):
             pieces = kv.update(k.transpose(1, 2), v.transpose(1, 2), qpos, chunk=step)
         q = q.transpose(1, 2).float()
         scores_of = self.value_scores(q) if self.k_eq_v else None
-        out = attend(q, pieces, qpos, self.window, sees_until, self.scale, scores_of)
+        out = attend(q, pieces, qpos, self.window, sees_until, self.scale, scores_of,
+                     self.keys_from_values if self.k_eq_v else None)
         return self.o_proj(out.to(x.dtype).transpose(1, 2).reshape(b, t, self.heads * self.head_dim))

@@ -297,16 +297,17 @@ static void rows_dot(int MR, const uint8_t* qr, const float* sr, const float* zr
 // through the activations' sums per 16 (XS16). The 16-element sub-scales multiply in integers (madd);
 // then one float scale d * xd per block. Blocks alternate between two FMA chains, the same for any MR.
 template <int MR>
-static inline void six_block(__m256i code, int j, __m256i s16, float d, int64_t b, const int8_t* XQ,
-                             const float* XD, int64_t B, int64_t K, __m256 (*acc)[2]) {
+static inline void six_block(__m256i code, int j, __m256i s16, const __m256* dx, int64_t b, const int8_t* XQ,
+                             int64_t K, __m256 (*acc)[2]) {
     const __m256i pick = _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1,
                                           2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3);
+    const __m256i lane = _mm256_set1_epi32(j);
     // lanes 0-7 (elements 0-15) the sub-scale 2j, lanes 8-15 the sub-scale 2j + 1
-    const __m256i sc = _mm256_shuffle_epi8(_mm256_permutevar8x32_epi32(s16, _mm256_set1_epi32(j)), pick);
+    const __m256i sc = _mm256_shuffle_epi8(_mm256_permutevar8x32_epi32(s16, lane), pick);
     for (int r = 0; r < MR; ++r) {
         const __m256i xv = _mm256_loadu_si256((const __m256i*)(XQ + r * K + b * 32));
         const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(code, xv), sc);
-        acc[r][j & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * XD[r * B + b]), acc[r][j & 1]);
+        acc[r][j & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_permutevar8x32_ps(dx[r], lane), acc[r][j & 1]);
     }
 }
 
@@ -318,11 +319,11 @@ static inline void row_dot6(const uint8_t* qr, const float* dr, const int8_t* su
     const __m256i m15 = _mm256_set1_epi8(15), m30 = _mm256_set1_epi8(0x30);
     for (int64_t s = 0; s < B / 8; ++s) {  // super-blocks of 256: one d, 16 sub-scales
         const __m256i s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(sub + 16 * s)));
-        const float d = dr[s];
+        __m256 dx[MR];  // lane j: d * xd of block j, for every row
         for (int r = 0; r < MR; ++r) {  // lane j: block j's sum over its two 16s of sub * sum(x)
+            dx[r] = _mm256_mul_ps(_mm256_loadu_ps(XD + r * B + 8 * s), _mm256_set1_ps(dr[s]));
             const __m256i c = _mm256_madd_epi16(s16, _mm256_loadu_si256((const __m256i*)(XS16 + r * (K / 16) + 16 * s)));
-            cor[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(c), _mm256_mul_ps(_mm256_loadu_ps(XD + r * B + 8 * s),
-                                     _mm256_set1_ps(d)), cor[r]);
+            cor[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(c), dx[r], cor[r]);
         }
         for (int h = 0; h < 2; ++h) {
             const uint8_t* unit = qr + (2 * s + h) * 96;
@@ -331,15 +332,15 @@ static inline void row_dot6(const uint8_t* qr, const float* dr, const int8_t* su
             const __m256i high = _mm256_loadu_si256((const __m256i*)(unit + 64));
             const int64_t b = 8 * s + 4 * h;
             six_block<MR>(_mm256_or_si256(_mm256_and_si256(lo01, m15), _mm256_and_si256(_mm256_slli_epi16(high, 4), m30)),
-                          4 * h, s16, d, b, XQ, XD, B, K, acc);
+                          4 * h, s16, dx, b, XQ, K, acc);
             six_block<MR>(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(lo01, 4), m15),
                                           _mm256_and_si256(_mm256_slli_epi16(high, 2), m30)),
-                          4 * h + 1, s16, d, b + 1, XQ, XD, B, K, acc);
+                          4 * h + 1, s16, dx, b + 1, XQ, K, acc);
             six_block<MR>(_mm256_or_si256(_mm256_and_si256(lo23, m15), _mm256_and_si256(high, m30)),
-                          4 * h + 2, s16, d, b + 2, XQ, XD, B, K, acc);
+                          4 * h + 2, s16, dx, b + 2, XQ, K, acc);
             six_block<MR>(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(lo23, 4), m15),
                                           _mm256_and_si256(_mm256_srli_epi16(high, 2), m30)),
-                          4 * h + 3, s16, d, b + 3, XQ, XD, B, K, acc);
+                          4 * h + 3, s16, dx, b + 3, XQ, K, acc);
         }
     }
     for (int r = 0; r < MR; ++r)
@@ -912,17 +913,20 @@ def expert_matmul(x: torch.Tensor, w: QuantWeight, ids: torch.Tensor, weights: t
 MAX_SMALL_ATTENTION_ROWS = 64
 
 
+def small_attention(q: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether attend_small takes these queries q [B, H, T, D] over values v [B, KV, S, D] (in some dtype
+    it reads): few queries per KV head, on the CPU, with the kernel built."""
+    b, h, t, d = q.shape
+    return (q.device.type == "cpu" and q.dtype == torch.float32 and v.dtype in (torch.float32, torch.bfloat16)
+            and d % 8 == 0 and (h // v.shape[1]) * t <= MAX_SMALL_ATTENTION_ROWS and native() is not None)
+
+
 def attend_small(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.Tensor, kpos: torch.Tensor,
                  window: int | None, sees_until: torch.Tensor | None, scale: float) -> torch.Tensor | None:
     """softmax(q k^T * scale, masked as attention_mask masks) v for a few queries, read straight from a
     float32 or bf16 cache piece: q [B, H, T, D] float32, k, v [B, KV, S, D] -> [B, H, T, D] float32.
     None where it does not apply (then the caller uses torch)."""
-    b, h, t, d = q.shape
-    if (q.device.type != "cpu" or q.dtype != torch.float32 or k.dtype != v.dtype
-            or k.dtype not in (torch.float32, torch.bfloat16) or d % 8 or (h // k.shape[1]) * t > MAX_SMALL_ATTENTION_ROWS):
+    if k.dtype != v.dtype or not small_attention(q, v):
         return None
-    kernel = native()
-    if kernel is None:
-        return None
-    return kernel.attend_small(q, k, v, qpos, kpos, window or 0, sees_until, scale)
+    return native().attend_small(q, k, v, qpos, kpos, window or 0, sees_until, scale)
 
