@@ -269,6 +269,30 @@ def _int6(lead: tuple[int, ...], n: int, k: int, g: torch.Generator) -> QuantWei
     return QuantWeight(6, 256, pack6(c), d, None, sub)
 
 
+def _int4k(lead: tuple[int, ...], n: int, k: int, g: torch.Generator) -> QuantWeight:
+    """A random int4 weight with Q4_K's scales: nibbles 0 and 15, sub-scales and offsets 0 and 63."""
+    q = torch.randint(0, 256, (*lead, n, k // 2), generator=g, dtype=torch.uint8)
+    q[..., 0, :2] = torch.tensor([0, 255], dtype=torch.uint8)
+    sub = torch.randint(0, 64, (*lead, n, k // 16), generator=g).to(torch.int8)
+    sub[..., 0, :4] = torch.tensor([0, 63, 63, 0], dtype=torch.int8)
+    d, zero = torch.rand(*lead, n, k // 256, generator=g) * 1e-2, -torch.rand(*lead, n, k // 256, generator=g) * 1e-2
+    return QuantWeight(4, 256, q, d, zero, sub)
+
+
+def _magnitude(qw: QuantWeight) -> torch.Tensor:
+    """Per weight, the largest term the kernel sums before the terms cancel: int6 adds the codes 0..63
+    and subtracts 32 of them; Q4_K-style int4 adds d sc q and the offset zero m separately."""
+    if qw.bits == 6:
+        step = (qw.scale.repeat_interleave(16, -1) * qw.sub.float().abs()).repeat_interleave(16, -1)
+        return qw.dequantize().abs() + 32 * step
+    step = (qw.scale.repeat_interleave(8, -1) * qw.sub[..., 0::2].float()).repeat_interleave(32, -1)
+    offset = (qw.zero.repeat_interleave(8, -1) * qw.sub[..., 1::2].float()).abs().repeat_interleave(32, -1)
+    return 15 * step + offset
+
+
+SUB_SCALED = {"int6": _int6, "int4_k": _int4k}
+
+
 def test_int6_packing_round_trips():
     c = torch.randint(0, 64, (5, 512), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
     p = pack6(c)
@@ -276,7 +300,7 @@ def test_int6_packing_round_trips():
 
 
 def test_q6_k_loads_as_int6_at_the_files_size():
-    """Q6_K stays 6-bit in memory (the embedded model's Q6_K tensors): 6.56 bits per weight with scales."""
+    """Q6_K stays 6-bit in memory (the embedded model's Q6_K tensors): 6.63 bits per weight (the file: 6.56)."""
     from gemma4.checkpoint.gguf_file import GGUFFile
     from gemma4.store import embedded_path
 
@@ -287,12 +311,25 @@ def test_q6_k_loads_as_int6_at_the_files_size():
     assert qw.nbytes() * 8 / (8 * info.shape[-1]) == pytest.approx(6.5 + 32 / 256)
 
 
+def test_q4_k_loads_with_its_own_scales_at_the_files_size():
+    """Q4_K keeps its per-32 integer scales and offsets: 4.75 bits per weight (the file: 4.5), not 6."""
+    from gemma4.checkpoint.gguf_file import GGUFFile
+    from gemma4.store import embedded_path
+
+    f = GGUFFile(embedded_path())
+    name, info = next((n, i) for n, i in f.tensors.items() if i.type == T.Q4_K)
+    qw = from_gguf(f.raw(name)[:8], T.Q4_K, (8, info.shape[-1]))
+    assert (qw.bits, qw.group) == (4, 256) and qw.int8_layout
+    assert qw.nbytes() * 8 / (8 * info.shape[-1]) == pytest.approx(4 + 16 / 32 + 64 / 256)
+
+
+@pytest.mark.parametrize("fmt", SUB_SCALED)
 @pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("rows", [1, 3, 8, 9, 21])
-def test_int6_kernel_equals_float_product_with_dequantised_weight(monkeypatch, native, rows):
-    """As the test above, for Q6_K's layout. The kernel sums codes 0..63 and subtracts 32 per code
-    through the activations' sums, so its float roundings are bounded by the magnitude of those terms:
-    |x| times (|w| + 32 steps) summed, where a step is d * |sub| of the element's 16."""
+def test_sub_scaled_kernels_equal_float_product_with_dequantised_weight(monkeypatch, native, rows, fmt):
+    """As the test above, for the layouts with integer sub-scales (Q6_K's, Q4_K's). Their kernels sum
+    terms that cancel afterwards (int6: codes 0..63, then 32 of each subtracted; Q4_K: the offsets
+    apart), so the float roundings are bounded by |x| times those terms' magnitude."""
     monkeypatch.setenv("GEMMA4_ACTIVATIONS", "int8")
     if not native:
         monkeypatch.setattr(kernels, "_native", False)
@@ -300,27 +337,26 @@ def test_int6_kernel_equals_float_product_with_dequantised_weight(monkeypatch, n
         pytest.skip("no AVX2 kernel on this machine")
     g = torch.Generator().manual_seed(4)
     n, k = 40, 768
-    qw, x = _int6((), n, k, g), torch.randn(rows, k, generator=g) ** 3
+    qw, x = SUB_SCALED[fmt]((), n, k, g), torch.randn(rows, k, generator=g) ** 3
     x[-1, 32:64] = 0.0
     seen = _q8_activations(x)[0] if native else x
-    wd = qw.dequantize().double()
-    step = (qw.scale.repeat_interleave(16, -1) * qw.sub.float().abs()).repeat_interleave(16, -1).double()
-    ref = seen.double() @ wd.T
+    ref = seen.double() @ qw.dequantize().double().T
     got = kernels.qlinear(x, qw).double()
-    bound = (k + 4) * EPS32 * (seen.abs().double() @ (wd.abs() + 32 * step).T)
+    bound = (k + 4) * EPS32 * (seen.abs().double() @ _magnitude(qw).double().T)
     assert ((got - ref).abs() <= bound).all()
     if native:  # each row alone gives the same bits (speculative verify == decode)
         alone = torch.cat([kernels.qlinear(x[i:i + 1], qw) for i in range(rows)])
         assert torch.equal(kernels.qlinear(x, qw), alone)
 
 
-def test_int6_routed_experts_equal_one_product_per_row():
-    """Q6_K expert stacks (Q4_K_M files hold some) go through the fused expert call: each row against its
-    expert equals the plain one-row product bit for bit, and the weighted sum matches."""
+@pytest.mark.parametrize("fmt", SUB_SCALED)
+def test_sub_scaled_routed_experts_equal_one_product_per_row(fmt):
+    """Q6_K and Q4_K expert stacks go through the fused expert call: each row against its expert equals
+    the plain one-row product bit for bit, and the weighted sum matches."""
     if kernels.native() is None:
         pytest.skip("no AVX2 kernel on this machine")
     g = torch.Generator().manual_seed(7)
-    w = _int6((5,), 24, 512, g)
+    w = SUB_SCALED[fmt]((5,), 24, 512, g)
     x = torch.randn(6, 512, generator=g)
     ids = torch.tensor([4, 0, 2, 2, 1, 4])
     got = kernels.expert_matmul(x, w, ids)

@@ -4,15 +4,17 @@
 
 - int4: q in 0..15, group 32, packed two per byte as GGML packs a 32-element block: byte j of a
   group holds element j (low nibble) and element j + 16 (high nibble).
+  With group 256 (Q4_K; 4.75 bits per weight, the file 4.5): scale and zero per 256, and `sub` int8
+  holding each 32's integer scale and offset multiplier: w = scale * sub[2b] * q + zero * sub[2b + 1].
 - int8: q in -128..127 (one byte each), group 32 or 16; `zero` may be None.
 - int6 (Q6_K): codes c in 0..63, w = scale[n, k // 256] * sub[n, k // 16] * (c - 32), `sub` int8.
   Packed per 128 elements (blocks j = 0..3 of 32) in 96 bytes: 32 bytes whose byte i holds the low 4
   bits of element i of block 0 (low nibble) and block 1 (high nibble), 32 bytes the same for blocks 2
   and 3, then 32 bytes whose byte i holds bits 4-5 of element i of block j at bits 2j, 2j+1 (one load
-  decodes two blocks, one more their high bits). 6.56 bits per weight with the scales, as in the file.
+  decodes two blocks, one more their high bits). 6.63 bits per weight with the scales (the file: 6.56).
 
 Scales and offsets are float32, so a GGUF block's f16 scale times its integer sub-scale is exact:
-Q4_0, Q4_1, Q4_K (int4 g32), Q8_0, Q5_0, Q5_1 (int8 g32) and Q6_K (int6) convert losslessly, and
+Q4_0, Q4_1 (int4 g32), Q4_K (int4 g256), Q8_0, Q5_0, Q5_1 (int8 g32) and Q6_K (int6) convert losslessly, and
 dequantise to the very float32 values the `gguf` package produces. Other GGUF types are dequantised
 and re-quantised to int8 g32 (lossy; see `from_gguf`).
 """
@@ -34,7 +36,9 @@ class QuantWeight:
     q: torch.Tensor           # int4: uint8 [..., N, K/2]; int6: uint8 [..., N, 3K/4]; int8: int8 [..., N, K]
     scale: torch.Tensor       # float32 [..., N, K/group]
     zero: torch.Tensor | None  # float32 like scale, or None (symmetric)
-    sub: torch.Tensor | None = None  # int6: int8 [..., N, K/16], the scales of 16 elements within a group
+    # int6: int8 [..., N, K/16], the scale of each 16 elements within a group; int4 with group 256 (Q4_K):
+    # int8 [..., N, K/16], the scale and the offset multiplier of each block of 32 (interleaved)
+    sub: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -47,7 +51,9 @@ class QuantWeight:
         k = self.shape[-1]
         if self.bits == 6:
             return k % 256 == 0 and self.group == 256 and self.sub is not None and self.zero is None
-        return k % 32 == 0 and (self.group == 32 or (self.group == 16 and self.bits == 8 and self.zero is None))
+        if self.bits == 4 and self.group == 256:
+            return k % 256 == 0 and self.sub is not None and self.zero is not None
+        return k % 32 == 0 and self.sub is None and (self.group == 32 or (self.group == 16 and self.bits == 8 and self.zero is None))
 
     def tensors(self) -> tuple[torch.Tensor | None, ...]:
         return self.q, self.scale, self.zero, self.sub
@@ -72,6 +78,10 @@ class QuantWeight:
             c = unpack6(self.q.reshape(*lead, n, k // 128, 96)).to(torch.float32) - 32
             step = self.scale.repeat_interleave(g // 16, dim=-1) * self.sub.to(torch.float32)  # per 16
             return (c.reshape(*lead, n, k // 16, 16) * step[..., None]).reshape(*lead, n, k).to(dtype)
+        if self.bits == 4 and self.sub is not None:  # Q4_K: w = d sc q + zero m per block of 32
+            step = self.scale.repeat_interleave(g // 32, dim=-1) * self.sub[..., 0::2].to(torch.float32)
+            offset = self.zero.repeat_interleave(g // 32, dim=-1) * self.sub[..., 1::2].to(torch.float32)
+            return QuantWeight(4, 32, self.q, step, offset).dequantize(dtype)
         if self.bits == 4:
             packed = self.q.reshape(*lead, n, k // 32, 16)
             q = torch.cat([packed & 15, packed >> 4], dim=-1).to(torch.float32)
@@ -211,13 +221,13 @@ def _q4_k(b, k):
     sc[..., :4], m[..., :4] = s[..., 0:4] & 63, s[..., 4:8] & 63
     sc[..., 4:] = (s[..., 8:12] & 15) | ((s[..., 0:4] >> 6) << 4)
     m[..., 4:] = (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)
-    scale = d[..., None] * sc.astype(np.float32)
-    zero = -(dmin[..., None] * m.astype(np.float32))
+    sub = np.stack([sc, m], axis=-1).astype(np.int8)  # [rows, sb, 8 blocks, (sc, m)], 0..63
     # 4 chunks of 32 bytes: low nibbles are sub-block 2j, high nibbles 2j+1; repack per 32-group.
     qs = blk[..., 16:].reshape(*blk.shape[:-1], 4, 32)
     groups = np.stack([qs & 15, qs >> 4], axis=-2)  # [rows, sb, 4, 2, 32] values 0..15
     packed = groups[..., :16] | (groups[..., 16:] << 4)
-    return 4, 32, packed.reshape(b.shape[0], k // 2), scale.reshape(b.shape[0], -1), zero.reshape(b.shape[0], -1)
+    return (4, 256, packed.reshape(b.shape[0], k // 2), d.reshape(b.shape[0], -1), -dmin.reshape(b.shape[0], -1),
+            sub.reshape(b.shape[0], -1))
 
 
 def _q6_k(b, k):

@@ -368,9 +368,61 @@ static void rows_dot6(int MR, const uint8_t* qr, const float* dr, const int8_t* 
     }
 }
 
+// int4 with Q4_K's scales: per super-block of 256, float d and zero (-dmin); per block of 32 the integer
+// sub-scale sc and offset m (sub[2b], sub[2b + 1], 0..63): w = d sc q + zero m. Pairs of blocks as pair4
+// (one 32-byte load, activations laid out to match); sc multiplies in integers (madd); the offsets go in
+// once per super-block: zero * sum_b m_b * XS_b, XS_b = xd_b * sum of the block's int8 activations.
+template <int MR>
+static inline void row_dot4k(const uint8_t* qr, const float* dr, const float* zr, const int8_t* sub, int64_t B,
+                             const int8_t* XQ, const float* XD, const float* XS, int64_t K, float* out,
+                             int64_t ostride) {
+    __m256 acc[MR][2], zacc[MR];
+    for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = zacc[r] = _mm256_setzero_ps();
+    const __m256i m15 = _mm256_set1_epi8(15);
+    const __m256i pick = _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1,
+                                          0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1);
+    for (int64_t s = 0; s < B / 8; ++s) {
+        // 32-bit lane j: (sc_j, m_j) as two int16
+        const __m256i s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(sub + 16 * s)));
+        const __m256 mf = _mm256_cvtepi32_ps(_mm256_srai_epi32(s16, 16));  // m_j
+        __m256 dx[MR];
+        for (int r = 0; r < MR; ++r) {
+            dx[r] = _mm256_mul_ps(_mm256_loadu_ps(XD + r * B + 8 * s), _mm256_set1_ps(dr[s]));
+            zacc[r] = _mm256_fmadd_ps(_mm256_mul_ps(mf, _mm256_set1_ps(zr[s])), _mm256_loadu_ps(XS + r * B + 8 * s), zacc[r]);
+        }
+        for (int p = 0; p < 4; ++p) {  // blocks 2p, 2p + 1 of the super-block
+            const int64_t b = 8 * s + 2 * p;
+            const __m256i v = _mm256_loadu_si256((const __m256i*)(qr + b * 16));
+            const __m256i lo = _mm256_and_si256(v, m15), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m15);
+            const __m256i lanes = _mm256_setr_epi32(2 * p, 2 * p, 2 * p, 2 * p, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1);
+            const __m256i sc = _mm256_shuffle_epi8(_mm256_permutevar8x32_epi32(s16, lanes), pick);
+            for (int r = 0; r < MR; ++r) {
+                const int8_t* x = XQ + r * K + b * 32;
+                const __m256i p16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i*)x)),
+                                                     _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i*)(x + 32))));
+                const __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, sc));
+                acc[r][p & 1] = _mm256_fmadd_ps(f, _mm256_permutevar8x32_ps(dx[r], lanes), acc[r][p & 1]);
+            }
+        }
+    }
+    for (int r = 0; r < MR; ++r)
+        out[r * ostride] = hsum(_mm256_add_ps(acc[r][0], acc[r][1])) + hsum(zacc[r]);
+}
+
+static void rows_dot4k(int MR, const uint8_t* qr, const float* dr, const float* zr, const int8_t* sub, int64_t B,
+                       const int8_t* XQ, const float* XD, const float* XS, int64_t K, float* out, int64_t ostride) {
+    switch (MR) {
+        case 1: row_dot4k<1>(qr, dr, zr, sub, B, XQ, XD, XS, K, out, ostride); break;
+        case 2: row_dot4k<2>(qr, dr, zr, sub, B, XQ, XD, XS, K, out, ostride); break;
+        case 3: row_dot4k<3>(qr, dr, zr, sub, B, XQ, XD, XS, K, out, ostride); break;
+        default: row_dot4k<4>(qr, dr, zr, sub, B, XQ, XD, XS, K, out, ostride); break;
+    }
+}
+
 static void check_layout(const char* what, int64_t K, int64_t bits, int64_t group, bool has_zero, bool has_sub) {
     const bool ok = bits == 6 ? (K % 256 == 0 && group == 256 && has_sub && !has_zero)
-                              : K % 32 == 0 && (group == 32 || (group == 16 && bits == 8 && !has_zero));
+                  : bits == 4 && group == 256 ? (K % 256 == 0 && has_sub && has_zero)
+                  : K % 32 == 0 && !has_sub && (group == 32 || (group == 16 && bits == 8 && !has_zero));
     TORCH_CHECK(ok, what, ": unsupported layout");
 }
 
@@ -418,6 +470,7 @@ torch::Tensor qmm_q8(torch::Tensor x_in, torch::Tensor q, torch::Tensor scale, c
                     const float* zr = Z ? Z + n * G : nullptr;
                     float* o = O + m0 * N + n;
                     if (bits == 6) rows_dot6(MR, qr, sr, SUB + n * (K / 16), B, xq_t, xd_t, X16 + m0 * (K / 16), K, o, N);
+                    else if (bits == 4 && group == 256) rows_dot4k(MR, qr, sr, zr, SUB + n * (K / 16), B, xq_t, xd_t, xs_t, K, o, N);
                     else if (bits == 4) rows_dot<4, false>(MR, qr, sr, zr, B, xq_t, xd_t, xs_t, K, o, N);
                     else if (group == 32) rows_dot<8, false>(MR, qr, sr, zr, B, xq_t, xd_t, xs_t, K, o, N);
                     else rows_dot<8, true>(MR, qr, sr, zr, B, xq_t, xd_t, xs_t, K, o, N);
@@ -458,6 +511,8 @@ torch::Tensor qmm_experts(torch::Tensor x, torch::Tensor q, torch::Tensor scale,
         const float* xs_j = XS + j * B;
         const float* zr = Z ? Z + r * G : nullptr;
         if (bits == 6) row_dot6<1>(Q + r * row_bytes, S + r * G, SUB + r * (K / 16), B, xq_j, xd_j, X16 + j * (K / 16), K, o, 0);
+        else if (bits == 4 && group == 256)
+            row_dot4k<1>(Q + r * row_bytes, S + r * G, zr, SUB + r * (K / 16), B, xq_j, xd_j, xs_j, K, o, 0);
         else if (bits == 4) row_dot<4, false, 1>(Q + r * row_bytes, S + r * G, zr, B, xq_j, xd_j, xs_j, K, o, 0);
         else if (group == 32) row_dot<8, false, 1>(Q + r * row_bytes, S + r * G, zr, B, xq_j, xd_j, xs_j, K, o, 0);
         else row_dot<8, true, 1>(Q + r * row_bytes, S + r * G, zr, B, xq_j, xd_j, xs_j, K, o, 0);
@@ -867,7 +922,7 @@ def qlinear(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
             return kernel.qmm_q8(x, w.q, w.scale, w.zero, w.bits, w.group, w.sub)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
-        if x2.shape[0] <= MAX_KERNEL_ROWS and w.bits != 6:
+        if x2.shape[0] <= MAX_KERNEL_ROWS and w.sub is None:  # (the float kernel has no sub-scales)
             return kernel.qmm(x2, w.q, w.scale, w.zero, w.bits, w.group).reshape(*lead, -1)
     return F.linear(x, w.dequantize(x.dtype))
 
