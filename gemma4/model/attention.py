@@ -192,7 +192,21 @@ class Attention(nn.Module):
             k = rotate(self.k_norm(raw_k), qpos, self.inv_freq)
             pieces = kv.update(k.transpose(1, 2), v.transpose(1, 2), qpos, chunk=step)
         q = q.transpose(1, 2).float()
-        scores_of = self.value_scores(q) if self.k_eq_v else None
+        scores_of = _built_on_first_call(lambda: self.value_scores(q)) if self.k_eq_v else None
         out = attend(q, pieces, qpos, self.window, sees_until, self.scale, scores_of,
                      self.keys_from_values if self.k_eq_v else None)
         return self.o_proj(out.to(x.dtype).transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+
+
+def _built_on_first_call(make):
+    """A function that builds the real one with make() when first called (decode steps that attend with
+    rebuilt keys never score by values, so they never pay for preparing to)."""
+    built = None
+
+    def call(*args):
+        nonlocal built
+        if built is None:
+            built = make()
+        return built(*args)
+
+    return call

@@ -295,10 +295,10 @@ static void rows_dot(int MR, const uint8_t* qr, const float* sr, const float* zr
 // blocks 0 | 1 (low | high nibble), 32 bytes of blocks 2 | 3, 32 bytes of bits 4-5 (block j at bits
 // 2j, 2j+1). The codes c in 0..63 go into maddubs unsigned; their offset -32 is applied once per 256
 // through the activations' sums per 16 (XS16). The 16-element sub-scales multiply in integers (madd);
-// then one float scale d * xd per block. Blocks alternate between two FMA chains, the same for any MR.
+// then one float scale d * xd per block, in the same order for any MR.
 template <int MR>
 static inline void six_block(__m256i code, int j, __m256i s16, const __m256* dx, int64_t b, const int8_t* XQ,
-                             int64_t K, __m256 (*acc)[2]) {
+                             int64_t K, __m256* acc) {
     const __m256i pick = _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1,
                                           2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3);
     const __m256i lane = _mm256_set1_epi32(j);
@@ -307,15 +307,15 @@ static inline void six_block(__m256i code, int j, __m256i s16, const __m256* dx,
     for (int r = 0; r < MR; ++r) {
         const __m256i xv = _mm256_loadu_si256((const __m256i*)(XQ + r * K + b * 32));
         const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(code, xv), sc);
-        acc[r][j & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_permutevar8x32_ps(dx[r], lane), acc[r][j & 1]);
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_permutevar8x32_ps(dx[r], lane), acc[r]);
     }
 }
 
 template <int MR>
 static inline void row_dot6(const uint8_t* qr, const float* dr, const int8_t* sub, int64_t B, const int8_t* XQ,
                             const float* XD, const int16_t* XS16, int64_t K, float* out, int64_t ostride) {
-    __m256 acc[MR][2], cor[MR];
-    for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = cor[r] = _mm256_setzero_ps();
+    __m256 acc[MR];  // one chain per row (with 4 rows, two would spill the 16 registers)
+    for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
     const __m256i m15 = _mm256_set1_epi8(15), m30 = _mm256_set1_epi8(0x30);
     for (int64_t s = 0; s < B / 8; ++s) {  // super-blocks of 256: one d, 16 sub-scales
         const __m256i s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(sub + 16 * s)));
@@ -323,7 +323,7 @@ static inline void row_dot6(const uint8_t* qr, const float* dr, const int8_t* su
         for (int r = 0; r < MR; ++r) {  // lane j: block j's sum over its two 16s of sub * sum(x)
             dx[r] = _mm256_mul_ps(_mm256_loadu_ps(XD + r * B + 8 * s), _mm256_set1_ps(dr[s]));
             const __m256i c = _mm256_madd_epi16(s16, _mm256_loadu_si256((const __m256i*)(XS16 + r * (K / 16) + 16 * s)));
-            cor[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(c), dx[r], cor[r]);
+            acc[r] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(c), _mm256_mul_ps(dx[r], _mm256_set1_ps(32.0f)), acc[r]);
         }
         for (int h = 0; h < 2; ++h) {
             const uint8_t* unit = qr + (2 * s + h) * 96;
@@ -343,8 +343,7 @@ static inline void row_dot6(const uint8_t* qr, const float* dr, const int8_t* su
                           4 * h + 3, s16, dx, b + 3, XQ, K, acc);
         }
     }
-    for (int r = 0; r < MR; ++r)
-        out[r * ostride] = hsum(_mm256_add_ps(acc[r][0], acc[r][1])) - 32.0f * hsum(cor[r]);
+    for (int r = 0; r < MR; ++r) out[r * ostride] = hsum(acc[r]);
 }
 
 // The int8 activations' sums per 16 (int6's offset term): XS16 [M, K/16].
@@ -376,8 +375,8 @@ template <int MR>
 static inline void row_dot4k(const uint8_t* qr, const float* dr, const float* zr, const int8_t* sub, int64_t B,
                              const int8_t* XQ, const float* XD, const float* XS, int64_t K, float* out,
                              int64_t ostride) {
-    __m256 acc[MR][2], zacc[MR];
-    for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = zacc[r] = _mm256_setzero_ps();
+    __m256 acc[MR];  // one chain per row (with 4 rows, two would spill the 16 registers)
+    for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
     const __m256i m15 = _mm256_set1_epi8(15);
     const __m256i pick = _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1,
                                           0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1);
@@ -388,7 +387,7 @@ static inline void row_dot4k(const uint8_t* qr, const float* dr, const float* zr
         __m256 dx[MR];
         for (int r = 0; r < MR; ++r) {
             dx[r] = _mm256_mul_ps(_mm256_loadu_ps(XD + r * B + 8 * s), _mm256_set1_ps(dr[s]));
-            zacc[r] = _mm256_fmadd_ps(_mm256_mul_ps(mf, _mm256_set1_ps(zr[s])), _mm256_loadu_ps(XS + r * B + 8 * s), zacc[r]);
+            acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(mf, _mm256_set1_ps(zr[s])), _mm256_loadu_ps(XS + r * B + 8 * s), acc[r]);
         }
         for (int p = 0; p < 4; ++p) {  // blocks 2p, 2p + 1 of the super-block
             const int64_t b = 8 * s + 2 * p;
@@ -401,12 +400,11 @@ static inline void row_dot4k(const uint8_t* qr, const float* dr, const float* zr
                 const __m256i p16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i*)x)),
                                                      _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i*)(x + 32))));
                 const __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, sc));
-                acc[r][p & 1] = _mm256_fmadd_ps(f, _mm256_permutevar8x32_ps(dx[r], lanes), acc[r][p & 1]);
+                acc[r] = _mm256_fmadd_ps(f, _mm256_permutevar8x32_ps(dx[r], lanes), acc[r]);
             }
         }
     }
-    for (int r = 0; r < MR; ++r)
-        out[r * ostride] = hsum(_mm256_add_ps(acc[r][0], acc[r][1])) + hsum(zacc[r]);
+    for (int r = 0; r < MR; ++r) out[r * ostride] = hsum(acc[r]);
 }
 
 static void rows_dot4k(int MR, const uint8_t* qr, const float* dr, const float* zr, const int8_t* sub, int64_t B,
