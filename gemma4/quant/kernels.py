@@ -4,15 +4,17 @@ On the CPU a small AVX2 extension (compiled once by torch.utils.cpp_extension, c
 its source) reads the packed weights directly:
 
 - int8 activations (the default): each row of x is rounded to int8 per block of 32 with a scale
-  max|x|/127 (llama.cpp's Q8_0 activations), and each block's dot product with the int4/int8 weights is
-  summed exactly in integers (`maddubs` + `madd`) before the two scales are applied. This is what
+  max|x|/127 (llama.cpp's Q8_0 activations), and each block's dot product with the int4/int6/int8
+  weights is summed exactly in integers (`maddubs` + `madd`, Q4_K's and Q6_K's integer sub-scales
+  included) before the float scales are applied. This is what
   reaches memory bandwidth at decode (a block of weights costs a handful of instructions) and beats
   dequantise + BLAS at prefill too (4 rows share each decoded weight block). The cost in quality
   is bounded in tests/test_quant.py: half an activation step per block, and on the embedded model a
   KL from float activations well under llama.cpp's own.
 - float activations (GEMMA4_ACTIVATIONS=float): float32 times the widened weights, the exact product
   with the dequantised matrix up to summation order; the reference for the above.
-- routed experts in one call (only the experts named are read), and RMSNorm with the residual add.
+- routed experts in one call (only the experts named are read), RMSNorm with the residual add, RoPE
+  in one pass, and attention of a few queries (decode, verify steps) over the cache as it is stored.
 
 torch's own int4/int8 CPU ops were measured here 10-100x slower than the bandwidth roofline at decode
 shapes. Everywhere else (CUDA, no compiler) the weight is dequantised and multiplied with torch: one
