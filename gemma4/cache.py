@@ -71,9 +71,10 @@ class RingKV:
         if pos.shape[1] == 1:  # a decode step: one position per row, written in place
             for b, (r, p) in enumerate(zip(row_list(rows, pos.shape[0]), pos[:, 0].tolist())):
                 if p >= 0:
+                    slot = p % self.capacity
                     for n, x in new.items():
-                        self.data[n][r, :, p % self.capacity] = x[b, :, 0]
-                    self.pos[r, p % self.capacity] = p
+                        self.data[n][r, :, slot] = x[b, :, 0]
+                    self.pos[r, slot] = p
             return
         # Only the last `capacity` tokens of a chunk survive; writing only them keeps slots unique.
         newest = pos.max(dim=1, keepdim=True).values

@@ -215,19 +215,30 @@ static inline __m256 block_scale(const float* sr, int64_t b) {
 // and of block b + 1 (high half), its high nibbles elements 16-31. The activations of such a pair are
 // laid out to match (quantize_rows with pair4), so two maddubs cover both blocks and each 128-bit half
 // of the sums carries one block, scaled by one FMA with (s_b xd_b | s_b+1 xd_b+1).
+// 32 bytes at qr + 16 b split into their low and high nibbles: for an int4 pair, elements 0-15 and 16-31
+// of blocks b | b + 1 (one per 128-bit half); for int6, the low 4 bits of two whole blocks.
+struct Nibbles { __m256i lo, hi; };
+
+static inline Nibbles load_pair(const uint8_t* qr, int64_t b) {
+    const __m256i v = _mm256_loadu_si256((const __m256i*)(qr + b * 16));
+    const __m256i m15 = _mm256_set1_epi8(15);
+    return {_mm256_and_si256(v, m15), _mm256_and_si256(_mm256_srli_epi16(v, 4), m15)};
+}
+
+// 16-bit sums of pairs of products of the pair's weights with one row's paired activations x.
+static inline __m256i pair_sums(Nibbles w, const int8_t* x) {
+    return _mm256_add_epi16(_mm256_maddubs_epi16(w.lo, _mm256_loadu_si256((const __m256i*)x)),
+                            _mm256_maddubs_epi16(w.hi, _mm256_loadu_si256((const __m256i*)(x + 32))));
+}
+
 template <int MR>
 static inline void pair4(const uint8_t* qr, const float* sr, int64_t b, const int8_t* XQ, const float* XD,
                          int64_t B, int64_t K, __m256* acc) {
-    const __m256i v = _mm256_loadu_si256((const __m256i*)(qr + b * 16));
-    const __m256i m15 = _mm256_set1_epi8(15);
-    const __m256i lo = _mm256_and_si256(v, m15), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m15);
+    const Nibbles w = load_pair(qr, b);
     const __m128 ws = _mm_castpd_ps(_mm_load_sd((const double*)(sr + b)));
     const __m256i halves = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
     for (int r = 0; r < MR; ++r) {
-        const int8_t* x = XQ + r * K + b * 32;
-        const __m256i p16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i*)x)),
-                                             _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i*)(x + 32))));
-        const __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
+        const __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(pair_sums(w, XQ + r * K + b * 32), _mm256_set1_epi16(1)));
         const __m128 d2 = _mm_mul_ps(ws, _mm_castpd_ps(_mm_load_sd((const double*)(XD + r * B + b))));
         acc[r] = _mm256_fmadd_ps(p, _mm256_permutevar8x32_ps(_mm256_castps128_ps256(d2), halves), acc[r]);
     }
@@ -318,7 +329,7 @@ static inline void row_dot6(const uint8_t* qr, const float* dr, const int8_t* su
                             const float* XD, const int16_t* XS16, int64_t K, float* out, int64_t ostride) {
     __m256 acc[MR];  // one chain per row (with 4 rows, two would spill the 16 registers)
     for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
-    const __m256i m15 = _mm256_set1_epi8(15), m30 = _mm256_set1_epi8(0x30);
+    const __m256i m30 = _mm256_set1_epi8(0x30);
     for (int64_t s = 0; s < B / 8; ++s) {  // super-blocks of 256: one d, 16 sub-scales
         const __m256i s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(sub + 16 * s)));
         __m256 dx[MR];  // lane j: d * xd of block j, for every row
@@ -329,19 +340,16 @@ static inline void row_dot6(const uint8_t* qr, const float* dr, const int8_t* su
         }
         for (int h = 0; h < 2; ++h) {
             const uint8_t* unit = qr + (2 * s + h) * 96;
-            const __m256i lo01 = _mm256_loadu_si256((const __m256i*)unit);
-            const __m256i lo23 = _mm256_loadu_si256((const __m256i*)(unit + 32));
+            const Nibbles n01 = load_pair(unit, 0), n23 = load_pair(unit, 2);  // blocks 0 | 1, 2 | 3
             const __m256i high = _mm256_loadu_si256((const __m256i*)(unit + 64));
             const int64_t b = 8 * s + 4 * h;
-            six_block<MR>(_mm256_or_si256(_mm256_and_si256(lo01, m15), _mm256_and_si256(_mm256_slli_epi16(high, 4), m30)),
+            six_block<MR>(_mm256_or_si256(n01.lo, _mm256_and_si256(_mm256_slli_epi16(high, 4), m30)),
                           4 * h, s16, dx, b, XQ, K, acc);
-            six_block<MR>(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(lo01, 4), m15),
-                                          _mm256_and_si256(_mm256_slli_epi16(high, 2), m30)),
+            six_block<MR>(_mm256_or_si256(n01.hi, _mm256_and_si256(_mm256_slli_epi16(high, 2), m30)),
                           4 * h + 1, s16, dx, b + 1, XQ, K, acc);
-            six_block<MR>(_mm256_or_si256(_mm256_and_si256(lo23, m15), _mm256_and_si256(high, m30)),
+            six_block<MR>(_mm256_or_si256(n23.lo, _mm256_and_si256(high, m30)),
                           4 * h + 2, s16, dx, b + 2, XQ, K, acc);
-            six_block<MR>(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(lo23, 4), m15),
-                                          _mm256_and_si256(_mm256_srli_epi16(high, 2), m30)),
+            six_block<MR>(_mm256_or_si256(n23.hi, _mm256_and_si256(_mm256_srli_epi16(high, 2), m30)),
                           4 * h + 3, s16, dx, b + 3, XQ, K, acc);
         }
     }
@@ -379,7 +387,6 @@ static inline void row_dot4k(const uint8_t* qr, const float* dr, const float* zr
                              int64_t ostride) {
     __m256 acc[MR];  // one chain per row (with 4 rows, two would spill the 16 registers)
     for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
-    const __m256i m15 = _mm256_set1_epi8(15);
     const __m256i pick = _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1,
                                           0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1);
     for (int64_t s = 0; s < B / 8; ++s) {
@@ -393,15 +400,11 @@ static inline void row_dot4k(const uint8_t* qr, const float* dr, const float* zr
         }
         for (int p = 0; p < 4; ++p) {  // blocks 2p, 2p + 1 of the super-block
             const int64_t b = 8 * s + 2 * p;
-            const __m256i v = _mm256_loadu_si256((const __m256i*)(qr + b * 16));
-            const __m256i lo = _mm256_and_si256(v, m15), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m15);
+            const Nibbles w = load_pair(qr, b);
             const __m256i lanes = _mm256_setr_epi32(2 * p, 2 * p, 2 * p, 2 * p, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1);
             const __m256i sc = _mm256_shuffle_epi8(_mm256_permutevar8x32_epi32(s16, lanes), pick);
             for (int r = 0; r < MR; ++r) {
-                const int8_t* x = XQ + r * K + b * 32;
-                const __m256i p16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i*)x)),
-                                                     _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i*)(x + 32))));
-                const __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, sc));
+                const __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(pair_sums(w, XQ + r * K + b * 32), sc));
                 acc[r] = _mm256_fmadd_ps(f, _mm256_permutevar8x32_ps(dx[r], lanes), acc[r]);
             }
         }
@@ -553,6 +556,12 @@ torch::Tensor quantize_activations(torch::Tensor x) {
     return (xq.to(torch::kFloat).view({M, B, 32}) * xd.view({M, B, 1})).view({M, K});
 }
 
+// Eight float32 values from float32 or bf16 (widened exactly: the bf16 bits are a float32's top half).
+static inline __m256 widen8(const float* p) { return _mm256_loadu_ps(p); }
+static inline __m256 widen8(const uint16_t* p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+
 // ---- bf16 weights: out[m, n] = sum_k x[m, k] * w[n, k], x float32, w bf16 widened exactly, float32 sums ----
 // Each output row is computed alone, in the same order for any number of rows (decode == verify).
 template <int MR>
@@ -561,8 +570,7 @@ static inline void bf16_rows(const uint16_t* wr, const float* X, int64_t K, floa
     for (int r = 0; r < MR; ++r) acc[r] = acc2[r] = _mm256_setzero_ps();
     int64_t k = 0;
     for (; k + 16 <= K; k += 16) {  // two chains per row hide the FMA latency
-        const __m256 w0 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(wr + k))), 16));
-        const __m256 w1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(wr + k + 8))), 16));
+        const __m256 w0 = widen8(wr + k), w1 = widen8(wr + k + 8);
         for (int r = 0; r < MR; ++r) {
             acc[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(X + r * K + k), acc[r]);
             acc2[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(X + r * K + k + 8), acc2[r]);
@@ -610,10 +618,6 @@ torch::Tensor bf16mm(torch::Tensor x, torch::Tensor w) {
 // Keys are split in chunks of 64 across threads (flash-decoding): each chunk keeps, per query, its max
 // score, sum of exponentials and weighted values; a second pass merges them. A query that sees nothing
 // gets zeros. Every query's arithmetic is the same whatever the others (T, batch) are.
-static inline __m256 widen8(const float* p) { return _mm256_loadu_ps(p); }
-static inline __m256 widen8(const uint16_t* p) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
-}
 
 // e^x for x <= 0 (scores minus their maximum; -inf and anything below -87 give 0): 2^n * p(f), n = round(x / ln 2), f = x - n ln 2
 // in two parts, p a degree-6 Taylor polynomial on |f| <= ln 2 / 2 (relative error < 2e-7, float32's own).
@@ -792,10 +796,10 @@ torch::Tensor rope(torch::Tensor x, torch::Tensor positions, torch::Tensor inv_f
         std::vector<float> c(half), sn(half);
         for (int64_t i = i0; i < i1; ++i) {
             const float p = (float)std::max<int64_t>(0, P[i]);
-            for (int64_t j = 0; j < half; ++j) {
+            for (int64_t j = 0; j < half; ++j) {  // (zero frequencies: cos 1, sin 0, no library call)
                 const float a = p * F[j];
-                c[j] = std::cos(a);
-                sn[j] = std::sin(a);
+                c[j] = F[j] == 0.0f ? 1.0f : std::cos(a);
+                sn[j] = F[j] == 0.0f ? 0.0f : std::sin(a);
             }
             for (int64_t h = 0; h < H; ++h) {
                 const float* xr = X + (i * H + h) * D;
