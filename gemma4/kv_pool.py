@@ -17,6 +17,7 @@ import torch
 from .kv_int8 import Codec
 
 BLOCK_TOKENS = 256
+ONE_TOKEN_ROWS = 8  # a write of one token to at most this many rows takes the per-slot path (decode)
 
 
 class CacheFull(RuntimeError):
@@ -135,6 +136,9 @@ class PagedKV:
     # ---- writing ------------------------------------------------------------------------------
     def _put(self, rows: list[int], pos: torch.Tensor, stored: dict[str, torch.Tensor]) -> None:
         """Stored tensors [B, KV, T, X] at positions pos [B, T] (-1: not written) of cache rows `rows`."""
+        if pos.shape[1] == 1 and len(rows) <= ONE_TOKEN_ROWS:
+            self._put_one(rows, pos[:, 0].tolist(), stored)
+            return
         keep = pos >= 0
         for b, r in enumerate(rows):
             valid = pos[b][keep[b]]
@@ -152,6 +156,21 @@ class PagedKV:
         offsets = p % self.table.block
         for n, x in stored.items():
             self.data[n][blocks, :, offsets] = x[b_idx, :, t_idx].to(self.data[n].dtype)
+
+    def _put_one(self, rows: list[int], pos: list[int], stored: dict[str, torch.Tensor]) -> None:
+        """_put of one token per row (decode): a slot write per row and tensor, no index tensors."""
+        table = self.table
+        for r, p in zip(rows, pos):
+            if p > table.lengths[r]:
+                raise ValueError(f"KV cache row {r}: position {p} written after only {table.lengths[r]} positions (a gap)")
+            if p >= 0:
+                table.grow_to(r, p + 1)
+        self._sync()
+        for b, (r, p) in enumerate(zip(rows, pos)):
+            if p >= 0:
+                block, offset = table.tables[r][p // table.block], p % table.block
+                for n, x in stored.items():
+                    self.data[n][block, :, offset] = x[b, :, 0]
 
     def write(self, k: torch.Tensor | None, v: torch.Tensor, pos: torch.Tensor, rows=None) -> None:
         """k, v: [B, KV, T, D]; pos: [B, T] absolute positions, -1 for padding (not written)."""
@@ -217,6 +236,18 @@ class _Pieces:
         longest = max(table.lengths[r] for r in rows)
         self.blocks = table.blocks_for(longest)
         self.step = self.blocks if chunk is None else max(1, chunk // table.block)
+
+    def paged(self):
+        """The whole context as it sits in the pool, for a kernel that reads blocks in place: (k pool,
+        v pool, block ids [R, n], kpos [R, n * block]); None where keys are not stored as attention
+        reads them (K=V layers, int8)."""
+        layer, table = self.layer, self.layer.table
+        if layer.codec.int8 or "k" not in layer.data:
+            return None
+        index = table.index(self.rows, self.device)[:, :max(1, self.blocks)]
+        lengths = torch.tensor([table.lengths[r] for r in self.rows], device=self.device)
+        kpos = torch.arange(index.shape[1] * table.block, device=self.device)
+        return layer.data["k"], layer.data["v"], index, torch.where(kpos[None] < lengths[:, None], kpos[None], -1)
 
     def __iter__(self):
         layer, table = self.layer, self.layer.table

@@ -123,6 +123,39 @@ def test_native_attention_of_few_queries_equals_one_softmax(dtype):
     assert kernels.attend_small(many, k[:1], v[:1], qpos[:1, :1].expand(1, many.shape[2]), kpos[:1], None, None, 1.0) is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_attention_reads_a_paged_pool_in_place(dtype):
+    """Full layers at decode: the kernel reads the pool's blocks through the rows' block tables (blocks
+    in any order, rows of different lengths, slots past a row's end marked -1) exactly as it reads the
+    same keys gathered into one contiguous piece."""
+    from gemma4.quant import kernels
+
+    if kernels.native() is None:
+        pytest.skip("no AVX2 kernel on this machine")
+    g = torch.Generator().manual_seed(5)
+    blocks, kv, block, d, h = 7, 2, 64, 128, 8
+    pool_k, pool_v = (torch.randn(blocks, kv, block, d, generator=g).to(dtype) for _ in range(2))
+    table = torch.tensor([[5, 0, 3], [2, 6, 1]])  # row 1 holds 150 positions, row 0 all 192
+    lengths = torch.tensor([192, 150])
+    s = table.shape[1] * block
+    kpos = torch.where(torch.arange(s)[None] < lengths[:, None], torch.arange(s)[None], -1)
+    q = torch.randn(2, h, 2, d, generator=g)
+    qpos = torch.tensor([[190, 191], [148, 149]])
+
+    def gathered(pool):
+        return pool[table].transpose(1, 2).reshape(2, kv, s, d)
+
+    for window in (None, 100):
+        got = kernels.attend_small(q, pool_k, pool_v, qpos, kpos, window, None, 0.1, blocks=table)
+        want = kernels.attend_small(q, gathered(pool_k), gathered(pool_v), qpos, kpos, window, None, 0.1)
+        assert got is not None and torch.equal(got, want)
+        plain = _plain(q * 0.1, gathered(pool_k).float(), gathered(pool_v).float(), qpos, kpos, window, None)
+        assert (got - plain).abs().max() <= 1e-5
+    # blocks that do not hold whole chunks of the kernel are left to the gathering path
+    assert kernels.attend_small(q, pool_k[:, :, :32], pool_v[:, :, :32], qpos, kpos[:, :96], None, None, 0.1,
+                                blocks=table) is None
+
+
 def test_native_rope_equals_the_torch_ops(monkeypatch):
     """The one-pass RoPE against rope_cos_sin + apply_rope: the same float32 angles, cos/sin from two
     libraries (each within an ulp), at positions up to 256K, with proportional RoPE's zero frequencies."""

@@ -157,3 +157,32 @@ def test_keys_values_are_the_rows_rotated_keys_and_values(model):
         assert (got_k - k[:, pos]).abs().max() <= 1e-5 and (got_v - v[:, pos]).abs().max() <= 1e-6
         stored_k, _, _ = cache.keys_values(i, 1, 20)
         assert (stored_k is None) == cfg.k_eq_v(i)
+
+
+def test_one_token_writes_equal_a_chunk_write():
+    """Decode writes one token per row slot by slot; the pool ends up as one chunked write leaves it,
+    and a position past a row's end (a gap) is refused on that path too."""
+    from gemma4.kv_pool import BlockTable, PagedKV
+
+    g = torch.Generator().manual_seed(0)
+    k, v = (torch.randn(2, 2, 10, 8, generator=g) for _ in range(2))
+    pos = torch.arange(10).repeat(2, 1)
+    pos[1, 7:] = -1  # row 1 has 7 tokens; its last three slots are padding
+
+    def layer():
+        return PagedKV(BlockTable(rows=3, block=4), kv_heads=2, head_dim=8, keys=True,
+                       dtype=torch.float32, device=torch.device("cpu"))
+
+    chunked, stepped = layer(), layer()
+    chunked.write(k, v, pos, rows=[2, 0])
+    for t in range(10):
+        stepped.write(k[:, :, t:t + 1], v[:, :, t:t + 1], pos[:, t:t + 1], rows=[2, 0])
+    assert stepped.table.lengths == chunked.table.lengths == [7, 0, 10]
+    for row, b in ((2, 0), (0, 1)):
+        sk, sv, spos = stepped.keys_values(row, 10)
+        ck, cv, cpos = chunked.keys_values(row, 10)
+        n = chunked.table.lengths[row]
+        assert torch.equal(spos, cpos) and torch.equal(sk, ck) and torch.equal(sv, cv)
+        assert torch.equal(sk, k[b, :, :n]) and torch.equal(sv, v[b, :, :n])
+    with pytest.raises(ValueError, match="gap"):
+        stepped.write(k[:1, :, :1], v[:1, :, :1], torch.tensor([[12]]), rows=[2])

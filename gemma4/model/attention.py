@@ -62,6 +62,12 @@ def attend(q: torch.Tensor, pieces, qpos: torch.Tensor, window: int | None, sees
     """
     b, h, t, d = q.shape
     qf = q.float()
+    whole = pieces.paged() if hasattr(pieces, "paged") else None
+    if whole is not None:  # a paged pool read in place by the native kernel (decode), no gathering
+        k, v, blocks, kpos = whole
+        out = attend_small(qf, k, v, qpos, kpos, window, sees_until, scale, blocks)
+        if out is not None:
+            return out
     pieces = iter(pieces)
     first = next(pieces)
     second = next(pieces, None)

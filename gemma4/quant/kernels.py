@@ -639,87 +639,170 @@ static inline __m256 exp_nonpositive(__m256 x) {
     return _mm256_and_ps(live, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
 }
 
+// Scores of RT query rows (rq[r]) against the keys kb + idx[i] * D (widened): sc[r * CH + idx[i]] = q . k * scale.
+// NK keys per step give RT * NK independent FMA chains (one per row and key, each summed over e in the
+// same order whatever RT and NK are, so a row's score never depends on the rows or keys beside it).
+// With vb, the value rows of these keys and the next keys' rows are prefetched on the way (from memory they
+// arrive while the scores are computed; the values pass reads each row in several strided sweeps).
+static inline void prefetch_row(const void* p, int64_t bytes) {
+    for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch((const char*)p + o, _MM_HINT_T0);
+}
+
+template <typename KT, int RT, int NK>
+static inline void score_tile(const float* const* rq, const KT* kb, const KT* vb, const int64_t* idx, int64_t n,
+                              int64_t D, float scale, float* sc, int64_t CH) {
+    int64_t i = 0;
+    for (; i + NK <= n; i += NK) {
+        if (vb != nullptr) {
+            for (int c = 0; c < NK; ++c) prefetch_row(vb + idx[i + c] * D, D * (int64_t)sizeof(KT));
+            for (int c = 0; c < NK && i + NK + c < n; ++c) prefetch_row(kb + idx[i + NK + c] * D, D * (int64_t)sizeof(KT));
+        }
+        __m256 a[RT][NK];
+        for (int r = 0; r < RT; ++r)
+            for (int c = 0; c < NK; ++c) a[r][c] = _mm256_setzero_ps();
+        for (int64_t e = 0; e < D; e += 8) {
+            __m256 kv[NK];
+            for (int c = 0; c < NK; ++c) kv[c] = widen8(kb + idx[i + c] * D + e);
+            for (int r = 0; r < RT; ++r) {
+                const __m256 q = _mm256_loadu_ps(rq[r] + e);
+                for (int c = 0; c < NK; ++c) a[r][c] = _mm256_fmadd_ps(q, kv[c], a[r][c]);
+            }
+        }
+        for (int r = 0; r < RT; ++r)
+            for (int c = 0; c < NK; ++c) sc[r * CH + idx[i + c]] = hsum(a[r][c]) * scale;
+    }
+    for (; i < n; ++i) {
+        if (vb != nullptr) prefetch_row(vb + idx[i] * D, D * (int64_t)sizeof(KT));
+        __m256 a[RT];
+        for (int r = 0; r < RT; ++r) a[r] = _mm256_setzero_ps();
+        for (int64_t e = 0; e < D; e += 8) {
+            const __m256 kv = widen8(kb + idx[i] * D + e);
+            for (int r = 0; r < RT; ++r) a[r] = _mm256_fmadd_ps(_mm256_loadu_ps(rq[r] + e), kv, a[r]);
+        }
+        for (int r = 0; r < RT; ++r) sc[r * CH + idx[i]] = hsum(a[r]) * scale;
+    }
+}
+
+// pa[r * D + e] = sum over i of p[r * CH + idx[i]] * v[idx[i]][e], for RT rows, EV vectors of 8 channels at
+// a time held in registers across the keys (each lane summed in key order whatever RT and EV are).
+template <typename KT, int RT, int EV>
+static inline void value_tile(const float* p, const KT* vb, const int64_t* idx, int64_t n, int64_t D, float* pa,
+                              int64_t CH) {
+    int64_t e = 0;
+    for (; e + 8 * EV <= D; e += 8 * EV) {
+        __m256 a[RT][EV];
+        for (int r = 0; r < RT; ++r)
+            for (int c = 0; c < EV; ++c) a[r][c] = _mm256_setzero_ps();
+        for (int64_t i = 0; i < n; ++i) {
+            const KT* vr = vb + idx[i] * D + e;
+            __m256 vv[EV];
+            for (int c = 0; c < EV; ++c) vv[c] = widen8(vr + 8 * c);
+            for (int r = 0; r < RT; ++r) {
+                const __m256 pr = _mm256_broadcast_ss(p + r * CH + idx[i]);
+                for (int c = 0; c < EV; ++c) a[r][c] = _mm256_fmadd_ps(pr, vv[c], a[r][c]);
+            }
+        }
+        for (int r = 0; r < RT; ++r)
+            for (int c = 0; c < EV; ++c) _mm256_storeu_ps(pa + r * D + e + 8 * c, a[r][c]);
+    }
+    for (; e < D; e += 8) {
+        __m256 a[RT];
+        for (int r = 0; r < RT; ++r) a[r] = _mm256_setzero_ps();
+        for (int64_t i = 0; i < n; ++i) {
+            const __m256 vv = widen8(vb + idx[i] * D + e);
+            for (int r = 0; r < RT; ++r) a[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(p + r * CH + idx[i]), vv, a[r]);
+        }
+        for (int r = 0; r < RT; ++r) _mm256_storeu_ps(pa + r * D + e, a[r]);
+    }
+}
+
+template <typename KT, int RT>
+static inline void chunk_tile(const float* const* rq, const KT* kb, const KT* vb, const int64_t* idx, int64_t n,
+                              int64_t D, float scale, float* sc, float* pa, int64_t CH, int pass, bool fetch) {
+    if (pass == 0) {
+        if (RT <= 2) score_tile<KT, RT, 4>(rq, kb, fetch ? vb : nullptr, idx, n, D, scale, sc, CH);
+        else score_tile<KT, RT, 2>(rq, kb, fetch ? vb : nullptr, idx, n, D, scale, sc, CH);
+    } else {
+        if (RT <= 2) value_tile<KT, RT, 4>(sc, vb, idx, n, D, pa, CH);
+        else value_tile<KT, RT, 2>(sc, vb, idx, n, D, pa, CH);
+    }
+}
+
+// Key j of batch row b, KV head h: K + ((BT[b, j / BS] * KV + h) * BS + j % BS) * D with a block table BT
+// (a paged pool [blocks, KV, BS, D]); without one, K is [B, KV, S, D] (one block of S per row).
 template <typename KT>
 static void attend_chunks(const float* Q, const KT* K, const KT* V, const int64_t* QP, const int64_t* KP,
                           const int64_t* SU, int64_t window, float scale, int64_t B, int64_t H, int64_t T,
-                          int64_t KV, int64_t S, int64_t D, int64_t CH, int64_t NC, float* PM, float* PL, float* PA) {
+                          int64_t KV, int64_t S, int64_t D, int64_t CH, int64_t NC, float* PM, float* PL, float* PA,
+                          const int64_t* BT, int64_t BS, int64_t NBLK) {
     const int64_t G = H / KV, R = G * T;
     at::parallel_for(0, B * KV * NC, 1, [&](int64_t i0, int64_t i1) {
-        std::vector<float> kb(D), vb(D), sc(R * CH);
+        std::vector<float> sc(R * CH);
         std::vector<const float*> rq(R);
-        std::vector<int64_t> rlo(R), rhi(R);
+        std::vector<int64_t> rlo(R), rhi(R), idx(CH);
         for (int64_t i = i0; i < i1; ++i) {
             const int64_t b = i / (KV * NC), kv = (i / NC) % KV, c = i % NC;
-            const int64_t j0 = c * CH, j1 = std::min(S, j0 + CH);
-            const KT* kbase = K + (b * KV + kv) * S * D;
-            const KT* vbase = V + (b * KV + kv) * S * D;
+            const int64_t j0 = c * CH, j1 = std::min(S, j0 + CH), n = j1 - j0;
+            const int64_t first = BT ? ((BT[b * NBLK + j0 / BS] * KV + kv) * BS + j0 % BS) * D
+                                     : ((b * KV + kv) * S + j0) * D;
+            const KT* kb = K + first;  // the chunk's keys and values, rows of D
+            const KT* vb = V + first;
+            const int64_t* kp = KP + b * S + j0;
             float* pm = PM + i * R;
             float* pl = PL + i * R;
             float* pa = PA + i * R * D;
             for (int64_t r = 0; r < R; ++r) {  // query row r: head kv * G + r / T, position t = r % T
                 const int64_t t = r % T, qp = QP[b * T + t];
-                pm[r] = -INFINITY;
                 rq[r] = Q + ((b * H + kv * G + r / T) * T + t) * D;
                 rhi[r] = SU ? SU[b * T + t] : qp;  // sees keys at rlo .. rhi
                 rlo[r] = window > 0 ? std::max<int64_t>(0, qp - window + 1) : 0;
             }
-            for (int64_t j = j0; j < j1; ++j) {  // scores
-                const int64_t kp = KP[b * S + j];
-                float* row = kb.data();
-                bool widened = false;
-                for (int64_t r = 0; r < R; ++r) {
-                    float& out = sc[r * CH + (j - j0)];
-                    if (kp < rlo[r] || kp > rhi[r]) { out = -INFINITY; continue; }
-                    if (!widened) {
-                        for (int64_t e = 0; e < D; e += 8) _mm256_storeu_ps(row + e, widen8(kbase + j * D + e));
-                        widened = true;
+            std::fill(sc.begin(), sc.end(), -INFINITY);
+            for (int64_t r0 = 0; r0 < R; r0 += 4) {
+                const int RT = (int)std::min<int64_t>(4, R - r0);
+                int64_t lo = INT64_MAX, hi = -1;
+                for (int64_t r = r0; r < r0 + RT; ++r) lo = std::min(lo, rlo[r]), hi = std::max(hi, rhi[r]);
+                int64_t m = 0;  // the keys some row of this tile may see
+                for (int64_t j = 0; j < n; ++j)
+                    if (kp[j] >= 0 && kp[j] >= lo && kp[j] <= hi) idx[m++] = j;
+                for (int pass = 0; pass < 2; ++pass) {
+                    if (pass == 1) {  // masks, maxima, exponentials of the tile's rows
+                        for (int64_t r = r0; r < r0 + RT; ++r) {
+                            float* x = sc.data() + r * CH;
+                            float top = -INFINITY;
+                            for (int64_t t = 0; t < m; ++t) {
+                                const int64_t j = idx[t];
+                                if (kp[j] < rlo[r] || kp[j] > rhi[r]) x[j] = -INFINITY;
+                                else top = std::max(top, x[j]);
+                            }
+                            pm[r] = top;
+                            if (top == -INFINITY) {
+                                std::fill(x, x + n, 0.0f);
+                                pl[r] = 0.0f;
+                                continue;
+                            }
+                            const __m256 top8 = _mm256_set1_ps(top);
+                            __m256 l8 = _mm256_setzero_ps();
+                            int64_t j = 0;
+                            for (; j + 8 <= n; j += 8) {
+                                const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(x + j), top8));
+                                _mm256_storeu_ps(x + j, e);
+                                l8 = _mm256_add_ps(l8, e);
+                            }
+                            float l = hsum(l8);
+                            for (; j < n; ++j) l += (x[j] = x[j] == -INFINITY ? 0.0f : std::exp(x[j] - top));
+                            pl[r] = l;
+                        }
                     }
-                    const float* qr = rq[r];
-                    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-                    int64_t e = 0;
-                    for (; e + 16 <= D; e += 16) {
-                        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + e), _mm256_loadu_ps(row + e), a0);
-                        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + e + 8), _mm256_loadu_ps(row + e + 8), a1);
+                    const float* const* tq = rq.data() + r0;
+                    float* tsc = sc.data() + r0 * CH;
+                    float* tpa = pa + r0 * D;
+                    switch (RT) {
+                        case 1: chunk_tile<KT, 1>(tq, kb, vb, idx.data(), m, D, scale, tsc, tpa, CH, pass, r0 == 0); break;
+                        case 2: chunk_tile<KT, 2>(tq, kb, vb, idx.data(), m, D, scale, tsc, tpa, CH, pass, r0 == 0); break;
+                        case 3: chunk_tile<KT, 3>(tq, kb, vb, idx.data(), m, D, scale, tsc, tpa, CH, pass, r0 == 0); break;
+                        default: chunk_tile<KT, 4>(tq, kb, vb, idx.data(), m, D, scale, tsc, tpa, CH, pass, r0 == 0); break;
                     }
-                    for (; e < D; e += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + e), _mm256_loadu_ps(row + e), a0);
-                    out = hsum(_mm256_add_ps(a0, a1)) * scale;
-                    pm[r] = std::max(pm[r], out);
-                }
-            }
-            for (int64_t r = 0; r < R; ++r) {  // exponentials
-                float* x = sc.data() + r * CH;
-                const int64_t n = j1 - j0;
-                if (pm[r] == -INFINITY) {
-                    std::fill(x, x + n, 0.0f);
-                    pl[r] = 0.0f;
-                } else {
-                    const __m256 top = _mm256_set1_ps(pm[r]);
-                    __m256 l8 = _mm256_setzero_ps();
-                    int64_t j = 0;
-                    for (; j + 8 <= n; j += 8) {
-                        const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(x + j), top));
-                        _mm256_storeu_ps(x + j, e);
-                        l8 = _mm256_add_ps(l8, e);
-                    }
-                    float l = hsum(l8);
-                    for (; j < n; ++j) l += (x[j] = std::exp(x[j] - pm[r]));
-                    pl[r] = l;
-                }
-                std::fill(pa + r * D, pa + (r + 1) * D, 0.0f);
-            }
-            for (int64_t j = j0; j < j1; ++j) {  // weighted values
-                bool widened = false;
-                for (int64_t r = 0; r < R; ++r) {
-                    const float p = sc[r * CH + (j - j0)];
-                    if (p == 0.0f) continue;
-                    if (!widened) {
-                        for (int64_t e = 0; e < D; e += 8) _mm256_storeu_ps(vb.data() + e, widen8(vbase + j * D + e));
-                        widened = true;
-                    }
-                    const __m256 pv = _mm256_set1_ps(p);
-                    float* acc = pa + r * D;
-                    for (int64_t e = 0; e < D; e += 8)
-                        _mm256_storeu_ps(acc + e, _mm256_fmadd_ps(pv, _mm256_loadu_ps(vb.data() + e), _mm256_loadu_ps(acc + e)));
                 }
             }
         }
@@ -727,13 +810,26 @@ static void attend_chunks(const float* Q, const KT* K, const KT* V, const int64_
 }
 
 torch::Tensor attend_small(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor qpos, torch::Tensor kpos,
-                           int64_t window, c10::optional<torch::Tensor> sees_until, double scale) {
+                           int64_t window, c10::optional<torch::Tensor> sees_until, double scale,
+                           c10::optional<torch::Tensor> blocks) {
     pybind11::gil_scoped_release no_gil;
     q = q.contiguous(); k = k.contiguous(); v = v.contiguous();
     qpos = qpos.contiguous(); kpos = kpos.contiguous();
-    const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), KV = k.size(1), S = k.size(2);
-    TORCH_CHECK(D % 8 == 0 && H % KV == 0 && k.scalar_type() == v.scalar_type(), "attend_small: unsupported shapes");
-    const int64_t G = H / KV, R = G * T, CH = 64, NC = (S + CH - 1) / CH;
+    const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), KV = k.size(1), S = kpos.size(1);
+    const int64_t G = H / KV, R = G * T, CH = 64, NC = (S + CH - 1) / CH;  // CH: ATTENTION_CHUNK
+    TORCH_CHECK(D % 8 == 0 && H % KV == 0 && k.scalar_type() == v.scalar_type() && k.sizes() == v.sizes(),
+                "attend_small: unsupported shapes");
+    torch::Tensor bt;
+    int64_t BS = S, NBLK = 1;
+    if (blocks.has_value()) {  // k, v: pools [blocks, KV, BS, D]; blocks [B, NBLK] ids covering S slots
+        bt = blocks->contiguous();
+        BS = k.size(2);
+        NBLK = bt.size(1);
+        TORCH_CHECK(BS % CH == 0 && NBLK * BS >= S && bt.size(0) == B, "attend_small: unsupported block table");
+    } else {
+        TORCH_CHECK(k.size(0) == B && k.size(2) == S, "attend_small: keys do not match kpos");
+    }
+    const int64_t* BT = blocks.has_value() ? bt.data_ptr<int64_t>() : nullptr;
     auto f = q.options();
     auto pm = torch::empty({B * KV * NC, R}, f), pl = torch::empty({B * KV * NC, R}, f);
     auto pa = torch::empty({B * KV * NC, R, D}, f);
@@ -743,12 +839,14 @@ torch::Tensor attend_small(torch::Tensor q, torch::Tensor k, torch::Tensor v, to
     if (k.scalar_type() == torch::kBFloat16)
         attend_chunks<uint16_t>(q.data_ptr<float>(), (const uint16_t*)k.data_ptr(), (const uint16_t*)v.data_ptr(),
                                 qpos.data_ptr<int64_t>(), kpos.data_ptr<int64_t>(), SU, window, (float)scale,
-                                B, H, T, KV, S, D, CH, NC, pm.data_ptr<float>(), pl.data_ptr<float>(), pa.data_ptr<float>());
+                                B, H, T, KV, S, D, CH, NC, pm.data_ptr<float>(), pl.data_ptr<float>(), pa.data_ptr<float>(),
+                                BT, BS, NBLK);
     else {
         TORCH_CHECK(k.scalar_type() == torch::kFloat, "attend_small: keys must be float32 or bfloat16");
         attend_chunks<float>(q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(),
                              qpos.data_ptr<int64_t>(), kpos.data_ptr<int64_t>(), SU, window, (float)scale,
-                             B, H, T, KV, S, D, CH, NC, pm.data_ptr<float>(), pl.data_ptr<float>(), pa.data_ptr<float>());
+                             B, H, T, KV, S, D, CH, NC, pm.data_ptr<float>(), pl.data_ptr<float>(), pa.data_ptr<float>(),
+                             BT, BS, NBLK);
     }
     auto out = torch::zeros({B, H, T, D}, f);
     const float* PM = pm.data_ptr<float>();
@@ -970,6 +1068,7 @@ def expert_matmul(x: torch.Tensor, w: QuantWeight, ids: torch.Tensor, weights: t
 # Queries per KV head up to which attention runs in the native kernel (decode, verify steps); above it
 # (prefill) torch's fused attention, whose blocked GEMMs win at many queries.
 MAX_SMALL_ATTENTION_ROWS = 64
+ATTENTION_CHUNK = 64  # keys per work item of attend_small (a paged pool's blocks hold whole chunks)
 
 
 def small_attention(q: torch.Tensor, v: torch.Tensor) -> bool:
@@ -981,11 +1080,14 @@ def small_attention(q: torch.Tensor, v: torch.Tensor) -> bool:
 
 
 def attend_small(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.Tensor, kpos: torch.Tensor,
-                 window: int | None, sees_until: torch.Tensor | None, scale: float) -> torch.Tensor | None:
+                 window: int | None, sees_until: torch.Tensor | None, scale: float,
+                 blocks: torch.Tensor | None = None) -> torch.Tensor | None:
     """softmax(q k^T * scale, masked as attention_mask masks) v for a few queries, read straight from a
-    float32 or bf16 cache piece: q [B, H, T, D] float32, k, v [B, KV, S, D] -> [B, H, T, D] float32.
+    float32 or bf16 cache: q [B, H, T, D] float32, kpos [B, S], k, v [B, KV, S, D] -> [B, H, T, D] float32.
+    With blocks [B, n] (ids of blocks of a paged pool), k, v are the pools [blocks, KV, block, D] and key
+    slot s of row b lives in block blocks[b, s // block] at offset s % block (block a multiple of 64).
     None where it does not apply (then the caller uses torch)."""
-    if k.dtype != v.dtype or not small_attention(q, v):
+    if k.dtype != v.dtype or not small_attention(q, v) or (blocks is not None and k.shape[2] % ATTENTION_CHUNK):
         return None
-    return native().attend_small(q, k, v, qpos, kpos, window or 0, sees_until, scale)
+    return native().attend_small(q, k, v, qpos, kpos, window or 0, sees_until, scale, blocks)
 
