@@ -175,8 +175,26 @@ static void quantize_rows(const float* X, int64_t M, int64_t K, int8_t* XQ, floa
 
 // The 32 weights of block b of a row as bytes for maddubs: int4 unsigned 0..15 (used as is); int8
 // signed (maddubs wants unsigned x signed: |w| against x carrying w's sign, llama.cpp's trick).
+// Byte i of the result is 0xFF where bit i of x is set (the fifth bits of a 5-bit block).
+static inline __m256i bits_to_bytes(uint32_t x) {
+    const __m256i which = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                           2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    const __m256i bit = _mm256_set1_epi64x(0x8040201008040201LL);
+    const __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32((int)x), which);
+    return _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
+}
+
 template <int BITS>
 static inline __m256i load_block(const uint8_t* qr, int64_t b) {
+    if (BITS == 5) {  // 16 bytes of nibbles (element j low, j + 16 high), then the 32 fifth bits
+        const uint8_t* p = qr + b * 20;
+        const __m128i v = _mm_loadu_si128((const __m128i*)p);
+        const __m128i m15 = _mm_set1_epi8(15);
+        uint32_t high;
+        std::memcpy(&high, p + 16, 4);
+        const __m256i low = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m15), _mm_and_si128(v, m15));
+        return _mm256_or_si256(low, _mm256_and_si256(bits_to_bytes(high), _mm256_set1_epi8(16)));
+    }
     if (BITS == 4) {
         const __m128i v = _mm_loadu_si128((const __m128i*)(qr + b * 16));
         const __m128i m15 = _mm_set1_epi8(15);
@@ -189,7 +207,7 @@ template <int BITS>
 static inline __m256 block_dot(__m256i w, const int8_t* x) {
     const __m256i xv = _mm256_loadu_si256((const __m256i*)x);
     __m256i p;
-    if (BITS == 4) p = _mm256_maddubs_epi16(w, xv);
+    if (BITS == 4 || BITS == 5) p = _mm256_maddubs_epi16(w, xv);  // unsigned codes
     else p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(xv, w));
     return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1)));
 }
@@ -289,6 +307,7 @@ static inline void row_dot(const uint8_t* qr, const float* sr, const float* zr, 
     for (int r = 0; r < MR; ++r) {
         float y = hsum(acc[r]);
         if (zr != nullptr) y += dot_f32(zr, XS + r * B, B);
+        else if (BITS == 5) y -= 16.0f * dot_f32(sr, XS + r * B, B);  // codes 0..31 centred on 16
         out[r * ostride] = y;
     }
 }
@@ -425,7 +444,8 @@ static void rows_dot4k(int MR, const uint8_t* qr, const float* dr, const float* 
 static void check_layout(const char* what, int64_t K, int64_t bits, int64_t group, bool has_zero, bool has_sub) {
     const bool ok = bits == 6 ? (K % 256 == 0 && group == 256 && has_sub && !has_zero)
                   : bits == 4 && group == 256 ? (K % 256 == 0 && has_sub && has_zero)
-                  : K % 32 == 0 && !has_sub && (group == 32 || (group == 16 && bits == 8 && !has_zero));
+                  : K % 32 == 0 && !has_sub && (bits == 4 || bits == 5 || bits == 8)
+                    && (group == 32 || (group == 16 && bits == 8 && !has_zero));
     TORCH_CHECK(ok, what, ": unsupported layout");
 }
 
@@ -457,7 +477,7 @@ torch::Tensor qmm_q8(torch::Tensor x_in, torch::Tensor q, torch::Tensor scale, c
     const float* S = scale.data_ptr<float>();
     const float* Z = zero_opt.has_value() ? zero_opt->data_ptr<float>() : nullptr;
     float* O = out.data_ptr<float>();
-    const int64_t row_bytes = bits == 4 ? K / 2 : bits == 6 ? K / 4 * 3 : K, G = K / group;
+    const int64_t row_bytes = bits == 4 ? K / 2 : bits == 5 ? K / 32 * 20 : bits == 6 ? K / 4 * 3 : K, G = K / group;
     const int64_t NB = 16;
     at::parallel_for(0, (N + NB - 1) / NB, 1, [&](int64_t c0, int64_t c1) {
         for (int64_t c = c0; c < c1; ++c) {
@@ -475,6 +495,7 @@ torch::Tensor qmm_q8(torch::Tensor x_in, torch::Tensor q, torch::Tensor scale, c
                     if (bits == 6) rows_dot6(MR, qr, sr, SUB + n * (K / 16), B, xq_t, xd_t, X16 + m0 * (K / 16), K, o, N);
                     else if (bits == 4 && group == 256) rows_dot4k(MR, qr, sr, zr, SUB + n * (K / 16), B, xq_t, xd_t, xs_t, K, o, N);
                     else if (bits == 4) rows_dot<4, false>(MR, qr, sr, zr, B, xq_t, xd_t, xs_t, K, o, N);
+                    else if (bits == 5) rows_dot<5, false>(MR, qr, sr, zr, B, xq_t, xd_t, xs_t, K, o, N);
                     else if (group == 32) rows_dot<8, false>(MR, qr, sr, zr, B, xq_t, xd_t, xs_t, K, o, N);
                     else rows_dot<8, true>(MR, qr, sr, zr, B, xq_t, xd_t, xs_t, K, o, N);
                 }
@@ -506,7 +527,7 @@ torch::Tensor qmm_experts(torch::Tensor x, torch::Tensor q, torch::Tensor scale,
     const uint8_t* Q = (const uint8_t*)q.data_ptr();
     const float* S = scale.data_ptr<float>();
     const float* Z = zero_opt.has_value() ? zero_opt->data_ptr<float>() : nullptr;
-    const int64_t row_bytes = bits == 4 ? K / 2 : bits == 6 ? K / 4 * 3 : K, G = K / group;
+    const int64_t row_bytes = bits == 4 ? K / 2 : bits == 5 ? K / 32 * 20 : bits == 6 ? K / 4 * 3 : K, G = K / group;
     auto dot = [&](int64_t j, int64_t n, float* o) {
         const int64_t r = I[j] * N + n;
         const int8_t* xq_j = XQ + j * K;
@@ -517,6 +538,7 @@ torch::Tensor qmm_experts(torch::Tensor x, torch::Tensor q, torch::Tensor scale,
         else if (bits == 4 && group == 256)
             row_dot4k<1>(Q + r * row_bytes, S + r * G, zr, SUB + r * (K / 16), B, xq_j, xd_j, xs_j, K, o, 0);
         else if (bits == 4) row_dot<4, false, 1>(Q + r * row_bytes, S + r * G, zr, B, xq_j, xd_j, xs_j, K, o, 0);
+        else if (bits == 5) row_dot<5, false, 1>(Q + r * row_bytes, S + r * G, zr, B, xq_j, xd_j, xs_j, K, o, 0);
         else if (group == 32) row_dot<8, false, 1>(Q + r * row_bytes, S + r * G, zr, B, xq_j, xd_j, xs_j, K, o, 0);
         else row_dot<8, true, 1>(Q + r * row_bytes, S + r * G, zr, B, xq_j, xd_j, xs_j, K, o, 0);
     };
@@ -1004,14 +1026,20 @@ def _cpu_has_avx2() -> bool:
         return False
 
 
+_activations = None  # the mode below, read from the environment on first use (each product asks)
+
+
 def activations() -> str:
     """How the CPU kernel takes activations: "int8" (rounded per block of 32, integer dot products; the
     default, as llama.cpp does) or "float" (GEMMA4_ACTIVATIONS=float: float32 times the dequantised weights,
-    the reference the int8 path is measured against)."""
-    mode = os.environ.get("GEMMA4_ACTIVATIONS", "int8")
-    if mode not in ("int8", "float"):
-        raise ValueError(f"GEMMA4_ACTIVATIONS: {mode!r} is neither int8 nor float")
-    return mode
+    the reference the int8 path is measured against). Read once per process."""
+    global _activations
+    if _activations is None:
+        mode = os.environ.get("GEMMA4_ACTIVATIONS", "int8")
+        if mode not in ("int8", "float"):
+            raise ValueError(f"GEMMA4_ACTIVATIONS: {mode!r} is neither int8 nor float")
+        _activations = mode
+    return _activations
 
 
 def qlinear(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
@@ -1024,7 +1052,7 @@ def qlinear(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
             return kernel.qmm_q8(x, w.q, w.scale, w.zero, w.bits, w.group, w.sub)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
-        if x2.shape[0] <= MAX_KERNEL_ROWS and w.sub is None:  # (the float kernel has no sub-scales)
+        if x2.shape[0] <= MAX_KERNEL_ROWS and w.sub is None and w.bits in (4, 8):  # (the float kernel's formats)
             return kernel.qmm(x2, w.q, w.scale, w.zero, w.bits, w.group).reshape(*lead, -1)
     return F.linear(x, w.dequantize(x.dtype))
 
