@@ -177,3 +177,17 @@ def test_native_rope_equals_the_torch_ops(monkeypatch):
         monkeypatch.setattr(kernels, "_native", False)
         assert torch.equal(rotate(x, positions, inv), want)  # the plain path is the torch ops
         monkeypatch.undo()
+
+
+def test_rope_table_of_k_eq_v_keys_grows_and_equals_the_angles():
+    """K=V layers rotate their keys through a cos/sin table by position: it grows past its first size
+    (positions beyond it are right) and equals the angles computed directly."""
+    from gemma4.model import attention
+
+    freqs = torch.tensor([1.0, 0.1, 1e-3, 1e-5])
+    for pos in (torch.tensor([[0, 5, 17]]), torch.tensor([[3, attention._TRIG_MIN * 3 + 7, -0]])):
+        cos, sin = attention._cos_sin(freqs, pos)
+        angle = pos.float()[..., None] * freqs
+        assert cos.shape == (1, 3, 4)
+        assert torch.allclose(cos, angle.cos(), atol=1e-6) and torch.allclose(sin, angle.sin(), atol=1e-6)
+    assert attention._TRIG[(freqs.device, freqs.numpy().tobytes())][0].shape[0] > attention._TRIG_MIN * 3

@@ -43,12 +43,16 @@ def test_k_quants_of_the_embedded_model_convert_losslessly():
     assert done == {T.Q4_K, T.Q6_K}
 
 
+GGUF_MADE = {"int5": T.Q5_0, "int5_zero": T.Q5_1, "int8_f16": T.Q8_0}
+
+
 def _formats(w):
     """Every layout the kernels take: int4, int8 (groups 32 and 16) quantised here; int5 with and without
-    an offset from GGUF's Q5_1 and Q5_0 blocks."""
+    an offset and int8 with f16 scales from GGUF's Q5_1, Q5_0 and Q8_0 blocks."""
     gguf = {name: from_gguf(quantize(w.numpy(), qtype), qtype, tuple(w.shape))
-            for name, qtype in (("int5", T.Q5_0), ("int5_zero", T.Q5_1))}
+            for name, qtype in GGUF_MADE.items()}
     assert gguf["int5"].bits == gguf["int5_zero"].bits == 5 and gguf["int5"].zero is None
+    assert all(w.scale.dtype == torch.float16 for w in gguf.values())  # the file's own scales
     return {"int4": quantize_int4(w), "int8": quantize_int8(w), "int8_g16": quantize_int8(w, 16), **gguf}
 
 
@@ -142,7 +146,7 @@ def test_int8_activations_err_at_most_half_a_step_per_block(monkeypatch):
 def test_quantised_weights_round_trip_within_half_a_step():
     w = torch.randn(8, 128, generator=torch.Generator().manual_seed(2))
     for name, qw in _formats(w).items():
-        if name.startswith("int5"):
+        if name in GGUF_MADE:
             continue  # quantised by the gguf package, whose rounding this does not bound
         step = qw.scale.repeat_interleave(qw.group, dim=-1)
         assert ((qw.dequantize() - w).abs() <= step / 2 + 1e-6).all(), name
@@ -244,7 +248,7 @@ def test_int8_activations_cost_less_than_llamacpp_rounding(monkeypatch):
     assert 0 < cost < peer_cost, (cost, peer_cost)
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q5_0"])
 def test_fused_routed_experts_equal_the_per_expert_loop(tmp_path, monkeypatch, qtype):
     """Decode's two native expert calls against the grouped loop (one matmul per expert hit): the same
     int8-rounded activations and weights, so only float summation order differs (within 1e-5 relative)."""

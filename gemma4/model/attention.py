@@ -153,8 +153,9 @@ class Attention(nn.Module):
         return k.float(), v.float(), pos
 
     def _rotate(self, x1, x2, kpos, r):
-        angle = kpos.clamp(min=0).float()[:, None, :, None] * self.inv_freq[:r].to(x1.device)  # [B, 1, S, r]
-        cos, sin = angle.cos(), angle.sin()
+        """RoPE of the r rotated pairs (x1, x2) [B, KV, S, r] at positions kpos [B, S] (negative: 0)."""
+        cos, sin = _cos_sin(self.inv_freq[:r].to(x1.device), kpos.clamp(min=0))
+        cos, sin = cos[:, None], sin[:, None]  # [B, 1, S, r]
         return x1 * cos - x2 * sin, x2 * cos + x1 * sin
 
     def value_scores(self, q: torch.Tensor):
@@ -202,6 +203,23 @@ class Attention(nn.Module):
         out = attend(q, pieces, qpos, self.window, sees_until, self.scale, scores_of,
                      self.keys_from_values if self.k_eq_v else None)
         return self.o_proj(out.to(x.dtype).transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+
+
+_TRIG: dict = {}  # (device, frequencies) -> (cos, sin) [positions, r] float32, grown by doubling
+_TRIG_MIN = 1024
+
+
+def _cos_sin(freqs: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of float(pos) * freqs, [*pos.shape, r], looked up in a table by position: K=V layers
+    rotate every key of the context at each step, and its angles are the same at every step."""
+    key = (freqs.device, freqs.cpu().numpy().tobytes())
+    need = int(pos.max()) + 1 if pos.numel() else 1
+    table = _TRIG.get(key)
+    if table is None or table[0].shape[0] < need:
+        n = max(need, _TRIG_MIN, 0 if table is None else 2 * table[0].shape[0])
+        angle = torch.arange(n, device=freqs.device).float()[:, None] * freqs
+        table = _TRIG[key] = (angle.cos(), angle.sin())
+    return table[0][pos], table[1][pos]
 
 
 def _built_on_first_call(make):

@@ -108,8 +108,8 @@ class Decoder(nn.Module):
             logits = matmul(hidden, self.embed_tokens.weight)
         logits = logits.float()
         cap = self.config.final_logit_softcapping
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
+        if cap:  # in place: a vocabulary-wide temporary per op costs more than the op
+            logits = logits.div_(cap).tanh_().mul_(cap)
         return logits
 
 

@@ -8,7 +8,7 @@
   holding each 32's integer scale and offset multiplier: w = scale * sub[2b] * q + zero * sub[2b + 1].
 - int5 (Q5_0, Q5_1): codes c in 0..31, group 32, 20 bytes per block as GGML packs one: 16 bytes of the low
   4 bits (element j low nibble, j + 16 high), then 4 bytes whose bit j is element j's fifth bit.
-  w = scale * c + zero, or with `zero` None, scale * (c - 16). 6 bits per weight with a float32 scale.
+  w = scale * c + zero, or with `zero` None, scale * (c - 16). 5.5 bits per weight with the f16 scale.
 - int8: q in -128..127 (one byte each), group 32 or 16; `zero` may be None.
 - int6 (Q6_K): codes c in 0..63, w = scale[n, k // 256] * sub[n, k // 16] * (c - 32), `sub` int8.
   Packed per 128 elements (blocks j = 0..3 of 32) in 96 bytes: 32 bytes whose byte i holds the low 4
@@ -16,7 +16,8 @@
   and 3, then 32 bytes whose byte i holds bits 4-5 of element i of block j at bits 2j, 2j+1 (one load
   decodes two blocks, one more their high bits). 6.63 bits per weight with the scales (the file: 6.56).
 
-Scales and offsets are float32, so a GGUF block's f16 scale times its integer sub-scale is exact:
+Scales and offsets are float32, so a GGUF block's f16 scale times its integer sub-scale is exact; int5
+and int8 from GGUF keep the file's f16 scales (and offsets) as they are (0.5 bit per weight less). So
 Q4_0, Q4_1 (int4 g32), Q4_K (int4 g256), Q5_0, Q5_1 (int5), Q8_0 (int8 g32) and Q6_K (int6) convert losslessly, and
 dequantise to the very float32 values the `gguf` package produces. Other GGUF types are dequantised
 and re-quantised to int8 g32 (lossy; see `from_gguf`).
@@ -38,8 +39,8 @@ class QuantWeight:
     group: int                # elements per scale
     # int4: uint8 [..., N, K/2]; int5: uint8 [..., N, 5K/8]; int6: uint8 [..., N, 3K/4]; int8: int8 [..., N, K]
     q: torch.Tensor
-    scale: torch.Tensor       # float32 [..., N, K/group]
-    zero: torch.Tensor | None  # float32 like scale, or None (symmetric)
+    scale: torch.Tensor       # float32 [..., N, K/group] (int5, int8 from GGUF: float16)
+    zero: torch.Tensor | None  # like scale, or None (symmetric)
     # int6: int8 [..., N, K/16], the scale of each 16 elements within a group; int4 with group 256 (Q4_K):
     # int8 [..., N, K/16], the scale and the offset multiplier of each block of 32 (interleaved)
     sub: torch.Tensor | None = None
@@ -199,12 +200,16 @@ def _blocks(b: np.ndarray, k: int, block: int, size: int) -> np.ndarray:
 
 
 def _f16(a: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(a).view(np.float16).astype(np.float32)[..., 0]
+    return _half(a).astype(np.float32)
+
+
+def _half(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a).view(np.float16)[..., 0]
 
 
 def _q8_0(b, k):
     blk = _blocks(b, k, 32, 34)
-    return 8, 32, blk[..., 2:].view(np.int8).reshape(b.shape[0], k), _f16(blk[..., :2]), None
+    return 8, 32, blk[..., 2:].view(np.int8).reshape(b.shape[0], k), _half(blk[..., :2]), None
 
 
 def _q4_0(b, k):
@@ -227,13 +232,13 @@ def _five_bits(qh_bytes: np.ndarray, qs: np.ndarray) -> np.ndarray:
 def _q5_0(b, k):
     blk = _blocks(b, k, 32, 22)
     q = _five_bits(blk[..., 2:6], blk[..., 6:])
-    return 5, 32, q.reshape(b.shape[0], k // 32 * 20), _f16(blk[..., :2]), None
+    return 5, 32, q.reshape(b.shape[0], k // 32 * 20), _half(blk[..., :2]), None
 
 
 def _q5_1(b, k):
     blk = _blocks(b, k, 32, 24)
     q = _five_bits(blk[..., 4:8], blk[..., 8:])
-    return 5, 32, q.reshape(b.shape[0], k // 32 * 20), _f16(blk[..., :2]), _f16(blk[..., 2:4])
+    return 5, 32, q.reshape(b.shape[0], k // 32 * 20), _half(blk[..., :2]), _half(blk[..., 2:4])
 
 
 def _q4_k(b, k):

@@ -221,10 +221,26 @@ static inline float dot_f32(const float* a, const float* b, int64_t n) {
     return s;
 }
 
-template <int BITS, bool G16>
-static inline __m256 block_scale(const float* sr, int64_t b) {
-    if (G16) return _mm256_set_m128(_mm_set1_ps(sr[2 * b + 1]), _mm_set1_ps(sr[2 * b]));
-    return _mm256_set1_ps(sr[b]);
+// Scales (and offsets) are float32, or f16 as GGUF's int5/int8 blocks hold them (widened exactly by F16C).
+static inline float scale_at(const float* s, int64_t i) { return s[i]; }
+static inline float scale_at(const uint16_t* s, int64_t i) { return _cvtsh_ss(s[i]); }
+static inline __m256 scale8(const float* s) { return _mm256_loadu_ps(s); }
+static inline __m256 scale8(const uint16_t* s) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)s)); }
+
+template <typename ST>
+static inline float dot_scales(const ST* a, const float* b, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(scale8(a + i), _mm256_loadu_ps(b + i), acc);
+    float s = hsum(acc);
+    for (; i < n; ++i) s += scale_at(a, i) * b[i];
+    return s;
+}
+
+template <int BITS, bool G16, typename ST>
+static inline __m256 block_scale(const ST* sr, int64_t b) {
+    if (G16) return _mm256_set_m128(_mm_set1_ps(scale_at(sr, 2 * b + 1)), _mm_set1_ps(scale_at(sr, 2 * b)));
+    return _mm256_set1_ps(scale_at(sr, b));
 }
 
 // MR activation rows against one weight row: out[r * ostride] for r < MR. G16: weight scales per 16.
@@ -262,8 +278,8 @@ static inline void pair4(const uint8_t* qr, const float* sr, int64_t b, const in
     }
 }
 
-template <int BITS, bool G16, int MR>
-static inline void row_dot(const uint8_t* qr, const float* sr, const float* zr, int64_t B, const int8_t* XQ,
+template <int BITS, bool G16, int MR, typename ST = float>
+static inline void row_dot(const uint8_t* qr, const ST* sr, const ST* zr, int64_t B, const int8_t* XQ,
                            const float* XD, const float* XS, int64_t K, float* out, int64_t ostride) {
     __m256 acc[MR];
     for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
@@ -306,20 +322,20 @@ static inline void row_dot(const uint8_t* qr, const float* sr, const float* zr, 
     }
     for (int r = 0; r < MR; ++r) {
         float y = hsum(acc[r]);
-        if (zr != nullptr) y += dot_f32(zr, XS + r * B, B);
-        else if (BITS == 5) y -= 16.0f * dot_f32(sr, XS + r * B, B);  // codes 0..31 centred on 16
+        if (zr != nullptr) y += dot_scales(zr, XS + r * B, B);
+        else if (BITS == 5) y -= 16.0f * dot_scales(sr, XS + r * B, B);  // codes 0..31 centred on 16
         out[r * ostride] = y;
     }
 }
 
-template <int BITS, bool G16>
-static void rows_dot(int MR, const uint8_t* qr, const float* sr, const float* zr, int64_t B, const int8_t* XQ,
+template <int BITS, bool G16, typename ST = float>
+static void rows_dot(int MR, const uint8_t* qr, const ST* sr, const ST* zr, int64_t B, const int8_t* XQ,
                      const float* XD, const float* XS, int64_t K, float* out, int64_t ostride) {
     switch (MR) {
-        case 1: row_dot<BITS, G16, 1>(qr, sr, zr, B, XQ, XD, XS, K, out, ostride); break;
-        case 2: row_dot<BITS, G16, 2>(qr, sr, zr, B, XQ, XD, XS, K, out, ostride); break;
-        case 3: row_dot<BITS, G16, 3>(qr, sr, zr, B, XQ, XD, XS, K, out, ostride); break;
-        default: row_dot<BITS, G16, 4>(qr, sr, zr, B, XQ, XD, XS, K, out, ostride); break;
+        case 1: row_dot<BITS, G16, 1, ST>(qr, sr, zr, B, XQ, XD, XS, K, out, ostride); break;
+        case 2: row_dot<BITS, G16, 2, ST>(qr, sr, zr, B, XQ, XD, XS, K, out, ostride); break;
+        case 3: row_dot<BITS, G16, 3, ST>(qr, sr, zr, B, XQ, XD, XS, K, out, ostride); break;
+        default: row_dot<BITS, G16, 4, ST>(qr, sr, zr, B, XQ, XD, XS, K, out, ostride); break;
     }
 }
 
@@ -441,6 +457,26 @@ static void rows_dot4k(int MR, const uint8_t* qr, const float* dr, const float* 
     }
 }
 
+// A weight's scales and offsets as the kernels read them: float32, or f16 (int5 and int8 only).
+struct Scales {
+    const float* f32 = nullptr;
+    const float* z32 = nullptr;
+    const uint16_t* f16 = nullptr;
+    const uint16_t* z16 = nullptr;
+    Scales(const torch::Tensor& scale, const c10::optional<torch::Tensor>& zero, int64_t bits) {
+        const bool half = scale.scalar_type() == torch::kHalf;
+        TORCH_CHECK(!zero.has_value() || zero->scalar_type() == scale.scalar_type(), "scales and offsets differ in dtype");
+        TORCH_CHECK(!half || bits == 5 || bits == 8, "f16 scales are for int5 and int8 weights");
+        if (half) {
+            f16 = (const uint16_t*)scale.data_ptr();
+            z16 = zero.has_value() ? (const uint16_t*)zero->data_ptr() : nullptr;
+        } else {
+            f32 = scale.data_ptr<float>();
+            z32 = zero.has_value() ? zero->data_ptr<float>() : nullptr;
+        }
+    }
+};
+
 static void check_layout(const char* what, int64_t K, int64_t bits, int64_t group, bool has_zero, bool has_sub) {
     const bool ok = bits == 6 ? (K % 256 == 0 && group == 256 && has_sub && !has_zero)
                   : bits == 4 && group == 256 ? (K % 256 == 0 && has_sub && has_zero)
@@ -474,8 +510,9 @@ torch::Tensor qmm_q8(torch::Tensor x_in, torch::Tensor q, torch::Tensor scale, c
     const std::vector<int16_t> xs16 = bits == 6 ? sums16(XQ, M, K) : std::vector<int16_t>();
     const int16_t* X16 = xs16.data();
     const uint8_t* Q = (const uint8_t*)q.data_ptr();
-    const float* S = scale.data_ptr<float>();
-    const float* Z = zero_opt.has_value() ? zero_opt->data_ptr<float>() : nullptr;
+    const Scales sc(scale, zero_opt, bits);
+    const float* S = sc.f32;
+    const float* Z = sc.z32;
     float* O = out.data_ptr<float>();
     const int64_t row_bytes = bits == 4 ? K / 2 : bits == 5 ? K / 32 * 20 : bits == 6 ? K / 4 * 3 : K, G = K / group;
     const int64_t NB = 16;
@@ -489,10 +526,16 @@ torch::Tensor qmm_q8(torch::Tensor x_in, torch::Tensor q, torch::Tensor scale, c
                 const float* xs_t = XS + m0 * B;
                 for (int64_t n = n0; n < n1; ++n) {
                     const uint8_t* qr = Q + n * row_bytes;
-                    const float* sr = S + n * G;
+                    const float* sr = S ? S + n * G : nullptr;
                     const float* zr = Z ? Z + n * G : nullptr;
                     float* o = O + m0 * N + n;
-                    if (bits == 6) rows_dot6(MR, qr, sr, SUB + n * (K / 16), B, xq_t, xd_t, X16 + m0 * (K / 16), K, o, N);
+                    if (sc.f16) {  // int5 / int8 with GGUF's f16 scales
+                        const uint16_t* srh = sc.f16 + n * G;
+                        const uint16_t* zrh = sc.z16 ? sc.z16 + n * G : nullptr;
+                        if (bits == 5) rows_dot<5, false>(MR, qr, srh, zrh, B, xq_t, xd_t, xs_t, K, o, N);
+                        else if (group == 32) rows_dot<8, false>(MR, qr, srh, zrh, B, xq_t, xd_t, xs_t, K, o, N);
+                        else rows_dot<8, true>(MR, qr, srh, zrh, B, xq_t, xd_t, xs_t, K, o, N);
+                    } else if (bits == 6) rows_dot6(MR, qr, sr, SUB + n * (K / 16), B, xq_t, xd_t, X16 + m0 * (K / 16), K, o, N);
                     else if (bits == 4 && group == 256) rows_dot4k(MR, qr, sr, zr, SUB + n * (K / 16), B, xq_t, xd_t, xs_t, K, o, N);
                     else if (bits == 4) rows_dot<4, false>(MR, qr, sr, zr, B, xq_t, xd_t, xs_t, K, o, N);
                     else if (bits == 5) rows_dot<5, false>(MR, qr, sr, zr, B, xq_t, xd_t, xs_t, K, o, N);
@@ -525,8 +568,9 @@ torch::Tensor qmm_experts(torch::Tensor x, torch::Tensor q, torch::Tensor scale,
     const int16_t* X16 = xs16.data();
     const int64_t* I = ids.data_ptr<int64_t>();
     const uint8_t* Q = (const uint8_t*)q.data_ptr();
-    const float* S = scale.data_ptr<float>();
-    const float* Z = zero_opt.has_value() ? zero_opt->data_ptr<float>() : nullptr;
+    const Scales sc(scale, zero_opt, bits);
+    const float* S = sc.f32;
+    const float* Z = sc.z32;
     const int64_t row_bytes = bits == 4 ? K / 2 : bits == 5 ? K / 32 * 20 : bits == 6 ? K / 4 * 3 : K, G = K / group;
     auto dot = [&](int64_t j, int64_t n, float* o) {
         const int64_t r = I[j] * N + n;
@@ -534,7 +578,13 @@ torch::Tensor qmm_experts(torch::Tensor x, torch::Tensor q, torch::Tensor scale,
         const float* xd_j = XD + j * B;
         const float* xs_j = XS + j * B;
         const float* zr = Z ? Z + r * G : nullptr;
-        if (bits == 6) row_dot6<1>(Q + r * row_bytes, S + r * G, SUB + r * (K / 16), B, xq_j, xd_j, X16 + j * (K / 16), K, o, 0);
+        if (sc.f16) {
+            const uint16_t* srh = sc.f16 + r * G;
+            const uint16_t* zrh = sc.z16 ? sc.z16 + r * G : nullptr;
+            if (bits == 5) row_dot<5, false, 1>(Q + r * row_bytes, srh, zrh, B, xq_j, xd_j, xs_j, K, o, 0);
+            else if (group == 32) row_dot<8, false, 1>(Q + r * row_bytes, srh, zrh, B, xq_j, xd_j, xs_j, K, o, 0);
+            else row_dot<8, true, 1>(Q + r * row_bytes, srh, zrh, B, xq_j, xd_j, xs_j, K, o, 0);
+        } else if (bits == 6) row_dot6<1>(Q + r * row_bytes, S + r * G, SUB + r * (K / 16), B, xq_j, xd_j, X16 + j * (K / 16), K, o, 0);
         else if (bits == 4 && group == 256)
             row_dot4k<1>(Q + r * row_bytes, S + r * G, zr, SUB + r * (K / 16), B, xq_j, xd_j, xs_j, K, o, 0);
         else if (bits == 4) row_dot<4, false, 1>(Q + r * row_bytes, S + r * G, zr, B, xq_j, xd_j, xs_j, K, o, 0);
@@ -1052,7 +1102,7 @@ def qlinear(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
             return kernel.qmm_q8(x, w.q, w.scale, w.zero, w.bits, w.group, w.sub)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
-        if x2.shape[0] <= MAX_KERNEL_ROWS and w.sub is None and w.bits in (4, 8):  # (the float kernel's formats)
+        if x2.shape[0] <= MAX_KERNEL_ROWS and w.sub is None and w.bits in (4, 8) and w.scale.dtype == torch.float32:
             return kernel.qmm(x2, w.q, w.scale, w.zero, w.bits, w.group).reshape(*lead, -1)
     return F.linear(x, w.dequantize(x.dtype))
 
