@@ -238,16 +238,15 @@ class _Pieces:
         self.step = self.blocks if chunk is None else max(1, chunk // table.block)
 
     def paged(self):
-        """The whole context as it sits in the pool, for a kernel that reads blocks in place: (k pool,
-        v pool, block ids [R, n], kpos [R, n * block]); None where keys are not stored as attention
-        reads them (K=V layers, int8)."""
+        """The whole context as it sits in the pool, for a kernel that reads blocks in place: (k pool or
+        None on K=V layers, v pool, block ids [R, n], kpos [R, n * block]); None for int8 pools."""
         layer, table = self.layer, self.layer.table
-        if layer.codec.int8 or "k" not in layer.data:
+        if layer.codec.int8:
             return None
         index = table.index(self.rows, self.device)[:, :max(1, self.blocks)]
         lengths = torch.tensor([table.lengths[r] for r in self.rows], device=self.device)
         kpos = torch.arange(index.shape[1] * table.block, device=self.device)
-        return layer.data["k"], layer.data["v"], index, torch.where(kpos[None] < lengths[:, None], kpos[None], -1)
+        return layer.data.get("k"), layer.data["v"], index, torch.where(kpos[None] < lengths[:, None], kpos[None], -1)
 
     def __iter__(self):
         layer, table = self.layer, self.layer.table

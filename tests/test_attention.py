@@ -156,6 +156,36 @@ def test_native_attention_reads_a_paged_pool_in_place(dtype):
                                 blocks=table) is None
 
 
+def test_native_attention_rebuilds_k_eq_v_keys_from_the_values():
+    """K=V layers at decode: the kernel rebuilds each key from its stored value (times the k_norm weight,
+    RoPE on the first r pairs from cos/sin tables by position) as keys_from_values does in torch."""
+    from gemma4.quant import kernels
+
+    if kernels.native() is None:
+        pytest.skip("no AVX2 kernel on this machine")
+    g = torch.Generator().manual_seed(8)
+    blocks, kv, block, d, h, r = 4, 2, 64, 64, 8, 8
+    pool_v = torch.randn(blocks, kv, block, d, generator=g)
+    table = torch.tensor([[3, 1]])
+    s = 2 * block
+    kpos = torch.where(torch.arange(s) < 100, torch.arange(s), -1)[None]
+    w = torch.rand(d, generator=g) + 0.5
+    angle = torch.arange(200).float()[:, None] * (1.0 / 10000 ** (torch.arange(r).float() / r))
+    cos, sin = angle.cos(), angle.sin()
+    v = pool_v[table].transpose(1, 2).reshape(1, kv, s, d)
+    k = v * w
+    c, sn = cos[kpos.clamp(min=0)][:, None], sin[kpos.clamp(min=0)][:, None]
+    k1, k2 = k[..., :r].clone(), k[..., d // 2:d // 2 + r].clone()
+    k[..., :r], k[..., d // 2:d // 2 + r] = k1 * c - k2 * sn, k2 * c + k1 * sn
+    q = torch.randn(1, h, 2, d, generator=g)
+    qpos = torch.tensor([[98, 99]])
+    got = kernels.attend_small(q, None, pool_v, qpos, kpos, None, None, 0.2, blocks=table, rebuild=(w, cos, sin))
+    want = _plain(q * 0.2, k, v, qpos, kpos, None, None)
+    assert got is not None and (got - want).abs().max() <= 1e-5
+    with pytest.raises(ValueError):
+        kernels.attend_small(q, pool_v, pool_v, qpos, kpos, None, None, 0.2, blocks=table, rebuild=(w, cos, sin))
+
+
 def test_native_rope_equals_the_torch_ops(monkeypatch):
     """The one-pass RoPE against rope_cos_sin + apply_rope: the same float32 angles, cos/sin from two
     libraries (each within an ulp), at positions up to 256K, with proportional RoPE's zero frequencies."""

@@ -51,23 +51,26 @@ def attention_mask(qpos: torch.Tensor, kpos: torch.Tensor, window: int | None,
 
 
 def attend(q: torch.Tensor, pieces, qpos: torch.Tensor, window: int | None, sees_until: torch.Tensor | None,
-           scale: float, scores_of=None, keys_of=None) -> torch.Tensor:
+           scale: float, scores_of=None, keys_of=None, rebuild_of=None) -> torch.Tensor:
     """softmax(q k^T * scale + mask) v over every piece (k, v, kpos) of the cache, in float32.
 
     q: [B, H, T, D]; a piece's k, v: [B, KV, S, D], kpos [B, S]. Heads h*KV/H share KV head h // (H/KV)
     (grouped-query attention): q is seen as [B, KV, (H/KV)*T, D]. A piece without keys (K=V layers) is
     scored by scores_of(v as float32, kpos) -> [B, KV, (H/KV)*T, S]; when the context is one piece and
     the queries few (decode), keys_of(v, kpos) -> [B, KV, S, D] builds its keys for the native kernel
-    instead. Returns [B, H, T, D] float32.
+    instead; a paged pool read in place has them rebuilt inside the kernel from rebuild_of(kpos)
+    (attend_small's rebuild). Returns [B, H, T, D] float32.
     """
     b, h, t, d = q.shape
     qf = q.float()
     whole = pieces.paged() if hasattr(pieces, "paged") else None
     if whole is not None:  # a paged pool read in place by the native kernel (decode), no gathering
         k, v, blocks, kpos = whole
-        out = attend_small(qf, k, v, qpos, kpos, window, sees_until, scale, blocks)
-        if out is not None:
-            return out
+        if (k is not None or rebuild_of is not None) and small_attention(qf, v):
+            rebuild = None if k is not None else rebuild_of(kpos)
+            out = attend_small(qf, k, v, qpos, kpos, window, sees_until, scale, blocks, rebuild)
+            if out is not None:
+                return out
     pieces = iter(pieces)
     first = next(pieces)
     second = next(pieces, None)
@@ -144,6 +147,12 @@ class Attention(nn.Module):
         k[..., :r], k[..., half:half + r] = self._rotate(k[..., :r], k[..., half:half + r], kpos, r)
         return k
 
+    def key_rebuild(self, kpos: torch.Tensor):
+        """K=V layers, for the native kernel: (k_norm weight, cos and sin [positions, r]) covering kpos."""
+        r = self.rotated_pairs()
+        cos, sin = _trig_table(self.inv_freq[:r].to(kpos.device), int(kpos.max()) + 1 if kpos.numel() else 1)
+        return self.k_norm.weight, cos, sin
+
     def keys_values(self, cache, layer: int, row: int, n: int):
         """Row `row`'s rotated K and V of this layer (number `layer` of `cache`) for positions below n:
         k, v [KV heads, m, D] float32 and pos [m] (cache.keys_values, with K=V layers' keys rebuilt)."""
@@ -201,7 +210,7 @@ class Attention(nn.Module):
         q = q.transpose(1, 2).float()
         scores_of = _built_on_first_call(lambda: self.value_scores(q)) if self.k_eq_v else None
         out = attend(q, pieces, qpos, self.window, sees_until, self.scale, scores_of,
-                     self.keys_from_values if self.k_eq_v else None)
+                     self.keys_from_values if self.k_eq_v else None, self.key_rebuild if self.k_eq_v else None)
         return self.o_proj(out.to(x.dtype).transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
 
 
@@ -209,17 +218,22 @@ _TRIG: dict = {}  # (device, frequencies) -> (cos, sin) [positions, r] float32, 
 _TRIG_MIN = 1024
 
 
-def _cos_sin(freqs: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of float(pos) * freqs, [*pos.shape, r], looked up in a table by position: K=V layers
-    rotate every key of the context at each step, and its angles are the same at every step."""
+def _trig_table(freqs: torch.Tensor, need: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of float(p) * freqs for positions p = 0 .. at least need - 1: [positions, r] float32.
+    K=V layers rotate every key of the context at each step, and its angles are the same at every step."""
     key = (freqs.device, freqs.cpu().numpy().tobytes())
-    need = int(pos.max()) + 1 if pos.numel() else 1
     table = _TRIG.get(key)
     if table is None or table[0].shape[0] < need:
         n = max(need, _TRIG_MIN, 0 if table is None else 2 * table[0].shape[0])
         angle = torch.arange(n, device=freqs.device).float()[:, None] * freqs
         table = _TRIG[key] = (angle.cos(), angle.sin())
-    return table[0][pos], table[1][pos]
+    return table
+
+
+def _cos_sin(freqs: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of float(pos) * freqs, [*pos.shape, r] (pos >= 0), looked up in _trig_table."""
+    cos, sin = _trig_table(freqs, int(pos.max()) + 1 if pos.numel() else 1)
+    return cos[pos], sin[pos]
 
 
 def _built_on_first_call(make):

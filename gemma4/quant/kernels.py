@@ -716,25 +716,51 @@ static inline __m256 exp_nonpositive(__m256 x) {
 // same order whatever RT and NK are, so a row's score never depends on the rows or keys beside it).
 // With vb, the value rows of these keys and the next keys' rows are prefetched on the way (from memory they
 // arrive while the scores are computed; the values pass reads each row in several strided sweeps).
+constexpr int64_t CH_MAX = 64;  // keys per chunk (ATTENTION_CHUNK)
+
+// K=V layers: the keys of stored values, k = RoPE(v * w) (the k_norm weight w, then the first R pairs
+// (e, e + D/2) turned by the angle of the key's position: cos/sin tables [positions, R]). The same float32
+// operations as the torch path (keys_from_values), one key at a time into kf [n, D].
+template <typename KT>
+static inline void rebuild_keys(const KT* vb, const int64_t* idx, int64_t n, const int64_t* kp, int64_t D,
+                                const float* w, const float* cs, const float* sn, int64_t R, float* kf) {
+    const int64_t half = D / 2;
+    for (int64_t t = 0; t < n; ++t) {
+        const KT* v = vb + idx[t] * D;
+        float* k = kf + t * D;
+        for (int64_t e = 0; e < D; e += 8) _mm256_storeu_ps(k + e, _mm256_mul_ps(widen8(v + e), _mm256_loadu_ps(w + e)));
+        const int64_t p = std::max<int64_t>(0, kp[idx[t]]);
+        const float* c = cs + p * R;
+        const float* s = sn + p * R;
+        for (int64_t e = 0; e < R; ++e) {
+            const float x1 = k[e], x2 = k[e + half];
+            k[e] = x1 * c[e] - x2 * s[e];
+            k[e + half] = x2 * c[e] + x1 * s[e];
+        }
+    }
+}
+
 static inline void prefetch_row(const void* p, int64_t bytes) {
     for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch((const char*)p + o, _MM_HINT_T0);
 }
 
 template <typename KT, int RT, int NK>
 static inline void score_tile(const float* const* rq, const KT* kb, const KT* vb, const int64_t* idx, int64_t n,
-                              int64_t D, float scale, float* sc, int64_t CH) {
+                              int64_t D, float scale, float* sc, int64_t CH, bool packed = false) {
+    const KT* krow[CH_MAX];  // key i's row
+    for (int64_t i = 0; i < n; ++i) krow[i] = kb + (packed ? i : idx[i]) * D;
     int64_t i = 0;
     for (; i + NK <= n; i += NK) {
         if (vb != nullptr) {
             for (int c = 0; c < NK; ++c) prefetch_row(vb + idx[i + c] * D, D * (int64_t)sizeof(KT));
-            for (int c = 0; c < NK && i + NK + c < n; ++c) prefetch_row(kb + idx[i + NK + c] * D, D * (int64_t)sizeof(KT));
+            for (int c = 0; c < NK && i + NK + c < n; ++c) prefetch_row(krow[i + NK + c], D * (int64_t)sizeof(KT));
         }
         __m256 a[RT][NK];
         for (int r = 0; r < RT; ++r)
             for (int c = 0; c < NK; ++c) a[r][c] = _mm256_setzero_ps();
         for (int64_t e = 0; e < D; e += 8) {
             __m256 kv[NK];
-            for (int c = 0; c < NK; ++c) kv[c] = widen8(kb + idx[i + c] * D + e);
+            for (int c = 0; c < NK; ++c) kv[c] = widen8(krow[i + c] + e);
             for (int r = 0; r < RT; ++r) {
                 const __m256 q = _mm256_loadu_ps(rq[r] + e);
                 for (int c = 0; c < NK; ++c) a[r][c] = _mm256_fmadd_ps(q, kv[c], a[r][c]);
@@ -748,7 +774,7 @@ static inline void score_tile(const float* const* rq, const KT* kb, const KT* vb
         __m256 a[RT];
         for (int r = 0; r < RT; ++r) a[r] = _mm256_setzero_ps();
         for (int64_t e = 0; e < D; e += 8) {
-            const __m256 kv = widen8(kb + idx[i] * D + e);
+            const __m256 kv = widen8(krow[i] + e);
             for (int r = 0; r < RT; ++r) a[r] = _mm256_fmadd_ps(_mm256_loadu_ps(rq[r] + e), kv, a[r]);
         }
         for (int r = 0; r < RT; ++r) sc[r * CH + idx[i]] = hsum(a[r]) * scale;
@@ -788,10 +814,16 @@ static inline void value_tile(const float* p, const KT* vb, const int64_t* idx, 
     }
 }
 
+// Scores of the tile's rows: keys in the stored dtype, or (rebuilt, K=V layers) float32 rows kf[t] for
+// the t-th key of idx (written by rebuild_keys), their scores stored at idx[t] all the same.
 template <typename KT, int RT>
 static inline void chunk_tile(const float* const* rq, const KT* kb, const KT* vb, const int64_t* idx, int64_t n,
-                              int64_t D, float scale, float* sc, float* pa, int64_t CH, int pass, bool fetch) {
-    if (pass == 0) {
+                              int64_t D, float scale, float* sc, float* pa, int64_t CH, int pass, bool fetch,
+                              const float* kf) {
+    if (pass == 0 && kf != nullptr) {
+        if (RT <= 2) score_tile<float, RT, 4>(rq, kf, nullptr, idx, n, D, scale, sc, CH, true);
+        else score_tile<float, RT, 2>(rq, kf, nullptr, idx, n, D, scale, sc, CH, true);
+    } else if (pass == 0) {
         if (RT <= 2) score_tile<KT, RT, 4>(rq, kb, fetch ? vb : nullptr, idx, n, D, scale, sc, CH);
         else score_tile<KT, RT, 2>(rq, kb, fetch ? vb : nullptr, idx, n, D, scale, sc, CH);
     } else {
@@ -806,10 +838,11 @@ template <typename KT>
 static void attend_chunks(const float* Q, const KT* K, const KT* V, const int64_t* QP, const int64_t* KP,
                           const int64_t* SU, int64_t window, float scale, int64_t B, int64_t H, int64_t T,
                           int64_t KV, int64_t S, int64_t D, int64_t CH, int64_t NC, float* PM, float* PL, float* PA,
-                          const int64_t* BT, int64_t BS, int64_t NBLK) {
+                          const int64_t* BT, int64_t BS, int64_t NBLK,
+                          const float* KW, const float* KC, const float* KS, int64_t KR) {
     const int64_t G = H / KV, R = G * T;
     at::parallel_for(0, B * KV * NC, 1, [&](int64_t i0, int64_t i1) {
-        std::vector<float> sc(R * CH);
+        std::vector<float> sc(R * CH), kf(KW ? CH * D : 0);
         std::vector<const float*> rq(R);
         std::vector<int64_t> rlo(R), rhi(R), idx(CH);
         for (int64_t i = i0; i < i1; ++i) {
@@ -837,6 +870,8 @@ static void attend_chunks(const float* Q, const KT* K, const KT* V, const int64_
                 int64_t m = 0;  // the keys some row of this tile may see
                 for (int64_t j = 0; j < n; ++j)
                     if (kp[j] >= 0 && kp[j] >= lo && kp[j] <= hi) idx[m++] = j;
+                if (KW) rebuild_keys(vb, idx.data(), m, kp, D, KW, KC, KS, KR, kf.data());
+                const float* tkf = KW ? kf.data() : nullptr;
                 for (int pass = 0; pass < 2; ++pass) {
                     if (pass == 1) {  // masks, maxima, exponentials of the tile's rows
                         for (int64_t r = r0; r < r0 + RT; ++r) {
@@ -870,10 +905,10 @@ static void attend_chunks(const float* Q, const KT* K, const KT* V, const int64_
                     float* tsc = sc.data() + r0 * CH;
                     float* tpa = pa + r0 * D;
                     switch (RT) {
-                        case 1: chunk_tile<KT, 1>(tq, kb, vb, idx.data(), m, D, scale, tsc, tpa, CH, pass, r0 == 0); break;
-                        case 2: chunk_tile<KT, 2>(tq, kb, vb, idx.data(), m, D, scale, tsc, tpa, CH, pass, r0 == 0); break;
-                        case 3: chunk_tile<KT, 3>(tq, kb, vb, idx.data(), m, D, scale, tsc, tpa, CH, pass, r0 == 0); break;
-                        default: chunk_tile<KT, 4>(tq, kb, vb, idx.data(), m, D, scale, tsc, tpa, CH, pass, r0 == 0); break;
+                        case 1: chunk_tile<KT, 1>(tq, kb, vb, idx.data(), m, D, scale, tsc, tpa, CH, pass, r0 == 0, tkf); break;
+                        case 2: chunk_tile<KT, 2>(tq, kb, vb, idx.data(), m, D, scale, tsc, tpa, CH, pass, r0 == 0, tkf); break;
+                        case 3: chunk_tile<KT, 3>(tq, kb, vb, idx.data(), m, D, scale, tsc, tpa, CH, pass, r0 == 0, tkf); break;
+                        default: chunk_tile<KT, 4>(tq, kb, vb, idx.data(), m, D, scale, tsc, tpa, CH, pass, r0 == 0, tkf); break;
                     }
                 }
             }
@@ -883,7 +918,8 @@ static void attend_chunks(const float* Q, const KT* K, const KT* V, const int64_
 
 torch::Tensor attend_small(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor qpos, torch::Tensor kpos,
                            int64_t window, c10::optional<torch::Tensor> sees_until, double scale,
-                           c10::optional<torch::Tensor> blocks) {
+                           c10::optional<torch::Tensor> blocks, c10::optional<torch::Tensor> key_weight,
+                           c10::optional<torch::Tensor> key_cos, c10::optional<torch::Tensor> key_sin) {
     pybind11::gil_scoped_release no_gil;
     q = q.contiguous(); k = k.contiguous(); v = v.contiguous();
     qpos = qpos.contiguous(); kpos = kpos.contiguous();
@@ -902,6 +938,18 @@ torch::Tensor attend_small(torch::Tensor q, torch::Tensor k, torch::Tensor v, to
         TORCH_CHECK(k.size(0) == B && k.size(2) == S, "attend_small: keys do not match kpos");
     }
     const int64_t* BT = blocks.has_value() ? bt.data_ptr<int64_t>() : nullptr;
+    // K=V: keys rebuilt from the values (k is v) with the k_norm weight [D] and cos/sin tables [positions, R]
+    torch::Tensor kw, kc, ks;
+    int64_t KR = 0;
+    if (key_weight.has_value()) {
+        kw = key_weight->contiguous(); kc = key_cos->contiguous(); ks = key_sin->contiguous();
+        KR = kc.size(1);
+        TORCH_CHECK(kw.numel() == D && KR <= D / 2 && ks.sizes() == kc.sizes() && kc.size(0) > kpos.max().item<int64_t>(),
+                    "attend_small: unsupported key rebuild");
+    }
+    const float* KW = key_weight.has_value() ? kw.data_ptr<float>() : nullptr;
+    const float* KC = key_weight.has_value() ? kc.data_ptr<float>() : nullptr;
+    const float* KS = key_weight.has_value() ? ks.data_ptr<float>() : nullptr;
     auto f = q.options();
     auto pm = torch::empty({B * KV * NC, R}, f), pl = torch::empty({B * KV * NC, R}, f);
     auto pa = torch::empty({B * KV * NC, R, D}, f);
@@ -912,13 +960,13 @@ torch::Tensor attend_small(torch::Tensor q, torch::Tensor k, torch::Tensor v, to
         attend_chunks<uint16_t>(q.data_ptr<float>(), (const uint16_t*)k.data_ptr(), (const uint16_t*)v.data_ptr(),
                                 qpos.data_ptr<int64_t>(), kpos.data_ptr<int64_t>(), SU, window, (float)scale,
                                 B, H, T, KV, S, D, CH, NC, pm.data_ptr<float>(), pl.data_ptr<float>(), pa.data_ptr<float>(),
-                                BT, BS, NBLK);
+                                BT, BS, NBLK, KW, KC, KS, KR);
     else {
         TORCH_CHECK(k.scalar_type() == torch::kFloat, "attend_small: keys must be float32 or bfloat16");
         attend_chunks<float>(q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(),
                              qpos.data_ptr<int64_t>(), kpos.data_ptr<int64_t>(), SU, window, (float)scale,
                              B, H, T, KV, S, D, CH, NC, pm.data_ptr<float>(), pl.data_ptr<float>(), pa.data_ptr<float>(),
-                             BT, BS, NBLK);
+                             BT, BS, NBLK, KW, KC, KS, KR);
     }
     auto out = torch::zeros({B, H, T, D}, f);
     const float* PM = pm.data_ptr<float>();
@@ -1159,13 +1207,22 @@ def small_attention(q: torch.Tensor, v: torch.Tensor) -> bool:
 
 def attend_small(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.Tensor, kpos: torch.Tensor,
                  window: int | None, sees_until: torch.Tensor | None, scale: float,
-                 blocks: torch.Tensor | None = None) -> torch.Tensor | None:
+                 blocks: torch.Tensor | None = None, rebuild=None) -> torch.Tensor | None:
     """softmax(q k^T * scale, masked as attention_mask masks) v for a few queries, read straight from a
     float32 or bf16 cache: q [B, H, T, D] float32, kpos [B, S], k, v [B, KV, S, D] -> [B, H, T, D] float32.
     With blocks [B, n] (ids of blocks of a paged pool), k, v are the pools [blocks, KV, block, D] and key
     slot s of row b lives in block blocks[b, s // block] at offset s % block (block a multiple of 64).
+    K=V layers pass k None and rebuild = (k_norm weight [D], cos, sin [positions, r]): each key is rebuilt
+    from its value as keys_from_values does, RoPE on the first r pairs.
     None where it does not apply (then the caller uses torch)."""
+    if k is None:
+        if rebuild is None:
+            return None
+        k = v
+    elif rebuild is not None:
+        raise ValueError("attend_small: keys are either stored or rebuilt, not both")
     if k.dtype != v.dtype or not small_attention(q, v) or (blocks is not None and k.shape[2] % ATTENTION_CHUNK):
         return None
-    return native().attend_small(q, k, v, qpos, kpos, window or 0, sees_until, scale, blocks)
+    w, cos, sin = rebuild if rebuild is not None else (None, None, None)
+    return native().attend_small(q, k, v, qpos, kpos, window or 0, sees_until, scale, blocks, w, cos, sin)
 
