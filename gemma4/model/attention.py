@@ -4,7 +4,8 @@ The cache hands attention its keys and values in pieces (a ring whole; a full la
 thousand slots at a time). Each piece is scored in float32 and folded into a running softmax (the
 maximum and sum of exponentials of each query, log-sum-exp style), so no temporary spans the whole
 context in float32 and the stored dtype (bf16, int8) is widened one piece at a time. A context that
-fits one piece (the usual case) goes through torch's fused scaled_dot_product_attention instead.
+fits one piece (the usual case) goes through torch's fused scaled_dot_product_attention instead, and a
+few queries (decode) through the native kernel, which reads a full layer's block pool in place.
 K=V layers store only the values; a piece's keys are rebuilt from them (times the k_norm weight,
 then RoPE on the channels whose frequency is not zero: a quarter of them under proportional RoPE).
 """

@@ -4,7 +4,7 @@ On the CPU a small AVX2 extension (compiled once by torch.utils.cpp_extension, c
 its source) reads the packed weights directly:
 
 - int8 activations (the default): each row of x is rounded to int8 per block of 32 with a scale
-  max|x|/127 (llama.cpp's Q8_0 activations), and each block's dot product with the int4/int6/int8
+  max|x|/127 (llama.cpp's Q8_0 activations), and each block's dot product with the int4/5/6/8
   weights is summed exactly in integers (`maddubs` + `madd`, Q4_K's and Q6_K's integer sub-scales
   included) before the float scales are applied. This is what
   reaches memory bandwidth at decode (a block of weights costs a handful of instructions) and beats
@@ -14,7 +14,9 @@ its source) reads the packed weights directly:
 - float activations (GEMMA4_ACTIVATIONS=float): float32 times the widened weights, the exact product
   with the dequantised matrix up to summation order; the reference for the above.
 - routed experts in one call (only the experts named are read), RMSNorm with the residual add, RoPE
-  in one pass, and attention of a few queries (decode, verify steps) over the cache as it is stored.
+  in one pass, and attention of a few queries (decode, verify steps) over the cache as it is stored:
+  a sliding ring as is, a full layer's paged pool in place through its block table, K=V layers' keys
+  rebuilt from the values inside the kernel.
 
 torch's own int4/int8 CPU ops were measured here 10-100x slower than the bandwidth roofline at decode
 shapes. Everywhere else (CUDA, no compiler) the weight is dequantised and multiplied with torch: one
