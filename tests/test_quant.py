@@ -11,7 +11,7 @@ import gemma4
 from gemma4.checkpoint import open_checkpoint
 from gemma4.checkpoint.gguf_writer import write_gguf
 from gemma4.quant import kernels
-from gemma4.quant.formats import QuantWeight, from_gguf, pack5, pack6, quantize_int4, quantize_int8, unpack5, unpack6
+from gemma4.quant.formats import QuantWeight, from_gguf, pack6, quantize_int4, quantize_int8, unpack6
 from gemma4.quant.modules import QuantEmbedding, QuantLinear, QuantParam
 from reference import VOCAB, build_gemma4, tiny_vocab_metadata
 
@@ -43,27 +43,17 @@ def test_k_quants_of_the_embedded_model_convert_losslessly():
     assert done == {T.Q4_K, T.Q6_K}
 
 
-GGUF_MADE = {"int5": T.Q5_0, "int5_zero": T.Q5_1, "int8_f16": T.Q8_0}
+GGUF_MADE = {"q5_0": T.Q5_0, "q5_1": T.Q5_1, "q8_0": T.Q8_0}
 
 
 def _formats(w):
-    """Every layout the kernels take: int4, int8 (groups 32 and 16) quantised here; int5 with and without
-    an offset and int8 with f16 scales from GGUF's Q5_1, Q5_0 and Q8_0 blocks."""
+    """Every layout the kernels take: int4, int8 (groups 32 and 16) quantised here; int8 with f16 scales,
+    with and without offsets, from GGUF's Q5_0, Q5_1 and Q8_0 blocks."""
     gguf = {name: from_gguf(quantize(w.numpy(), qtype), qtype, tuple(w.shape))
             for name, qtype in GGUF_MADE.items()}
-    assert gguf["int5"].bits == gguf["int5_zero"].bits == 5 and gguf["int5"].zero is None
+    assert gguf["q5_1"].zero is not None and gguf["q5_0"].zero is None
     assert all(w.scale.dtype == torch.float16 for w in gguf.values())  # the file's own scales
     return {"int4": quantize_int4(w), "int8": quantize_int8(w), "int8_g16": quantize_int8(w, 16), **gguf}
-
-
-def test_int5_blocks_pack_and_unpack():
-    """pack5 / unpack5 are inverses, and a block holds GGML's bytes: its nibbles, then the fifth bits."""
-    c = torch.randint(0, 32, (3, 7, 32), generator=torch.Generator().manual_seed(4), dtype=torch.uint8)
-    p = pack5(c)
-    assert p.shape == (3, 7, 20) and torch.equal(unpack5(p), c)
-    assert torch.equal(p[..., :16], (c[..., :16] & 15) | ((c[..., 16:] & 15) << 4))
-    bits = sum(((c[..., j] >> 4).to(torch.int64) << j) for j in range(32))
-    assert torch.equal(p[..., 16:].to(torch.int64) @ torch.tensor([1, 1 << 8, 1 << 16, 1 << 24]), bits)
 
 
 def _q8_activations(x):

@@ -6,9 +6,6 @@
   group holds element j (low nibble) and element j + 16 (high nibble).
   With group 256 (Q4_K; 4.75 bits per weight, the file 4.5): scale and zero per 256, and `sub` int8
   holding each 32's integer scale and offset multiplier: w = scale * sub[2b] * q + zero * sub[2b + 1].
-- int5 (Q5_0, Q5_1): codes c in 0..31, group 32, 20 bytes per block as GGML packs one: 16 bytes of the low
-  4 bits (element j low nibble, j + 16 high), then 4 bytes whose bit j is element j's fifth bit.
-  w = scale * c + zero, or with `zero` None, scale * (c - 16). 5.5 bits per weight with the f16 scale.
 - int8: q in -128..127 (one byte each), group 32 or 16; `zero` may be None.
 - int6 (Q6_K): codes c in 0..63, w = scale[n, k // 256] * sub[n, k // 16] * (c - 32), `sub` int8.
   Packed per 128 elements (blocks j = 0..3 of 32) in 96 bytes: 32 bytes whose byte i holds the low 4
@@ -16,9 +13,9 @@
   and 3, then 32 bytes whose byte i holds bits 4-5 of element i of block j at bits 2j, 2j+1 (one load
   decodes two blocks, one more their high bits). 6.63 bits per weight with the scales (the file: 6.56).
 
-Scales and offsets are float32, so a GGUF block's f16 scale times its integer sub-scale is exact; int5
-and int8 from GGUF keep the file's f16 scales (and offsets) as they are (0.5 bit per weight less). So
-Q4_0, Q4_1 (int4 g32), Q4_K (int4 g256), Q5_0, Q5_1 (int5), Q8_0 (int8 g32) and Q6_K (int6) convert losslessly, and
+Scales and offsets are float32, so a GGUF block's f16 scale times its integer sub-scale is exact; int8
+from GGUF keeps the file's f16 scales (and offsets) as they are (0.5 bit per weight less). So Q4_0, Q4_1
+(int4 g32), Q4_K (int4 g256), Q8_0, Q5_0, Q5_1 (int8 g32) and Q6_K (int6) convert losslessly, and
 dequantise to the very float32 values the `gguf` package produces. Other GGUF types are dequantised
 and re-quantised to int8 g32 (lossy; see `from_gguf`).
 """
@@ -35,11 +32,10 @@ from gguf import GGMLQuantizationType as T
 
 @dataclass
 class QuantWeight:
-    bits: int                 # 4, 5, 6 or 8
+    bits: int                 # 4, 6 or 8
     group: int                # elements per scale
-    # int4: uint8 [..., N, K/2]; int5: uint8 [..., N, 5K/8]; int6: uint8 [..., N, 3K/4]; int8: int8 [..., N, K]
-    q: torch.Tensor
-    scale: torch.Tensor       # float32 [..., N, K/group] (int5, int8 from GGUF: float16)
+    q: torch.Tensor           # int4: uint8 [..., N, K/2]; int6: uint8 [..., N, 3K/4]; int8: int8 [..., N, K]
+    scale: torch.Tensor       # float32 [..., N, K/group] (int8 from GGUF: float16)
     zero: torch.Tensor | None  # like scale, or None (symmetric)
     # int6: int8 [..., N, K/16], the scale of each 16 elements within a group; int4 with group 256 (Q4_K):
     # int8 [..., N, K/16], the scale and the offset multiplier of each block of 32 (interleaved)
@@ -47,7 +43,7 @@ class QuantWeight:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        k = self.q.shape[-1] * {4: 2, 5: 8 / 5, 6: 4 / 3, 8: 1}[self.bits]
+        k = self.q.shape[-1] * {4: 2, 6: 4 / 3, 8: 1}[self.bits]
         return (*self.q.shape[:-1], int(k))
 
     @functools.cached_property
@@ -58,7 +54,7 @@ class QuantWeight:
             return k % 256 == 0 and self.group == 256 and self.sub is not None and self.zero is None
         if self.bits == 4 and self.group == 256:
             return k % 256 == 0 and self.sub is not None and self.zero is not None
-        return k % 32 == 0 and self.sub is None and self.bits in (4, 5, 8) and (
+        return k % 32 == 0 and self.sub is None and self.bits in (4, 8) and (
             self.group == 32 or (self.group == 16 and self.bits == 8 and self.zero is None))
 
     def tensors(self) -> tuple[torch.Tensor | None, ...]:
@@ -91,10 +87,6 @@ class QuantWeight:
         if self.bits == 4:
             packed = self.q.reshape(*lead, n, k // 32, 16)
             q = torch.cat([packed & 15, packed >> 4], dim=-1).to(torch.float32)
-        elif self.bits == 5:
-            q = unpack5(self.q.reshape(*lead, n, k // 32, 20)).to(torch.float32)
-            if self.zero is None:
-                q = q - 16
         else:
             q = self.q.reshape(*lead, n, k // g, g).to(torch.float32)
         q = q.reshape(*lead, n, k // g, g)
@@ -142,22 +134,6 @@ def unpack6(p: torch.Tensor) -> torch.Tensor:
     low = torch.cat([pairs & 15, pairs >> 4], dim=-2).flatten(-3, -2)  # [..., 4, 32], blocks 0 1 2 3
     high = torch.stack([(p[..., 64:] >> (2 * j)) & 3 for j in range(4)], dim=-2)  # [..., 4, 32]
     return (low | (high << 4)).flatten(-3)
-
-
-def pack5(c: torch.Tensor) -> torch.Tensor:
-    """Codes [..., 32] in 0..31 -> uint8 [..., 20], one int5 block (see the module docstring)."""
-    c = c.to(torch.uint8)
-    low = _pack4(c & 15)
-    weights = (1 << torch.arange(8, dtype=torch.uint8))
-    high = ((c >> 4).reshape(*c.shape[:-1], 4, 8) * weights).sum(-1, dtype=torch.uint8)  # bit j of byte i: element 8i + j
-    return torch.cat([low, high], dim=-1).contiguous()
-
-
-def unpack5(p: torch.Tensor) -> torch.Tensor:
-    """uint8 [..., 20] -> codes uint8 [..., 32] (the inverse of pack5)."""
-    low = torch.cat([p[..., :16] & 15, p[..., :16] >> 4], dim=-1)
-    high = (p[..., 16:, None] >> torch.arange(8, dtype=torch.uint8)) & 1  # [..., 4 bytes, 8 bits]
-    return low | (high.flatten(-2) << 4)
 
 
 def _check_k(k: int, group: int) -> None:
@@ -224,21 +200,23 @@ def _q4_1(b, k):
 
 
 def _five_bits(qh_bytes: np.ndarray, qs: np.ndarray) -> np.ndarray:
-    """A Q5 block's 16 bytes of nibbles and 4 bytes of fifth bits (qh, little-endian: bit j is element j's)
-    as our int5 block, the same bytes in the other order."""
-    return np.concatenate([qs, qh_bytes], axis=-1)
+    """Q5 blocks: 4 low bits in nibbles (j low, j + 16 high), the fifth bit of element j in bit j of qh.
+    (Held as int8: a 5-bit layout measured slower here, its decoding costing more than the bytes it saves.)"""
+    qh = np.ascontiguousarray(qh_bytes).view(np.uint32)  # [rows, blocks, 1]
+    hbits = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
+    return np.concatenate([qs & 15, qs >> 4], axis=-1) | (hbits << 4)
 
 
 def _q5_0(b, k):
     blk = _blocks(b, k, 32, 22)
-    q = _five_bits(blk[..., 2:6], blk[..., 6:])
-    return 5, 32, q.reshape(b.shape[0], k // 32 * 20), _half(blk[..., :2]), None
+    q = _five_bits(blk[..., 2:6], blk[..., 6:]).astype(np.int8) - np.int8(16)
+    return 8, 32, q.reshape(b.shape[0], k), _half(blk[..., :2]), None
 
 
 def _q5_1(b, k):
     blk = _blocks(b, k, 32, 24)
-    q = _five_bits(blk[..., 4:8], blk[..., 8:])
-    return 5, 32, q.reshape(b.shape[0], k // 32 * 20), _half(blk[..., :2]), _half(blk[..., 2:4])
+    q = _five_bits(blk[..., 4:8], blk[..., 8:]).astype(np.int8)
+    return 8, 32, q.reshape(b.shape[0], k), _half(blk[..., :2]), _half(blk[..., 2:4])
 
 
 def _q4_k(b, k):

@@ -4,7 +4,7 @@ On the CPU a small AVX2 extension (compiled once by torch.utils.cpp_extension, c
 its source) reads the packed weights directly:
 
 - int8 activations (the default): each row of x is rounded to int8 per block of 32 with a scale
-  max|x|/127 (llama.cpp's Q8_0 activations), and each block's dot product with the int4/5/6/8
+  max|x|/127 (llama.cpp's Q8_0 activations), and each block's dot product with the int4/int6/int8
   weights is summed exactly in integers (`maddubs` + `madd`, Q4_K's and Q6_K's integer sub-scales
   included) before the float scales are applied. This is what
   reaches memory bandwidth at decode (a block of weights costs a handful of instructions) and beats
@@ -177,26 +177,8 @@ static void quantize_rows(const float* X, int64_t M, int64_t K, int8_t* XQ, floa
 
 // The 32 weights of block b of a row as bytes for maddubs: int4 unsigned 0..15 (used as is); int8
 // signed (maddubs wants unsigned x signed: |w| against x carrying w's sign, llama.cpp's trick).
-// Byte i of the result is 0xFF where bit i of x is set (the fifth bits of a 5-bit block).
-static inline __m256i bits_to_bytes(uint32_t x) {
-    const __m256i which = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
-                                           2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
-    const __m256i bit = _mm256_set1_epi64x(0x8040201008040201LL);
-    const __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32((int)x), which);
-    return _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
-}
-
 template <int BITS>
 static inline __m256i load_block(const uint8_t* qr, int64_t b) {
-    if (BITS == 5) {  // 16 bytes of nibbles (element j low, j + 16 high), then the 32 fifth bits
-        const uint8_t* p = qr + b * 20;
-        const __m128i v = _mm_loadu_si128((const __m128i*)p);
-        const __m128i m15 = _mm_set1_epi8(15);
-        uint32_t high;
-        std::memcpy(&high, p + 16, 4);
-        const __m256i low = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m15), _mm_and_si128(v, m15));
-        return _mm256_or_si256(low, _mm256_and_si256(bits_to_bytes(high), _mm256_set1_epi8(16)));
-    }
     if (BITS == 4) {
         const __m128i v = _mm_loadu_si128((const __m128i*)(qr + b * 16));
         const __m128i m15 = _mm_set1_epi8(15);
@@ -209,7 +191,7 @@ template <int BITS>
 static inline __m256 block_dot(__m256i w, const int8_t* x) {
     const __m256i xv = _mm256_loadu_si256((const __m256i*)x);
     __m256i p;
-    if (BITS == 4 || BITS == 5) p = _mm256_maddubs_epi16(w, xv);  // unsigned codes
+    if (BITS == 4) p = _mm256_maddubs_epi16(w, xv);
     else p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(xv, w));
     return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1)));
 }
@@ -223,7 +205,7 @@ static inline float dot_f32(const float* a, const float* b, int64_t n) {
     return s;
 }
 
-// Scales (and offsets) are float32, or f16 as GGUF's int5/int8 blocks hold them (widened exactly by F16C).
+// Scales (and offsets) are float32, or f16 as GGUF's Q8_0 and Q5 blocks hold them (widened exactly by F16C).
 static inline float scale_at(const float* s, int64_t i) { return s[i]; }
 static inline float scale_at(const uint16_t* s, int64_t i) { return _cvtsh_ss(s[i]); }
 static inline __m256 scale8(const float* s) { return _mm256_loadu_ps(s); }
@@ -325,7 +307,6 @@ static inline void row_dot(const uint8_t* qr, const ST* sr, const ST* zr, int64_
     for (int r = 0; r < MR; ++r) {
         float y = hsum(acc[r]);
         if (zr != nullptr) y += dot_scales(zr, XS + r * B, B);
-        else if (BITS == 5) y -= 16.0f * dot_scales(sr, XS + r * B, B);  // codes 0..31 centred on 16
         out[r * ostride] = y;
     }
 }
@@ -459,7 +440,7 @@ static void rows_dot4k(int MR, const uint8_t* qr, const float* dr, const float* 
     }
 }
 
-// A weight's scales and offsets as the kernels read them: float32, or f16 (int5 and int8 only).
+// A weight's scales and offsets as the kernels read them: float32, or f16 (int8 only).
 struct Scales {
     const float* f32 = nullptr;
     const float* z32 = nullptr;
@@ -468,7 +449,7 @@ struct Scales {
     Scales(const torch::Tensor& scale, const c10::optional<torch::Tensor>& zero, int64_t bits) {
         const bool half = scale.scalar_type() == torch::kHalf;
         TORCH_CHECK(!zero.has_value() || zero->scalar_type() == scale.scalar_type(), "scales and offsets differ in dtype");
-        TORCH_CHECK(!half || bits == 5 || bits == 8, "f16 scales are for int5 and int8 weights");
+        TORCH_CHECK(!half || bits == 8, "f16 scales are for int8 weights");
         if (half) {
             f16 = (const uint16_t*)scale.data_ptr();
             z16 = zero.has_value() ? (const uint16_t*)zero->data_ptr() : nullptr;
@@ -482,7 +463,7 @@ struct Scales {
 static void check_layout(const char* what, int64_t K, int64_t bits, int64_t group, bool has_zero, bool has_sub) {
     const bool ok = bits == 6 ? (K % 256 == 0 && group == 256 && has_sub && !has_zero)
                   : bits == 4 && group == 256 ? (K % 256 == 0 && has_sub && has_zero)
-                  : K % 32 == 0 && !has_sub && (bits == 4 || bits == 5 || bits == 8)
+                  : K % 32 == 0 && !has_sub && (bits == 4 || bits == 8)
                     && (group == 32 || (group == 16 && bits == 8 && !has_zero));
     TORCH_CHECK(ok, what, ": unsupported layout");
 }
@@ -516,7 +497,7 @@ torch::Tensor qmm_q8(torch::Tensor x_in, torch::Tensor q, torch::Tensor scale, c
     const float* S = sc.f32;
     const float* Z = sc.z32;
     float* O = out.data_ptr<float>();
-    const int64_t row_bytes = bits == 4 ? K / 2 : bits == 5 ? K / 32 * 20 : bits == 6 ? K / 4 * 3 : K, G = K / group;
+    const int64_t row_bytes = bits == 4 ? K / 2 : bits == 6 ? K / 4 * 3 : K, G = K / group;
     const int64_t NB = 16;
     at::parallel_for(0, (N + NB - 1) / NB, 1, [&](int64_t c0, int64_t c1) {
         for (int64_t c = c0; c < c1; ++c) {
@@ -531,16 +512,14 @@ torch::Tensor qmm_q8(torch::Tensor x_in, torch::Tensor q, torch::Tensor scale, c
                     const float* sr = S ? S + n * G : nullptr;
                     const float* zr = Z ? Z + n * G : nullptr;
                     float* o = O + m0 * N + n;
-                    if (sc.f16) {  // int5 / int8 with GGUF's f16 scales
+                    if (sc.f16) {  // int8 with GGUF's f16 scales
                         const uint16_t* srh = sc.f16 + n * G;
                         const uint16_t* zrh = sc.z16 ? sc.z16 + n * G : nullptr;
-                        if (bits == 5) rows_dot<5, false>(MR, qr, srh, zrh, B, xq_t, xd_t, xs_t, K, o, N);
-                        else if (group == 32) rows_dot<8, false>(MR, qr, srh, zrh, B, xq_t, xd_t, xs_t, K, o, N);
+                        if (group == 32) rows_dot<8, false>(MR, qr, srh, zrh, B, xq_t, xd_t, xs_t, K, o, N);
                         else rows_dot<8, true>(MR, qr, srh, zrh, B, xq_t, xd_t, xs_t, K, o, N);
                     } else if (bits == 6) rows_dot6(MR, qr, sr, SUB + n * (K / 16), B, xq_t, xd_t, X16 + m0 * (K / 16), K, o, N);
                     else if (bits == 4 && group == 256) rows_dot4k(MR, qr, sr, zr, SUB + n * (K / 16), B, xq_t, xd_t, xs_t, K, o, N);
                     else if (bits == 4) rows_dot<4, false>(MR, qr, sr, zr, B, xq_t, xd_t, xs_t, K, o, N);
-                    else if (bits == 5) rows_dot<5, false>(MR, qr, sr, zr, B, xq_t, xd_t, xs_t, K, o, N);
                     else if (group == 32) rows_dot<8, false>(MR, qr, sr, zr, B, xq_t, xd_t, xs_t, K, o, N);
                     else rows_dot<8, true>(MR, qr, sr, zr, B, xq_t, xd_t, xs_t, K, o, N);
                 }
@@ -573,7 +552,7 @@ torch::Tensor qmm_experts(torch::Tensor x, torch::Tensor q, torch::Tensor scale,
     const Scales sc(scale, zero_opt, bits);
     const float* S = sc.f32;
     const float* Z = sc.z32;
-    const int64_t row_bytes = bits == 4 ? K / 2 : bits == 5 ? K / 32 * 20 : bits == 6 ? K / 4 * 3 : K, G = K / group;
+    const int64_t row_bytes = bits == 4 ? K / 2 : bits == 6 ? K / 4 * 3 : K, G = K / group;
     auto dot = [&](int64_t j, int64_t n, float* o) {
         const int64_t r = I[j] * N + n;
         const int8_t* xq_j = XQ + j * K;
@@ -583,14 +562,12 @@ torch::Tensor qmm_experts(torch::Tensor x, torch::Tensor q, torch::Tensor scale,
         if (sc.f16) {
             const uint16_t* srh = sc.f16 + r * G;
             const uint16_t* zrh = sc.z16 ? sc.z16 + r * G : nullptr;
-            if (bits == 5) row_dot<5, false, 1>(Q + r * row_bytes, srh, zrh, B, xq_j, xd_j, xs_j, K, o, 0);
-            else if (group == 32) row_dot<8, false, 1>(Q + r * row_bytes, srh, zrh, B, xq_j, xd_j, xs_j, K, o, 0);
+            if (group == 32) row_dot<8, false, 1>(Q + r * row_bytes, srh, zrh, B, xq_j, xd_j, xs_j, K, o, 0);
             else row_dot<8, true, 1>(Q + r * row_bytes, srh, zrh, B, xq_j, xd_j, xs_j, K, o, 0);
         } else if (bits == 6) row_dot6<1>(Q + r * row_bytes, S + r * G, SUB + r * (K / 16), B, xq_j, xd_j, X16 + j * (K / 16), K, o, 0);
         else if (bits == 4 && group == 256)
             row_dot4k<1>(Q + r * row_bytes, S + r * G, zr, SUB + r * (K / 16), B, xq_j, xd_j, xs_j, K, o, 0);
         else if (bits == 4) row_dot<4, false, 1>(Q + r * row_bytes, S + r * G, zr, B, xq_j, xd_j, xs_j, K, o, 0);
-        else if (bits == 5) row_dot<5, false, 1>(Q + r * row_bytes, S + r * G, zr, B, xq_j, xd_j, xs_j, K, o, 0);
         else if (group == 32) row_dot<8, false, 1>(Q + r * row_bytes, S + r * G, zr, B, xq_j, xd_j, xs_j, K, o, 0);
         else row_dot<8, true, 1>(Q + r * row_bytes, S + r * G, zr, B, xq_j, xd_j, xs_j, K, o, 0);
     };
@@ -1152,7 +1129,7 @@ def qlinear(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
             return kernel.qmm_q8(x, w.q, w.scale, w.zero, w.bits, w.group, w.sub)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
-        if x2.shape[0] <= MAX_KERNEL_ROWS and w.sub is None and w.bits in (4, 8) and w.scale.dtype == torch.float32:
+        if x2.shape[0] <= MAX_KERNEL_ROWS and w.sub is None and w.scale.dtype == torch.float32:
             return kernel.qmm(x2, w.q, w.scale, w.zero, w.bits, w.group).reshape(*lead, -1)
     return F.linear(x, w.dequantize(x.dtype))
 
