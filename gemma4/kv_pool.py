@@ -144,11 +144,7 @@ class PagedKV:
             valid = pos[b][keep[b]]
             if valid.numel() == 0:
                 continue
-            lo, hi = int(valid.min()), int(valid.max()) + 1
-            if lo > self.table.lengths[r]:
-                raise ValueError(f"KV cache row {r}: position {lo} written after only {self.table.lengths[r]} "
-                                 f"positions (a gap)")
-            self.table.grow_to(r, hi)
+            self._reserve(r, int(valid.min()), int(valid.max()) + 1)
         self._sync()
         b_idx, t_idx = keep.nonzero(as_tuple=True)
         p = pos[b_idx, t_idx]
@@ -157,14 +153,19 @@ class PagedKV:
         for n, x in stored.items():
             self.data[n][blocks, :, offsets] = x[b_idx, :, t_idx].to(self.data[n].dtype)
 
+    def _reserve(self, r: int, lo: int, hi: int) -> None:
+        """Row r is about to hold positions [lo, hi): refuse a gap after its end, allocate the blocks."""
+        if lo > self.table.lengths[r]:
+            raise ValueError(f"KV cache row {r}: position {lo} written after only {self.table.lengths[r]} "
+                             f"positions (a gap)")
+        self.table.grow_to(r, hi)
+
     def _put_one(self, rows: list[int], pos: list[int], stored: dict[str, torch.Tensor]) -> None:
         """_put of one token per row (decode): a slot write per row and tensor, no index tensors."""
         table = self.table
         for r, p in zip(rows, pos):
-            if p > table.lengths[r]:
-                raise ValueError(f"KV cache row {r}: position {p} written after only {table.lengths[r]} positions (a gap)")
             if p >= 0:
-                table.grow_to(r, p + 1)
+                self._reserve(r, p, p + 1)
         self._sync()
         for b, (r, p) in enumerate(zip(rows, pos)):
             if p >= 0:
@@ -244,17 +245,22 @@ class _Pieces:
         if layer.codec.int8:
             return None
         index = table.index(self.rows, self.device)[:, :max(1, self.blocks)]
-        lengths = torch.tensor([table.lengths[r] for r in self.rows], device=self.device)
-        kpos = torch.arange(index.shape[1] * table.block, device=self.device)
-        return layer.data.get("k"), layer.data["v"], index, torch.where(kpos[None] < lengths[:, None], kpos[None], -1)
+        return layer.data.get("k"), layer.data["v"], index, self._kpos(0, index.shape[1], self._lengths())
+
+    def _lengths(self) -> torch.Tensor:
+        return torch.tensor([self.layer.table.lengths[r] for r in self.rows], device=self.device)
+
+    def _kpos(self, first: int, blocks: int, lengths: torch.Tensor) -> torch.Tensor:
+        """[R, blocks * block] positions of blocks first.. of the rows, -1 past each row's end."""
+        block = self.layer.table.block
+        kpos = torch.arange(first * block, (first + blocks) * block, device=self.device)
+        return torch.where(kpos[None] < lengths[:, None], kpos[None], -1)
 
     def __iter__(self):
-        layer, table = self.layer, self.layer.table
-        index = table.index(self.rows, self.device)
-        lengths = torch.tensor([table.lengths[r] for r in self.rows], device=self.device)
+        layer = self.layer
+        index = layer.table.index(self.rows, self.device)
+        lengths = self._lengths()
         for j in range(0, self.blocks, self.step):
             ids = index[:, j:j + self.step]
             got = layer.gather(ids)
-            kpos = torch.arange(j * table.block, (j + ids.shape[1]) * table.block, device=self.device)
-            kpos = torch.where(kpos[None] < lengths[:, None], kpos[None], -1)
-            yield layer.codec.decode(got, "k"), layer.codec.decode(got, "v"), kpos
+            yield layer.codec.decode(got, "k"), layer.codec.decode(got, "v"), self._kpos(j, ids.shape[1], lengths)

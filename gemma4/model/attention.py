@@ -151,7 +151,7 @@ class Attention(nn.Module):
     def key_rebuild(self, kpos: torch.Tensor):
         """K=V layers, for the native kernel: (k_norm weight, cos and sin [positions, r]) covering kpos."""
         r = self.rotated_pairs()
-        cos, sin = _trig_table(self.inv_freq[:r].to(kpos.device), int(kpos.max()) + 1 if kpos.numel() else 1)
+        cos, sin = _trig_table(self.inv_freq[:r].to(kpos.device), kpos)
         return self.k_norm.weight, cos, sin
 
     def keys_values(self, cache, layer: int, row: int, n: int):
@@ -219,10 +219,11 @@ _TRIG: dict = {}  # (device, frequencies) -> (cos, sin) [positions, r] float32, 
 _TRIG_MIN = 1024
 
 
-def _trig_table(freqs: torch.Tensor, need: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of float(p) * freqs for positions p = 0 .. at least need - 1: [positions, r] float32.
+def _trig_table(freqs: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of float(p) * freqs for positions p = 0 .. at least max(pos): [positions, r] float32.
     K=V layers rotate every key of the context at each step, and its angles are the same at every step."""
     key = (freqs.device, freqs.cpu().numpy().tobytes())
+    need = int(pos.max()) + 1 if pos.numel() else 1
     table = _TRIG.get(key)
     if table is None or table[0].shape[0] < need:
         n = max(need, _TRIG_MIN, 0 if table is None else 2 * table[0].shape[0])
@@ -233,7 +234,7 @@ def _trig_table(freqs: torch.Tensor, need: int) -> tuple[torch.Tensor, torch.Ten
 
 def _cos_sin(freqs: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of float(pos) * freqs, [*pos.shape, r] (pos >= 0), looked up in _trig_table."""
-    cos, sin = _trig_table(freqs, int(pos.max()) + 1 if pos.numel() else 1)
+    cos, sin = _trig_table(freqs, pos)
     return cos[pos], sin[pos]
 
 

@@ -54,8 +54,7 @@ class QuantWeight:
             return k % 256 == 0 and self.group == 256 and self.sub is not None and self.zero is None
         if self.bits == 4 and self.group == 256:
             return k % 256 == 0 and self.sub is not None and self.zero is not None
-        return k % 32 == 0 and self.sub is None and self.bits in (4, 8) and (
-            self.group == 32 or (self.group == 16 and self.bits == 8 and self.zero is None))
+        return k % 32 == 0 and self.sub is None and (self.group == 32 or (self.group == 16 and self.bits == 8 and self.zero is None))
 
     def tensors(self) -> tuple[torch.Tensor | None, ...]:
         return self.q, self.scale, self.zero, self.sub

@@ -196,15 +196,6 @@ static inline __m256 block_dot(__m256i w, const int8_t* x) {
     return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1)));
 }
 
-static inline float dot_f32(const float* a, const float* b, int64_t n) {
-    __m256 acc = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-    float s = hsum(acc);
-    for (; i < n; ++i) s += a[i] * b[i];
-    return s;
-}
-
 // Scales (and offsets) are float32, or f16 as GGUF's Q8_0 and Q5 blocks hold them (widened exactly by F16C).
 static inline float scale_at(const float* s, int64_t i) { return s[i]; }
 static inline float scale_at(const uint16_t* s, int64_t i) { return _cvtsh_ss(s[i]); }
@@ -463,8 +454,7 @@ struct Scales {
 static void check_layout(const char* what, int64_t K, int64_t bits, int64_t group, bool has_zero, bool has_sub) {
     const bool ok = bits == 6 ? (K % 256 == 0 && group == 256 && has_sub && !has_zero)
                   : bits == 4 && group == 256 ? (K % 256 == 0 && has_sub && has_zero)
-                  : K % 32 == 0 && !has_sub && (bits == 4 || bits == 8)
-                    && (group == 32 || (group == 16 && bits == 8 && !has_zero));
+                  : K % 32 == 0 && !has_sub && (group == 32 || (group == 16 && bits == 8 && !has_zero));
     TORCH_CHECK(ok, what, ": unsupported layout");
 }
 
@@ -903,7 +893,7 @@ torch::Tensor attend_small(torch::Tensor q, torch::Tensor k, torch::Tensor v, to
     q = q.contiguous(); k = k.contiguous(); v = v.contiguous();
     qpos = qpos.contiguous(); kpos = kpos.contiguous();
     const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), KV = k.size(1), S = kpos.size(1);
-    const int64_t G = H / KV, R = G * T, CH = 64, NC = (S + CH - 1) / CH;  // CH: ATTENTION_CHUNK
+    const int64_t G = H / KV, R = G * T, CH = CH_MAX, NC = (S + CH - 1) / CH;
     TORCH_CHECK(D % 8 == 0 && H % KV == 0 && k.scalar_type() == v.scalar_type() && k.sizes() == v.sizes(),
                 "attend_small: unsupported shapes");
     torch::Tensor bt;
