@@ -141,6 +141,22 @@ def test_truncated(tmp_path, good_gguf):
     _assert_one_line_exit_2(_broken(tmp_path, good_gguf, lambda d: d[: len(d) // 2]), "truncated")
 
 
+def test_truncated_inside_the_vocabulary(tmp_path, good_gguf):
+    def edit(d):
+        return d[: d.index(b"tokenizer.ggml.tokens") + 200]  # a cut in the middle of the string array
+    _assert_one_line_exit_2(_broken(tmp_path, good_gguf, edit), "truncated")
+
+
+def test_load_leaves_torch_compiler_unimported(good_gguf):
+    # Building the model's skeleton must not run torch's random inits: under the meta device they import
+    # torch._dynamo, which took ~2 s of every load.
+    code = ("import sys, gemma4; gemma4.load(sys.argv[1], progress=False); "
+            "print('torch._dynamo' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code, str(good_gguf)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False"
+
+
 def test_wrong_magic(tmp_path, good_gguf):
     _assert_one_line_exit_2(_broken(tmp_path, good_gguf, lambda d: b"GGUX" + d[4:]), "not a GGUF")
 

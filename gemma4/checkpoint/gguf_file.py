@@ -46,17 +46,18 @@ class GGUFFile:
             self._buf = np.memmap(self.path, dtype=np.uint8, mode="r")
         except (OSError, ValueError) as e:
             raise ModelLoadError(f"{self.path.name}: cannot open ({e})") from None
+        self._view = memoryview(self._buf)
         self._pos = 0
         try:
             self._parse()
         except (struct.error, IndexError, ValueError, UnicodeDecodeError) as e:
             raise ModelLoadError(f"{self.path.name}: damaged or truncated GGUF header ({e})") from None
 
-    # ---- primitive reads ----------------------------------------------------------------
-    def _take(self, n: int) -> bytes:
-        if self._pos + n > len(self._buf):
+    # ---- primitive reads (from a memoryview of the map: slicing the numpy map costs ~4 us a read) ----
+    def _take(self, n: int):
+        if self._pos + n > len(self._view):
             raise ValueError("unexpected end of file")
-        out = self._buf[self._pos:self._pos + n].tobytes()
+        out = self._view[self._pos:self._pos + n]
         self._pos += n
         return out
 
@@ -64,7 +65,22 @@ class GGUFFile:
         return struct.unpack(fmt, self._take(struct.calcsize(fmt)))[0]
 
     def _string(self) -> str:
-        return self._take(self._scalar("<Q")).decode("utf-8")
+        return str(self._take(self._scalar("<Q")), "utf-8")
+
+    def _strings(self, count: int) -> list[str]:
+        """An array of strings (a vocabulary: 262K of them), read in one loop."""
+        view, pos, end, out = self._view, self._pos, len(self._view), []
+        length = struct.Struct("<Q").unpack_from
+        for _ in range(count):
+            if pos + 8 > end:
+                raise ValueError("unexpected end of file")
+            (n,) = length(view, pos)
+            if pos + 8 + n > end:
+                raise ValueError("unexpected end of file")
+            out.append(str(view[pos + 8:pos + 8 + n], "utf-8"))
+            pos += 8 + n
+        self._pos = pos
+        return out
 
     def _value(self, vtype: int) -> Any:
         vtype = GGUFValueType(vtype)
@@ -77,6 +93,8 @@ class GGUFFile:
                 dtype = np.dtype(_SCALARS[etype][1]).newbyteorder("<")
                 arr = np.frombuffer(self._take(count * dtype.itemsize), dtype=dtype)
                 return arr.tolist()
+            if etype == GGUFValueType.STRING:
+                return self._strings(count)
             return [self._value(etype) for _ in range(count)]
         return self._scalar(_SCALARS[vtype][0])
 
