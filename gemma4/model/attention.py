@@ -201,18 +201,21 @@ class Attention(nn.Module):
         raw_k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim)
         raw_v = raw_k if self.k_eq_v else self.v_proj(x).view(b, t, self.kv_heads, self.head_dim)
         v = self.v_norm(raw_v) if self.v_norm is not None else raw_v
+        k = None if self.k_eq_v else rotate(self.k_norm(raw_k), qpos, self.inv_freq)
+        out = self.over_cache(q, k, v, qpos, kv, sees_until)
+        return self.o_proj(out.to(x.dtype).transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+
+    def over_cache(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor, qpos: torch.Tensor, kv: RowsView,
+                   sees_until: torch.Tensor | None = None) -> torch.Tensor:
+        """Stores k, v [B, T, KV, D] (k None on K=V layers: the values only) in the cache and attends the
+        rotated queries q [B, T, H, D] over it -> [B, H, T, D] float32."""
+        b, t = q.shape[:2]
         step = piece_slots(b, self.heads, t, self.kv_heads, self.head_dim)
-        if self.k_eq_v:
-            # One stored tensor (the values); each piece's keys are rebuilt from it.
-            pieces = kv.update(None, v.transpose(1, 2), qpos, chunk=step)
-        else:
-            k = rotate(self.k_norm(raw_k), qpos, self.inv_freq)
-            pieces = kv.update(k.transpose(1, 2), v.transpose(1, 2), qpos, chunk=step)
+        pieces = kv.update(None if k is None else k.transpose(1, 2), v.transpose(1, 2), qpos, chunk=step)
         q = q.transpose(1, 2).float()
         scores_of = _built_on_first_call(lambda: self.value_scores(q)) if self.k_eq_v else None
-        out = attend(q, pieces, qpos, self.window, sees_until, self.scale, scores_of,
-                     self.keys_from_values if self.k_eq_v else None, self.key_rebuild if self.k_eq_v else None)
-        return self.o_proj(out.to(x.dtype).transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+        return attend(q, pieces, qpos, self.window, sees_until, self.scale, scores_of,
+                      self.keys_from_values if self.k_eq_v else None, self.key_rebuild if self.k_eq_v else None)
 
 
 _TRIG: dict = {}  # (device, frequencies) -> (cos, sin) [positions, r] float32, grown by doubling

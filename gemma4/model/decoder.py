@@ -11,7 +11,8 @@ from torch import nn
 
 from ..cache import KVCache
 from ..config import ModelConfig
-from ..quant.modules import Linear, matmul
+from ..quant import kernels
+from ..quant.modules import Linear, QuantLinear, matmul
 from .attention import Attention
 from .layers import GatedMLP, RMSNorm
 from .moe import Experts, Router
@@ -40,20 +41,71 @@ class DecoderLayer(nn.Module):
             self.layer_scalar = None
 
     def forward(self, h: torch.Tensor, qpos: torch.Tensor, kv, sees_until: torch.Tensor | None = None) -> torch.Tensor:
+        native = self._native(h)
+        if native is not None:
+            return self._forward_native(native, h, qpos, kv, sees_until)
         h = self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), qpos, kv, sees_until), residual=h)
 
         residual = h
         m = self.mlp(self.pre_feedforward_layernorm(residual))
         if self.moe:
-            flat = residual.reshape(-1, residual.shape[-1])
-            weights, experts = self.router(flat)  # routed on the residual, not the normed input
-            e = self.experts(self.pre_feedforward_layernorm_2(flat), experts, weights).view_as(residual)
-            m = self.post_feedforward_layernorm_2(e, residual=self.post_feedforward_layernorm_1(m))
+            m = self._experts(residual, self.post_feedforward_layernorm_1(m))
         h = self.post_feedforward_layernorm(m, residual=residual)
 
         if self.layer_scalar is not None:
             h = h * self.layer_scalar
         return h
+
+    def _experts(self, residual: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """The MoE block's sum of the dense MLP's output m (after its own norm) and the routed experts'."""
+        flat = residual.reshape(-1, residual.shape[-1])
+        weights, experts = self.router(flat)  # routed on the residual, not the normed input
+        e = self.experts(self.pre_feedforward_layernorm_2(flat), experts, weights).view_as(residual)
+        return self.post_feedforward_layernorm_2(e, residual=m)
+
+    def _native(self, h: torch.Tensor):
+        """The native kernel, where it runs this layer's dense parts in three calls: on the CPU in float32
+        with int8 activations, every matrix a QuantLinear in a layout the kernel takes."""
+        if h.device.type != "cpu" or h.dtype != torch.float32 or kernels.activations() != "int8":
+            return None
+        if self._all_native is None:
+            a, m = self.self_attn, self.mlp
+            linears = [a.q_proj, a.k_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj]
+            if a.v_proj is not None:
+                linears.append(a.v_proj)
+            norms = [self.input_layernorm, self.post_attention_layernorm, self.pre_feedforward_layernorm,
+                     self.post_feedforward_layernorm, a.q_norm, a.k_norm, *([a.v_norm] if a.v_norm else [])]
+            self._all_native = (all(isinstance(x, QuantLinear) and x.qweight.int8_layout for x in linears)
+                                and len({n.eps for n in norms}) == 1)
+        return kernels.native() if self._all_native else None
+
+    _all_native = None  # whether every matrix and norm suits the native path (found on first use)
+
+    def _forward_native(self, native, h, qpos, kv, sees_until):
+        """forward() with the norms, projections, RoPE and MLP of the layer in native calls (same bits)."""
+        a, mlp, eps = self.self_attn, self.mlp, self.input_layernorm.eps
+        q, k, v = native.attn_in(h, self.input_layernorm.weight, eps, _packed(a.q_proj), _packed(a.k_proj),
+                                 None if a.v_proj is None else _packed(a.v_proj), a.q_norm.weight, a.k_norm.weight,
+                                 a.v_norm is not None, qpos, a.inv_freq, a.heads, a.kv_heads, a.head_dim)
+        att = a.over_cache(q, k, v, qpos, kv, sees_until)
+        h = native.attn_out(att, _packed(a.o_proj), self.post_attention_layernorm.weight, eps, h)
+        dense = (_packed(mlp.gate_proj), _packed(mlp.up_proj), _packed(mlp.down_proj))
+        if self.moe:
+            m = native.mlp_block(h, self.pre_feedforward_layernorm.weight, eps, *dense,
+                                 self.post_feedforward_layernorm_1.weight, None)
+            h = self.post_feedforward_layernorm(self._experts(h, m), residual=h)
+        else:
+            h = native.mlp_block(h, self.pre_feedforward_layernorm.weight, eps, *dense,
+                                 self.post_feedforward_layernorm.weight, h)
+        if self.layer_scalar is not None:
+            h = h * self.layer_scalar
+        return h
+
+
+def _packed(linear: QuantLinear) -> tuple:
+    """A QuantLinear's matrix as the native fused ops take it."""
+    w = linear.qweight
+    return w.q, w.scale, w.zero, w.bits, w.group, w.sub
 
 
 class Decoder(nn.Module):
