@@ -31,6 +31,7 @@ from .config import ModelConfig
 
 from .kv_int8 import KV_DTYPES, Codec
 from .kv_pool import BLOCK_TOKENS, BlockTable, PagedKV, row_list
+from .quant.kernels import put_tokens
 
 __all__ = ["KV_DTYPES", "BLOCK_TOKENS", "KVCache", "Snapshot", "RingKV", "PagedKV"]
 
@@ -69,7 +70,11 @@ class RingKV:
         if k is not None and "k" in self.names:
             new.update(self.codec.encode("k", k))
         if pos.shape[1] == 1:  # a decode step: one position per row, written in place
-            for b, (r, p) in enumerate(zip(row_list(rows, pos.shape[0]), pos[:, 0].tolist())):
+            rows, ps = row_list(rows, pos.shape[0]), pos[:, 0].tolist()
+            if put_tokens(self.data, new, [r if p >= 0 else -1 for r, p in zip(rows, ps)],
+                          [p % self.capacity for p in ps], self.pos, ps):
+                return
+            for b, (r, p) in enumerate(zip(rows, ps)):
                 if p >= 0:
                     slot = p % self.capacity
                     for n, x in new.items():

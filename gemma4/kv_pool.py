@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from .kv_int8 import Codec
+from .quant.kernels import put_tokens
 
 BLOCK_TOKENS = 256
 ONE_TOKEN_ROWS = 8  # a write of one token to at most this many rows takes the per-slot path (decode)
@@ -167,6 +168,9 @@ class PagedKV:
             if p >= 0:
                 self._reserve(r, p, p + 1)
         self._sync()
+        i0 = [table.tables[r][p // table.block] if p >= 0 else -1 for r, p in zip(rows, pos)]
+        if put_tokens(self.data, stored, i0, [p % table.block for p in pos]):
+            return
         for b, (r, p) in enumerate(zip(rows, pos)):
             if p >= 0:
                 block, offset = table.tables[r][p // table.block], p % table.block

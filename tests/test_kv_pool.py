@@ -161,19 +161,24 @@ def test_keys_values_are_the_rows_rotated_keys_and_values(model):
         assert (stored_k is None) == cfg.k_eq_v(i)
 
 
-def test_one_token_writes_equal_a_chunk_write():
-    """Decode writes one token per row slot by slot; the pool ends up as one chunked write leaves it,
-    and a position past a row's end (a gap) is refused on that path too."""
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("dtype,kv_dtype", [(torch.float32, "float"), (torch.bfloat16, "float"), (torch.float32, "int8")])
+def test_one_token_writes_equal_a_chunk_write(monkeypatch, native, dtype, kv_dtype):
+    """Decode writes one token per row slot by slot (one native call, or torch's indexing); the pool ends
+    up as one chunked write leaves it, and a position past a row's end (a gap) is refused on that path too."""
     from gemma4.kv_pool import BlockTable, PagedKV
+    from gemma4.quant import kernels
 
+    if not native:
+        monkeypatch.setattr(kernels, "_native", False)
     g = torch.Generator().manual_seed(0)
-    k, v = (torch.randn(2, 2, 10, 8, generator=g) for _ in range(2))
+    k, v = (torch.randn(2, 2, 10, 8, generator=g).to(dtype) for _ in range(2))
     pos = torch.arange(10).repeat(2, 1)
     pos[1, 7:] = -1  # row 1 has 7 tokens; its last three slots are padding
 
     def layer():
         return PagedKV(BlockTable(rows=3, block=4), kv_heads=2, head_dim=8, keys=True,
-                       dtype=torch.float32, device=torch.device("cpu"))
+                       dtype=dtype, device=torch.device("cpu"), kv_dtype=kv_dtype)
 
     chunked, stepped = layer(), layer()
     chunked.write(k, v, pos, rows=[2, 0])
@@ -185,6 +190,35 @@ def test_one_token_writes_equal_a_chunk_write():
         ck, cv, cpos = chunked.keys_values(row, 10)
         n = chunked.table.lengths[row]
         assert torch.equal(spos, cpos) and torch.equal(sk, ck) and torch.equal(sv, cv)
-        assert torch.equal(sk, k[b, :, :n]) and torch.equal(sv, v[b, :, :n])
+        if kv_dtype == "float":
+            assert torch.equal(sk, k[b, :, :n]) and torch.equal(sv, v[b, :, :n])
     with pytest.raises(ValueError, match="gap"):
         stepped.write(k[:1, :, :1], v[:1, :, :1], torch.tensor([[12]]), rows=[2])
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("kv_dtype", ["float", "int8"])
+def test_one_token_ring_writes_equal_a_chunk_write(monkeypatch, native, kv_dtype):
+    """A sliding layer's ring: decode steps written slot by slot hold what one chunk leaves (the last
+    `capacity` positions of each row, padding unwritten)."""
+    from gemma4.cache import RingKV
+    from gemma4.quant import kernels
+
+    if not native:
+        monkeypatch.setattr(kernels, "_native", False)
+    g = torch.Generator().manual_seed(1)
+    k, v = (torch.randn(2, 2, 11, 8, generator=g) for _ in range(2))
+    pos = torch.arange(11).repeat(2, 1)
+    pos[0, 8:] = -1
+
+    def ring():
+        return RingKV(3, kv_heads=2, head_dim=8, capacity=4, keys=True, dtype=torch.float32,
+                      device=torch.device("cpu"), kv_dtype=kv_dtype)
+
+    chunked, stepped = ring(), ring()
+    chunked.write(k, v, pos, rows=[2, 1])
+    for t in range(11):
+        stepped.write(k[:, :, t:t + 1], v[:, :, t:t + 1], pos[:, t:t + 1], rows=[2, 1])
+    assert torch.equal(stepped.pos, chunked.pos) and chunked.pos[1].sort().values.tolist() == [7, 8, 9, 10]
+    for name in stepped.data:
+        assert torch.equal(stepped.data[name], chunked.data[name]), name

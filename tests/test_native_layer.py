@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(kernels.native() is None, reason="no AVX2 kernel
 def _logits(decoder, ids: torch.Tensor, native: bool, steps: int = 3) -> list[torch.Tensor]:
     """Prefill of ids [1, T], then `steps` decode steps: the logits of each call."""
     for layer in decoder.layers:
-        layer._all_native = None if native else False
+        layer._native_plan = None if native else False
     t = ids.shape[1]
     with torch.inference_mode():
         cache = decoder.new_cache(batch=1, capacity=t + steps + 4)
@@ -29,7 +29,7 @@ def _logits(decoder, ids: torch.Tensor, native: bool, steps: int = 3) -> list[to
             h = decoder(torch.tensor([[5 + i]]), torch.tensor([[t + i]]), cache)
             out.append(decoder.logits(h[:, -1]))
     if native:
-        assert all(layer._all_native is True for layer in decoder.layers), "the native path was not taken"
+        assert all(layer._native_plan for layer in decoder.layers), "the native path was not taken"
     return out
 
 
@@ -80,4 +80,16 @@ def test_a_layer_with_a_float_matrix_keeps_the_module_path(tmp_path):
     mlp.down_proj = down
     with torch.inference_mode():
         decoder(torch.tensor([[3, 4]]), torch.tensor([[0, 1]]), decoder.new_cache(batch=1, capacity=8))
-    assert decoder.layers[0]._all_native is False and decoder.layers[1]._all_native is True
+    assert decoder.layers[0]._native_plan is False and decoder.layers[1]._native_plan
+
+
+def test_moving_the_model_drops_the_plan(tmp_path):
+    """The plan holds the layer's tensors: .to() (which may replace them) makes the next call plan again."""
+    build_gemma4(tmp_path / "hf", "blocks", seed=7)
+    path = write_gguf(open_checkpoint(tmp_path / "hf"), tmp_path / "m.gguf", "Q8_0", tiny_vocab_metadata())
+    decoder = gemma4.load(path, progress=False).decoder
+    with torch.inference_mode():
+        decoder(torch.tensor([[3]]), torch.tensor([[0]]), decoder.new_cache(batch=1, capacity=4))
+    assert all(layer._native_plan for layer in decoder.layers)
+    decoder.to("cpu")
+    assert all(layer._native_plan is None for layer in decoder.layers)

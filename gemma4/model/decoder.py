@@ -64,39 +64,57 @@ class DecoderLayer(nn.Module):
         return self.post_feedforward_layernorm_2(e, residual=m)
 
     def _native(self, h: torch.Tensor):
-        """The native kernel, where it runs this layer's dense parts in three calls: on the CPU in float32
-        with int8 activations, every matrix a QuantLinear in a layout the kernel takes."""
+        """This layer's native plan (see _plan_native) where it applies to h: on the CPU in float32 with
+        int8 activations; else None."""
         if h.device.type != "cpu" or h.dtype != torch.float32 or kernels.activations() != "int8":
             return None
-        if self._all_native is None:
-            a, m = self.self_attn, self.mlp
-            linears = [a.q_proj, a.k_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj]
-            if a.v_proj is not None:
-                linears.append(a.v_proj)
-            norms = [self.input_layernorm, self.post_attention_layernorm, self.pre_feedforward_layernorm,
-                     self.post_feedforward_layernorm, a.q_norm, a.k_norm, *([a.v_norm] if a.v_norm else [])]
-            self._all_native = (all(isinstance(x, QuantLinear) and x.qweight.int8_layout for x in linears)
-                                and len({n.eps for n in norms}) == 1)
-        return kernels.native() if self._all_native else None
+        if self._native_plan is None:
+            self._native_plan = self._plan_native()
+        return self._native_plan or None
 
-    _all_native = None  # whether every matrix and norm suits the native path (found on first use)
+    # What the native path needs, gathered on first use (a decode step would otherwise pay ~25 module
+    # attribute lookups per layer); None: not planned yet (set it so after replacing a matrix), False: the
+    # layer has a matrix the kernel does not take.
+    _native_plan = None
 
-    def _forward_native(self, native, h, qpos, kv, sees_until):
+    def _apply(self, fn, *args, **kwargs):  # .to(), .float() and the like replace the tensors planned with
+        self._native_plan = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def _plan_native(self):
+        """(kernel, attn_in's weights, attn_out's, mlp_block's) when every matrix is a QuantLinear in a layout
+        the kernel takes and the norms share one eps; else False."""
+        kernel = kernels.native()
+        a, m = self.self_attn, self.mlp
+        linears = [a.q_proj, a.k_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj]
+        if a.v_proj is not None:
+            linears.append(a.v_proj)
+        norms = [self.input_layernorm, self.post_attention_layernorm, self.pre_feedforward_layernorm,
+                 self.post_feedforward_layernorm, a.q_norm, a.k_norm, *([a.v_norm] if a.v_norm else [])]
+        if (kernel is None or not all(isinstance(x, QuantLinear) and x.qweight.int8_layout for x in linears)
+                or len({n.eps for n in norms}) != 1):
+            return False
+        eps = self.input_layernorm.eps
+        attn_in = (self.input_layernorm.weight, eps, _packed(a.q_proj), _packed(a.k_proj),
+                   None if a.v_proj is None else _packed(a.v_proj), a.q_norm.weight, a.k_norm.weight,
+                   a.v_norm is not None)
+        rope = (a.inv_freq, a.heads, a.kv_heads, a.head_dim)
+        attn_out = (_packed(a.o_proj), self.post_attention_layernorm.weight, eps)
+        post = self.post_feedforward_layernorm_1 if self.moe else self.post_feedforward_layernorm
+        mlp = (self.pre_feedforward_layernorm.weight, eps, _packed(m.gate_proj), _packed(m.up_proj),
+               _packed(m.down_proj), post.weight)
+        return kernel, attn_in, rope, attn_out, mlp
+
+    def _forward_native(self, plan, h, qpos, kv, sees_until):
         """forward() with the norms, projections, RoPE and MLP of the layer in native calls (same bits)."""
-        a, mlp, eps = self.self_attn, self.mlp, self.input_layernorm.eps
-        q, k, v = native.attn_in(h, self.input_layernorm.weight, eps, _packed(a.q_proj), _packed(a.k_proj),
-                                 None if a.v_proj is None else _packed(a.v_proj), a.q_norm.weight, a.k_norm.weight,
-                                 a.v_norm is not None, qpos, a.inv_freq, a.heads, a.kv_heads, a.head_dim)
-        att = a.over_cache(q, k, v, qpos, kv, sees_until)
-        h = native.attn_out(att, _packed(a.o_proj), self.post_attention_layernorm.weight, eps, h)
-        dense = (_packed(mlp.gate_proj), _packed(mlp.up_proj), _packed(mlp.down_proj))
+        native, attn_in, rope, attn_out, mlp = plan
+        q, k, v = native.attn_in(h, *attn_in, qpos, *rope)
+        att = self.self_attn.over_cache(q, k, v, qpos, kv, sees_until)
+        h = native.attn_out(att, *attn_out, h)
         if self.moe:
-            m = native.mlp_block(h, self.pre_feedforward_layernorm.weight, eps, *dense,
-                                 self.post_feedforward_layernorm_1.weight, None)
-            h = self.post_feedforward_layernorm(self._experts(h, m), residual=h)
+            h = self.post_feedforward_layernorm(self._experts(h, native.mlp_block(h, *mlp, None)), residual=h)
         else:
-            h = native.mlp_block(h, self.pre_feedforward_layernorm.weight, eps, *dense,
-                                 self.post_feedforward_layernorm.weight, h)
+            h = native.mlp_block(h, *mlp, h)
         if self.layer_scalar is not None:
             h = h * self.layer_scalar
         return h

@@ -1181,6 +1181,22 @@ torch::Tensor mlp_block(torch::Tensor h, torch::Tensor pre_w, double eps, QW wg,
     if (residual.has_value()) r = residual->contiguous();
     return rms_norm(qmm_w(a, wd), post_w, eps, r);
 }
+
+// Decode's cache write, one token per row: for each b with i0[b] >= 0, src[b, :, 0] of every source
+// [B, KV, 1, X] (any strides) goes to dst[i0[b], :, i1[b]] of its stored tensor [rows or blocks, KV, slots, X]
+// (widened or narrowed to its dtype); with a position table [rows, slots], positions[b] goes to
+// table[i0[b], i1[b]]. One call instead of a few indexing ops per tensor.
+void put_tokens(std::vector<torch::Tensor> dsts, std::vector<torch::Tensor> srcs, std::vector<int64_t> i0,
+                std::vector<int64_t> i1, c10::optional<torch::Tensor> pos_table, std::vector<int64_t> positions) {
+    const NoGil no_gil;
+    TORCH_CHECK(dsts.size() == srcs.size() && i0.size() == i1.size(), "put_tokens: mismatched arguments");
+    for (size_t b = 0; b < i0.size(); ++b) {
+        if (i0[b] < 0) continue;
+        for (size_t n = 0; n < dsts.size(); ++n)
+            dsts[n].select(0, i0[b]).select(1, i1[b]).copy_(srcs[n].select(0, (int64_t)b).select(1, 0));
+        if (pos_table.has_value()) pos_table->select(0, i0[b]).select(0, i1[b]).fill_(positions[b]);
+    }
+}
 """
 
 # -fopenmp: at::parallel_for is OpenMP in torch's CPU build and a header template here; compiled without
@@ -1212,7 +1228,7 @@ def _build():
         tag = hashlib.sha256((_SOURCE + " ".join(_CFLAGS)).encode()).hexdigest()[:12]
         return load_inline(name=f"gemma4_qmm_{tag}", cpp_sources=_SOURCE,
                            functions=["qmm", "qmm_q8", "qmm_experts", "quantize_activations", "rms_norm", "bf16mm",
-                                      "attend_small", "rope", "attn_in", "attn_out", "mlp_block"],
+                                      "attend_small", "rope", "attn_in", "attn_out", "mlp_block", "put_tokens"],
                            extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
     except Exception:  # no compiler, no headers: the plain-torch path serves
         return None
@@ -1298,6 +1314,18 @@ def expert_matmul(x: torch.Tensor, w: QuantWeight, ids: torch.Tensor, weights: t
 # (prefill) torch's fused attention, whose blocked GEMMs win at many queries.
 MAX_SMALL_ATTENTION_ROWS = 64
 ATTENTION_CHUNK = 64  # keys per work item of attend_small (a paged pool's blocks hold whole chunks)
+
+
+def put_tokens(stored: dict[str, torch.Tensor], new: dict[str, torch.Tensor], i0: list[int], i1: list[int],
+               pos_table: torch.Tensor | None = None, positions: list[int] | None = None) -> bool:
+    """Decode's one-token cache write: new[n][b, :, 0] -> stored[n][i0[b], :, i1[b]] for every name n and
+    every b with i0[b] >= 0 (and positions[b] -> pos_table[i0[b], i1[b]]) in one native call; False where it
+    does not apply (then the caller writes with torch)."""
+    kernel = native()
+    if kernel is None or not all(t.device.type == "cpu" for t in new.values()):
+        return False
+    kernel.put_tokens([stored[n] for n in new], list(new.values()), i0, i1, pos_table, positions or [])
+    return True
 
 
 def small_attention(q: torch.Tensor, v: torch.Tensor) -> bool:
