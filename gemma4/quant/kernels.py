@@ -17,6 +17,10 @@ its source) reads the packed weights directly:
   in one pass, and attention of a few queries (decode, verify steps) over the cache as it is stored:
   a sliding ring as is, a full layer's paged pool in place through its block table, K=V layers' keys
   rebuilt from the values inside the kernel.
+- a decoder layer's dense parts in three calls (attn_in: norm, q/k/v, their norms, RoPE; attn_out: o and
+  the residual norm; mlp_block: the gated MLP between its norms), composed of the ops above in the
+  modules' order, so they give the same bits; products sharing an input (q/k/v, gate/up) quantise it
+  once and run in one parallel region. And decode's one-token cache writes in one call.
 
 torch's own int4/int8 CPU ops were measured here 10-100x slower than the bandwidth roofline at decode
 shapes. Everywhere else (CUDA, no compiler) the weight is dequantised and multiplied with torch: one
