@@ -76,21 +76,43 @@ def main(argv=None) -> None:
             return
         from torch.profiler import ProfilerActivity, profile, record_function
 
-        from gemma4.quant import modules
+        from gemma4.quant import kernels, modules
 
         plain = modules.qlinear
 
-        def labelled(x, w):  # the native kernel is no aten op: name it for the table
+        def labelled(x, w):  # the native kernel is no aten op: name its calls for the table
             with record_function(f"qlinear int{w.bits} g{w.group} M={x.numel() // x.shape[-1]}"):
                 return plain(x, w)
 
         modules.qlinear = labelled
+        if kernels.native() is not None:
+            kernels._native = _Labelled(kernels.native())
+            for layer in dec.layers:  # planned with the unlabelled kernel: plan again
+                layer._native_plan = None
 
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(4):
                 step()
         print("profile of 4 decode steps (divide by 4 for one):")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+
+
+class _Labelled:
+    """The native kernel module with each call named for torch.profiler's table ("native attn_in", ...)."""
+
+    def __init__(self, kernel):
+        self._kernel = kernel
+
+    def __getattr__(self, name):
+        from torch.profiler import record_function
+
+        f = getattr(self._kernel, name)
+
+        def call(*args, **kwargs):
+            with record_function(f"native {name}"):
+                return f(*args, **kwargs)
+
+        return call
 
 
 if __name__ == "__main__":
