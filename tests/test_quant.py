@@ -43,6 +43,33 @@ def test_k_quants_of_the_embedded_model_convert_losslessly():
     assert done == {T.Q4_K, T.Q6_K}
 
 
+def test_native_k_quant_converters_give_the_numpy_bytes():
+    """The load's compiled Q4_K and Q6_K converters against the numpy ones (the reference), every tensor
+    of those types in the embedded model, byte for byte."""
+    if kernels.native() is None:
+        pytest.skip("no AVX2 kernel on this machine")
+    from gemma4.checkpoint.gguf_file import GGUFFile
+    from gemma4.quant import formats
+    from gemma4.store import embedded_path
+
+    f = GGUFFile(embedded_path())
+    seen = set()
+    for name, info in f.tensors.items():
+        if info.type not in (T.Q4_K, T.Q6_K):
+            continue
+        raw = f.raw(name)
+        native = formats.from_gguf(raw, info.type, info.shape)
+        rows = np.ascontiguousarray(raw).reshape(info.shape[0], -1)
+        _, _, *reference = formats._CONVERTERS[info.type](rows, info.shape[-1])
+        for got, want in zip(native.tensors(), reference):
+            assert (got is None) == (want is None)
+            if got is not None:
+                want = torch.from_numpy(np.ascontiguousarray(want)).reshape(got.shape)
+                assert got.dtype == want.dtype and torch.equal(got, want), name
+        seen.add(info.type)
+    assert seen == {T.Q4_K, T.Q6_K}
+
+
 GGUF_MADE = {"q5_0": T.Q5_0, "q5_1": T.Q5_1, "q8_0": T.Q8_0}
 
 
