@@ -150,6 +150,16 @@ torch::Tensor qmm(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10::op
 // pair4 (for int4 weights): each pair of blocks b, b + 1 is stored as x_b[0:16] x_b+1[0:16] x_b[16:32]
 // x_b+1[16:32], the order of the nibbles of one 32-byte weight load (see pair4 below); an odd last
 // block stays as it is. XD and XS keep block order.
+// One row of int8 activations (B blocks of 32) into the pair4 order, in place: swap x_b[16:32] and x_b+1[0:16].
+static void pair_blocks(int8_t* row, int64_t B) {
+    for (int64_t b = 0; b + 2 <= B; b += 2) {
+        int8_t* p = row + b * 32;
+        const __m128i a = _mm_loadu_si128((const __m128i*)(p + 16)), c = _mm_loadu_si128((const __m128i*)(p + 32));
+        _mm_storeu_si128((__m128i*)(p + 16), c);
+        _mm_storeu_si128((__m128i*)(p + 32), a);
+    }
+}
+
 static void quantize_rows(const float* X, int64_t M, int64_t K, int8_t* XQ, float* XD, float* XS, bool pair4 = false) {
     const int64_t B = K / 32;
     const __m256 signbit = _mm256_set1_ps(-0.0f);
@@ -181,14 +191,7 @@ static void quantize_rows(const float* X, int64_t M, int64_t K, int8_t* XQ, floa
             XD[m * B + b] = d;
             XS[m * B + b] = d * (float)_mm_cvtsi128_si32(s4);
         }
-        if (pair4) {
-            for (int64_t b = 0; b + 2 <= B; b += 2) {  // swap x_b[16:32] and x_b+1[0:16]
-                int8_t* p = XQ + m * K + b * 32;
-                const __m128i a = _mm_loadu_si128((const __m128i*)(p + 16)), c = _mm_loadu_si128((const __m128i*)(p + 32));
-                _mm_storeu_si128((__m128i*)(p + 16), c);
-                _mm_storeu_si128((__m128i*)(p + 32), a);
-            }
-        }
+        if (pair4) pair_blocks(XQ + m * K, B);
     }
 }
 
@@ -490,11 +493,11 @@ struct Weight {
     const int8_t* SUB;
     int64_t bits, group, N, row_bytes, G;
     Weight(const torch::Tensor& q, const torch::Tensor& scale, const c10::optional<torch::Tensor>& zero,
-           int64_t bits_, int64_t group_, const c10::optional<torch::Tensor>& sub, int64_t K)
+           int64_t bits_, int64_t group_, const c10::optional<torch::Tensor>& sub, int64_t K, const char* what)
         : Q((const uint8_t*)q.data_ptr()), sc(scale, zero, bits_),
           SUB(sub.has_value() ? sub->data_ptr<int8_t>() : nullptr), bits(bits_), group(group_), N(q.size(0)),
           row_bytes(bits_ == 4 ? K / 2 : bits_ == 6 ? K / 4 * 3 : K), G(K / group_) {
-        check_layout("qmm_q8", K, bits, group, zero.has_value(), sub.has_value());
+        check_layout(what, K, bits, group, zero.has_value(), sub.has_value());
     }
 };
 
@@ -511,15 +514,7 @@ struct Activations {
         quantize_rows(x.data_ptr<float>(), M, K, xq.data_ptr<int8_t>(), xd.data_ptr<float>(), xs.data_ptr<float>(), !plain);
         if (plain && paired) {  // the paired copy of the plain rows
             xp = xq.clone();
-            for (int64_t m = 0; m < M; ++m) {
-                int8_t* row = xp.data_ptr<int8_t>() + m * K;
-                for (int64_t b = 0; b + 2 <= B; b += 2) {  // swap x_b[16:32] and x_b+1[0:16]
-                    int8_t t[16];
-                    std::memcpy(t, row + b * 32 + 16, 16);
-                    std::memcpy(row + b * 32 + 16, row + b * 32 + 32, 16);
-                    std::memcpy(row + b * 32 + 32, t, 16);
-                }
-            }
+            for (int64_t m = 0; m < M; ++m) pair_blocks(xp.data_ptr<int8_t>() + m * K, B);
         } else if (paired) {
             xp = xq;
         }
@@ -527,36 +522,33 @@ struct Activations {
     }
 };
 
+// Weight row n (of all of w's rows, experts' stacked) against MR activation rows m0.. of a, into o[r * ostride].
+static inline void dot_rows(const Weight& w, const Activations& a, int64_t n, int64_t m0, int MR, float* o,
+                            int64_t ostride) {
+    const int64_t K = a.K, B = a.B, G = w.G;
+    const int8_t* xq_t = (w.bits == 4 ? a.xp : a.xq).data_ptr<int8_t>() + m0 * K;
+    const float* xd_t = a.xd.data_ptr<float>() + m0 * B;
+    const float* xs_t = a.xs.data_ptr<float>() + m0 * B;
+    const uint8_t* qr = w.Q + n * w.row_bytes;
+    const float* sr = w.sc.f32 ? w.sc.f32 + n * G : nullptr;
+    const float* zr = w.sc.z32 ? w.sc.z32 + n * G : nullptr;
+    if (w.sc.f16) {  // int8 with GGUF's f16 scales
+        const uint16_t* srh = w.sc.f16 + n * G;
+        const uint16_t* zrh = w.sc.z16 ? w.sc.z16 + n * G : nullptr;
+        if (w.group == 32) rows_dot<8, false>(MR, qr, srh, zrh, B, xq_t, xd_t, xs_t, K, o, ostride);
+        else rows_dot<8, true>(MR, qr, srh, zrh, B, xq_t, xd_t, xs_t, K, o, ostride);
+    } else if (w.bits == 6) rows_dot6(MR, qr, sr, w.SUB + n * (K / 16), B, xq_t, xd_t, a.x16.data() + m0 * (K / 16), K, o, ostride);
+    else if (w.bits == 4 && w.group == 256) rows_dot4k(MR, qr, sr, zr, w.SUB + n * (K / 16), B, xq_t, xd_t, xs_t, K, o, ostride);
+    else if (w.bits == 4) rows_dot<4, false>(MR, qr, sr, zr, B, xq_t, xd_t, xs_t, K, o, ostride);
+    else if (w.group == 32) rows_dot<8, false>(MR, qr, sr, zr, B, xq_t, xd_t, xs_t, K, o, ostride);
+    else rows_dot<8, true>(MR, qr, sr, zr, B, xq_t, xd_t, xs_t, K, o, ostride);
+}
+
 // Output rows n0 .. n1 of x @ w^T into O [M, ostride] (column n of O is row n of w).
 static void product_rows(const Weight& w, const Activations& a, int64_t n0, int64_t n1, float* O, int64_t ostride) {
-    const int64_t M = a.M, K = a.K, B = a.B, G = w.G;
-    const int8_t* XQ = w.bits == 4 ? a.xp.data_ptr<int8_t>() : a.xq.data_ptr<int8_t>();
-    const float* XD = a.xd.data_ptr<float>();
-    const float* XS = a.xs.data_ptr<float>();
-    const int16_t* X16 = a.x16.data();
-    const float* S = w.sc.f32;
-    const float* Z = w.sc.z32;
-    for (int64_t m0 = 0; m0 < M; m0 += ROW_TILE) {
-        const int MR = (int)std::min<int64_t>(ROW_TILE, M - m0);
-        const int8_t* xq_t = XQ + m0 * K;
-        const float* xd_t = XD + m0 * B;
-        const float* xs_t = XS + m0 * B;
-        for (int64_t n = n0; n < n1; ++n) {
-            const uint8_t* qr = w.Q + n * w.row_bytes;
-            const float* sr = S ? S + n * G : nullptr;
-            const float* zr = Z ? Z + n * G : nullptr;
-            float* o = O + m0 * ostride + n;
-            if (w.sc.f16) {  // int8 with GGUF's f16 scales
-                const uint16_t* srh = w.sc.f16 + n * G;
-                const uint16_t* zrh = w.sc.z16 ? w.sc.z16 + n * G : nullptr;
-                if (w.group == 32) rows_dot<8, false>(MR, qr, srh, zrh, B, xq_t, xd_t, xs_t, K, o, ostride);
-                else rows_dot<8, true>(MR, qr, srh, zrh, B, xq_t, xd_t, xs_t, K, o, ostride);
-            } else if (w.bits == 6) rows_dot6(MR, qr, sr, w.SUB + n * (K / 16), B, xq_t, xd_t, X16 + m0 * (K / 16), K, o, ostride);
-            else if (w.bits == 4 && w.group == 256) rows_dot4k(MR, qr, sr, zr, w.SUB + n * (K / 16), B, xq_t, xd_t, xs_t, K, o, ostride);
-            else if (w.bits == 4) rows_dot<4, false>(MR, qr, sr, zr, B, xq_t, xd_t, xs_t, K, o, ostride);
-            else if (w.group == 32) rows_dot<8, false>(MR, qr, sr, zr, B, xq_t, xd_t, xs_t, K, o, ostride);
-            else rows_dot<8, true>(MR, qr, sr, zr, B, xq_t, xd_t, xs_t, K, o, ostride);
-        }
+    for (int64_t m0 = 0; m0 < a.M; m0 += ROW_TILE) {
+        const int MR = (int)std::min<int64_t>(ROW_TILE, a.M - m0);
+        for (int64_t n = n0; n < n1; ++n) dot_rows(w, a, n, m0, MR, O + m0 * ostride + n, ostride);
     }
 }
 
@@ -600,7 +592,7 @@ static std::vector<torch::Tensor> qmm_many(const torch::Tensor& x_in, const std:
 torch::Tensor qmm_q8(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10::optional<torch::Tensor> zero_opt,
                      int64_t bits, int64_t group, c10::optional<torch::Tensor> sub_opt) {
     const NoGil no_gil;
-    return qmm_many(x, {Weight(q, scale, zero_opt, bits, group, sub_opt, x.size(-1))})[0];
+    return qmm_many(x, {Weight(q, scale, zero_opt, bits, group, sub_opt, x.size(-1), "qmm_q8")})[0];
 }
 
 // Routed experts in one call. x [J, K]: row j goes through expert ids[j] of the stacked q [E, N, ...].
@@ -610,41 +602,11 @@ torch::Tensor qmm_experts(torch::Tensor x, torch::Tensor q, torch::Tensor scale,
                           int64_t bits, int64_t group, c10::optional<torch::Tensor> sub_opt, torch::Tensor ids,
                           c10::optional<torch::Tensor> weights, int64_t topk) {
     const NoGil no_gil;
-    const int64_t J = x.size(0), K = x.size(1), N = q.size(1), B = K / 32;
-    check_layout("qmm_experts", K, bits, group, zero_opt.has_value(), sub_opt.has_value());
-    const int8_t* SUB = sub_opt.has_value() ? sub_opt->data_ptr<int8_t>() : nullptr;
-    auto xq = torch::empty({J, K}, x.options().dtype(torch::kInt8));
-    auto xd = torch::empty({J, B}, x.options()), xs = torch::empty({J, B}, x.options());
-    int8_t* XQ = xq.data_ptr<int8_t>();
-    float* XD = xd.data_ptr<float>();
-    float* XS = xs.data_ptr<float>();
-    quantize_rows(x.data_ptr<float>(), J, K, XQ, XD, XS, bits == 4);
-    const std::vector<int16_t> xs16 = bits == 6 ? sums16(XQ, J, K) : std::vector<int16_t>();
-    const int16_t* X16 = xs16.data();
+    const int64_t J = x.size(0), K = x.size(1), N = q.size(1);
+    const Weight w(q, scale, zero_opt, bits, group, sub_opt, K, "qmm_experts");  // rows: expert e's row n is e * N + n
+    const Activations a(x, bits != 4, bits == 4, bits == 6);
     const int64_t* I = ids.data_ptr<int64_t>();
-    const uint8_t* Q = (const uint8_t*)q.data_ptr();
-    const Scales sc(scale, zero_opt, bits);
-    const float* S = sc.f32;
-    const float* Z = sc.z32;
-    const int64_t row_bytes = bits == 4 ? K / 2 : bits == 6 ? K / 4 * 3 : K, G = K / group;
-    auto dot = [&](int64_t j, int64_t n, float* o) {
-        const int64_t r = I[j] * N + n;
-        const int8_t* xq_j = XQ + j * K;
-        const float* xd_j = XD + j * B;
-        const float* xs_j = XS + j * B;
-        const float* zr = Z ? Z + r * G : nullptr;
-        if (sc.f16) {
-            const uint16_t* srh = sc.f16 + r * G;
-            const uint16_t* zrh = sc.z16 ? sc.z16 + r * G : nullptr;
-            if (group == 32) row_dot<8, false, 1>(Q + r * row_bytes, srh, zrh, B, xq_j, xd_j, xs_j, K, o, 0);
-            else row_dot<8, true, 1>(Q + r * row_bytes, srh, zrh, B, xq_j, xd_j, xs_j, K, o, 0);
-        } else if (bits == 6) row_dot6<1>(Q + r * row_bytes, S + r * G, SUB + r * (K / 16), B, xq_j, xd_j, X16 + j * (K / 16), K, o, 0);
-        else if (bits == 4 && group == 256)
-            row_dot4k<1>(Q + r * row_bytes, S + r * G, zr, SUB + r * (K / 16), B, xq_j, xd_j, xs_j, K, o, 0);
-        else if (bits == 4) row_dot<4, false, 1>(Q + r * row_bytes, S + r * G, zr, B, xq_j, xd_j, xs_j, K, o, 0);
-        else if (group == 32) row_dot<8, false, 1>(Q + r * row_bytes, S + r * G, zr, B, xq_j, xd_j, xs_j, K, o, 0);
-        else row_dot<8, true, 1>(Q + r * row_bytes, S + r * G, zr, B, xq_j, xd_j, xs_j, K, o, 0);
-    };
+    auto dot = [&](int64_t j, int64_t n, float* o) { dot_rows(w, a, I[j] * N + n, j, 1, o, 0); };
     if (!weights.has_value()) {
         auto out = torch::empty({J, N}, x.options());
         float* O = out.data_ptr<float>();
@@ -1140,7 +1102,7 @@ torch::Tensor rms_norm(torch::Tensor x, c10::optional<torch::Tensor> weight, dou
 using QW = std::tuple<torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>, int64_t, int64_t, c10::optional<torch::Tensor>>;
 
 static Weight weight_of(const QW& w, int64_t K) {
-    return Weight(std::get<0>(w), std::get<1>(w), std::get<2>(w), std::get<3>(w), std::get<4>(w), std::get<5>(w), K);
+    return Weight(std::get<0>(w), std::get<1>(w), std::get<2>(w), std::get<3>(w), std::get<4>(w), std::get<5>(w), K, "qmm_q8");
 }
 
 static torch::Tensor qmm_w(const torch::Tensor& x, const QW& w) { return qmm_many(x, {weight_of(w, x.size(-1))})[0]; }
