@@ -222,3 +222,26 @@ def test_one_token_ring_writes_equal_a_chunk_write(monkeypatch, native, kv_dtype
     assert torch.equal(stepped.pos, chunked.pos) and chunked.pos[1].sort().values.tolist() == [7, 8, 9, 10]
     for name in stepped.data:
         assert torch.equal(stepped.data[name], chunked.data[name]), name
+
+
+def test_put_tokens_copies_rows_converts_dtypes_and_refuses_bad_slots():
+    """The native one-token write: same-dtype rows go as bytes, another dtype through torch's copy (float32
+    into a bf16 pool), positions into the table; a slot outside the pool is an error, not a stray write."""
+    from gemma4.quant import kernels
+
+    if kernels.native() is None:
+        pytest.skip("no native kernel")
+    g = torch.Generator().manual_seed(2)
+    stored = {"k": torch.zeros(3, 2, 5, 8), "v": torch.zeros(3, 2, 5, 8, dtype=torch.bfloat16)}
+    new = {"k": torch.randn(2, 2, 3, 8, generator=g)[:, :, 1:2], "v": torch.randn(2, 2, 1, 8, generator=g)}
+    table = torch.full((3, 5), -1)
+    assert kernels.put_tokens(stored, new, [2, -1], [4, 0], table, [9, 7])
+    want_k, want_v = torch.zeros_like(stored["k"]), torch.zeros_like(stored["v"])
+    want_k[2, :, 4] = new["k"][0, :, 0]
+    want_v[2, :, 4] = new["v"][0, :, 0].to(torch.bfloat16)
+    assert torch.equal(stored["k"], want_k) and torch.equal(stored["v"], want_v)
+    assert table[2, 4] == 9 and (table >= 0).sum() == 1
+    with pytest.raises(RuntimeError, match="out of range"):
+        kernels.put_tokens(stored, new, [3], [0], table, [1])
+    with pytest.raises(RuntimeError, match="out of range"):
+        kernels.put_tokens(stored, new, [0], [5], table, [1])

@@ -519,16 +519,25 @@ struct Activations {
             xp = xq;
         }
         if (sums) x16 = sums16(xq.data_ptr<int8_t>(), M, K);
+        plain_q = xq.data_ptr<int8_t>();
+        paired_q = paired ? xp.data_ptr<int8_t>() : nullptr;
+        d = xd.data_ptr<float>();
+        s = xs.data_ptr<float>();
     }
+    // Raw pointers, taken once: data_ptr<T>() checks the dtype on every call, a cost per weight row.
+    const int8_t* plain_q;
+    const int8_t* paired_q;
+    const float* d;
+    const float* s;
 };
 
 // Weight row n (of all of w's rows, experts' stacked) against MR activation rows m0.. of a, into o[r * ostride].
 static inline void dot_rows(const Weight& w, const Activations& a, int64_t n, int64_t m0, int MR, float* o,
                             int64_t ostride) {
     const int64_t K = a.K, B = a.B, G = w.G;
-    const int8_t* xq_t = (w.bits == 4 ? a.xp : a.xq).data_ptr<int8_t>() + m0 * K;
-    const float* xd_t = a.xd.data_ptr<float>() + m0 * B;
-    const float* xs_t = a.xs.data_ptr<float>() + m0 * B;
+    const int8_t* xq_t = (w.bits == 4 ? a.paired_q : a.plain_q) + m0 * K;
+    const float* xd_t = a.d + m0 * B;
+    const float* xs_t = a.s + m0 * B;
     const uint8_t* qr = w.Q + n * w.row_bytes;
     const float* sr = w.sc.f32 ? w.sc.f32 + n * G : nullptr;
     const float* zr = w.sc.z32 ? w.sc.z32 + n * G : nullptr;
@@ -567,9 +576,11 @@ static std::vector<torch::Tensor> qmm_many(const torch::Tensor& x_in, const std:
     const Activations a(x, plain, paired, sums);
     constexpr int64_t NB = 16;
     std::vector<torch::Tensor> outs;
+    std::vector<float*> out_ptrs;
     std::vector<int64_t> first{0};  // the first chunk of rows of each matrix
     for (const Weight& w : ws) {
         outs.push_back(torch::empty({M, w.N}, x.options()));
+        out_ptrs.push_back(outs.back().data_ptr<float>());
         first.push_back(first.back() + (w.N + NB - 1) / NB);
     }
     at::parallel_for(0, first.back(), 1, [&](int64_t c0, int64_t c1) {
@@ -577,7 +588,7 @@ static std::vector<torch::Tensor> qmm_many(const torch::Tensor& x_in, const std:
         for (int64_t c = c0; c < c1; ++c) {
             while (c >= first[i + 1]) ++i;
             const int64_t n0 = (c - first[i]) * NB, n1 = std::min(ws[i].N, n0 + NB);
-            product_rows(ws[i], a, n0, n1, outs[i].data_ptr<float>(), ws[i].N);
+            product_rows(ws[i], a, n0, n1, out_ptrs[i], ws[i].N);
         }
     });
     auto sizes = x_in.sizes().vec();
@@ -1156,11 +1167,27 @@ void put_tokens(std::vector<torch::Tensor> dsts, std::vector<torch::Tensor> srcs
                 std::vector<int64_t> i1, c10::optional<torch::Tensor> pos_table, std::vector<int64_t> positions) {
     const NoGil no_gil;
     TORCH_CHECK(dsts.size() == srcs.size() && i0.size() == i1.size(), "put_tokens: mismatched arguments");
+    TORCH_CHECK(!pos_table.has_value() || (pos_table->scalar_type() == torch::kLong && positions.size() == i0.size()),
+                "put_tokens: bad position table");
     for (size_t b = 0; b < i0.size(); ++b) {
         if (i0[b] < 0) continue;
-        for (size_t n = 0; n < dsts.size(); ++n)
-            dsts[n].select(0, i0[b]).select(1, i1[b]).copy_(srcs[n].select(0, (int64_t)b).select(1, 0));
-        if (pos_table.has_value()) pos_table->select(0, i0[b]).select(0, i1[b]).fill_(positions[b]);
+        for (size_t n = 0; n < dsts.size(); ++n) {
+            torch::Tensor& d = dsts[n];
+            const torch::Tensor& s = srcs[n];
+            TORCH_CHECK(i0[b] < d.size(0) && i1[b] >= 0 && i1[b] < d.size(2) && (int64_t)b < s.size(0),
+                        "put_tokens: slot out of range");
+            if (d.scalar_type() == s.scalar_type() && d.dim() == 4 && s.dim() == 4 && d.stride(3) == 1 &&
+                s.stride(3) == 1 && d.size(1) == s.size(1) && d.size(3) == s.size(3)) {  // rows copied as bytes
+                const int64_t es = d.element_size(), X = d.size(3);
+                char* dp = (char*)d.data_ptr() + (i0[b] * d.stride(0) + i1[b] * d.stride(2)) * es;
+                const char* sp = (const char*)s.data_ptr() + (int64_t)b * s.stride(0) * es;
+                for (int64_t h = 0; h < d.size(1); ++h) std::memcpy(dp + h * d.stride(1) * es, sp + h * s.stride(1) * es, X * es);
+            } else {  // another dtype (widened or narrowed) or shape: torch's copy
+                d.select(0, i0[b]).select(1, i1[b]).copy_(s.select(0, (int64_t)b).select(1, 0));
+            }
+        }
+        if (pos_table.has_value())
+            pos_table->data_ptr<int64_t>()[i0[b] * pos_table->stride(0) + i1[b] * pos_table->stride(1)] = positions[b];
     }
 }
 
