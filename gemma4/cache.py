@@ -60,8 +60,12 @@ class RingKV:
     def v(self) -> torch.Tensor:
         return self.data["v"]
 
-    def _read(self, name: str, rows) -> torch.Tensor | None:
-        return self.codec.decode({n: t[rows] if rows is not None else t for n, t in self.data.items()}, name)
+    def _read(self, name: str, rows, slots: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The rows' stored `name` (decoded), all slots or those given."""
+        got = {n: _rows(t, rows) for n, t in self.data.items()}
+        if slots is not None:
+            got = {n: t[:, :, slots] for n, t in got.items()}
+        return self.codec.decode(got, name)
 
     def write(self, k: torch.Tensor | None, v: torch.Tensor, pos: torch.Tensor, rows=None) -> None:
         """k, v: [B, KV, T, D]; pos: [B, T] absolute positions, -1 for padding (not written).
@@ -97,12 +101,22 @@ class RingKV:
         pieces (here one: a ring is small). k is None on K=V layers.
 
         A ring written before attending would lose positions that earlier queries of a multi-token
-        chunk still see, so for chunks the ring's old contents are joined to the new tokens instead.
+        chunk still see, so for chunks the ring's old contents are joined to the new tokens instead:
+        only the slots some row holds (a fresh prompt attends over its own tokens alone, not over a
+        window of empty slots as well).
         """
         if pos.shape[1] > 1:
-            old_k, old_v, old_pos = self._read("k", rows), self._read("v", rows), _rows(self.pos, rows)
-            out_k = None if k is None else torch.cat([old_k, k], dim=2)
-            out = (out_k, torch.cat([old_v, v], dim=2), torch.cat([old_pos, pos], dim=1))
+            old_pos = _rows(self.pos, rows)
+            held = (old_pos >= 0).any(dim=0)
+            if not bool(held.any()):
+                out = (k, v, pos)
+            else:
+                slots = None if bool(held.all()) else held.nonzero(as_tuple=True)[0]
+                old_k, old_v = self._read("k", rows, slots), self._read("v", rows, slots)
+                if slots is not None:
+                    old_pos = old_pos[:, slots]
+                out_k = None if k is None else torch.cat([old_k, k], dim=2)
+                out = (out_k, torch.cat([old_v, v], dim=2), torch.cat([old_pos, pos], dim=1))
             self.write(k, v, pos, rows)
             return [out]
         self.write(k, v, pos, rows)

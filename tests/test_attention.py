@@ -39,6 +39,31 @@ def test_pieces_merged_equal_one_softmax(window, step):
     assert (got - want).abs().max() <= 1e-5  # float32 rounding of two summation orders
 
 
+@pytest.mark.parametrize("offset,window,causal", [(0, None, True), (0, 80, True), (0, 40, False), (10, None, False)])
+def test_a_plain_causal_mask_goes_to_the_fused_kernel_as_is_causal(monkeypatch, offset, window, causal):
+    """One piece of T keys at the queries' own positions (a fresh prompt): the mask is the causal one, so
+    SDPA gets is_causal (it skips the key blocks above the diagonal) and the result is the masked one's.
+    Keys from earlier positions too, or a window shorter than the chunk, keep the explicit mask."""
+    g = torch.Generator().manual_seed(3)
+    b, h, kv, t, d = 2, 4, 2, 64, 16
+    q = torch.randn(b, h, t, d, generator=g)
+    k, v = (torch.randn(b, kv, t + offset, d, generator=g) for _ in range(2))
+    qpos = torch.arange(offset, offset + t).repeat(b, 1)
+    kpos = torch.arange(t + offset).repeat(b, 1)
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs.get("is_causal", False), kwargs.get("attn_mask") is None))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", spy)
+    got = attend(q, [(k, v, kpos)], qpos, window, None, 0.25)
+    assert calls == [(causal, causal)]
+    want = _plain(q * 0.5, k * 0.5, v, qpos, kpos, window, None)  # scale 0.25 as 0.5 on each side
+    assert (got - want).abs().max() <= 1e-5
+
+
 def test_padding_queries_see_nothing_and_give_zeros():
     q, k, v = torch.randn(1, 2, 2, 4), torch.randn(1, 1, 3, 4), torch.randn(1, 1, 3, 4)
     out = attend(q, [(k, v, torch.tensor([[0, 1, 2]]))], torch.tensor([[-1, 2]]), None, None, 1.0)

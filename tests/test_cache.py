@@ -44,3 +44,31 @@ def test_cache_memory_is_bounded(gemma4_models):
         else:
             assert layer.k is None, "a K=V layer stores one tensor"
             assert layer.v.shape[2] >= 50
+
+
+@pytest.mark.parametrize("kv_dtype", ["float", "int8"])
+def test_ring_chunk_attends_over_held_slots_only(kv_dtype):
+    """A chunk written to a sliding layer's ring is attended together with the slots some row holds: none
+    on a fresh prompt (its own tokens alone, not a window of empty slots besides), only the held ones of
+    a ring partly filled (a shorter row's empty slots stay where another row holds its own)."""
+    from gemma4.cache import RingKV
+
+    g = torch.Generator().manual_seed(4)
+    ring = RingKV(2, kv_heads=1, head_dim=8, capacity=6, keys=True, dtype=torch.float32,
+                  device=torch.device("cpu"), kv_dtype=kv_dtype)
+    k, v = (torch.randn(2, 1, 3, 8, generator=g) for _ in range(2))
+    pos = torch.tensor([[0, 1, 2], [-1, 0, 1]])
+    (pk, pv, ppos), = ring.update(k, v, pos)
+    assert pk is k and pv is v and ppos is pos  # a fresh ring: nothing old joined
+    k2, v2 = (torch.randn(2, 1, 2, 8, generator=g) for _ in range(2))
+    pos2 = torch.tensor([[3, 4], [2, 3]])
+    (pk, pv, ppos), = ring.update(k2, v2, pos2)
+    assert ppos.shape == (2, 3 + 2) and ppos[:, 3:].tolist() == pos2.tolist()
+    assert sorted(ppos[0, :3].tolist()) == [0, 1, 2] and sorted(ppos[1, :3].tolist()) == [-1, 0, 1]
+    stored = ring._read("v", None)
+    for b in range(2):
+        for j in range(3):
+            if ppos[b, j] >= 0:
+                slot = int(ppos[b, j]) % 6
+                assert torch.equal(pv[b, :, j], stored[b, :, slot])
+    assert torch.equal(pv[:, :, 3:], v2) if kv_dtype == "float" else pv.shape == (2, 1, 5, 8)

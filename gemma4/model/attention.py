@@ -51,6 +51,27 @@ def attention_mask(qpos: torch.Tensor, kpos: torch.Tensor, window: int | None,
     return allowed
 
 
+def _is_causal(allowed: torch.Tensor) -> bool:
+    """Whether a [B, T, S] mask is the causal one of T queries over the same T keys in order (query i
+    sees keys 0..i) in every row."""
+    t, s = allowed.shape[-2:]
+    if t != s or t < 2:
+        return False
+    return bool(torch.equal(allowed, _causal(t, allowed.device).expand_as(allowed)))
+
+
+_CAUSAL: dict = {}  # (T, device) -> [T, T] lower-triangular booleans
+
+
+def _causal(t: int, device: torch.device) -> torch.Tensor:
+    key = (t, device)
+    if key not in _CAUSAL:
+        if len(_CAUSAL) > 16:
+            _CAUSAL.clear()
+        _CAUSAL[key] = torch.ones(t, t, dtype=torch.bool, device=device).tril()
+    return _CAUSAL[key]
+
+
 def attend(q: torch.Tensor, pieces, qpos: torch.Tensor, window: int | None, sees_until: torch.Tensor | None,
            scale: float, scores_of=None, keys_of=None, rebuild_of=None) -> torch.Tensor:
     """softmax(q k^T * scale + mask) v over every piece (k, v, kpos) of the cache, in float32.
@@ -84,9 +105,12 @@ def attend(q: torch.Tensor, pieces, qpos: torch.Tensor, window: int | None, sees
             return out
         allowed = attention_mask(qpos, kpos, window, sees_until)
         if bool(allowed.any(-1).all()):  # (a query that sees nothing must give zeros, not NaN)
-            # torch's fused kernel: no [T x S] temporaries per op, one pass of exp; same softmax.
-            return F.scaled_dot_product_attention(qf, k.float(), v.float(), attn_mask=allowed[:, None],
-                                                  scale=scale, enable_gqa=k.shape[1] != h)
+            # torch's fused kernel: no [T x S] temporaries per op, one pass of exp; same softmax. A mask that
+            # is the plain causal one (a fresh prompt) goes as is_causal: the kernel then skips the key
+            # blocks above the diagonal instead of scoring and masking them.
+            causal = _is_causal(allowed)
+            return F.scaled_dot_product_attention(qf, k.float(), v.float(), attn_mask=None if causal else allowed[:, None],
+                                                  is_causal=causal, scale=scale, enable_gqa=k.shape[1] != h)
     m = l = acc = None
     for k, v, kpos in itertools.chain([first], [] if second is None else [second], pieces):
         kv = v.shape[1]
