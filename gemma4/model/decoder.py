@@ -70,7 +70,15 @@ class DecoderLayer(nn.Module):
             return None
         if self._native_plan is None:
             self._native_plan = self._plan_native()
+        rows = h.numel() // h.shape[-1]
+        if self._native_plan and rows >= kernels.MIN_BLAS_ROWS and any(  # prefill: the modules pick per matrix
+                kernels.blas_first(x.qweight, rows) for x in self._dense_linears()):
+            return None
         return self._native_plan or None
+
+    def _dense_linears(self) -> list:
+        a, m = self.self_attn, self.mlp
+        return [x for x in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj) if x is not None]
 
     # What the native path needs, gathered on first use (a decode step would otherwise pay ~25 module
     # attribute lookups per layer); None: not planned yet (set it so after replacing a matrix), False: the
@@ -86,9 +94,7 @@ class DecoderLayer(nn.Module):
         the kernel takes and the norms share one eps; else False."""
         kernel = kernels.native()
         a, m = self.self_attn, self.mlp
-        linears = [a.q_proj, a.k_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj]
-        if a.v_proj is not None:
-            linears.append(a.v_proj)
+        linears = self._dense_linears()
         norms = [self.input_layernorm, self.post_attention_layernorm, self.pre_feedforward_layernorm,
                  self.post_feedforward_layernorm, a.q_norm, a.k_norm, *([a.v_norm] if a.v_norm else [])]
         if (kernel is None or not all(isinstance(x, QuantLinear) and x.qweight.int8_layout for x in linears)
