@@ -60,12 +60,13 @@ class RingKV:
     def v(self) -> torch.Tensor:
         return self.data["v"]
 
-    def _read(self, name: str, rows, slots: torch.Tensor | None = None) -> torch.Tensor | None:
-        """The rows' stored `name` (decoded), all slots or those given."""
+    def _read(self, rows, slots: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The rows' stored k (None on K=V layers) and v, decoded, of all slots or those given (each stored
+        tensor gathered once)."""
         got = {n: _rows(t, rows) for n, t in self.data.items()}
         if slots is not None:
             got = {n: t[:, :, slots] for n, t in got.items()}
-        return self.codec.decode(got, name)
+        return self.codec.decode(got, "k"), self.codec.decode(got, "v")
 
     def write(self, k: torch.Tensor | None, v: torch.Tensor, pos: torch.Tensor, rows=None) -> None:
         """k, v: [B, KV, T, D]; pos: [B, T] absolute positions, -1 for padding (not written).
@@ -112,7 +113,7 @@ class RingKV:
                 out = (k, v, pos)
             else:
                 slots = None if bool(held.all()) else held.nonzero(as_tuple=True)[0]
-                old_k, old_v = self._read("k", rows, slots), self._read("v", rows, slots)
+                old_k, old_v = self._read(rows, slots)
                 if slots is not None:
                     old_pos = old_pos[:, slots]
                 out_k = None if k is None else torch.cat([old_k, k], dim=2)
@@ -120,7 +121,7 @@ class RingKV:
             self.write(k, v, pos, rows)
             return [out]
         self.write(k, v, pos, rows)
-        return [(self._read("k", rows), self._read("v", rows), _rows(self.pos, rows))]
+        return [(*self._read(rows), _rows(self.pos, rows))]
 
     def clear(self, row: int) -> None:
         """Forget row `row`'s contents (its slots read as empty)."""

@@ -65,7 +65,7 @@ def test_ring_chunk_attends_over_held_slots_only(kv_dtype):
     (pk, pv, ppos), = ring.update(k2, v2, pos2)
     assert ppos.shape == (2, 3 + 2) and ppos[:, 3:].tolist() == pos2.tolist()
     assert sorted(ppos[0, :3].tolist()) == [0, 1, 2] and sorted(ppos[1, :3].tolist()) == [-1, 0, 1]
-    stored = ring._read("v", None)
+    stored = ring._read(None)[1]
     for b in range(2):
         for j in range(3):
             if ppos[b, j] >= 0:
