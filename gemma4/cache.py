@@ -2,9 +2,8 @@
 
 - Sliding layers keep, per row, a ring of `sliding_window + tail` slots with the absolute position of
   every slot (-1: empty): position p lives in slot p % slots, and the attention mask is computed from
-  positions alone. The `tail` extra slots keep the positions just before the window, so a snapshot
-  taken at length L can be restored at any length c >= L - tail (prefix reuse), and a row can be
-  truncated back by up to `tail` positions.
+  positions alone. The `tail` extra slots keep the positions just before the window, so a row can be
+  truncated back by up to `tail` positions (speculative decoding's rollback).
 - Full layers keep their KV in a block pool shared by all rows (kv_pool.py): memory follows what the
   rows hold, block by block, not rows x the longest row; with a fixed number of blocks (the KV budget)
   it never grows.
@@ -42,8 +41,9 @@ class RingKV:
     ring = True
 
     def __init__(self, batch: int, kv_heads: int, head_dim: int, capacity: int, keys: bool,
-                 dtype: torch.dtype, device: torch.device, kv_dtype: str = "float"):
+                 dtype: torch.dtype, device: torch.device, kv_dtype: str = "float", window: int | None = None):
         self.capacity = capacity
+        self.window = capacity if window is None else window  # keys a query sees: p - window + 1 .. p
         self.codec = Codec(kv_dtype, head_dim, dtype)
         self.dtype = dtype
         self.names = (["k"] if keys else []) + ["v"]
@@ -60,12 +60,13 @@ class RingKV:
     def v(self) -> torch.Tensor:
         return self.data["v"]
 
-    def _read(self, rows, slots: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """The rows' stored k (None on K=V layers) and v, decoded, of all slots or those given (each stored
-        tensor gathered once)."""
+    def _read(self, rows, order: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The rows' stored k (None on K=V layers) and v, decoded, of all slots or, per row, the slots
+        order [B, m] names (each stored tensor gathered once)."""
         got = {n: _rows(t, rows) for n, t in self.data.items()}
-        if slots is not None:
-            got = {n: t[:, :, slots] for n, t in got.items()}
+        if order is not None:
+            got = {n: t.gather(2, order[:, None, :, None].expand(t.shape[0], t.shape[1], -1, t.shape[3]))
+                   for n, t in got.items()}
         return self.codec.decode(got, "k"), self.codec.decode(got, "v")
 
     def write(self, k: torch.Tensor | None, v: torch.Tensor, pos: torch.Tensor, rows=None) -> None:
@@ -103,19 +104,23 @@ class RingKV:
 
         A ring written before attending would lose positions that earlier queries of a multi-token
         chunk still see, so for chunks the ring's old contents are joined to the new tokens instead:
-        only the slots some row holds (a fresh prompt attends over its own tokens alone, not over a
-        window of empty slots as well).
+        only the slots holding a position some query of the chunk sees (a fresh prompt attends over its
+        own tokens alone). What a chunk attends over thus depends on its positions alone, not on what
+        else the ring still holds (a tail, a row restored from a snapshot, stale slots of a reused row),
+        so the same chunk gives the same bits in every such cache.
         """
         if pos.shape[1] > 1:
             old_pos = _rows(self.pos, rows)
-            held = (old_pos >= 0).any(dim=0)
-            if not bool(held.any()):
+            big = torch.iinfo(old_pos.dtype).max
+            first = torch.where(pos >= 0, pos, big).amin(dim=1, keepdim=True)
+            seen = (old_pos >= 0) & (old_pos > first - self.window)
+            m = int(seen.sum(dim=1).max())
+            if m == 0:
                 out = (k, v, pos)
-            else:
-                slots = None if bool(held.all()) else held.nonzero(as_tuple=True)[0]
-                old_k, old_v = self._read(rows, slots)
-                if slots is not None:
-                    old_pos = old_pos[:, slots]
+            else:  # each row's seen slots in position order (then empty ones, where rows see fewer)
+                order = torch.where(seen, old_pos, big).argsort(dim=1)[:, :m]
+                old_k, old_v = self._read(rows, order)
+                old_pos = torch.where(seen.gather(1, order), old_pos.gather(1, order), -1)
                 out_k = None if k is None else torch.cat([old_k, k], dim=2)
                 out = (out_k, torch.cat([old_v, v], dim=2), torch.cat([old_pos, pos], dim=1))
             self.write(k, v, pos, rows)
@@ -192,18 +197,40 @@ class Snapshot:
 
     Full layers hold every position; sliding layers hold the last `ring` positions at most, so the
     snapshot can resume a sequence at length c only if those reach back to the window before c.
+    `resumes`: the lengths it is meant to resume at (prefix reuse: grid points of the prefill; default
+    its whole length).
     """
 
     tokens: list[int]
     layers: list[dict[str, torch.Tensor]]
     window: int
     kv_dtype: str
+    resumes: list[int] | None = None
+
+    def __post_init__(self):
+        if self.resumes is None:
+            self.resumes = [len(self.tokens)]
+
+    def with_earlier_rings(self, earlier: list[dict[str, torch.Tensor] | None], at: int) -> "Snapshot":
+        """This snapshot with its sliding layers reaching back to what `earlier` (KVCache.ring_snapshot of
+        the same row at length `at`, before this one was taken) held, so it resumes at `at` too."""
+        layers = []
+        for now, old in zip(self.layers, earlier):
+            if old is None or now.get("ring") is None:
+                layers.append(now)
+                continue
+            first = int(now["pos"][0]) if now["pos"].numel() else at
+            keep = old["pos"] < first  # positions the ring lost since
+            layers.append({n: (torch.cat([old[n][keep], t]) if n == "pos" else torch.cat([old[n][:, keep], t], dim=1))
+                           if n != "ring" else t for n, t in now.items()})
+        return Snapshot(self.tokens, layers, self.window, self.kv_dtype, sorted({at, *self.resumes}))
 
     @property
     def ring_start(self) -> int:
-        """The first position every sliding layer still holds (0 when they hold everything)."""
-        starts = [int(layer["pos"][0]) for layer in self.layers if layer.get("ring") is not None
-                  and layer["pos"].numel()]
+        """The first position every sliding layer still holds (0 when they hold everything; the length
+        when one holds nothing)."""
+        starts = [int(layer["pos"][0]) if layer["pos"].numel() else len(self.tokens)
+                  for layer in self.layers if layer.get("ring") is not None]
         return max(starts, default=0)
 
     def usable(self, c: int) -> bool:
@@ -236,7 +263,8 @@ class KVCache:
         for i in range(config.num_hidden_layers):
             kv, d, keys = config.kv_heads_of(i), config.head_dim_of(i), not config.k_eq_v(i)
             if config.is_sliding(i):
-                self.layers.append(RingKV(batch, kv, d, config.sliding_window + tail, keys, dtype, device, kv_dtype))
+                self.layers.append(RingKV(batch, kv, d, config.sliding_window + tail, keys, dtype, device, kv_dtype,
+                                          window=config.sliding_window))
             else:
                 self.layers.append(PagedKV(self.table, kv, d, keys, dtype, device, kv_dtype))
         self.batch = batch
@@ -294,6 +322,11 @@ class KVCache:
         layers give only what their ring holds. K is rotated; on K=V layers it is None (the keys are
         the values times k_norm's weight, then RoPE: Attention.keys_values rebuilds them)."""
         return self.layers[layer].keys_values(row, n)
+
+    def ring_snapshot(self, row: int, length: int) -> list[dict[str, torch.Tensor] | None]:
+        """Copies of what row `row`'s sliding layers hold below `length` (None for full layers), for
+        Snapshot.with_earlier_rings."""
+        return [layer.snapshot(row, length) if layer.ring else None for layer in self.layers]
 
     def snapshot(self, row: int, tokens: list[int]) -> Snapshot:
         """Row `row` holding the sequence `tokens` (positions 0 .. len-1): a copy of its KV."""

@@ -258,6 +258,8 @@ def _long_prompt(model, ids, head_ids, args) -> dict:
 
 
 def _cache_note(run: dict) -> None:
+    from gemma4.engine import PREFILL_CHUNK
+
     pc = run.get("prompt_cache")
     if pc is None:
         return
@@ -265,6 +267,8 @@ def _cache_note(run: dict) -> None:
         _note(f"prompt cache: reused {pc.reused} tokens from {pc.path}")
     if pc.saved:
         _note(f"prompt cache: saved {pc.saved} tokens to {pc.path}")
+    elif not pc.reused:
+        _note(f"prompt cache: nothing saved: the document is shorter than one prefill chunk ({PREFILL_CHUNK} tokens)")
 
 
 def cmd_run(args) -> int:

@@ -103,16 +103,34 @@ def joined_columns(embeds_mask: torch.Tensor | None) -> list[bool] | None:
 
 
 def chunk_end(start: int, length: int, chunk: int, joined: list[bool] | None) -> int:
-    """End of the chunk from `start`: at most `chunk` columns, stretched so that no image run is cut."""
-    end = min(start + chunk, length)
-    while joined is not None and end < length and joined[end - 1]:
+    """End of the chunk from `start`: the next multiple of `chunk` (at most `length`), stretched so that
+    no image run is cut, or the end of the first image run that ends before it.
+
+    Chunks end on a grid of absolute positions and at image ends, whatever the first chunk's start, so a
+    prefill resumed at one of those ends (prefix reuse, prompt caches) computes every later position in
+    the same chunk, beside the same rows, as a prefill from position 0 does: the same bits, not just the
+    same values up to rounding (a product's rows are summed differently at other row counts)."""
+    end = min((start // chunk + 1) * chunk, length)
+    if joined is None:
+        return end
+    while end < length and joined[end - 1]:
         end += 1
+    for e in range(start + 2, end):  # an image run's last column is e - 1
+        if joined[e - 2] and not joined[e - 1]:
+            return e
     return end
 
 
-def _chunks(length: int, chunk: int, embeds_mask: torch.Tensor | None) -> Iterator[tuple[int, int]]:
-    joined = joined_columns(embeds_mask)
-    start = 0
+def resume_points(length: int, chunk: int, joined: list[bool] | None, most: int = 1) -> list[int]:
+    """The last `most` chunk ends (grid points and image ends, see chunk_end) a prefill of `length`
+    columns passes before its last column, in order: where its KV is worth keeping for reuse. A later
+    prompt sharing the columns before one resumes there and computes the rest exactly as a fresh prefill
+    would; the last column is always computed (its logits choose the first output token)."""
+    points = [end for _, end in _chunks(length, chunk, joined) if end <= length - 1]
+    return points[-most:] if most > 0 else []
+
+
+def _chunks(length: int, chunk: int, joined: list[bool] | None, start: int = 0) -> Iterator[tuple[int, int]]:
     while start < length:
         end = chunk_end(start, length, chunk, joined)
         yield start, end
@@ -123,22 +141,25 @@ def _chunks(length: int, chunk: int, embeds_mask: torch.Tensor | None) -> Iterat
 def prefill(decoder: Decoder, cache, ids: torch.Tensor, pos: torch.Tensor, chunk: int = PREFILL_CHUNK,
             on_hidden: Callable[[int, torch.Tensor], None] | None = None,
             embeds: torch.Tensor | None = None, embeds_mask: torch.Tensor | None = None,
-            progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
-    """Run [B, T] ids through the model in chunks of columns; returns the last column's hidden state.
+            progress: Callable[[int, int], None] | None = None, start: int = 0) -> torch.Tensor:
+    """Run [B, T] ids through the model in chunks of columns (see chunk_end); returns the last column's
+    hidden state. `start`: columns before it are already in the cache (a resumed prefill).
     `on_hidden(start, hidden)` sees every chunk's hidden states (forward() collects logits with it);
     `progress(done, total)` is told the columns done after each chunk.
     embeds / embeds_mask: soft-token embeddings and where they go (see Decoder.forward)."""
     if chunk < 1:
         raise ValueError(f"prefill chunk: must be at least 1, got {chunk}")
-    hidden = None
     total = ids.shape[1]
-    for start, end in _chunks(total, chunk, embeds_mask):
-        soft = {} if embeds_mask is None else dict(embeds=embeds[:, start:end], embeds_mask=embeds_mask[:, start:end])
-        hidden = decoder(ids[:, start:end], pos[:, start:end], cache, **soft)
+    if not 0 <= start < total:
+        raise ValueError(f"prefill: start {start} outside the {total} columns")
+    hidden = None
+    for a, b in _chunks(total, chunk, joined_columns(embeds_mask), start):
+        soft = {} if embeds_mask is None else dict(embeds=embeds[:, a:b], embeds_mask=embeds_mask[:, a:b])
+        hidden = decoder(ids[:, a:b], pos[:, a:b], cache, **soft)
         if on_hidden is not None:
-            on_hidden(start, hidden)
+            on_hidden(a, hidden)
         if progress is not None:
-            progress(end, total)
+            progress(b, total)
     return hidden[:, -1]
 
 
@@ -178,7 +199,7 @@ def generate(decoder: Decoder, sequences: list[Sequence], pad_id: int = 0, chunk
         if len(sequences) != 1:
             raise ValueError("a prompt cache serves one prompt at a time")
         cache, last_hidden = prompt_cache.prefill(decoder, sequences[0].prompt_ids, capacity, chunk, progress,
-                                                  soft=sequences[0].soft)
+                                                  soft=sequences[0].soft, tail=speculative)
     else:
         # a verify step may roll the rings back by `speculative` positions: they need as many spare slots
         cache = decoder.new_cache(batch=len(sequences), capacity=capacity, tail=speculative)

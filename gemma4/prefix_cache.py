@@ -1,11 +1,18 @@
-"""Prefix reuse: snapshots of finished prefills, looked up by the longest shared prefix of token ids.
+"""Prefix reuse: snapshots of prefills taken at a grid point of their chunks, looked up by prefix.
+
+An entry is a prompt's KV up to its resume points (engine.resume_points: the last chunk ends on the
+prefill grid before its last token; the earlier one serves a new question on the same document when
+the first question crossed the grid), and it is reused at one of them or not at all: a prompt that
+starts with an entry's tokens up to a resume point resumes there and prefills the rest in the chunks a
+fresh prefill of it would run, so the logits are the same bits as without reuse, whatever the store
+held. (Resuming
+anywhere else would compute the next positions beside other rows than a fresh prefill does, and the
+products' sums round differently at other row counts: enough to flip a greedy near-tie.)
 
 Entries are indexed by chained hashes of whole blocks of token ids (block k's hash covers blocks
 0..k), as vLLM's automatic prefix caching does: a prompt's blocks are hashed once and the entries
-sharing its first blocks are found without comparing every entry. The shared length is then
-extended token by token past the last whole block and checked against the entry's tokens, so a hash
-collision can never reuse the wrong KV. An entry is usable at length c only when its sliding layers
-still hold the window before c (cache.Snapshot.usable). The store is bounded by bytes, least
+sharing its first blocks are found without comparing every entry; a candidate's tokens are then
+compared whole, so a hash collision can never reuse the wrong KV. The store is bounded by bytes, least
 recently used first out.
 """
 
@@ -55,7 +62,7 @@ def common_prefix(a: list[int], b: list[int], start: int = 0) -> int:
 @dataclass
 class Hit:
     snapshot: Snapshot
-    length: int  # tokens of the prompt whose KV the snapshot gives
+    length: int  # tokens of the prompt whose KV the snapshot gives: one of its resume points
 
 
 class PrefixStore:
@@ -79,13 +86,16 @@ class PrefixStore:
         return self.max_bytes > 0 and n_tokens >= self.min_tokens
 
     def covers(self, tokens: list[int]) -> bool:
-        """Is there an entry that already resumes `tokens` at their full length?"""
-        return any(s.tokens[:len(tokens)] == tokens and s.usable(len(tokens)) for s, _ in self._entries.values())
+        """Is there an entry of exactly these tokens?"""
+        return any(s.tokens == tokens for s, _ in self._entries.values())
 
     def add(self, snap: Snapshot) -> None:
+        """Keep a snapshot taken at resume points (it must be usable at each of them)."""
         size = snap.nbytes()
         if not self.wants(len(snap.tokens)) or size > self.max_bytes:
             return
+        if not all(snap.usable(c) for c in snap.resumes):
+            raise ValueError("prefix cache: a snapshot must hold the window before each of its resume points")
         for eid, (old, _) in list(self._entries.items()):
             if old.tokens == snap.tokens:  # the same sequence again: keep the newer copy
                 self._remove(eid)
@@ -109,30 +119,29 @@ class PrefixStore:
         self.bytes -= snap.nbytes()
 
     def lookup(self, prompt: list[int]) -> Hit | None:
-        """The usable entry sharing the longest prefix with `prompt`, at most len(prompt) - 1 tokens
-        (the last prompt token is always computed: its logits choose the first output token)."""
+        """The longest reuse an entry gives: a resume point r of it whose first r tokens begin `prompt`,
+        r at most len(prompt) - 1 (the last prompt token is always computed: its logits choose the first
+        output token)."""
         limit = len(prompt) - 1
         if limit < 1 or not self._entries:
             return None
-        # Entries whose first k whole blocks equal the prompt's, for the largest k; else all of them.
-        candidates, blocks = set(self._entries), 0
-        for k, h in enumerate(block_hashes(prompt, self.block)):
+        # Entries whose whole blocks begin the prompt's (and those shorter than a block); compared whole below.
+        candidates = {eid for eid, (snap, _) in self._entries.items() if len(snap.tokens) < self.block}
+        for h in block_hashes(prompt[:limit], self.block):
             ids = self._index.get(h)
             if not ids:
                 break
-            candidates, blocks = ids, k + 1
-        best: Hit | None = None
+            candidates |= ids
+        best_id, best = None, None
         for eid in candidates:
             snap = self._entries[eid][0]
-            start = blocks * self.block if snap.tokens[:blocks * self.block] == prompt[:blocks * self.block] else 0
-            c = min(common_prefix(prompt, snap.tokens, start), limit)
-            if c >= 1 and snap.usable(c) and (best is None or c > best.length):
-                best = Hit(snap, c)
-        if best is not None:
-            for eid, (snap, _) in self._entries.items():
-                if snap is best.snapshot:
-                    self._entries.move_to_end(eid)
-                    break
-            self.hits += 1
-            self.reused_tokens += best.length
+            shared = common_prefix(prompt, snap.tokens)
+            r = max((c for c in snap.resumes if c <= min(shared, limit)), default=0)
+            if r > 0 and (best is None or r > best.length):
+                best_id, best = eid, Hit(snap, r)
+        if best is None:
+            return None
+        self._entries.move_to_end(best_id)
+        self.hits += 1
+        self.reused_tokens += best.length
         return best

@@ -22,11 +22,10 @@ import torch
 
 from . import engine
 from .cache import Snapshot
-from .prefix_cache import common_prefix, prompt_key
+from .prefix_cache import prompt_key
 
 FORMAT = "gemma4-prompt-cache"
 VERSION = 1
-DEFAULT_TAIL = 64  # ring slots kept before the document's end: a question may re-tokenize its join
 
 
 def _package_version() -> str:
@@ -98,51 +97,46 @@ def load(path: str | Path, decoder, kv_dtype: str = "float") -> Snapshot:
 
 class PromptCache:
     """What engine.generate uses for one prompt whose first `prefix_len` tokens (the document) are
-    worth keeping: it reuses `path` when it holds a prefix of the prompt, else saves the prefix there.
-    After the prefill, `reused` and `saved` tell what happened (token counts)."""
+    worth keeping: it reuses `path` when the file's tokens begin the prompt, else saves the document's
+    KV there, up to the last grid point of the prefill's chunks within it (engine.resume_points), so a
+    run that reloads it prefills the rest in the chunks a run without the file does: the same logits,
+    bit for bit. After the prefill, `reused` and `saved` tell what happened (token counts)."""
 
-    def __init__(self, path: str | Path, prefix_len: int, tail: int = DEFAULT_TAIL):
+    def __init__(self, path: str | Path, prefix_len: int):
         self.path = Path(path)
         self.prefix_len = prefix_len
-        self.tail = tail
         self.reused = 0
         self.saved = 0
 
     def prefill(self, decoder, ids: list[int], capacity: int, chunk: int,
-                progress: Callable[[int, int], None] | None = None, soft: list | None = None):
+                progress: Callable[[int, int], None] | None = None, soft: list | None = None, tail: int = 0):
         """Returns (cache, last hidden state) for `ids` as engine.prefill would; soft: the prompt's image
-        embeddings [(offset, embeddings)], whose runs are keyed in the file by their values."""
+        embeddings [(offset, embeddings)], whose runs are keyed in the file by their values; tail: the
+        cache's spare ring slots (decoder.new_cache)."""
         key = prompt_key(ids, soft)
         embeds, mask = engine.soft_embeds([(len(ids), soft or [])], len(ids), decoder.config.hidden_size,
                                           decoder.dtype, decoder.device)
-        joined = engine.joined_columns(mask)
-
-        def whole(c: int) -> int:  # a cut never falls inside an image's run of soft tokens
-            while joined is not None and 0 < c < len(ids) and joined[c - 1]:
-                c -= 1
-            return c
-
-        cache = decoder.new_cache(batch=1, capacity=capacity, tail=self.tail)
+        cache = decoder.new_cache(batch=1, capacity=capacity, tail=tail)
         start = 0
         if self.path.exists():
             snap = load(self.path, decoder, cache.kv_dtype)
-            c = whole(min(common_prefix(key, snap.tokens), len(ids) - 1))
-            if c >= 1 and snap.usable(c):
-                cache.restore(0, snap, c)
-                start = c
+            n = len(snap.tokens)
+            if 0 < n < len(ids) and key[:n] == snap.tokens:
+                cache.restore(0, snap, n)
+                start = n
         self.reused = start
-        keep = whole(min(self.prefix_len, len(ids)))
-        cuts = sorted({start, len(ids)} | ({keep} if start < keep else set()))
+        # The document's resume point: where its last chunk on the grid ends (a question follows it).
+        points = engine.resume_points(min(self.prefix_len, len(ids) - 1) + 1, chunk, engine.joined_columns(mask))
+        keep = points[-1] if points else 0
         t = torch.tensor([ids], dtype=torch.long, device=decoder.device)
         pos = torch.arange(len(ids), device=decoder.device)[None]
-        hidden = None
-        for a, b in zip(cuts, cuts[1:]):
-            tick = None if progress is None else (lambda done, _, a=a: progress(a + done, len(ids)))
-            part = {} if mask is None else dict(embeds=embeds[:, a:b], embeds_mask=mask[:, a:b])
-            hidden = engine.prefill(decoder, cache, t[:, a:b], pos[:, a:b], chunk, progress=tick, **part)
-            if b == keep and start < keep:
+
+        def on_hidden(a: int, hidden: torch.Tensor) -> None:
+            if a + hidden.shape[1] == keep and keep > start:
                 save(self.path, cache.snapshot(0, key[:keep]), decoder)
                 self.saved = keep
-        if progress is not None and start:
-            progress(len(ids), len(ids))
+
+        part = {} if mask is None else dict(embeds=embeds, embeds_mask=mask)
+        hidden = engine.prefill(decoder, cache, t, pos, chunk, on_hidden=on_hidden, progress=progress, start=start,
+                                **part)
         return cache, hidden

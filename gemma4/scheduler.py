@@ -6,9 +6,13 @@ longer than a chunk), then one decode step over every sequence that is generatin
 its own sampling state (generator, penalties, grammar constraint, stop conditions). A cancelled request
 leaves at the next step and its row is cleared for the next one.
 
-Long contexts: with a prefix store, a finished prefill (and a finished sequence, prompt + answer) is
-snapshotted, and a new request sharing a prefix with one of them starts from that KV and prefills only
-the rest. With a KV budget, a request is admitted only when the KV it may reach (prompt + max_tokens)
+Long contexts: with a prefix store, a prompt's KV is snapshotted when its prefill reaches its resume
+points (the last two grid points of its chunks before its last token, engine.resume_points), and a new
+request that starts with a stored prompt's tokens up to one of them resumes there and prefills only the
+rest, in the chunks a
+fresh prefill would run: its logits are the same bits as without the store. (Positions an answer added
+are computed by decode steps, not by the chunks a later prompt's prefill would run, so they are never
+stored.) With a KV budget, a request is admitted only when the KV it may reach (prompt + max_tokens)
 fits beside the running ones; otherwise it waits in the queue until one finishes.
 
 Speculative decoding (speculative=K): each generating sequence drafts on its own (its own adaptive K;
@@ -30,7 +34,7 @@ from typing import Callable
 import torch
 
 from . import speculative as spec
-from .engine import PREFILL_CHUNK, Sequence, chunk_end, joined_columns, soft_embeds
+from .engine import PREFILL_CHUNK, Sequence, chunk_end, joined_columns, resume_points, soft_embeds
 from .kv_budget import KVBudget
 from .prefix_cache import PrefixStore, prompt_key
 from .sampling import SamplingParams, apply_penalties, sample
@@ -85,6 +89,8 @@ class _Running:
     prefilled: int = 0  # prompt tokens already in the cache
     key: list[int] = field(default_factory=list)  # the prompt as the prefix store matches it (prompt_key)
     soft_embeds: tuple | None = None  # (embeds, mask, joined columns) over the prompt, built at its first chunk
+    resume_at: list[int] = field(default_factory=list)  # the prompt's resume points (its KV there is stored)
+    rings_at: list | None = None  # the sliding layers at the first of two resume points (KVCache.ring_snapshot)
     reused: int = 0  # prompt tokens whose KV came from the prefix store
     reserved: int = 0  # bytes of the KV budget held
     hidden: torch.Tensor | None = None  # the target's state that produced the last sampled token
@@ -110,8 +116,8 @@ class Scheduler:
     def __init__(self, model, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = PREFILL_CHUNK,
                  prefix_store: PrefixStore | None = None, ring_tail: int | None = None,
                  kv_budget: int | None = None, kv_dtype: str = "float", speculative: int = 0, drafter=None):
-        """prefix_store: reuse of shared prefixes (None: off). ring_tail: extra sliding-ring slots, how far
-        back from a snapshot's end a prefix can be reused (default 256 with a prefix store, else 0).
+        """prefix_store: reuse of shared prefixes (None: off). ring_tail: extra sliding-ring slots (default
+        none beyond what speculation rolls back).
         kv_budget: bytes of KV shared by all rows (None: unbounded). kv_dtype: "float" or "int8".
         speculative: tokens drafted per step at most (0: off); drafter: a speculative.Drafter (default:
         prompt lookup)."""
@@ -121,7 +127,7 @@ class Scheduler:
         self.prefill_chunk = prefill_chunk
         self.prefix_store = prefix_store
         if ring_tail is None:
-            ring_tail = 256 if prefix_store is not None else 0
+            ring_tail = 0
         self.speculative = spec.check_k(speculative)
         self.drafter = (drafter if drafter is not None else spec.PromptLookup()) if speculative else None
         ring_tail = max(ring_tail, self.speculative)  # a verify step rolls the rings back that far
@@ -194,6 +200,17 @@ class Scheduler:
                 request.emit(RequestOutput(None, "", True, "error", len(request.prompt_ids), 0))
             raise
 
+    def step(self) -> bool:
+        """One iteration on the caller's thread, for a scheduler whose thread is not started: admit waiting
+        requests, run one prefill chunk and one decode step. False when there was nothing to do."""
+        with torch.inference_mode():
+            with self._lock:
+                self._admit()
+                if not self._running:
+                    return False
+            self._step()
+            return True
+
     def _next(self) -> bool:
         """Wait until there is work; admit waiting requests into free rows. False: shut down."""
         with self._lock:
@@ -201,29 +218,34 @@ class Scheduler:
                 self._lock.wait()
             if self._stop:
                 return False
-            for r in [r for r in self._running if r.request.cancelled]:
-                self._retire(r)
-            kept = collections.deque(r for r in self._waiting if not r.cancelled)
-            self._waiting = kept
-            while self._waiting and self._free_rows:
-                request = self._waiting[0]
-                need = 0
-                if self.budget is not None:
-                    need = self._need(request)
-                    if not self.budget.fits(need):
-                        break  # first come, first served: it waits until a running one frees memory
-                    self.budget.reserve(need)
-                self._waiting.popleft()
-                tok = self.model.tokenizer
-                seq = Sequence(request.prompt_ids, request.params, self.model.eos_token_ids,
-                               tok.stream() if tok is not None else None, soft=request.soft)
-                r = _Running(request, seq, self._free_rows.pop(0), reserved=need,
-                             key=prompt_key(seq.prompt_ids, seq.soft) if self.prefix_store is not None else [])
-                if self.speculative and request.constraint is None:
-                    seq.speculation = spec.Speculation(spec.AdaptiveK(self.speculative))
-                self._reuse_prefix(r)
-                self._running.append(r)
+            self._admit()
             return True
+
+    def _admit(self) -> None:
+        """Retire cancelled requests, drop cancelled waiting ones, admit waiting requests into free rows
+        (called holding the lock)."""
+        for r in [r for r in self._running if r.request.cancelled]:
+            self._retire(r)
+        kept = collections.deque(r for r in self._waiting if not r.cancelled)
+        self._waiting = kept
+        while self._waiting and self._free_rows:
+            request = self._waiting[0]
+            need = 0
+            if self.budget is not None:
+                need = self._need(request)
+                if not self.budget.fits(need):
+                    break  # first come, first served: it waits until a running one frees memory
+                self.budget.reserve(need)
+            self._waiting.popleft()
+            tok = self.model.tokenizer
+            seq = Sequence(request.prompt_ids, request.params, self.model.eos_token_ids,
+                           tok.stream() if tok is not None else None, soft=request.soft)
+            r = _Running(request, seq, self._free_rows.pop(0), reserved=need,
+                         key=prompt_key(seq.prompt_ids, seq.soft) if self.prefix_store is not None else [])
+            if self.speculative and request.constraint is None:
+                seq.speculation = spec.Speculation(spec.AdaptiveK(self.speculative))
+            self._reuse_prefix(r)
+            self._running.append(r)
 
     def _reuse_prefix(self, r: _Running) -> None:
         if self.prefix_store is None:
@@ -236,11 +258,16 @@ class Scheduler:
         self.stats.prefix_hits += 1
         self.stats.prefix_reused_tokens += hit.length
 
-    def _remember(self, r: _Running, tokens: list[int]) -> None:
-        """Snapshot row r holding `tokens` into the prefix store."""
+    def _remember(self, r: _Running, tokens: list[int], earlier=None) -> None:
+        """Snapshot row r holding `tokens` (up to a resume point of its prompt) into the prefix store;
+        earlier: (an earlier resume point, the rings there) that it can resume at too."""
+        r.rings_at = None
         if self.prefix_store is not None and self.prefix_store.wants(len(tokens)) \
                 and not self.prefix_store.covers(tokens):
-            self.prefix_store.add(self._cache.snapshot(r.row, tokens))
+            snap = self._cache.snapshot(r.row, tokens)
+            if earlier is not None:
+                snap = snap.with_earlier_rings(earlier[1], earlier[0])
+            self.prefix_store.add(snap)
 
     def _retire(self, r: _Running) -> None:
         self._running.remove(r)
@@ -317,6 +344,8 @@ class Scheduler:
                                            decoder.dtype, decoder.device)
                 r.soft_embeds = embeds, mask, joined_columns(mask)
             joined = r.soft_embeds[2]
+        if self.prefix_store is not None and start == r.reused:  # its first chunk
+            r.resume_at = [c for c in resume_points(len(prompt), self.prefill_chunk, joined, 2) if c > r.reused]
         end = chunk_end(start, len(prompt), self.prefill_chunk, joined)
         soft = {}
         if r.soft_embeds is not None:
@@ -325,8 +354,11 @@ class Scheduler:
         pos = torch.arange(start, end, device=decoder.device)[None]
         hidden = decoder(ids, pos, self._cache.view([r.row]), **soft)
         r.prefilled = end
+        if r.resume_at and end == r.resume_at[-1]:
+            self._remember(r, r.key[:end], r.rings_at)
+        elif r.resume_at and end == r.resume_at[0]:  # only the rings: the last point's snapshot holds the rest
+            r.rings_at = (end, self._cache.ring_snapshot(r.row, end))
         if r.decoding:
-            self._remember(r, r.key)
             r.hidden = hidden[0, -1]
             self._sample(r, decoder.logits(hidden[:, -1])[0])
 
@@ -354,8 +386,6 @@ class Scheduler:
         out = RequestOutput(token, text, seq.finished, seq.finish_reason, len(seq.prompt_ids),
                             len(seq.output_ids), logprob, r.reused)
         if seq.finished:
-            # The cache holds every token but the last sampled one: the next turn of a conversation.
-            self._remember(r, r.key + seq.output_ids[:-1])
             with self._lock:
                 self._retire(r)
         request.emit(out)

@@ -1,101 +1,133 @@
-"""Prefix reuse: a sequence resumed from a snapshot of another one's KV gives the logits of a plain
-full forward, whatever the reuse point's place relative to the sliding window and the ring wraps."""
+"""Prefix reuse: a prompt resumed from a snapshot taken at a grid point of another prompt's prefill gives
+the logits of a fresh prefill of it bit for bit, whatever the reuse point's place relative to the sliding
+window and the ring wraps, and whatever else the snapshot's rings held."""
 
 import pytest
 import torch
 
 import gemma4
-from gemma4.cache import Snapshot
-from gemma4.engine import prefill
+from gemma4.engine import prefill, resume_points
 from gemma4.prefix_cache import PrefixStore, block_hashes
 from gemma4.sampling import SamplingParams
 from gemma4.scheduler import Request, Scheduler
 from collect import Collector
 from reference import VOCAB
 
-# float32 everywhere: the same sums in a different chunking differ by rounding only (~1e-6 relative);
-# logits are soft-capped at 30, so 1e-4 absolute is far below any real error (a wrong key moves them ~1).
-TOL = 1e-4
-
 
 def _ids(n, seed):
     return torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def _resume_logits(model, snap: Snapshot, c: int, ids: list[int], chunk: int, tail: int) -> torch.Tensor:
+def _snapshots_at(model, tokens, chunk, points, tail):
+    """Snapshots of a prefill of `tokens` taken when its chunks end at `points` (as the scheduler takes them)."""
+    dec = model.decoder
+    cache = dec.new_cache(batch=2, capacity=4, tail=tail)
+    view, snaps = cache.view([1]), {}
+
+    def take(start, hidden):
+        end = start + hidden.shape[1]
+        if end in points:
+            snaps[end] = cache.snapshot(1, tokens[:end])
+
+    prefill(dec, view, torch.tensor([tokens]), torch.arange(len(tokens))[None], chunk, on_hidden=take)
+    return snaps
+
+
+def _resume_logits(model, snap, c, ids, chunk, tail):
     dec = model.decoder
     cache = dec.new_cache(batch=1, capacity=8, tail=tail)
     cache.restore(0, snap, c)
     out = []
-    prefill(dec, cache, torch.tensor([ids[c:]]), torch.arange(c, len(ids))[None], chunk,
+    prefill(dec, cache, torch.tensor([ids]), torch.arange(len(ids))[None], chunk, start=c,
             on_hidden=lambda _, h: out.append(dec.logits(h)[0]))
     return torch.cat(out)
 
 
+def test_chunks_end_on_a_grid_and_at_image_ends_whatever_the_start():
+    from gemma4.engine import _chunks
+
+    assert list(_chunks(23, 8, None)) == [(0, 8), (8, 16), (16, 23)]
+    assert list(_chunks(23, 8, None, start=5)) == [(5, 8), (8, 16), (16, 23)]
+    joined = [False] * 22
+    joined[6:10] = [True] * 4  # an image over columns 6..10: never cut, the grid resumes after it
+    assert list(_chunks(23, 8, joined)) == [(0, 11), (11, 16), (16, 23)]
+    joined[12:14] = [True] * 2  # and one over 12..14: a chunk ends where an image does
+    assert list(_chunks(23, 8, joined)) == [(0, 11), (11, 15), (15, 16), (16, 23)]
+    assert list(_chunks(23, 8, joined, start=11)) == [(11, 15), (15, 16), (16, 23)]
+    assert resume_points(23, 8, joined, 2) == [15, 16] and resume_points(17, 8, None, 2) == [8, 16]
+    assert resume_points(16, 8, None, 2) == [8]  # the last column is always computed
+    assert resume_points(8, 8, None) == []
+
+
 @pytest.mark.parametrize("name", ["moe_kv", "dense_kv_off"])
-@pytest.mark.parametrize("chunk", [3, 5, 64])
-def test_resume_from_snapshot_equals_full_forward(gemma4_models, name, chunk):
+@pytest.mark.parametrize("chunk", [3, 5, 16])
+def test_resume_at_a_grid_point_equals_a_fresh_prefill_bit_for_bit(gemma4_models, name, chunk):
     model = gemma4.load(gemma4_models[name][0])
     w = model.config.sliding_window
-    tail = w + 1
     doc = _ids(5 * w + 3, 1)  # the ring wraps several times
-    dec = model.decoder
-    cache = dec.new_cache(batch=2, capacity=4, tail=tail)
-    prefill(dec, cache.view([1]), torch.tensor([doc]), torch.arange(len(doc))[None], chunk)
-    snap = cache.snapshot(1, doc)
-    # reuse points: before, at and after window boundaries, far back in the tail, and the very end
-    for c in sorted({len(doc), len(doc) - 1, 4 * w, 4 * w + 1, 4 * w - 1, len(doc) - tail - 1 + w - 1}):
-        if not snap.usable(c):
-            continue
-        question = doc[:c] + _ids(2 * w + 1, c)
-        resumed = _resume_logits(model, snap, c, question, chunk, tail)
-        full = model.forward(question)[c:]
-        assert (resumed - full).abs().max().item() <= TOL, c
+    grid = resume_points(len(doc) + 1, chunk, None, most=len(doc))
+    # reuse points: the first, around a window boundary after wraps, and the end of the document
+    points = sorted({grid[0], min(grid, key=lambda c: abs(c - 4 * w)), grid[-1]})
+    for tail in (0, w + 1):  # the snapshot's rings hold the window only, or more
+        snaps = _snapshots_at(model, doc, chunk, points, tail)
+        for c in points:
+            question = doc[:c] + _ids(2 * w + 1, c)
+            full = model.forward(question, chunk=chunk)[c:]
+            # (the resuming cache's rings are the size model.forward's are: a one-token chunk attends over
+            # a whole ring, and rings of another size order its slots otherwise)
+            assert torch.equal(_resume_logits(model, snaps[c], c, question, chunk, 0), full), (tail, c)
 
 
-def test_snapshot_usable_only_when_the_window_before_is_held(gemma4_models):
+def test_a_snapshot_resumes_at_an_earlier_point_with_its_rings_kept(gemma4_models):
+    """The scheduler's entry: the last grid point's snapshot, its rings reaching back to the point before."""
     model = gemma4.load(gemma4_models["moe_kv"][0])
-    w = model.config.sliding_window
-    tail = 4
+    w, chunk = model.config.sliding_window, 2 * model.config.sliding_window
     doc = _ids(6 * w, 2)
-    cache = model.decoder.new_cache(batch=1, capacity=4, tail=tail)
-    prefill(model.decoder, cache, torch.tensor([doc]), torch.arange(len(doc))[None], 7)
-    snap = cache.snapshot(0, doc)
-    assert snap.ring_start == len(doc) - w - tail
-    first = len(doc) - tail - 1  # the window before c starts at c - w + 1 == ring_start
-    assert snap.usable(first) and not snap.usable(first - 1) and snap.usable(len(doc))
+    first, last = resume_points(len(doc), chunk, None, 2)
+    dec = model.decoder
+    cache = dec.new_cache(batch=1, capacity=4)
+    rings, snaps = {}, {}
+
+    def take(a, h):
+        rings[a + h.shape[1]] = cache.ring_snapshot(0, a + h.shape[1])
+        snaps[a + h.shape[1]] = cache.snapshot(0, doc[:a + h.shape[1]])
+
+    prefill(dec, cache, torch.tensor([doc]), torch.arange(len(doc))[None], chunk, on_hidden=take)
+    snap = snaps[last]
+    assert not snap.usable(first)  # the rings moved on
+    assert not snaps[len(doc)].usable(last) and not cache.snapshot(0, doc[:first]).usable(first)  # hold nothing
+    both = snap.with_earlier_rings(rings[first], first)
+    assert both.resumes == [first, last] and both.usable(first) and both.usable(last)
+    question = doc[:first] + _ids(w, 7)
+    assert torch.equal(_resume_logits(model, both, first, question, chunk, 0),
+                       model.forward(question, chunk=chunk)[first:])
     with pytest.raises(ValueError, match="cannot resume"):
-        model.decoder.new_cache(tail=tail).restore(0, snap, first - 1)
-    # a short sequence is held whole: usable at any length
-    short = model.decoder.new_cache(batch=1, capacity=4, tail=tail)
-    prefill(model.decoder, short, torch.tensor([doc[:w]]), torch.arange(w)[None])
-    s = short.snapshot(0, doc[:w])
-    assert all(s.usable(c) for c in range(1, w + 1))
+        dec.new_cache().restore(0, snap, first)
 
 
-def test_store_finds_the_longest_usable_prefix(gemma4_models):
+def test_store_reuses_an_entry_at_its_resume_points_only(gemma4_models):
     model = gemma4.load(gemma4_models["moe_kv"][0])
     dec = model.decoder
     store = PrefixStore(max_bytes=10**9, block_tokens=4, min_tokens=1)
     a, b = _ids(40, 3), _ids(40, 4)
-    for toks in (a, a[:30] + b[:10], b):
-        cache = dec.new_cache(batch=1, capacity=4, tail=64)  # tail: every position held
-        prefill(dec, cache, torch.tensor([toks]), torch.arange(len(toks))[None])
+    for toks in (a[:32], a[:24] + b[:8], b[:32]):
+        cache = dec.new_cache(batch=1, capacity=4)
+        prefill(dec, cache, torch.tensor([toks]), torch.arange(len(toks))[None], 8)
         store.add(cache.snapshot(0, toks))
-    assert store.lookup(a[:30] + b[:12]).length == 40 - 10 + 10  # the second entry, whole
-    assert store.lookup(a + [5, 6]).length == 40
-    assert store.lookup(a).length == 39  # the last prompt token is always computed
-    assert store.lookup(a[:13] + [1]).length == 13  # shares 3 whole blocks and one more token
+    assert store.lookup(a[:24] + b[:12]).length == 32  # the second entry
+    assert store.lookup(a + [5, 6]).length == 32
+    assert store.lookup(a[:32]) is None  # the last prompt token is always computed: not at 32
+    assert store.lookup(a[:30] + [1]) is None  # shares 30 tokens, but an entry resumes at its end or not at all
     assert store.lookup([7, 7, 7]) is None
     assert block_hashes(a, 4)[:7] == block_hashes(a[:30], 4)[:7]
     # bounded by bytes: adding past the limit evicts the least recently used
     size = store.bytes // 3
     small = PrefixStore(max_bytes=2 * size + size // 2, block_tokens=4, min_tokens=1)
-    for toks in (a, b, a[:30] + b[:10]):
-        cache = dec.new_cache(batch=1, capacity=4, tail=64)
-        prefill(dec, cache, torch.tensor([toks]), torch.arange(len(toks))[None])
+    for toks in (a[:32], b[:32], a[:24] + b[:8]):
+        cache = dec.new_cache(batch=1, capacity=4)
+        prefill(dec, cache, torch.tensor([toks]), torch.arange(len(toks))[None], 8)
         small.add(cache.snapshot(0, toks))
-    assert len(small) == 2 and small.lookup(a + [1]).length == 30  # `a` itself was evicted
+    assert len(small) == 2 and small.lookup(a + [1]) is None  # `a` itself was evicted
 
 
 def _run(sched, prompt, n):
@@ -109,15 +141,16 @@ def _run(sched, prompt, n):
 def test_scheduler_reuses_a_shared_document(gemma4_models, name):
     model = gemma4.load(gemma4_models[name][0])
     w = model.config.sliding_window
+    chunk = 5
     store = PrefixStore(max_bytes=10**8, block_tokens=4, min_tokens=8)
-    sched = Scheduler(model, max_batch=2, prefill_chunk=5, prefix_store=store, ring_tail=2 * w).start()
+    sched = Scheduler(model, max_batch=2, prefill_chunk=chunk, prefix_store=store).start()
     try:
         jobs = []
         # documents ending just before, at and just after a window boundary, after the ring wrapped
-        # four times; questions short and longer than the window
+        # four times; a question within a chunk and one that crosses a grid point
         for d in (4 * w - 1, 4 * w, 4 * w + 1):
             doc = _ids(d, d)
-            for q in (1, w + 1):
+            for q in (1, chunk + 2):
                 prompt = doc + _ids(q, 10 + q)
                 jobs.append((prompt, _run(sched, prompt, 2 * w + 1)))
         # the next turn of a conversation: the previous prompt + answer + a new message
@@ -126,8 +159,11 @@ def test_scheduler_reuses_a_shared_document(gemma4_models, name):
         jobs.append((turn, _run(sched, turn, w)))
     finally:
         sched.stop()
-    # every second question on a document, and the next turn, resumed from the store
-    assert store.hits == sched.stats.prefix_hits == 4 and sched.stats.prefix_reused_tokens >= 3 * (4 * w - 1)
+    # every second question on a document, and the next turn, resumed from the store: up to the last grid
+    # point within the shared tokens
+    assert store.hits == sched.stats.prefix_hits == 4
+    assert sched.stats.prefix_reused_tokens == sum(d // chunk * chunk for d in (4 * w - 1, 4 * w, 4 * w + 1)) \
+        + (len(prev_prompt) - 1) // chunk * chunk
     for prompt, got in jobs:
         n = len(got)
         assert got == model.generate(prompt, max_tokens=n, temperature=0, ignore_eos=True).token_ids

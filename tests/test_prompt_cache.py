@@ -15,36 +15,38 @@ from gemma4.checkpoint.gguf_writer import write_gguf
 from gemma4.engine import prefill
 from reference import VOCAB, build_gemma4, tiny_vocab_metadata
 
-TOL = 1e-4  # float32, only the chunking differs (see test_prefix_cache.py)
-
-
 def _ids(n, seed):
     return torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 @pytest.mark.parametrize("name", ["moe_kv", "dense_kv_off"])
-def test_save_reload_in_a_fresh_model_equals_full_forward(gemma4_models, tmp_path, name):
+def test_save_reload_in_a_fresh_model_equals_a_fresh_prefill_bit_for_bit(gemma4_models, tmp_path, name):
     path = gemma4_models[name][0]
     writer = gemma4.load(path)
     w = writer.config.sliding_window
+    chunk = w + 1
     doc = _ids(5 * w + 2, 1)
-    cache = writer.decoder.new_cache(batch=1, capacity=4, tail=3)
-    prefill(writer.decoder, cache, torch.tensor([doc]), torch.arange(len(doc))[None], chunk=w + 1)
-    prompt_cache.save(tmp_path / "doc.kv", cache.snapshot(0, doc), writer.decoder)
+    question = _ids(2 * w + 3, 5)
+    pc = prompt_cache.PromptCache(tmp_path / "doc.kv", prefix_len=len(doc))
+    _, first = pc.prefill(writer.decoder, doc + question, capacity=4, chunk=chunk)
+    keep = len(doc) // chunk * chunk  # the last grid point within the document
+    assert pc.saved == keep and pc.reused == 0
     assert os.listdir(tmp_path) == ["doc.kv"]  # no temporary file left behind
-    del writer, cache
+    del writer
 
     reader = gemma4.load(path)  # a fresh model, as a later run has
     snap = prompt_cache.load(tmp_path / "doc.kv", reader.decoder)
-    assert snap.tokens == doc
-    for c in (len(doc), len(doc) - 2):  # the whole document, and a question that re-tokenizes its end
-        ids = doc[:c] + _ids(2 * w + 3, c)
-        cache = reader.decoder.new_cache(batch=1, capacity=4, tail=3)
-        cache.restore(0, snap, c)
-        out = []
-        prefill(reader.decoder, cache, torch.tensor([ids[c:]]), torch.arange(c, len(ids))[None], 4,
-                on_hidden=lambda _, h: out.append(reader.decoder.logits(h)[0]))
-        assert (torch.cat(out) - reader.forward(ids)[c:]).abs().max().item() <= TOL
+    assert snap.tokens == doc[:keep]
+    for q in (question, _ids(w, 9)):  # the same question, another one
+        ids = doc + q
+        pc = prompt_cache.PromptCache(tmp_path / "doc.kv", prefix_len=len(doc))
+        cache, hidden = pc.prefill(reader.decoder, ids, capacity=4, chunk=chunk)
+        assert pc.reused == keep and pc.saved == 0
+        fresh = prefill(reader.decoder, reader.decoder.new_cache(), torch.tensor([ids]), torch.arange(len(ids))[None],
+                        chunk)
+        assert torch.equal(hidden, fresh)  # the last position's state, whose logits choose the first token
+    cache, hidden = pc.prefill(reader.decoder, doc[:keep], capacity=4, chunk=chunk)  # the file is the whole prompt
+    assert pc.reused == 0
 
 
 def test_a_file_of_another_model_or_not_a_cache_is_refused(gemma4_models, tmp_path):
@@ -81,7 +83,7 @@ def tiny_gguf(tmp_path_factory):
 
 def test_cli_file_and_prompt_cache_end_to_end(tiny_gguf, tmp_path):
     doc = tmp_path / "doc.txt"
-    doc.write_text(" ".join(["the cat is a dog of the man and the"] * 30))  # ~300 tokens: windows of 8
+    doc.write_text(" ".join(["the cat is a dog of the man and the"] * 60))  # > 512 tokens: windows of 8
     kv = tmp_path / "doc.kv"
     common = ["run", "-m", str(tiny_gguf), "--raw", "--temperature", "0", "-n", "6", "--file", str(doc)]
     plain = cli(*common, "is the")

@@ -204,8 +204,8 @@ def test_a_prompt_cache_keys_images_by_their_pixels(mm, tmp_path):
 
     a, b = picture(40, 30, seed=1), picture(40, 30, seed=2)
     pc, image_start, image_end = run(a, "what is this?")
-    assert pc.reused == 0 and pc.saved > image_end
+    assert pc.reused == 0 and pc.saved >= image_end  # up to a chunk end: the image's, or a later grid point
     pc, _, _ = run(a, "and its colour?")
-    assert pc.reused > image_end  # the image's KV came from the file
+    assert pc.reused >= image_end  # the image's KV came from the file
     pc, _, _ = run(b, "what is this?")
-    assert 0 < pc.reused <= image_start  # only the text before the image: the other picture is not reused
+    assert pc.reused == 0  # the file resumes at its end only, past the other picture: nothing of it is reused
