@@ -33,8 +33,10 @@ test: kernels
 # under $GEMMA4_BENCH_CACHE (default ~/.cache/gemma4-bench), then measures; BENCH_ARGS="--layers 1" etc.
 # bench/speculative.py: prompt lookup on the embedded model, a verify step's cost on the 26B-A4B shape
 # bench/long_context.py: KV bytes and peak memory at 8K-128K, time to first token on a cached document
+# bench/soak.py: the server under mixed load for 90 s, greedy probes before and after, RSS (bench/SOAK.md)
 bench: kernels
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+	$(BIN)/python bench/soak.py $(SOAK_ARGS)
 	$(BIN)/python bench/speculative.py $(SPEC_BENCH_ARGS)
 	$(BIN)/python -m bench.long_context $(LONG_BENCH_ARGS)
 
