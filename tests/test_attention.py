@@ -39,6 +39,27 @@ def test_pieces_merged_equal_one_softmax(window, step):
     assert (got - want).abs().max() <= 1e-5  # float32 rounding of two summation orders
 
 
+def test_pieces_with_scores_far_below_the_maximum_and_hidden_slots_of_any_value():
+    """Scores hundreds below their row's maximum (attention scale 1, long contexts) are weighted as e^-87 at
+    most, which changes no sum; hidden slots give exactly nothing, whatever they hold."""
+    g = torch.Generator().manual_seed(1)
+    b, h, kv, t, s, d = 1, 4, 2, 3, 40, 16
+    q = torch.randn(b, h, t, d, generator=g) * 6
+    k, v = torch.randn(b, kv, s, d, generator=g) * 6, torch.randn(b, kv, s, d, generator=g)
+    kpos = torch.arange(s)[None].clone()
+    kpos[0, 30:] = -1  # empty slots
+    qpos = torch.tensor([[27, 28, 29]])
+    pieces = lambda vals: [(k[:, :, a:a + 8], vals[:, :, a:a + 8], kpos[:, a:a + 8]) for a in range(0, s, 8)]  # noqa: E731
+    got = attend(q, pieces(v), qpos, None, None, 1.0)
+    scores = torch.einsum("bhtd,bhsd->bhts", q.double(), k.repeat_interleave(2, 1).double())
+    assert float((scores.amax(-1, keepdim=True) - scores).max()) > 200  # far below e^-87
+    want = _plain(q.double(), k.double(), v.double(), qpos, kpos, None, None)
+    assert (got.double() - want).abs().max() <= 1e-5  # float32 rounding of the sums
+    stale = v.clone()
+    stale[:, :, 30:] = 1e30  # what a reused slot may still hold
+    assert torch.equal(attend(q, pieces(stale), qpos, None, None, 1.0), got)
+
+
 @pytest.mark.parametrize("offset,window,causal", [(0, None, True), (0, 80, True), (0, 40, False), (10, None, False)])
 def test_a_plain_causal_mask_goes_to_the_fused_kernel_as_is_causal(monkeypatch, offset, window, causal):
     """One piece of T keys at the queries' own positions (a fresh prompt): the mask is the causal one, so

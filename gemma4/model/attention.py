@@ -26,6 +26,7 @@ from .layers import RMSNorm, rope_inv_freq, rotate
 
 PIECE_ELEMENTS = 1 << 22  # float32 elements of one piece's scores or values (16 MiB)
 PIECE_ALIGN = 256  # pieces of whole cache blocks
+EXP_FLOOR = -87.0  # e^x below it is under float32's smallest normal number
 
 
 def piece_slots(batch: int, heads: int, queries: int, kv_heads: int, head_dim: int) -> int:
@@ -120,12 +121,20 @@ def attend(q: torch.Tensor, pieces, qpos: torch.Tensor, window: int | None, sees
         if scale != 1.0:
             s.mul_(scale)
         allowed = attention_mask(qpos, kpos, window, sees_until)  # [B, T, S]
-        s.view(b, kv, g, t, -1).masked_fill_(~allowed[:, None, None], float("-inf"))
+        hidden = None if bool(allowed.all()) else ~allowed[:, None, None]  # (a causal prefill: all but its last piece)
+        if hidden is not None:
+            s.view(b, kv, g, t, -1).masked_fill_(hidden, float("-inf"))
         top = s.amax(dim=-1, keepdim=True)
         if m is not None:
             top = torch.maximum(top, m)
         top_safe = top.masked_fill(top == float("-inf"), 0.0)  # a query that sees nothing yet
-        p = torch.exp(s.sub_(top_safe))
+        # torch's exp takes a slow path for arguments below about -87 (whose results are below float32's
+        # smallest normal; at attention scale 1 most of a long context's scores are): ~10x the time.
+        # Clamped there, a score's weight is e^-87 at most, nothing beside the maximum's 1; hidden keys
+        # then get exactly 0 again.
+        p = s.sub_(top_safe).clamp_(min=EXP_FLOOR).exp_()
+        if hidden is not None:
+            p.view(b, kv, g, t, -1).masked_fill_(hidden, 0.0)
         part = torch.matmul(p, vf)
         if m is None:
             l, acc = p.sum(dim=-1, keepdim=True), part
