@@ -1,6 +1,7 @@
 """KV memory for generation.
 
-- Sliding layers keep, per row, a ring of `sliding_window + tail` slots with the absolute position of
+- Sliding layers keep, per row, a ring of `sliding_window + tail` slots (rounded up to whole chunks of
+  the attention kernel, ring_slots) with the absolute position of
   every slot (-1: empty): position p lives in slot p % slots, and the attention mask is computed from
   positions alone. The `tail` extra slots keep the positions just before the window, so a row can be
   truncated back by up to `tail` positions (speculative decoding's rollback).
@@ -30,9 +31,18 @@ from .config import ModelConfig
 
 from .kv_int8 import KV_DTYPES, Codec
 from .kv_pool import BLOCK_TOKENS, BlockTable, PagedKV, row_list
-from .quant.kernels import put_tokens
+from .quant.kernels import ATTENTION_CHUNK, put_tokens
 
 __all__ = ["KV_DTYPES", "BLOCK_TOKENS", "KVCache", "Snapshot", "RingKV", "PagedKV"]
+
+
+def ring_slots(window: int, tail: int) -> int:
+    """A ring's slots: the window and at least `tail` more, in whole chunks of the attention kernel, with
+    room for a chunk's worth beside the window: each chunk of slots then holds keys of a single run of 64
+    positions that a query sees (with less room, the chunk being written would hold the newest keys and
+    the oldest the window still sees), so a decode step's arithmetic is the same whatever the tail (a
+    speculative run's rings and a plain one's, or a server's, give the same bits)."""
+    return -(-(window + max(tail, ATTENTION_CHUNK - 1)) // ATTENTION_CHUNK) * ATTENTION_CHUNK
 
 
 class RingKV:
@@ -102,14 +112,18 @@ class RingKV:
         """Store a chunk and return the (k, v, kpos) to attend over, the chunk included, as a list of
         pieces (here one: a ring is small). k is None on K=V layers.
 
-        A ring written before attending would lose positions that earlier queries of a multi-token
-        chunk still see, so for chunks the ring's old contents are joined to the new tokens instead:
+        A chunk of at most ATTENTION_CHUNK tokens (a verify step of speculative decoding; ring_slots leaves
+        room for that many beside the window, whatever the tail) is written first and read whole, as a
+        decode step is: each of its queries then sees the same keys in the same slots as a decode step at its position
+        (the newer slots are hidden from it), so a verify row gives a decode row's bits.
+        A longer chunk written before attending would lose positions that its earlier queries still see,
+        so then the ring's old contents are joined to the new tokens instead:
         only the slots holding a position some query of the chunk sees (a fresh prompt attends over its
         own tokens alone). What a chunk attends over thus depends on its positions alone, not on what
         else the ring still holds (a tail, a row restored from a snapshot, stale slots of a reused row),
         so the same chunk gives the same bits in every such cache.
         """
-        if pos.shape[1] > 1:
+        if pos.shape[1] > min(ATTENTION_CHUNK, self.capacity - self.window + 1):
             old_pos = _rows(self.pos, rows)
             big = torch.iinfo(old_pos.dtype).max
             first = torch.where(pos >= 0, pos, big).amin(dim=1, keepdim=True)
@@ -263,8 +277,8 @@ class KVCache:
         for i in range(config.num_hidden_layers):
             kv, d, keys = config.kv_heads_of(i), config.head_dim_of(i), not config.k_eq_v(i)
             if config.is_sliding(i):
-                self.layers.append(RingKV(batch, kv, d, config.sliding_window + tail, keys, dtype, device, kv_dtype,
-                                          window=config.sliding_window))
+                self.layers.append(RingKV(batch, kv, d, ring_slots(config.sliding_window, tail), keys, dtype, device,
+                                          kv_dtype, window=config.sliding_window))
             else:
                 self.layers.append(PagedKV(self.table, kv, d, keys, dtype, device, kv_dtype))
         self.batch = batch

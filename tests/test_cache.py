@@ -4,6 +4,8 @@ import pytest
 import torch
 
 import gemma4
+from gemma4.cache import ring_slots
+from gemma4.quant.kernels import ATTENTION_CHUNK
 from gemma4.engine import prefill
 from reference import VOCAB
 
@@ -35,15 +37,18 @@ def test_cache_memory_is_bounded(gemma4_models):
     path, _ = gemma4_models["moe_kv"]
     model = gemma4.load(path)
     cfg = model.config
-    ids = torch.randint(3, VOCAB, (50,), generator=torch.Generator().manual_seed(1))
-    cache = model.decoder.new_cache(batch=1, capacity=50)
-    prefill(model.decoder, cache, ids[None], torch.arange(50)[None])
+    n = 300  # past the rings' slots
+    ids = torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(1))
+    cache = model.decoder.new_cache(batch=1, capacity=n)
+    prefill(model.decoder, cache, ids[None], torch.arange(n)[None])
+    ring = ring_slots(cfg.sliding_window, 0)
+    assert ring % ATTENTION_CHUNK == 0 and cfg.sliding_window + ATTENTION_CHUNK - 1 <= ring < n
     for i, layer in enumerate(cache.layers):
         if cfg.is_sliding(i):
-            assert layer.v.shape[2] == cfg.sliding_window and layer.k.shape[2] == cfg.sliding_window
+            assert layer.v.shape[2] == ring and layer.k.shape[2] == ring
         else:
             assert layer.k is None, "a K=V layer stores one tensor"
-            assert layer.v.shape[2] >= 50
+            assert layer.v.shape[2] * layer.v.shape[0] >= n
 
 
 @pytest.mark.parametrize("kv_dtype", ["float", "int8"])

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 import gemma4
+from gemma4.cache import ring_slots
 from gemma4.checkpoint import open_checkpoint
 from gemma4.checkpoint.gguf_writer import write_gguf
 from reference import build_gemma4, tiny_vocab_metadata
@@ -74,8 +75,9 @@ def test_info(tiny_gguf):
     total, active = cfg.parameter_counts()
     assert "gemma4" in r.stdout and f"experts        {cfg.num_experts}, top-{cfg.top_k_experts}" in r.stdout
     assert "F32" in r.stdout and "KV at    100" in r.stdout
-    # KV: sliding layers hold at most the window, the K=V full layers one tensor
-    kv = sum(cfg.kv_bytes_per_token(i) * (min(100, cfg.sliding_window) if cfg.is_sliding(i) else 100)
+    # KV: sliding layers their ring (the window and a chunk of the attention kernel), the K=V full layers
+    # one tensor per position
+    kv = sum(cfg.kv_bytes_per_token(i) * (ring_slots(cfg.sliding_window, 0) if cfg.is_sliding(i) else 100)
              for i in range(cfg.num_hidden_layers))
     assert f"{kv / 1024:.1f} KiB" in r.stdout
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import gemma4
+from gemma4.cache import ring_slots
 from gemma4.engine import prefill
 from gemma4.kv_budget import KVBudget, parse_bytes
 from gemma4.sampling import SamplingParams
@@ -34,7 +35,7 @@ def test_budget_counts_full_layers_per_block_and_rings_per_row(model):
     cache = model.decoder.new_cache(batch=2, tail=3)
     b = KVBudget(10**9, cache)
     full = sum(cfg.kv_bytes_per_token(i, 4) for i in range(cfg.num_hidden_layers) if not cfg.is_sliding(i))
-    ring = sum((cfg.kv_bytes_per_token(i, 4) + 8) * (cfg.sliding_window + 3)
+    ring = sum((cfg.kv_bytes_per_token(i, 4) + 8) * ring_slots(cfg.sliding_window, 3)
                for i in range(cfg.num_hidden_layers) if cfg.is_sliding(i))
     # float32 values; rings keep int64 positions, a pool's rows are their lengths
     assert b.per_token == full and b.fixed == 2 * ring

@@ -117,18 +117,20 @@ def test_budget_is_what_the_cache_allocates_and_rows_over_it_wait(model):
 def test_truncate_rolls_a_row_back(model):
     dec = model.decoder
     w = model.config.sliding_window
-    ids = _ids(40, 5)
     cache = _cache(model, batch=1, block=4, tail=4)
+    ring = next(layer.capacity for layer in cache.layers if layer.ring)
+    n = ring + 30  # the rings have wrapped
+    ids = _ids(n + 10, 5)
     with torch.inference_mode():
-        prefill(dec, cache, ids[None, :30], torch.arange(30)[None], chunk=1)
-        dec(_ids(3, 6)[None], torch.arange(30, 33)[None], cache)  # three tokens then rejected
-        cache.truncate(0, 30)
-        assert cache.length(0) == 30
-        out = [dec.logits(dec(ids[None, t:t + 1], torch.tensor([[t]]), cache)[:, -1])[0] for t in range(30, 40)]
-    plain = model.forward(ids)[30:40]
+        prefill(dec, cache, ids[None, :n], torch.arange(n)[None], chunk=7)
+        dec(_ids(3, 6)[None], torch.arange(n, n + 3)[None], cache)  # three tokens then rejected
+        cache.truncate(0, n)
+        assert cache.length(0) == n
+        out = [dec.logits(dec(ids[None, t:t + 1], torch.tensor([[t]]), cache)[:, -1])[0] for t in range(n, n + 10)]
+    plain = model.forward(ids, chunk=7)[n:n + 10]
     assert (torch.stack(out) - plain).abs().max() <= 1e-4
     with pytest.raises(ValueError, match="cannot go back"):
-        cache.truncate(0, 40 - w - 6)  # further back than the ring's tail
+        cache.truncate(0, n + 10 - (ring - w) - 3)  # further back than the ring's spare slots
 
 
 def test_keys_values_are_the_rows_rotated_keys_and_values(model):
@@ -154,7 +156,7 @@ def test_keys_values_are_the_rows_rotated_keys_and_values(model):
         k = apply_rope(attn.k_norm(raw)[None], cos[None], sin[None])[0].transpose(0, 1)
         v = attn.v_norm(raw if attn.v_proj is None else attn.v_proj(x).view(25, attn.kv_heads, -1)).transpose(0, 1)
         got_k, got_v, pos = attn.keys_values(cache, i, 1, 20)
-        first = 25 - (cfg.sliding_window + 2) if cfg.is_sliding(i) else 0  # a ring holds the last window + tail
+        first = 25 - cache.layers[i].capacity if cfg.is_sliding(i) else 0  # a ring holds its last slots' worth
         assert pos.tolist() == list(range(max(0, first), 20))
         assert (got_k - k[:, pos]).abs().max() <= 1e-5 and (got_v - v[:, pos]).abs().max() <= 1e-6
         stored_k, _, _ = cache.keys_values(i, 1, 20)

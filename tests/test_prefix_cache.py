@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import gemma4
+from gemma4.cache import ring_slots
 from gemma4.engine import prefill, resume_points
 from gemma4.prefix_cache import PrefixStore, block_hashes
 from gemma4.sampling import SamplingParams
@@ -73,16 +74,17 @@ def test_resume_at_a_grid_point_equals_a_fresh_prefill_bit_for_bit(gemma4_models
         for c in points:
             question = doc[:c] + _ids(2 * w + 1, c)
             full = model.forward(question, chunk=chunk)[c:]
-            # (the resuming cache's rings are the size model.forward's are: a one-token chunk attends over
-            # a whole ring, and rings of another size order its slots otherwise)
-            assert torch.equal(_resume_logits(model, snaps[c], c, question, chunk, 0), full), (tail, c)
+            for resume_tail in (0, 100):  # rings of the size model.forward's are, and larger
+                assert torch.equal(_resume_logits(model, snaps[c], c, question, chunk, resume_tail), full), \
+                    (tail, c, resume_tail)
 
 
 def test_a_snapshot_resumes_at_an_earlier_point_with_its_rings_kept(gemma4_models):
     """The scheduler's entry: the last grid point's snapshot, its rings reaching back to the point before."""
     model = gemma4.load(gemma4_models["moe_kv"][0])
-    w, chunk = model.config.sliding_window, 2 * model.config.sliding_window
-    doc = _ids(6 * w, 2)
+    w = model.config.sliding_window
+    chunk = ring_slots(w, 0)  # a chunk as long as the rings: at its end they hold nothing older
+    doc = _ids(4 * chunk, 2)
     first, last = resume_points(len(doc), chunk, None, 2)
     dec = model.decoder
     cache = dec.new_cache(batch=1, capacity=4)

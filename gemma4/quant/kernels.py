@@ -48,6 +48,8 @@ _SOURCE = r"""
 #include <cmath>
 #include <cstring>
 #include <vector>
+#include <algorithm>
+#include <utility>
 
 // Releases the GIL for the call when this thread holds it (a call from Python); the fused ops below call
 // the others from C++, where it is already released.
@@ -715,8 +717,11 @@ torch::Tensor bf16mm(torch::Tensor x, torch::Tensor w) {
 // q [B, H, T, D] float32; k, v [B, KV, S, D] float32 or bf16 (rows contiguous); qpos [B, T], kpos [B, S]
 // (-1: empty slot); a query at p sees keys p - window + 1 .. min(p or sees_until) (window 0: all).
 // Keys are split in chunks of 64 across threads (flash-decoding): each chunk keeps, per query, its max
-// score, sum of exponentials and weighted values; a second pass merges them. A query that sees nothing
-// gets zeros. Every query's arithmetic is the same whatever the others (T, batch) are.
+// score, sum of exponentials and weighted values; a second pass merges them in the order of the first
+// position each chunk shows the query (a ring's slots wrap: slot order is a rotation that depends on the
+// ring's size; position order does not). A query that sees nothing gets zeros. Every query's arithmetic
+// is the same whatever the others (T, batch) are, and, over a ring of a multiple of 64 slots, whatever
+// its size (a chunk of slots then holds the keys of one 64-position run that the query sees).
 
 // e^x for x <= 0 (scores minus their maximum; -inf and anything below -87 give 0): 2^n * p(f), n = round(x / ln 2), f = x - n ln 2
 // in two parts, p a degree-6 Taylor polynomial on |f| <= ln 2 / 2 (relative error < 2e-7, float32's own).
@@ -865,7 +870,7 @@ template <typename KT>
 static void attend_chunks(const float* Q, const KT* K, const KT* V, const int64_t* QP, const int64_t* KP,
                           const int64_t* SU, int64_t window, float scale, int64_t B, int64_t H, int64_t T,
                           int64_t KV, int64_t S, int64_t D, int64_t CH, int64_t NC, float* PM, float* PL, float* PA,
-                          const int64_t* BT, int64_t BS, int64_t NBLK,
+                          int64_t* PF, const int64_t* BT, int64_t BS, int64_t NBLK,
                           const float* KW, const float* KC, const float* KS, int64_t KR) {
     const int64_t G = H / KV, R = G * T;
     at::parallel_for(0, B * KV * NC, 1, [&](int64_t i0, int64_t i1) {
@@ -882,6 +887,7 @@ static void attend_chunks(const float* Q, const KT* K, const KT* V, const int64_
             const int64_t* kp = KP + b * S + j0;
             float* pm = PM + i * R;
             float* pl = PL + i * R;
+            int64_t* pf = PF + i * R;
             float* pa = PA + i * R * D;
             for (int64_t r = 0; r < R; ++r) {  // query row r: head kv * G + r / T, position t = r % T
                 const int64_t t = r % T, qp = QP[b * T + t];
@@ -904,12 +910,14 @@ static void attend_chunks(const float* Q, const KT* K, const KT* V, const int64_
                         for (int64_t r = r0; r < r0 + RT; ++r) {
                             float* x = sc.data() + r * CH;
                             float top = -INFINITY;
+                            int64_t first = INT64_MAX;
                             for (int64_t t = 0; t < m; ++t) {
                                 const int64_t j = idx[t];
                                 if (kp[j] < rlo[r] || kp[j] > rhi[r]) x[j] = -INFINITY;
-                                else top = std::max(top, x[j]);
+                                else top = std::max(top, x[j]), first = std::min(first, kp[j]);
                             }
                             pm[r] = top;
+                            pf[r] = first;
                             if (top == -INFINITY) {
                                 std::fill(x, x + n, 0.0f);
                                 pl[r] = 0.0f;
@@ -923,9 +931,15 @@ static void attend_chunks(const float* Q, const KT* K, const KT* V, const int64_
                                 _mm256_storeu_ps(x + j, e);
                                 l8 = _mm256_add_ps(l8, e);
                             }
-                            float l = hsum(l8);
-                            for (; j < n; ++j) l += (x[j] = x[j] == -INFINITY ? 0.0f : std::exp(x[j] - top));
-                            pl[r] = l;
+                            if (j < n) {  // the last keys through the same vector exp, hidden lanes at -inf (0)
+                                float tail[8];
+                                for (int64_t e = 0; e < 8; ++e) tail[e] = j + e < n ? x[j + e] : -INFINITY;
+                                const __m256 e8 = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(tail), top8));
+                                _mm256_storeu_ps(tail, e8);
+                                for (int64_t e = 0; j + e < n; ++e) x[j + e] = tail[e];
+                                l8 = _mm256_add_ps(l8, e8);
+                            }
+                            pl[r] = hsum(l8);
                         }
                     }
                     const float* const* tq = rq.data() + r0;
@@ -980,6 +994,7 @@ torch::Tensor attend_small(torch::Tensor q, torch::Tensor k, torch::Tensor v, to
     auto f = q.options();
     auto pm = torch::empty({B * KV * NC, R}, f), pl = torch::empty({B * KV * NC, R}, f);
     auto pa = torch::empty({B * KV * NC, R, D}, f);
+    auto pf = torch::empty({B * KV * NC, R}, q.options().dtype(torch::kLong));
     torch::Tensor su;
     if (sees_until.has_value()) su = sees_until->contiguous();
     const int64_t* SU = sees_until.has_value() ? su.data_ptr<int64_t>() : nullptr;
@@ -987,31 +1002,39 @@ torch::Tensor attend_small(torch::Tensor q, torch::Tensor k, torch::Tensor v, to
         attend_chunks<uint16_t>(q.data_ptr<float>(), (const uint16_t*)k.data_ptr(), (const uint16_t*)v.data_ptr(),
                                 qpos.data_ptr<int64_t>(), kpos.data_ptr<int64_t>(), SU, window, (float)scale,
                                 B, H, T, KV, S, D, CH, NC, pm.data_ptr<float>(), pl.data_ptr<float>(), pa.data_ptr<float>(),
-                                BT, BS, NBLK, KW, KC, KS, KR);
+                                pf.data_ptr<int64_t>(), BT, BS, NBLK, KW, KC, KS, KR);
     else {
         TORCH_CHECK(k.scalar_type() == torch::kFloat, "attend_small: keys must be float32 or bfloat16");
         attend_chunks<float>(q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(),
                              qpos.data_ptr<int64_t>(), kpos.data_ptr<int64_t>(), SU, window, (float)scale,
                              B, H, T, KV, S, D, CH, NC, pm.data_ptr<float>(), pl.data_ptr<float>(), pa.data_ptr<float>(),
-                             BT, BS, NBLK, KW, KC, KS, KR);
+                             pf.data_ptr<int64_t>(), BT, BS, NBLK, KW, KC, KS, KR);
     }
     auto out = torch::zeros({B, H, T, D}, f);
     const float* PM = pm.data_ptr<float>();
     const float* PL = pl.data_ptr<float>();
     const float* PA = pa.data_ptr<float>();
+    const int64_t* PF = pf.data_ptr<int64_t>();
     float* O = out.data_ptr<float>();
     at::parallel_for(0, B * H * T, 1, [&](int64_t i0, int64_t i1) {  // merge the chunks of each query
+        std::vector<std::pair<int64_t, int64_t>> order;  // (first position seen, chunk)
         for (int64_t i = i0; i < i1; ++i) {
             const int64_t b = i / (H * T), h = (i / T) % H, t = i % T, kv = h / G, r = (h % G) * T + t;
             float top = -INFINITY;
-            for (int64_t c = 0; c < NC; ++c) top = std::max(top, PM[((b * KV + kv) * NC + c) * R + r]);
-            if (top == -INFINITY) continue;  // sees nothing: zeros
-            float l = 0.0f;
-            float* o = O + i * D;
+            order.clear();
             for (int64_t c = 0; c < NC; ++c) {
                 const int64_t pi = (b * KV + kv) * NC + c;
+                if (PM[pi * R + r] == -INFINITY) continue;
+                top = std::max(top, PM[pi * R + r]);
+                order.emplace_back(PF[pi * R + r], c);
+            }
+            if (top == -INFINITY) continue;  // sees nothing: zeros
+            std::sort(order.begin(), order.end());
+            float l = 0.0f;
+            float* o = O + i * D;
+            for (const auto& fc : order) {
+                const int64_t pi = (b * KV + kv) * NC + fc.second;
                 const float m = PM[pi * R + r];
-                if (m == -INFINITY) continue;
                 const float w = std::exp(m - top);
                 l += w * PL[pi * R + r];
                 const float* a = PA + (pi * R + r) * D;
