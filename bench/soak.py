@@ -51,7 +51,8 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
-def probe(client: httpx.Client, url: str) -> list[str]:
+def probe(client: httpx.Client, url: str, cached: list | None = None) -> list[str]:
+    """The probes' texts; `cached` gets each one's prompt tokens whose KV was reused."""
     out = []
     for kind, text, n in PROBES:
         if kind == "chat":
@@ -59,11 +60,15 @@ def probe(client: httpx.Client, url: str) -> list[str]:
                                                                "max_tokens": n, "temperature": 0}, timeout=TIMEOUT)
             r.raise_for_status()
             out.append(r.json()["choices"][0]["message"]["content"])
+            if cached is not None:
+                cached.append(r.json()["usage"]["prompt_tokens_details"]["cached_tokens"])
         else:
             r = client.post(url + "/v1/completions", json={"prompt": text, "max_tokens": n, "temperature": 0},
                             timeout=TIMEOUT)
             r.raise_for_status()
             out.append(r.json()["choices"][0]["text"])
+            if cached is not None:
+                cached.append(r.json()["usage"]["prompt_tokens_details"]["cached_tokens"])
     return out
 
 
@@ -191,7 +196,8 @@ def soak(seconds: float, threads: int, flood_seconds: float, model: str | None =
     try:
         with httpx.Client() as client:
             long_prompt = " ".join(WORDS) * (40_000 // len(WORDS) + 1)  # past the embedded model's 32K context
-            before = probe(client, url)
+            cached_before, cached_after = [], []
+            before = probe(client, url, cached_before)
             rss = {"start": rss_bytes(proc.pid)}
             floods = []
             for i in range(2):
@@ -199,10 +205,9 @@ def soak(seconds: float, threads: int, flood_seconds: float, model: str | None =
                 rss[f"after refused flood {i + 1}"] = rss_bytes(proc.pid)
             mix = load(url, seconds, threads, seed, mixed, long_prompt)
             rss["after mixed load"] = rss_bytes(proc.pid)
-            after = probe(client, url)
+            after = probe(client, url, cached_after)
             floods.append(load(url, flood_seconds, threads, seed + 102, refused, long_prompt))
             rss["after refused flood 3"] = rss_bytes(proc.pid)
-            metrics = client.get(url + "/metrics", timeout=10).text
         alive = proc.poll() is None
     finally:
         proc.terminate()
@@ -210,9 +215,8 @@ def soak(seconds: float, threads: int, flood_seconds: float, model: str | None =
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
-    hits = [line for line in metrics.splitlines() if line.startswith("gemma4_prefix_cache_hits")]
     return {"before": before, "after": after, "rss": rss, "floods": floods, "mix": mix, "alive": alive,
-            "prefix_hits": hits, "seconds": seconds, "threads": threads, "flood_seconds": flood_seconds}
+            "cached": (cached_before, cached_after), "seconds": seconds, "threads": threads, "flood_seconds": flood_seconds}
 
 
 def report(res: dict) -> tuple[str, bool]:
@@ -242,7 +246,8 @@ def report(res: dict) -> tuple[str, bool]:
               f" ({floods[1].total()} requests); over the mixed load: "
               f"{mib(rss['after mixed load'] - rss['after refused flood 2'])}; over the third flood: "
               f"{mib(rss['after refused flood 3'] - rss['after mixed load'])}",
-              *(f"- {h}" for h in res["prefix_hits"])]
+              f"- the probes' prompt tokens reused from the prefix store, before / after the load: "
+              f"{res['cached'][0]} / {res['cached'][1]}"]
     if not same:
         lines += ["", "before: " + json.dumps(res["before"]), "after: " + json.dumps(res["after"])]
     lines += [f"- error: {e}" for e in errors[:10]]
