@@ -32,6 +32,7 @@ import httpx
 HERE = Path(__file__).resolve().parent
 WORDS = (HERE / "data" / "english.txt").read_text().split()
 TIMEOUT = 120.0  # seconds one request may take before it counts as hung
+REFUSED = ("bad json", "missing field", "wrong type", "over context")
 
 PROBES = [
     ("completion", "The capital of France is", 16),
@@ -77,7 +78,14 @@ class Tally:
     lock: threading.Lock = field(default_factory=threading.Lock)
     counts: collections.Counter = field(default_factory=collections.Counter)  # (kind, status class)
     hung: int = 0
+    issued: int = 0
     errors: list = field(default_factory=list)
+
+    def issue(self) -> int:
+        """A number for the next request (refused kinds take turns by it)."""
+        with self.lock:
+            self.issued += 1
+            return self.issued - 1
 
     def add(self, kind: str, status: int | str) -> None:
         with self.lock:
@@ -92,8 +100,8 @@ def _words(rng: random.Random, lo: int = 3, hi: int = 200) -> str:
 
 
 def refused(client: httpx.Client, url: str, rng: random.Random, tally: Tally, long_prompt: str) -> None:
-    """One request the server must refuse with a 4xx."""
-    kind = rng.choice(["bad json", "missing field", "wrong type", "over context"])
+    """One request the server must refuse with a 4xx; the kinds take turns."""
+    kind = REFUSED[tally.issue() % len(REFUSED)]
     if kind == "bad json":
         r = client.post(url + "/v1/chat/completions", content=b'{"messages": [', timeout=TIMEOUT,
                         headers={"content-type": "application/json"})
@@ -110,6 +118,7 @@ def refused(client: httpx.Client, url: str, rng: random.Random, tally: Tally, lo
 
 def mixed(client: httpx.Client, url: str, rng: random.Random, tally: Tally, long_prompt: str) -> None:
     """One request of the mix."""
+    tally.issue()
     x = rng.random()
     sampled = rng.random() < 0.5
     params = {"max_tokens": rng.randint(4, 24), "temperature": 0.8 if sampled else 0, "seed": rng.randrange(1000)}
@@ -138,15 +147,17 @@ def mixed(client: httpx.Client, url: str, rng: random.Random, tally: Tally, long
         tally.errors.append(f"{r.status_code}: {r.text[:200] if not r.is_stream_consumed else ''}")
 
 
-def load(url: str, seconds: float, threads: int, seed: int, work, long_prompt: str) -> Tally:
-    """`threads` clients each running `work` until `seconds` have passed; a request past TIMEOUT is hung."""
+def load(url: str, seconds: float, threads: int, seed: int, work, long_prompt: str,
+         requests: int | None = None) -> Tally:
+    """`threads` clients each running `work` until `seconds` have passed (or `requests` were sent); a
+    request past TIMEOUT is hung."""
     tally = Tally()
     deadline = time.monotonic() + seconds
 
     def client_loop(i: int) -> None:
         rng = random.Random(seed * 1000 + i)
         with httpx.Client() as client:
-            while time.monotonic() < deadline:
+            while time.monotonic() < deadline and (requests is None or tally.issued < requests):
                 try:
                     work(client, url, rng, tally, long_prompt)
                 except httpx.TimeoutException:
@@ -188,8 +199,10 @@ def start_server(model: str | None, port: int) -> subprocess.Popen:
     raise RuntimeError("the server did not start in 180 s")
 
 
-def soak(seconds: float, threads: int, flood_seconds: float, model: str | None = None, seed: int = 0) -> dict:
-    """Runs the phases against a fresh server; returns the figures (see the module docstring)."""
+def soak(seconds: float, threads: int, flood_seconds: float, model: str | None = None, seed: int = 0,
+         flood_requests: int | None = None) -> dict:
+    """Runs the phases against a fresh server; returns the figures (see the module docstring). A flood
+    lasts flood_seconds, or until flood_requests were sent."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     proc = start_server(model, port)
@@ -201,12 +214,12 @@ def soak(seconds: float, threads: int, flood_seconds: float, model: str | None =
             rss = {"start": rss_bytes(proc.pid)}
             floods = []
             for i in range(2):
-                floods.append(load(url, flood_seconds, threads, seed + 100 + i, refused, long_prompt))
+                floods.append(load(url, flood_seconds, threads, seed + 100 + i, refused, long_prompt, flood_requests))
                 rss[f"after refused flood {i + 1}"] = rss_bytes(proc.pid)
             mix = load(url, seconds, threads, seed, mixed, long_prompt)
             rss["after mixed load"] = rss_bytes(proc.pid)
             after = probe(client, url, cached_after)
-            floods.append(load(url, flood_seconds, threads, seed + 102, refused, long_prompt))
+            floods.append(load(url, flood_seconds, threads, seed + 102, refused, long_prompt, flood_requests))
             rss["after refused flood 3"] = rss_bytes(proc.pid)
         alive = proc.poll() is None
     finally:

@@ -318,7 +318,7 @@ class KVCache:
     def truncate(self, row: int, length: int) -> None:
         """Row `row` forgets positions >= length, so the sequence continues at `length` (speculative
         decoding's rollback). ValueError if a sliding ring no longer holds the window before `length`
-        (a rollback further than its `tail` slots)."""
+        (a rollback further than its tail: the slots it keeps beside the window)."""
         if length < 0:
             raise ValueError(f"truncate: length must be at least 0, got {length}")
         need = max(0, length - self.window + 1)
@@ -326,7 +326,8 @@ class KVCache:
             first = layer.earliest(row) if layer.ring else None
             if first is not None and 0 < length and first > need:
                 raise ValueError(f"truncate: row {row} cannot go back to {length} tokens: its sliding layers "
-                                 f"start at position {first} (its rings keep {self.tail} tail slots before the window)")
+                                 f"start at position {first} (their tail keeps {layer.capacity - self.window} slots "
+                                 f"before the window)")
         for layer in self.layers:
             layer.truncate(row, length)
 

@@ -90,12 +90,10 @@ class PrefixStore:
         return any(s.tokens == tokens for s, _ in self._entries.values())
 
     def add(self, snap: Snapshot) -> None:
-        """Keep a snapshot taken at resume points (it must be usable at each of them)."""
+        """Keep a snapshot taken at resume points (one not usable at each of them is not kept)."""
         size = snap.nbytes()
-        if not self.wants(len(snap.tokens)) or size > self.max_bytes:
+        if not self.wants(len(snap.tokens)) or size > self.max_bytes or not all(snap.usable(c) for c in snap.resumes):
             return
-        if not all(snap.usable(c) for c in snap.resumes):
-            raise ValueError("prefix cache: a snapshot must hold the window before each of its resume points")
         for eid, (old, _) in list(self._entries.items()):
             if old.tokens == snap.tokens:  # the same sequence again: keep the newer copy
                 self._remove(eid)
@@ -125,8 +123,9 @@ class PrefixStore:
         limit = len(prompt) - 1
         if limit < 1 or not self._entries:
             return None
-        # Entries whose whole blocks begin the prompt's (and those shorter than a block); compared whole below.
-        candidates = {eid for eid, (snap, _) in self._entries.items() if len(snap.tokens) < self.block}
+        # Entries whose whole blocks begin the prompt's (and those resuming within their first block);
+        # compared whole below.
+        candidates = {eid for eid, (snap, _) in self._entries.items() if snap.resumes[0] < self.block}
         for h in block_hashes(prompt[:limit], self.block):
             ids = self._index.get(h)
             if not ids:

@@ -25,7 +25,7 @@ from .cache import Snapshot
 from .prefix_cache import prompt_key
 
 FORMAT = "gemma4-prompt-cache"
-VERSION = 1
+VERSION = 2  # 2: saved at a chunk end of the prefill grid (engine.chunk_end), resumed only there
 
 
 def _package_version() -> str:
@@ -117,22 +117,26 @@ class PromptCache:
         embeds, mask = engine.soft_embeds([(len(ids), soft or [])], len(ids), decoder.config.hidden_size,
                                           decoder.dtype, decoder.device)
         cache = decoder.new_cache(batch=1, capacity=capacity, tail=tail)
-        start = 0
+        joined = engine.joined_columns(mask)
+        start = held = 0
         if self.path.exists():
             snap = load(self.path, decoder, cache.kv_dtype)
             n = len(snap.tokens)
-            if 0 < n < len(ids) and key[:n] == snap.tokens:
-                cache.restore(0, snap, n)
-                start = n
+            if 0 < n <= len(ids) and key[:n] == snap.tokens:
+                held = n  # the file holds this prompt's first n tokens
+                # resumed only at a chunk end of this prefill (a file cut for another chunk size is not)
+                if n < len(ids) and n in engine.resume_points(len(ids), chunk, joined, most=len(ids)):
+                    cache.restore(0, snap, n)
+                    start = n
         self.reused = start
         # The document's resume point: where its last chunk on the grid ends (a question follows it).
-        points = engine.resume_points(min(self.prefix_len, len(ids) - 1) + 1, chunk, engine.joined_columns(mask))
-        keep = points[-1] if points else 0
+        points = engine.resume_points(min(self.prefix_len, len(ids) - 1) + 1, chunk, joined)
+        keep = points[-1] if points and points[-1] > held else 0  # never a shorter copy over a longer one
         t = torch.tensor([ids], dtype=torch.long, device=decoder.device)
         pos = torch.arange(len(ids), device=decoder.device)[None]
 
         def on_hidden(a: int, hidden: torch.Tensor) -> None:
-            if a + hidden.shape[1] == keep and keep > start:
+            if keep and a + hidden.shape[1] == keep:
                 save(self.path, cache.snapshot(0, key[:keep]), decoder)
                 self.saved = keep
 

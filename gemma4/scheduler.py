@@ -203,6 +203,8 @@ class Scheduler:
     def step(self) -> bool:
         """One iteration on the caller's thread, for a scheduler whose thread is not started: admit waiting
         requests, run one prefill chunk and one decode step. False when there was nothing to do."""
+        if self._thread is not None:
+            raise RuntimeError("Scheduler.step: the scheduler's own thread is running")
         with torch.inference_mode():
             with self._lock:
                 self._admit()
@@ -345,7 +347,12 @@ class Scheduler:
                 r.soft_embeds = embeds, mask, joined_columns(mask)
             joined = r.soft_embeds[2]
         if self.prefix_store is not None and start == r.reused:  # its first chunk
-            r.resume_at = [c for c in resume_points(len(prompt), self.prefill_chunk, joined, 2) if c > r.reused]
+            points = resume_points(len(prompt), self.prefill_chunk, joined, 2)
+            if points and self.prefix_store.wants(points[-1]):
+                r.resume_at = [c for c in points if c > r.reused]
+                if r.reused and r.resume_at:  # its entry resumes where it did too: the shared document's end
+                    r.rings_at = (r.reused, self._cache.ring_snapshot(r.row, r.reused))
+                    r.resume_at = r.resume_at[-1:]
         end = chunk_end(start, len(prompt), self.prefill_chunk, joined)
         soft = {}
         if r.soft_embeds is not None:

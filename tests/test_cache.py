@@ -77,3 +77,28 @@ def test_ring_chunk_attends_over_held_slots_only(kv_dtype):
                 slot = int(ppos[b, j]) % 6
                 assert torch.equal(pv[b, :, j], stored[b, :, slot])
     assert torch.equal(pv[:, :, 3:], v2) if kv_dtype == "float" else pv.shape == (2, 1, 5, 8)
+
+
+def test_ring_chunk_joins_the_slots_its_queries_see_in_position_order():
+    """A long chunk is joined to the old slots its queries can see (positions after its first one minus
+    the window), each row's in position order, whatever slot order the ring holds them in and whatever
+    older positions it still holds: what it attends over depends on positions alone."""
+    from gemma4.cache import RingKV
+
+    g = torch.Generator().manual_seed(5)
+    ring = RingKV(2, kv_heads=1, head_dim=8, capacity=10, keys=False, dtype=torch.float32,
+                  device=torch.device("cpu"), window=4)
+    for start in range(0, 13, 1):  # positions 0..12, one at a time: the ring wraps
+        v = torch.randn(2, 1, 1, 8, generator=g)
+        ring.update(None, v, torch.tensor([[start], [start - 3 if start >= 3 else -1]]))
+    stored = {b: {int(p): ring.v[b, :, s].clone() for s, p in enumerate(ring.pos[b].tolist()) if p >= 0}
+              for b in range(2)}
+    chunk = torch.randn(2, 1, 70, 8, generator=g)  # past 64: the joining path
+    pos = torch.stack([torch.arange(13, 83), torch.arange(10, 80)])
+    (_, pv, ppos), = ring.update(None, chunk, pos)
+    assert ppos[0, :3].tolist() == [10, 11, 12]  # > 13 - 4, ascending (the ring held 3..12, wrapped)
+    assert ppos[1, :3].tolist() == [7, 8, 9]
+    for b in range(2):
+        for j in range(3):
+            assert torch.equal(pv[b, :, j], stored[b][int(ppos[b, j])])
+    assert torch.equal(pv[:, :, 3:], chunk)

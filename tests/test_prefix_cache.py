@@ -61,11 +61,11 @@ def test_chunks_end_on_a_grid_and_at_image_ends_whatever_the_start():
 
 
 @pytest.mark.parametrize("name", ["moe_kv", "dense_kv_off"])
-@pytest.mark.parametrize("chunk", [3, 5, 16])
+@pytest.mark.parametrize("chunk", [3, 5, 16, 70])  # 70: past 64, a chunk joined to the ring's old slots
 def test_resume_at_a_grid_point_equals_a_fresh_prefill_bit_for_bit(gemma4_models, name, chunk):
     model = gemma4.load(gemma4_models[name][0])
     w = model.config.sliding_window
-    doc = _ids(5 * w + 3, 1)  # the ring wraps several times
+    doc = _ids(max(5 * w, 3 * chunk) + 3, 1)  # the ring wraps several times
     grid = resume_points(len(doc) + 1, chunk, None, most=len(doc))
     # reuse points: the first, around a window boundary after wraps, and the end of the document
     points = sorted({grid[0], min(grid, key=lambda c: abs(c - 4 * w)), grid[-1]})
@@ -169,3 +169,26 @@ def test_scheduler_reuses_a_shared_document(gemma4_models, name):
     for prompt, got in jobs:
         n = len(got)
         assert got == model.generate(prompt, max_tokens=n, temperature=0, ignore_eos=True).token_ids
+
+
+def test_a_resumed_prompts_entry_resumes_where_it_did(gemma4_models):
+    """A second question on a document resumes at the document's last grid point; its own entry resumes
+    there too, so a third question still does when the first entry has been evicted."""
+    model = gemma4.load(gemma4_models["moe_kv"][0])
+    w, chunk = model.config.sliding_window, 5
+    store = PrefixStore(max_bytes=10**8, block_tokens=4, min_tokens=8)
+    sched = Scheduler(model, max_batch=1, prefill_chunk=chunk, prefix_store=store).start()
+    doc = _ids(4 * w + 2, 1)  # 34 tokens: grid points 5 .. 30
+    try:
+        _run(sched, doc + _ids(3, 2), 2)  # resumes at 30 and 35
+        store.max_bytes = store.bytes * 3 // 2  # room for one entry from now on
+        _run(sched, doc + _ids(2 * chunk + 1, 3), 2)  # resumed at 30, crosses 35 and 40
+        assert len(store) == 1 and sched.stats.prefix_reused_tokens == 30
+        (entry, _), = store._entries.values()
+        assert len(entry.tokens) == 40 and entry.resumes == [30, 40]  # the second question's, not the first
+        third = doc + _ids(4, 4)
+        got = _run(sched, third, 3)
+    finally:
+        sched.stop()
+    assert sched.stats.prefix_hits == 2 and sched.stats.prefix_reused_tokens == 60
+    assert got == model.generate(third, max_tokens=3, temperature=0, ignore_eos=True).token_ids

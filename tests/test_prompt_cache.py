@@ -46,6 +46,11 @@ def test_save_reload_in_a_fresh_model_equals_a_fresh_prefill_bit_for_bit(gemma4_
                         chunk)
         assert torch.equal(hidden, fresh)  # the last position's state, whose logits choose the first token
     cache, hidden = pc.prefill(reader.decoder, doc[:keep], capacity=4, chunk=chunk)  # the file is the whole prompt
+    assert pc.reused == 0 and pc.saved == 0  # and no shorter copy replaces it
+    assert prompt_cache.load(tmp_path / "doc.kv", reader.decoder).tokens == doc[:keep]
+    assert keep % (chunk + 1)  # another chunk size: the file's end is not one of its chunk ends
+    pc = prompt_cache.PromptCache(tmp_path / "doc.kv", prefix_len=len(doc))
+    cache, hidden = pc.prefill(reader.decoder, doc + question, capacity=4, chunk=chunk + 1)
     assert pc.reused == 0
 
 

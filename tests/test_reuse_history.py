@@ -17,7 +17,6 @@ from gemma4.scheduler import QueueFull, Request, Scheduler, TooLarge
 from collect import Collector
 from reference import VOCAB
 
-CHUNK = 5  # prefill chunk: the grid prefixes are reused on, far below the prompts' lengths
 ROWS = 3
 # Before reuse was exact (a prefix resumed at any shared length, then chunked from there), every one of
 # seeds 0-11 failed on both models: the probes' logits differed from a fresh scheduler's.
@@ -28,10 +27,10 @@ def _ids(n, seed):
     return torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def _scheduler(model, pool_blocks=6):
+def _scheduler(model, chunk, pool_blocks=6):
     probe = model.decoder.new_cache(batch=ROWS, capacity=4)
     budget = probe.ring_nbytes() + pool_blocks * probe.table.block * probe.pool_bytes_per_token()
-    return Scheduler(model, max_batch=ROWS, max_queue=4, prefill_chunk=CHUNK, kv_budget=budget,
+    return Scheduler(model, max_batch=ROWS, max_queue=4, prefill_chunk=chunk, kv_budget=budget,
                      prefix_store=PrefixStore(10**8, block_tokens=4, min_tokens=1))
 
 
@@ -107,19 +106,24 @@ def _assert_nothing_held(sched):
     assert all(bool((layer.pos < 0).all()) for layer in cache.layers if layer.ring)
 
 
+# (seed, prefill chunk): the grid prefixes are reused on, within the rings' spare slots and past 64 tokens
+# (a chunk joined to the ring's old slots)
+CASES = [(seed, 5) for seed in SEEDS] + [(0, 70), (1, 70)]
+
+
 @pytest.mark.parametrize("name", ["moe_kv", "dense_kv_off"])
-@pytest.mark.parametrize("seed", SEEDS)
-def test_probes_after_any_history_equal_a_fresh_scheduler(gemma4_models, name, seed):
+@pytest.mark.parametrize("seed,chunk", CASES)
+def test_probes_after_any_history_equal_a_fresh_scheduler(gemma4_models, name, seed, chunk):
     model = gemma4.load(gemma4_models[name][0])
     w = model.config.sliding_window
     rng = random.Random(seed)
-    docs = [_ids(rng.randint(3 * w, 6 * w), 1000 * seed + i) for i in range(3)]
-    used = _scheduler(model)
+    docs = [_ids(rng.randint(max(3 * w, 2 * chunk + 3), max(6 * w, 4 * chunk)), 1000 * seed + i) for i in range(3)]
+    used = _scheduler(model, chunk)
     _history(used, rng, docs, w)
     _assert_nothing_held(used)
     # probes: whole documents, documents with new questions (short, and crossing a grid point), a prefix
-    probes = [docs[0], docs[1] + _ids(2, 5), docs[2] + _ids(CHUNK + 2, 6), docs[0][:2 * w + 1] + _ids(3, 7)]
-    fresh = _scheduler(model)
+    probes = [docs[0], docs[1] + _ids(2, 5), docs[2] + _ids(chunk + 2, 6), docs[0][:2 * w + 1] + _ids(3, 7)]
+    fresh = _scheduler(model, chunk)
     cached = 0
     for prompt in probes:
         got, want = _probe(used, prompt, 2 * w + 3), _probe(fresh, prompt, 2 * w + 3)

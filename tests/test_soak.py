@@ -9,13 +9,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import soak  # noqa: E402
 
 # A refused over-context request carries a ~200 KB body; one kept per request would pass this after 40
-# of them, and the second flood sends more (asserted). The first flood warms the allocator and the
-# tokenizer (measured: +86 MiB once, then 0 over the next 231 refused requests).
+# of them, which is what a flood of FLOOD requests sends (the four refused kinds take turns). The first
+# flood warms the allocator and the tokenizer (measured: +40 MiB once, then 0-6 MiB per flood).
 FLOOD_GROWTH = 8 * 2**20
+FLOOD = 160
 
 
 def test_soak_probes_unchanged_no_5xx_no_hang_no_growth():
-    res = soak.soak(seconds=20, threads=8, flood_seconds=8)
+    res = soak.soak(seconds=20, threads=8, flood_seconds=120, flood_requests=FLOOD)
     text, ok = soak.report(res)
     print(text)
     assert res["before"] == res["after"], text
@@ -23,16 +24,19 @@ def test_soak_probes_unchanged_no_5xx_no_hang_no_growth():
     over_context = sum(n for (kind, _), n in res["floods"][1].counts.items() if kind == "over context")
     rss = res["rss"]
     assert rss["after refused flood 2"] - rss["after refused flood 1"] <= FLOOD_GROWTH, text
-    assert over_context >= 40 and res["mix"].total("2xx") >= 10, text  # the load did happen
+    assert over_context >= FLOOD // 4 and res["mix"].total("2xx") >= 10, text  # the load did happen
 
 
 def test_the_server_caps_the_allocator_arenas_on_glibc():
     import platform
 
-    from gemma4.server.malloc import cap_arenas
+    import subprocess
 
     if platform.libc_ver()[0] != "glibc":
         import pytest
 
         pytest.skip("not glibc: its arenas are not capped")
-    assert cap_arenas()
+    # in a process of its own: the cap holds for the rest of the process that sets it
+    r = subprocess.run([sys.executable, "-c", "from gemma4.server.malloc import cap_arenas; print(cap_arenas())"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "True", r.stderr

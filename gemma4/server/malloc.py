@@ -3,8 +3,9 @@
 glibc gives every thread that allocates its own arena and keeps each arena's high-water mark: a server
 whose many worker threads (the event loop's thread pool, the tokenizer's, the scheduler's) at some point
 each held a large request body or a long prompt's tokens keeps all those peaks resident. Two arenas are
-what Python application servers commonly run with; the model's products allocate on the scheduler
-thread, so they do not contend for them.
+a setting Python application servers commonly run with. The model's tensors are allocated on the
+scheduler thread; the kernels' worker threads take only small scratch buffers. (Measured: RSS; decode
+through the server was the same within this machine's noise.)
 """
 
 from __future__ import annotations
