@@ -117,3 +117,14 @@ def test_vision_bench_tower_round_trips_through_mmproj(tmp_path):
     tower = load_vision(back, torch.float32, torch.device("cpu"))
     for name, value in tower.state_dict().items():
         assert torch.equal(value, src.tensor(name).float()), name
+
+
+def test_long_prefill_bench_measures_ours_on_the_prepared_file(tiny):
+    """bench/long_prefill.py's own side on the tiny shape (llama.cpp is not built by make test): both
+    engines get the same prompts, one rate per length."""
+    import long_prefill
+
+    model, _ = tiny
+    assert long_prefill.prompts([7, 30], 8192) == long_prefill.prompts([7, 30], 8192)  # the same ids in each process
+    rates = long_prefill.ours(str(model.gguf["Q8_0"]), [7, 30])
+    assert len(rates) == 2 and all(r > 0 for r in rates)
