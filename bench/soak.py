@@ -56,20 +56,15 @@ def probe(client: httpx.Client, url: str, cached: list | None = None) -> list[st
     """The probes' texts; `cached` gets each one's prompt tokens whose KV was reused."""
     out = []
     for kind, text, n in PROBES:
-        if kind == "chat":
-            r = client.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": text}],
-                                                               "max_tokens": n, "temperature": 0}, timeout=TIMEOUT)
-            r.raise_for_status()
-            out.append(r.json()["choices"][0]["message"]["content"])
-            if cached is not None:
-                cached.append(r.json()["usage"]["prompt_tokens_details"]["cached_tokens"])
-        else:
-            r = client.post(url + "/v1/completions", json={"prompt": text, "max_tokens": n, "temperature": 0},
-                            timeout=TIMEOUT)
-            r.raise_for_status()
-            out.append(r.json()["choices"][0]["text"])
-            if cached is not None:
-                cached.append(r.json()["usage"]["prompt_tokens_details"]["cached_tokens"])
+        chat = kind == "chat"
+        body = {"messages": [{"role": "user", "content": text}]} if chat else {"prompt": text}
+        r = client.post(url + ("/v1/chat/completions" if chat else "/v1/completions"),
+                        json={**body, "max_tokens": n, "temperature": 0}, timeout=TIMEOUT)
+        r.raise_for_status()
+        answer = r.json()
+        out.append(answer["choices"][0]["message"]["content"] if chat else answer["choices"][0]["text"])
+        if cached is not None:
+            cached.append(answer["usage"]["prompt_tokens_details"]["cached_tokens"])
     return out
 
 

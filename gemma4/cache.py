@@ -1,9 +1,8 @@
 """KV memory for generation.
 
 - Sliding layers keep, per row, a ring of `sliding_window + tail` slots (rounded up to whole chunks of
-  the attention kernel, ring_slots) with the absolute position of
-  every slot (-1: empty): position p lives in slot p % slots, and the attention mask is computed from
-  positions alone. The `tail` extra slots keep the positions just before the window, so a row can be
+  the attention kernel, ring_slots) with the absolute position of every slot (-1: empty): position p
+  lives in slot p % slots, and the attention mask is computed from positions alone. The `tail` extra slots keep the positions just before the window, so a row can be
   truncated back by up to `tail` positions (speculative decoding's rollback).
 - Full layers keep their KV in a block pool shared by all rows (kv_pool.py): memory follows what the
   rows hold, block by block, not rows x the longest row; with a fixed number of blocks (the KV budget)
@@ -114,12 +113,11 @@ class RingKV:
 
         A chunk of at most ATTENTION_CHUNK tokens (a verify step of speculative decoding; ring_slots leaves
         room for that many beside the window, whatever the tail) is written first and read whole, as a
-        decode step is: each of its queries then sees the same keys in the same slots as a decode step at its position
-        (the newer slots are hidden from it), so a verify row gives a decode row's bits.
+        decode step is: each of its queries then sees the same keys in the same slots as a decode step at
+        its position (the newer slots are hidden from it), so a verify row gives a decode row's bits.
         A longer chunk written before attending would lose positions that its earlier queries still see,
-        so then the ring's old contents are joined to the new tokens instead:
-        only the slots holding a position some query of the chunk sees (a fresh prompt attends over its
-        own tokens alone). What a chunk attends over thus depends on its positions alone, not on what
+        so then the ring's old contents are joined to the new tokens instead: only the slots holding a
+        position some query of the chunk sees (a fresh prompt attends over its own tokens alone). What a chunk attends over thus depends on its positions alone, not on what
         else the ring still holds (a tail, a row restored from a snapshot, stale slots of a reused row),
         so the same chunk gives the same bits in every such cache.
         """
@@ -234,9 +232,12 @@ class Snapshot:
                 layers.append(now)
                 continue
             first = int(now["pos"][0]) if now["pos"].numel() else at
-            keep = old["pos"] < first  # positions the ring lost since
-            layers.append({n: (torch.cat([old[n][keep], t]) if n == "pos" else torch.cat([old[n][:, keep], t], dim=1))
-                           if n != "ring" else t for n, t in now.items()})
+            lost = old["pos"] < first  # positions the ring no longer held when this one was taken
+            joined = {"ring": now["ring"], "pos": torch.cat([old["pos"][lost], now["pos"]])}
+            for n in old:
+                if n != "pos":  # stored tensors [KV, n, X]
+                    joined[n] = torch.cat([old[n][:, lost], now[n]], dim=1)
+            layers.append(joined)
         return Snapshot(self.tokens, layers, self.window, self.kv_dtype, sorted({at, *self.resumes}))
 
     @property

@@ -121,13 +121,13 @@ def chunk_end(start: int, length: int, chunk: int, joined: list[bool] | None) ->
     return end
 
 
-def resume_points(length: int, chunk: int, joined: list[bool] | None, most: int = 1) -> list[int]:
-    """The last `most` chunk ends (grid points and image ends, see chunk_end) a prefill of `length`
-    columns passes before its last column, in order: where its KV is worth keeping for reuse. A later
+def resume_points(length: int, chunk: int, joined: list[bool] | None, most: int | None = 1) -> list[int]:
+    """The last `most` (None: all) chunk ends (grid points and image ends, see chunk_end) a prefill of
+    `length` columns passes before its last column, in order: where its KV is worth keeping for reuse. A later
     prompt sharing the columns before one resumes there and computes the rest exactly as a fresh prefill
     would; the last column is always computed (its logits choose the first output token)."""
     points = [end for _, end in _chunks(length, chunk, joined) if end <= length - 1]
-    return points[-most:] if most > 0 else []
+    return points if most is None else points[-most:] if most > 0 else []
 
 
 def _chunks(length: int, chunk: int, joined: list[bool] | None, start: int = 0) -> Iterator[tuple[int, int]]:

@@ -5,9 +5,8 @@ prefill grid before its last token; the earlier one serves a new question on the
 the first question crossed the grid), and it is reused at one of them or not at all: a prompt that
 starts with an entry's tokens up to a resume point resumes there and prefills the rest in the chunks a
 fresh prefill of it would run, so the logits are the same bits as without reuse, whatever the store
-held. (Resuming
-anywhere else would compute the next positions beside other rows than a fresh prefill does, and the
-products' sums round differently at other row counts: enough to flip a greedy near-tie.)
+held. (Resuming anywhere else would compute the next positions beside other rows than a fresh prefill
+does, and the products' sums round differently at other row counts: enough to flip a greedy near-tie.)
 
 Entries are indexed by chained hashes of whole blocks of token ids (block k's hash covers blocks
 0..k), as vLLM's automatic prefix caching does: a prompt's blocks are hashed once and the entries
@@ -51,9 +50,9 @@ def block_hashes(tokens: list[int], block: int) -> list[bytes]:
     return out
 
 
-def common_prefix(a: list[int], b: list[int], start: int = 0) -> int:
+def common_prefix(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
-    i = start
+    i = 0
     while i < n and a[i] == b[i]:
         i += 1
     return i

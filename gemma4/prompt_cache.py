@@ -125,7 +125,7 @@ class PromptCache:
             if 0 < n <= len(ids) and key[:n] == snap.tokens:
                 held = n  # the file holds this prompt's first n tokens
                 # resumed only at a chunk end of this prefill (a file cut for another chunk size is not)
-                if n < len(ids) and n in engine.resume_points(len(ids), chunk, joined, most=len(ids)):
+                if n < len(ids) and n in engine.resume_points(len(ids), chunk, joined, most=None):
                     cache.restore(0, snap, n)
                     start = n
         self.reused = start

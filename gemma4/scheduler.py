@@ -9,8 +9,7 @@ leaves at the next step and its row is cleared for the next one.
 Long contexts: with a prefix store, a prompt's KV is snapshotted when its prefill reaches its resume
 points (the last two grid points of its chunks before its last token, engine.resume_points), and a new
 request that starts with a stored prompt's tokens up to one of them resumes there and prefills only the
-rest, in the chunks a
-fresh prefill would run: its logits are the same bits as without the store. (Positions an answer added
+rest, in the chunks a fresh prefill would run: its logits are the same bits as without the store. (Positions an answer added
 are computed by decode steps, not by the chunks a later prompt's prefill would run, so they are never
 stored.) With a KV budget, a request is admitted only when the KV it may reach (prompt + max_tokens)
 fits beside the running ones; otherwise it waits in the queue until one finishes.
@@ -90,7 +89,7 @@ class _Running:
     key: list[int] = field(default_factory=list)  # the prompt as the prefix store matches it (prompt_key)
     soft_embeds: tuple | None = None  # (embeds, mask, joined columns) over the prompt, built at its first chunk
     resume_at: list[int] = field(default_factory=list)  # the prompt's resume points (its KV there is stored)
-    rings_at: list | None = None  # the sliding layers at the first of two resume points (KVCache.ring_snapshot)
+    rings_at: tuple | None = None  # (an earlier resume point, KVCache.ring_snapshot there): the entry resumes there too
     reused: int = 0  # prompt tokens whose KV came from the prefix store
     reserved: int = 0  # bytes of the KV budget held
     hidden: torch.Tensor | None = None  # the target's state that produced the last sampled token
@@ -114,10 +113,10 @@ class Stats:
 
 class Scheduler:
     def __init__(self, model, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = PREFILL_CHUNK,
-                 prefix_store: PrefixStore | None = None, ring_tail: int | None = None,
+                 prefix_store: PrefixStore | None = None, ring_tail: int = 0,
                  kv_budget: int | None = None, kv_dtype: str = "float", speculative: int = 0, drafter=None):
-        """prefix_store: reuse of shared prefixes (None: off). ring_tail: extra sliding-ring slots (default
-        none beyond what speculation rolls back).
+        """prefix_store: reuse of shared prefixes (None: off). ring_tail: extra sliding-ring slots (at least
+        what speculation rolls back).
         kv_budget: bytes of KV shared by all rows (None: unbounded). kv_dtype: "float" or "int8".
         speculative: tokens drafted per step at most (0: off); drafter: a speculative.Drafter (default:
         prompt lookup)."""
@@ -126,8 +125,6 @@ class Scheduler:
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
         self.prefix_store = prefix_store
-        if ring_tail is None:
-            ring_tail = 0
         self.speculative = spec.check_k(speculative)
         self.drafter = (drafter if drafter is not None else spec.PromptLookup()) if speculative else None
         ring_tail = max(ring_tail, self.speculative)  # a verify step rolls the rings back that far
