@@ -250,8 +250,8 @@ def _long_prompt(model, ids, head_ids, args) -> dict:
 
         run["progress"] = progress
     if args.prompt_cache:
-        from gemma4.prefix_cache import common_prefix
-        from gemma4.prompt_cache import PromptCache
+        from gemma4.kv import common_prefix
+        from gemma4.kv.files import PromptCache
 
         run["prompt_cache"] = PromptCache(args.prompt_cache, common_prefix(getattr(ids, "ids", ids), getattr(head_ids, "ids", head_ids)))
     return run
@@ -400,7 +400,7 @@ def cmd_serve(args) -> int:
     if args.parallel < 1 or args.max_queue < 0:
         raise CLIError("--parallel must be at least 1 and --max-queue at least 0")
     _check_speculative(args)
-    from gemma4.kv_budget import parse_bytes
+    from gemma4.kv import parse_bytes
     from gemma4.server import serve
 
     try:
@@ -441,7 +441,7 @@ def _count(n: int) -> str:
 
 def cmd_info(args) -> int:
     from gemma4 import store
-    from gemma4.cache import ring_slots
+    from gemma4.kv import ring_slots
     from gemma4.checkpoint import open_checkpoint
 
     path = store.resolve(args.model)

@@ -7,9 +7,9 @@ import sys
 import pytest
 
 import gemma4
-from gemma4.cache import ring_slots
 from gemma4.checkpoint import open_checkpoint
 from gemma4.checkpoint.gguf_writer import write_gguf
+from gemma4.kv import ring_slots
 from reference import build_gemma4, tiny_vocab_metadata
 
 

@@ -5,9 +5,8 @@ import pytest
 import torch
 
 import gemma4
-from gemma4.cache import ring_slots
 from gemma4.engine import prefill
-from gemma4.kv_budget import KVBudget, parse_bytes
+from gemma4.kv import KVBudget, parse_bytes, ring_slots
 from gemma4.sampling import SamplingParams
 from gemma4.scheduler import Request, Scheduler, TooLarge
 from collect import Collector

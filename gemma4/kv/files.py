@@ -20,16 +20,16 @@ from typing import Callable
 
 import torch
 
-from . import engine
+from .. import engine
 from .cache import Snapshot
-from .prefix_cache import prompt_key
+from .prefix import prompt_key
 
 FORMAT = "gemma4-prompt-cache"
 VERSION = 2  # 2: saved at a chunk end of the prefill grid (engine.chunk_end), resumed only there
 
 
 def _package_version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return __version__
 
