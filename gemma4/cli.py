@@ -441,7 +441,7 @@ def _count(n: int) -> str:
 
 def cmd_info(args) -> int:
     from gemma4 import store
-    from gemma4.kv import ring_slots
+    from gemma4.kv import kv_bytes_per_token, ring_slots
     from gemma4.checkpoint import open_checkpoint
 
     path = store.resolve(args.model)
@@ -464,7 +464,7 @@ def cmd_info(args) -> int:
     print(f"chat template  {'yes' if ckpt.chat_template() else 'none (base model: raw completion)'}")
     contexts = [args.ctx] if args.ctx else sorted({min(8192, cfg.max_position_embeddings), cfg.max_position_embeddings})
     for ctx in contexts:
-        kv = sum(cfg.kv_bytes_per_token(i) * (ring_slots(cfg.sliding_window, 0) if cfg.is_sliding(i) else ctx)
+        kv = sum(kv_bytes_per_token(cfg, i) * (ring_slots(cfg.sliding_window, 0) if cfg.is_sliding(i) else ctx)
                  for i in range(cfg.num_hidden_layers))
         print(f"KV at {ctx:>6}   {_human(kv)} (bf16); weights + KV {_human(weights + kv)}")
     return 0
