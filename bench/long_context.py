@@ -154,7 +154,7 @@ def llama_cpp_kv(context: int) -> dict | None:
 
 def ttft(context: int, layers: int, question: int = 32) -> dict:
     """Time to first token of two questions on one document through the scheduler (prefix reuse)."""
-    from gemma4.prefix_cache import PrefixStore
+    from gemma4.kv import PrefixStore
     from gemma4.sampling import SamplingParams
     from gemma4.scheduler import Request, Scheduler
 

@@ -237,7 +237,7 @@ class Model:
 
         Returns a Completion (a list of them for a batch), or with stream=True an iterator of
         StepOutput (index = position in the batch, text = new text safe to show).
-        progress(done, total) follows the prefill; prompt_cache (a prompt_cache.PromptCache, one
+        progress(done, total) follows the prefill; prompt_cache (a kv.files.PromptCache, one
         prompt only) reuses or saves the prompt's first tokens' KV on disk.
         """
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,

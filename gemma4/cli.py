@@ -250,8 +250,8 @@ def _long_prompt(model, ids, head_ids, args) -> dict:
 
         run["progress"] = progress
     if args.prompt_cache:
-        from gemma4.prefix_cache import common_prefix
-        from gemma4.prompt_cache import PromptCache
+        from gemma4.kv import common_prefix
+        from gemma4.kv.files import PromptCache
 
         run["prompt_cache"] = PromptCache(args.prompt_cache, common_prefix(getattr(ids, "ids", ids), getattr(head_ids, "ids", head_ids)))
     return run
@@ -400,7 +400,7 @@ def cmd_serve(args) -> int:
     if args.parallel < 1 or args.max_queue < 0:
         raise CLIError("--parallel must be at least 1 and --max-queue at least 0")
     _check_speculative(args)
-    from gemma4.kv_budget import parse_bytes
+    from gemma4.kv import parse_bytes
     from gemma4.server import serve
 
     try:
@@ -441,7 +441,7 @@ def _count(n: int) -> str:
 
 def cmd_info(args) -> int:
     from gemma4 import store
-    from gemma4.cache import ring_slots
+    from gemma4.kv import kv_bytes_per_token, ring_slots
     from gemma4.checkpoint import open_checkpoint
 
     path = store.resolve(args.model)
@@ -464,7 +464,7 @@ def cmd_info(args) -> int:
     print(f"chat template  {'yes' if ckpt.chat_template() else 'none (base model: raw completion)'}")
     contexts = [args.ctx] if args.ctx else sorted({min(8192, cfg.max_position_embeddings), cfg.max_position_embeddings})
     for ctx in contexts:
-        kv = sum(cfg.kv_bytes_per_token(i) * (ring_slots(cfg.sliding_window, 0) if cfg.is_sliding(i) else ctx)
+        kv = sum(kv_bytes_per_token(cfg, i) * (ring_slots(cfg.sliding_window, 0) if cfg.is_sliding(i) else ctx)
                  for i in range(cfg.num_hidden_layers))
         print(f"KV at {ctx:>6}   {_human(kv)} (bf16); weights + KV {_human(weights + kv)}")
     return 0

@@ -101,10 +101,6 @@ class ModelConfig:
                 active += router + self.top_k_experts * per_expert
         return total, active
 
-    def kv_bytes_per_token(self, layer: int, bytes_per_element: int = 2) -> int:
-        tensors = 1 if self.k_eq_v(layer) else 2
-        return tensors * self.kv_heads_of(layer) * self.head_dim_of(layer) * bytes_per_element
-
     # ---- parsing ----------------------------------------------------------------------
     @classmethod
     def from_hf(cls, raw: Mapping[str, Any]) -> "ModelConfig":

@@ -34,8 +34,7 @@ import torch
 
 from . import speculative as spec
 from .engine import PREFILL_CHUNK, Sequence, chunk_end, joined_columns, resume_points, soft_embeds
-from .kv_budget import KVBudget
-from .prefix_cache import PrefixStore, prompt_key
+from .kv import KVBudget, PrefixStore, prompt_key
 from .sampling import SamplingParams, apply_penalties, sample
 
 

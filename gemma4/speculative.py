@@ -23,7 +23,7 @@ import torch
 from .sampling import SamplingParams, apply_penalties, distribution
 
 if TYPE_CHECKING:
-    from .cache import KVCache
+    from .kv import KVCache
     from .model.decoder import Decoder
 
 MAX_DRAFT = 16  # tokens one step may draft at most (--speculative above this is refused)
@@ -223,7 +223,7 @@ class DraftModel:
     @torch.inference_mode()
     def propose(self, ctx: DraftContext, k: int) -> tuple[list[int], None]:
         from .engine import prefill
-        from .prefix_cache import common_prefix
+        from .kv import common_prefix
 
         vocab, target_vocab = self.decoder.config.vocab_size, ctx.decoder.config.vocab_size
         if vocab != target_vocab:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import gemma4
-from gemma4.cache import ring_slots
+from gemma4.kv import ring_slots
 from gemma4.quant.kernels import ATTENTION_CHUNK
 from gemma4.engine import prefill
 from reference import VOCAB
@@ -56,7 +56,7 @@ def test_ring_chunk_attends_over_held_slots_only(kv_dtype):
     """A chunk written to a sliding layer's ring is attended together with the slots some row holds: none
     on a fresh prompt (its own tokens alone, not a window of empty slots besides), only the held ones of
     a ring partly filled (a shorter row's empty slots stay where another row holds its own)."""
-    from gemma4.cache import RingKV
+    from gemma4.kv import RingKV
 
     g = torch.Generator().manual_seed(4)
     ring = RingKV(2, kv_heads=1, head_dim=8, capacity=6, keys=True, dtype=torch.float32,
@@ -83,7 +83,7 @@ def test_ring_chunk_joins_the_slots_its_queries_see_in_position_order():
     """A long chunk is joined to the old slots its queries can see (positions after its first one minus
     the window), each row's in position order, whatever slot order the ring holds them in and whatever
     older positions it still holds: what it attends over depends on positions alone."""
-    from gemma4.cache import RingKV
+    from gemma4.kv import RingKV
 
     g = torch.Generator().manual_seed(5)
     ring = RingKV(2, kv_heads=1, head_dim=8, capacity=10, keys=False, dtype=torch.float32,

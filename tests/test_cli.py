@@ -7,9 +7,9 @@ import sys
 import pytest
 
 import gemma4
-from gemma4.cache import ring_slots
 from gemma4.checkpoint import open_checkpoint
 from gemma4.checkpoint.gguf_writer import write_gguf
+from gemma4.kv import kv_bytes_per_token, ring_slots
 from reference import build_gemma4, tiny_vocab_metadata
 
 
@@ -77,7 +77,7 @@ def test_info(tiny_gguf):
     assert "F32" in r.stdout and "KV at    100" in r.stdout
     # KV: sliding layers their ring (the window and a chunk of the attention kernel), the K=V full layers
     # one tensor per position
-    kv = sum(cfg.kv_bytes_per_token(i) * (ring_slots(cfg.sliding_window, 0) if cfg.is_sliding(i) else 100)
+    kv = sum(kv_bytes_per_token(cfg, i) * (ring_slots(cfg.sliding_window, 0) if cfg.is_sliding(i) else 100)
              for i in range(cfg.num_hidden_layers))
     assert f"{kv / 1024:.1f} KiB" in r.stdout
 

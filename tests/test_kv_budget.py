@@ -5,13 +5,14 @@ import pytest
 import torch
 
 import gemma4
-from gemma4.cache import ring_slots
+from gemma4 import cli
+from gemma4.checkpoint import open_checkpoint
 from gemma4.engine import prefill
-from gemma4.kv_budget import KVBudget, parse_bytes
+from gemma4.kv import KVBudget, KVCache, kv_bytes_per_token, parse_bytes, ring_slots
 from gemma4.sampling import SamplingParams
 from gemma4.scheduler import Request, Scheduler, TooLarge
 from collect import Collector
-from reference import VOCAB
+from reference import GEMMA4_CONFIGS, VOCAB
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +35,9 @@ def test_budget_counts_full_layers_per_block_and_rings_per_row(model):
     cfg = model.config
     cache = model.decoder.new_cache(batch=2, tail=3)
     b = KVBudget(10**9, cache)
-    full = sum(cfg.kv_bytes_per_token(i, 4) for i in range(cfg.num_hidden_layers) if not cfg.is_sliding(i))
-    ring = sum((cfg.kv_bytes_per_token(i, 4) + 8) * ring_slots(cfg.sliding_window, 3)
+    full = sum(kv_bytes_per_token(cfg, i, dtype=torch.float32)
+               for i in range(cfg.num_hidden_layers) if not cfg.is_sliding(i))
+    ring = sum((kv_bytes_per_token(cfg, i, dtype=torch.float32) + 8) * ring_slots(cfg.sliding_window, 3)
                for i in range(cfg.num_hidden_layers) if cfg.is_sliding(i))
     # float32 values; rings keep int64 positions, a pool's rows are their lengths
     assert b.per_token == full and b.fixed == 2 * ring
@@ -44,6 +46,32 @@ def test_budget_counts_full_layers_per_block_and_rings_per_row(model):
     assert b.blocks == (10**9 - 2 * ring) // (block * full) and b.total == b.blocks * block * full
     with pytest.raises(ValueError, match="does not hold the sliding windows"):
         KVBudget(2 * ring, cache)
+
+
+@pytest.mark.parametrize("name", sorted(GEMMA4_CONFIGS))
+def test_info_and_the_budget_count_kv_bytes_by_one_formula(gemma4_models, name, capsys):
+    """kv_bytes_per_token is what the cache allocates per token (float or int8, float32 or bf16): the
+    budget's bytes per token, and `gemma4 info`'s KV figure (a bf16 cache's rings, their positions left
+    out, and a context's worth of its pool)."""
+    path = gemma4_models[name][0]
+    cfg = open_checkpoint(path).config
+    for kv_dtype in ("float", "int8"):
+        for dtype in (torch.float32, torch.bfloat16):
+            cache = KVCache(cfg, batch=2, dtype=dtype, kv_dtype=kv_dtype, tail=3)
+            b = KVBudget(10**12, cache)
+            per_token = [kv_bytes_per_token(cfg, i, kv_dtype, dtype) for i in range(cfg.num_hidden_layers)]
+            assert b.per_token == sum(n for i, n in enumerate(per_token) if not cfg.is_sliding(i))
+            slots = ring_slots(cfg.sliding_window, 3)
+            assert b.fixed == 2 * sum((n + 8) * slots for i, n in enumerate(per_token) if cfg.is_sliding(i))
+            cache.fix_pool(2)  # what the pool allocates: its blocks' tokens at the budget's bytes per token
+            pool = sum(layer.nbytes() for layer in cache.layers if not layer.ring)
+            assert pool == 2 * cache.table.block * b.per_token
+    ctx = 100
+    assert cli.main(["info", str(path), "--ctx", str(ctx)]) == 0
+    bf16 = KVCache(cfg, dtype=torch.bfloat16)  # one row, no tail: the rings info counts
+    positions = sum(layer.pos.numel() * layer.pos.element_size() for layer in bf16.layers if layer.ring)
+    kv = bf16.ring_nbytes() - positions + ctx * KVBudget(10**12, bf16).per_token
+    assert f"KV at {ctx:>6}   {kv / 1024:.1f} KiB (bf16)" in capsys.readouterr().out
 
 
 def test_a_request_over_the_budget_waits_and_completes(model):

@@ -6,10 +6,8 @@ import pytest
 import torch
 
 import gemma4
-from gemma4.cache import KVCache
 from gemma4.engine import prefill
-from gemma4.kv_budget import KVBudget
-from gemma4.kv_pool import CacheFull
+from gemma4.kv import CacheFull, KVBudget, KVCache
 from gemma4.sampling import SamplingParams
 from gemma4.scheduler import Request, Scheduler
 from collect import Collector
@@ -168,7 +166,7 @@ def test_keys_values_are_the_rows_rotated_keys_and_values(model):
 def test_one_token_writes_equal_a_chunk_write(monkeypatch, native, dtype, kv_dtype):
     """Decode writes one token per row slot by slot (one native call, or torch's indexing); the pool ends
     up as one chunked write leaves it, and a position past a row's end (a gap) is refused on that path too."""
-    from gemma4.kv_pool import BlockTable, PagedKV
+    from gemma4.kv import BlockTable, PagedKV
     from gemma4.quant import kernels
 
     if not native:
@@ -203,7 +201,7 @@ def test_one_token_writes_equal_a_chunk_write(monkeypatch, native, dtype, kv_dty
 def test_one_token_ring_writes_equal_a_chunk_write(monkeypatch, native, kv_dtype):
     """A sliding layer's ring: decode steps written slot by slot hold what one chunk leaves (the last
     `capacity` positions of each row, padding unwritten)."""
-    from gemma4.cache import RingKV
+    from gemma4.kv import RingKV
     from gemma4.quant import kernels
 
     if not native:

@@ -6,9 +6,8 @@ import pytest
 import torch
 
 import gemma4
-from gemma4.cache import ring_slots
 from gemma4.engine import prefill, resume_points
-from gemma4.prefix_cache import PrefixStore, block_hashes
+from gemma4.kv import PrefixStore, block_hashes, ring_slots
 from gemma4.sampling import SamplingParams
 from gemma4.scheduler import Request, Scheduler
 from collect import Collector

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import gemma4
-from gemma4 import prompt_cache
+from gemma4.kv import files as prompt_cache
 from gemma4.checkpoint import open_checkpoint
 from gemma4.checkpoint.gguf_writer import write_gguf
 from gemma4.engine import prefill

@@ -11,7 +11,7 @@ import torch
 
 import gemma4
 from gemma4 import store
-from gemma4.prefix_cache import PrefixStore
+from gemma4.kv import PrefixStore
 from gemma4.sampling import SamplingParams
 from gemma4.scheduler import QueueFull, Request, Scheduler, TooLarge
 from collect import Collector

@@ -52,7 +52,7 @@ def test_refused_images_are_400(live, part, words):
 
 
 def test_prefix_reuse_keys_images_by_their_pixels(tmp_path_factory):
-    from gemma4.prefix_cache import PrefixStore
+    from gemma4.kv import PrefixStore
     from gemma4.scheduler import Scheduler
 
     path = tmp_path_factory.mktemp("mm-prefix")

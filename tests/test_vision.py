@@ -186,8 +186,8 @@ def test_requests_from_a_network_cannot_name_local_files(mm, tmp_path):
 def test_a_prompt_cache_keys_images_by_their_pixels(mm, tmp_path):
     """A saved prompt with an image is reused by a later question on the same image (logits equal a plain
     forward); an image of the same size but other pixels reuses nothing from the image on."""
-    from gemma4.prefix_cache import common_prefix
-    from gemma4.prompt_cache import PromptCache
+    from gemma4.kv import common_prefix
+    from gemma4.kv.files import PromptCache
 
     _, _, _, model = mm
     path = tmp_path / "page.kv"

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..cache import RowsView
+from ..kv import RowsView
 from ..config import ModelConfig
 from ..quant.kernels import attend_small, small_attention
 from ..quant.modules import Linear

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..cache import KVCache
+from ..kv import KVCache
 from ..config import ModelConfig
 from ..quant import kernels
 from ..quant.modules import Linear, QuantLinear, matmul

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..prefix_cache import PrefixStore
+from ..kv import PrefixStore
 from ..scheduler import QueueFull, Request as EngineRequest, RequestOutput, Scheduler, TooLarge
 from .errors import APIError, error_body, validation_message
 from .metrics import Metrics

@@ -1,7 +1,7 @@
 """One KV memory budget for every running sequence: it sizes the cache, and admission keeps within it.
 
 What the cache allocates is the budget: the sliding layers' rings of every row (fixed: a ring is
-bounded by the window) and, with the rest, the full layers' block pool (kv_pool.py), fixed at
+bounded by the window) and, with the rest, the full layers' block pool (paged.py), fixed at
 `blocks` blocks. A sequence needs pool blocks for every position it may reach (prompt + max_tokens,
 rounded up to whole blocks); the scheduler reserves them on admission and gives them back when the
 sequence leaves, so a running sequence never finds the pool full. A request that does not fit waits.

@@ -1,12 +1,18 @@
-"""int8 KV storage: one float32 scale per group of 32 values of a (token, head) vector.
+"""How K and V are stored: as they come (the model's dtype), or int8 with one float32 scale per group of
+32 values of a (token, head) vector.
 
 One scale per whole vector costs 10-400x more KL than bf16 rounding on the test models (scores use
 scale 1.0, so attention is sharp); groups of 32 bring it near bf16's. 0.56 of the bytes of bf16.
+
+kv_bytes_per_token is what one token's K and V take in a layer, stored so: the one formula behind the KV
+budget (a pool's bytes per token) and `gemma4 info`'s KV figures.
 """
 
 from __future__ import annotations
 
 import torch
+
+from ..config import ModelConfig
 
 KV_DTYPES = ("float", "int8")
 INT8_GROUP = 32  # elements sharing one scale, as llama.cpp's q8_0 blocks
@@ -62,3 +68,13 @@ class Codec:
         if self.int8:
             return dequantize_int8(stored[name], stored[name + "_scale"], self.dtype)
         return stored[name]
+
+
+def kv_bytes_per_token(config: ModelConfig, layer: int, kv_dtype: str = "float",
+                       dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes one token's K and V take in decoder layer `layer`, stored as `kv_dtype` by a model computing
+    in `dtype`: per KV head a V vector, and a K vector unless the layer has K=V, each as Codec stores it
+    (int8: the values and their group scales)."""
+    head_dim = config.head_dim_of(layer)
+    vector = sum(last * dt.itemsize for last, dt in Codec(kv_dtype, head_dim, dtype).shapes("v", head_dim).values())
+    return (1 if config.k_eq_v(layer) else 2) * config.kv_heads_of(layer) * vector

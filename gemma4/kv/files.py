@@ -1,9 +1,9 @@
 """Prompt-cache files: a document's KV saved to disk, reloaded by a later run instead of a prefill.
 
-A file is a cache.Snapshot in safetensors (tensors "LAYER.NAME") with JSON metadata: the format and
+A file is a Snapshot (prefix.py) in safetensors (tensors "LAYER.NAME") with JSON metadata: the format and
 its version, the package version, a fingerprint of the model (config, every tensor's name, shape and
 dtype, and a few sampled values of each, so a model of the same shape with other weights is refused),
-the KV storage type and the token ids (prefix_cache.prompt_key: an image's soft tokens keyed by its
+the KV storage type and the token ids (prefix.prompt_key: an image's soft tokens keyed by its
 embeddings). Files are written to a temporary name and renamed: a reader
 never sees half a file.
 """
@@ -20,16 +20,15 @@ from typing import Callable
 
 import torch
 
-from . import engine
-from .cache import Snapshot
-from .prefix_cache import prompt_key
+from .. import engine
+from .prefix import Snapshot, prompt_key
 
 FORMAT = "gemma4-prompt-cache"
 VERSION = 2  # 2: saved at a chunk end of the prefill grid (engine.chunk_end), resumed only there
 
 
 def _package_version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return __version__
 

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import torch
 
-from .kv_int8 import Codec
-from .quant.kernels import put_tokens
+from ..quant.kernels import put_tokens
+from .layer import LayerKV, row_list
 
-BLOCK_TOKENS = 256
+BLOCK_TOKENS = 256  # tokens of a pool block, and of a block the prefix store hashes
 ONE_TOKEN_ROWS = 8  # a write of one token to at most this many rows takes the per-slot path (decode)
 
 
@@ -79,28 +79,16 @@ class BlockTable:
                             dtype=torch.long, device=device)
 
 
-def row_list(rows, batch: int) -> list[int]:
-    """Cache rows of a view (None: 0 .. batch-1; a slice; an index tensor) as a list."""
-    if rows is None:
-        return list(range(batch))
-    if isinstance(rows, slice):
-        return list(range(rows.start, rows.stop))
-    return [int(r) for r in rows]
-
-
-class PagedKV:
+class PagedKV(LayerKV):
     """One full layer: pool tensors [blocks, KV heads, block, D] (int8: plus scales) over a BlockTable."""
 
     ring = False
 
     def __init__(self, table: BlockTable, kv_heads: int, head_dim: int, keys: bool, dtype: torch.dtype,
                  device: torch.device, kv_dtype: str = "float"):
+        super().__init__(head_dim, keys, dtype, kv_dtype)
         self.table = table
-        self.codec = Codec(kv_dtype, head_dim, dtype)
-        self.dtype = dtype
         self.kv_heads, self.head_dim, self.device = kv_heads, head_dim, device
-        self.names = (["k"] if keys else []) + ["v"]
-        self.data: dict[str, torch.Tensor] = {}
         self._allocate(table.num_blocks)
 
     def _allocate(self, blocks: int) -> None:
@@ -119,17 +107,6 @@ class PagedKV:
         for n, t in self.data.items():
             extra = torch.zeros((want - have, *t.shape[1:]), dtype=t.dtype, device=t.device)
             self.data[n] = torch.cat([t, extra])
-
-    @property
-    def k(self) -> torch.Tensor | None:
-        return self.data.get("k")
-
-    @property
-    def v(self) -> torch.Tensor:
-        return self.data["v"]
-
-    def bytes_per_token(self) -> int:
-        return sum(t[0, :, 0].numel() * t.element_size() for t in self.data.values())
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.data.values())
@@ -179,9 +156,7 @@ class PagedKV:
 
     def write(self, k: torch.Tensor | None, v: torch.Tensor, pos: torch.Tensor, rows=None) -> None:
         """k, v: [B, KV, T, D]; pos: [B, T] absolute positions, -1 for padding (not written)."""
-        stored = self.codec.encode("v", v)
-        if k is not None and "k" in self.names:
-            stored.update(self.codec.encode("k", k))
+        stored = self._encode(k, v)
         self._put(row_list(rows, pos.shape[0]), pos, stored)
 
     def update(self, k: torch.Tensor | None, v: torch.Tensor, pos: torch.Tensor, rows=None, chunk: int | None = None):

@@ -13,6 +13,9 @@ Entries are indexed by chained hashes of whole blocks of token ids (block k's ha
 sharing its first blocks are found without comparing every entry; a candidate's tokens are then
 compared whole, so a hash collision can never reuse the wrong KV. The store is bounded by bytes, least
 recently used first out.
+
+What an entry holds is a Snapshot: a row's KV for a sequence's first positions (KVCache.snapshot), which
+KVCache.restore puts back into a row; a prompt-cache file (files.py) holds one too.
 """
 
 from __future__ import annotations
@@ -21,9 +24,64 @@ import collections
 import hashlib
 from dataclasses import dataclass
 
-from .cache import Snapshot
+import torch
 
-BLOCK_TOKENS = 256
+from .paged import BLOCK_TOKENS
+
+
+@dataclass
+class Snapshot:
+    """A sequence's KV for its first len(tokens) positions, taken out of a cache row.
+
+    Full layers hold every position; sliding layers hold the last `ring` positions at most, so the
+    snapshot can resume a sequence at length c only if those reach back to the window before c.
+    `resumes`: the lengths it is meant to resume at (prefix reuse: grid points of the prefill; default
+    its whole length).
+    """
+
+    tokens: list[int]
+    layers: list[dict[str, torch.Tensor]]
+    window: int
+    kv_dtype: str
+    resumes: list[int] | None = None
+
+    def __post_init__(self):
+        if self.resumes is None:
+            self.resumes = [len(self.tokens)]
+
+    def with_earlier_rings(self, earlier: list[dict[str, torch.Tensor] | None], at: int) -> "Snapshot":
+        """This snapshot with its sliding layers reaching back to what `earlier` (KVCache.ring_snapshot of
+        the same row at length `at`, before this one was taken) held, so it resumes at `at` too."""
+        layers = []
+        for now, old in zip(self.layers, earlier):
+            if old is None or now.get("ring") is None:
+                layers.append(now)
+                continue
+            first = int(now["pos"][0]) if now["pos"].numel() else at
+            lost = old["pos"] < first  # positions the ring no longer held when this one was taken
+            joined = {"ring": now["ring"], "pos": torch.cat([old["pos"][lost], now["pos"]])}
+            for n in old:
+                if n != "pos":  # stored tensors [KV, n, X]
+                    joined[n] = torch.cat([old[n][:, lost], now[n]], dim=1)
+            layers.append(joined)
+        return Snapshot(self.tokens, layers, self.window, self.kv_dtype, sorted({at, *self.resumes}))
+
+    @property
+    def ring_start(self) -> int:
+        """The first position every sliding layer still holds (0 when they hold everything; the length
+        when one holds nothing)."""
+        starts = [int(layer["pos"][0]) if layer["pos"].numel() else len(self.tokens)
+                  for layer in self.layers if layer.get("ring") is not None]
+        return max(starts, default=0)
+
+    def usable(self, c: int) -> bool:
+        """Can a sequence resume at length c (the next position computed is c) from this snapshot?
+        A query at c sees keys c-window+1 .. c: the sliding layers must still hold c-window+1 .. c-1."""
+        return 0 < c <= len(self.tokens) and self.ring_start <= max(0, c - self.window + 1)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.values())
+
 
 
 def prompt_key(ids: list[int], soft: list | None = None) -> list[int]:
