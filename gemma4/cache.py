@@ -30,7 +30,7 @@ from .config import ModelConfig
 
 from .kv_int8 import KV_DTYPES, Codec
 from .kv_pool import BLOCK_TOKENS, BlockTable, PagedKV, row_list
-from .quant.kernels import ATTENTION_CHUNK, put_tokens
+from .native.ops import ATTENTION_CHUNK, put_tokens
 
 __all__ = ["KV_DTYPES", "BLOCK_TOKENS", "KVCache", "Snapshot", "RingKV", "PagedKV"]
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .kv_int8 import Codec
-from .quant.kernels import put_tokens
+from .native.ops import put_tokens
 
 BLOCK_TOKENS = 256
 ONE_TOKEN_ROWS = 8  # a write of one token to at most this many rows takes the per-slot path (decode)

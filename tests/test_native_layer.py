@@ -8,13 +8,13 @@ import gemma4
 from gemma4.checkpoint import open_checkpoint
 from gemma4.checkpoint.gguf_writer import write_gguf
 from gemma4.engine import prefill
-from gemma4.quant import kernels
+import gemma4.native
 from gemma4.quant.formats import quantize_int4, quantize_int8
 from gemma4.quant.modules import QuantLinear
 from gemma4.store import embedded_path
 from reference import build_gemma4, tiny_vocab_metadata
 
-pytestmark = pytest.mark.skipif(kernels.native() is None, reason="no AVX2 kernel on this machine")
+pytestmark = pytest.mark.skipif(gemma4.native.compiled() is None, reason="no AVX2 kernel on this machine")
 
 
 def _logits(decoder, ids: torch.Tensor, native: bool, steps: int = 3) -> list[torch.Tensor]:

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..cache import KVCache
 from ..config import ModelConfig
-from ..quant import kernels
+from ..native import compiled, ops
 from ..quant.modules import Linear, QuantLinear, matmul
 from .attention import Attention
 from .layers import GatedMLP, RMSNorm
@@ -66,13 +66,13 @@ class DecoderLayer(nn.Module):
     def _native(self, h: torch.Tensor):
         """This layer's native plan (see _plan_native) where it applies to h: on the CPU in float32 with
         int8 activations; else None."""
-        if h.device.type != "cpu" or h.dtype != torch.float32 or kernels.activations() != "int8":
+        if h.device.type != "cpu" or h.dtype != torch.float32 or ops.activations() != "int8":
             return None
         if self._native_plan is None:
             self._native_plan = self._plan_native()
         rows = h.numel() // h.shape[-1]
-        if self._native_plan and rows >= kernels.MIN_BLAS_ROWS and any(  # prefill: the modules pick per matrix
-                kernels.blas_first(x.qweight, rows) for x in self._dense_linears()):
+        if self._native_plan and rows >= ops.MIN_BLAS_ROWS and any(  # prefill: the modules pick per matrix
+                ops.blas_first(x.qweight, rows) for x in self._dense_linears()):
             return None
         return self._native_plan or None
 
@@ -92,7 +92,7 @@ class DecoderLayer(nn.Module):
     def _plan_native(self):
         """(kernel, attn_in's weights, attn_out's, mlp_block's) when every matrix is a QuantLinear in a layout
         the kernel takes and the norms share one eps; else False."""
-        kernel = kernels.native()
+        kernel = compiled()
         a, m = self.self_attn, self.mlp
         linears = self._dense_linears()
         norms = [self.input_layernorm, self.post_attention_layernorm, self.pre_feedforward_layernorm,

@@ -7,7 +7,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..config import RopeSpec
-from ..quant.kernels import native
+from ..native import compiled
 from ..quant.modules import Linear
 
 
@@ -27,7 +27,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """norm(x), or residual + norm(x) in one pass (the decoder's residual adds)."""
         if x.device.type == "cpu" and x.dtype == torch.float32 and (residual is None or residual.dtype == x.dtype):
-            kernel = native()
+            kernel = compiled()
             if kernel is not None:  # one native pass instead of six small aten ops
                 return kernel.rms_norm(x.contiguous(), self.weight, self.eps,
                                        None if residual is None else residual.contiguous())
@@ -72,7 +72,7 @@ def rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> 
     """RoPE of x [B, T, heads, D] at positions [B, T] (negative ones as 0): one native pass on the CPU
     (float32), else rope_cos_sin + apply_rope."""
     if x.device.type == "cpu" and x.dtype == torch.float32:
-        kernel = native()
+        kernel = compiled()
         if kernel is not None:
             return kernel.rope(x, positions, inv_freq)
     cos, sin = rope_cos_sin(inv_freq, positions.clamp(min=0), x.dtype)

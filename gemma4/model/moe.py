@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..quant.kernels import expert_matmul
+from ..native.ops import expert_matmul
 from ..quant.modules import QuantParam, matmul
 from .layers import RMSNorm, gelu_tanh
 

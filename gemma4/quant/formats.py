@@ -180,9 +180,9 @@ def _native_converter(qtype: T, b: np.ndarray):
     """The compiled converter of Q4_K or Q6_K rows b [rows, bytes] (a function of k), or None."""
     if qtype not in (T.Q4_K, T.Q6_K):
         return None
-    from .kernels import native  # (kernels imports this module)
+    from ..native import compiled
 
-    kernel = native()
+    kernel = compiled()
     if kernel is None:
         return None
     with warnings.catch_warnings():  # a read-only memory map: the converter only reads it

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .formats import QuantWeight
-from .kernels import bf16_linear, qlinear
+from ..native.ops import bf16_linear, qlinear
 
 
 class QuantParam(nn.Module):

@@ -1,6 +1,8 @@
-"""Matrix products with quantised weights: y = x @ dequantize(W).T, and the decoder's small fused ops.
+"""The native kernels' Python side: thin wrappers, and the rules that pick a kernel or the plain torch path.
 
-On the CPU the AVX2 extension of gemma4.native reads the packed weights directly:
+Matrix products with quantised weights: y = x @ dequantize(W).T, and the decoder's small fused ops.
+
+On the CPU the AVX2 extension (csrc/) reads the packed weights directly:
 
 - int8 activations (the default): each row of x is rounded to int8 per block of 32 with a scale
   max|x|/127 (llama.cpp's Q8_0 activations), and each block's dot product with the int4/int6/int8
@@ -29,26 +31,18 @@ matrix at a time, transiently.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import torch
 from torch.nn import functional as F
 
-from ..native import compiled
-from .formats import QuantWeight
+from . import compiled
+
+if TYPE_CHECKING:  # (quant imports this module)
+    from ..quant.formats import QuantWeight
 
 # Float activations: up to this many rows the kernel runs; above, dequantise + BLAS is faster.
 MAX_KERNEL_ROWS = 8
-
-_native = None  # the compiled module (gemma4.native), False when it is not built
-
-
-def native():
-    """The compiled CPU kernel, or None (no AVX2/FMA, no compiler, or GEMMA4_NO_NATIVE=1)."""
-    global _native
-    if _native is None:
-        _native = compiled() or False
-    return _native or None
-
 
 _activations = None  # the mode below, read from the environment on first use (each product asks)
 
@@ -83,7 +77,7 @@ def blas_first(w: QuantWeight, rows: int) -> bool:
 def qlinear(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
     """x [..., K] @ dequantize(w).T -> [..., N]; w is one matrix ([N, ...])."""
     # Called ~130 times per decode step of a small model: the checks are kept to a few attribute reads.
-    kernel = native() if x.is_cpu and x.dtype is torch.float32 else None
+    kernel = compiled() if x.is_cpu and x.dtype is torch.float32 else None
     if kernel is not None:
         if w.int8_layout and activations() == "int8" and not blas_first(w, x.numel() // x.shape[-1]):
             return kernel.qmm_q8(x, w.q, w.scale, w.zero, w.bits, w.group, w.sub)
@@ -108,7 +102,7 @@ def bf16_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
         return None
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    kernel = native()
+    kernel = compiled()
     if kernel is None:
         return None
     if x2.shape[0] > MAX_BF16_KERNEL_ROWS:
@@ -123,7 +117,7 @@ def expert_matmul(x: torch.Tensor, w: QuantWeight, ids: torch.Tensor, weights: t
     only the experts named; None where it does not apply (then the caller loops over the experts)."""
     if x.device.type != "cpu" or x.dtype != torch.float32 or activations() != "int8" or not w.int8_layout:
         return None
-    kernel = native()
+    kernel = compiled()
     if kernel is None:
         return None
     return kernel.qmm_experts(x.contiguous(), w.q, w.scale, w.zero, w.bits, w.group, w.sub, ids.contiguous(),
@@ -141,7 +135,7 @@ def put_tokens(stored: dict[str, torch.Tensor], new: dict[str, torch.Tensor], i0
     """Decode's one-token cache write: new[n][b, :, 0] -> stored[n][i0[b], :, i1[b]] for every name n and
     every b with i0[b] >= 0 (and positions[b] -> pos_table[i0[b], i1[b]]) in one native call; False where it
     does not apply (then the caller writes with torch)."""
-    kernel = native()
+    kernel = compiled()
     if kernel is None or not all(t.device.type == "cpu" for t in new.values()):
         return False
     kernel.put_tokens([stored[n] for n in new], list(new.values()), i0, i1, pos_table, positions or [])
@@ -153,7 +147,7 @@ def small_attention(q: torch.Tensor, v: torch.Tensor) -> bool:
     it reads): few queries per KV head, on the CPU, with the kernel built."""
     b, h, t, d = q.shape
     return (q.device.type == "cpu" and q.dtype == torch.float32 and v.dtype in (torch.float32, torch.bfloat16)
-            and d % 8 == 0 and (h // v.shape[1]) * t <= MAX_SMALL_ATTENTION_ROWS and native() is not None)
+            and d % 8 == 0 and (h // v.shape[1]) * t <= MAX_SMALL_ATTENTION_ROWS and compiled() is not None)
 
 
 def attend_small(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.Tensor, kpos: torch.Tensor,
@@ -175,5 +169,5 @@ def attend_small(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.
     if k.dtype != v.dtype or not small_attention(q, v) or (blocks is not None and k.shape[2] % ATTENTION_CHUNK):
         return None
     w, cos, sin = rebuild if rebuild is not None else (None, None, None)
-    return native().attend_small(q, k, v, qpos, kpos, window or 0, sees_until, scale, blocks, w, cos, sin)
+    return compiled().attend_small(q, k, v, qpos, kpos, window or 0, sees_until, scale, blocks, w, cos, sin)
 
