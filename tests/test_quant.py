@@ -9,10 +9,11 @@ from gguf.quants import dequantize, quantize
 
 import gemma4
 from gemma4.checkpoint import open_checkpoint
+from gemma4.checkpoint.gguf_blocks import from_gguf
 from gemma4.checkpoint.gguf_writer import write_gguf
 import gemma4.native
 from gemma4.native import ops
-from gemma4.quant.formats import QuantWeight, from_gguf, pack6, quantize_int4, quantize_int8, unpack6
+from gemma4.quant.formats import QuantWeight, pack6, quantize_int4, quantize_int8, unpack6
 from gemma4.quant.modules import QuantEmbedding, QuantLinear, QuantParam
 from reference import VOCAB, build_gemma4, tiny_vocab_metadata
 
@@ -49,8 +50,8 @@ def test_native_k_quant_converters_give_the_numpy_bytes():
     of those types in the embedded model, byte for byte."""
     if gemma4.native.compiled() is None:
         pytest.skip("no AVX2 kernel on this machine")
+    from gemma4.checkpoint import gguf_blocks
     from gemma4.checkpoint.gguf_file import GGUFFile
-    from gemma4.quant import formats
     from gemma4.store import embedded_path
 
     f = GGUFFile(embedded_path())
@@ -59,9 +60,9 @@ def test_native_k_quant_converters_give_the_numpy_bytes():
         if info.type not in (T.Q4_K, T.Q6_K):
             continue
         raw = f.raw(name)
-        native = formats.from_gguf(raw, info.type, info.shape)
+        native = gguf_blocks.from_gguf(raw, info.type, info.shape)
         rows = np.ascontiguousarray(raw).reshape(info.shape[0], -1)
-        _, _, *reference = formats._CONVERTERS[info.type](rows, info.shape[-1])
+        _, _, *reference = gguf_blocks._CONVERTERS[info.type](rows, info.shape[-1])
         for got, want in zip(native.tensors(), reference):
             assert (got is None) == (want is None)
             if got is not None:

@@ -1,2 +1,2 @@
-"""Quantised weights: formats, GGUF conversions, and the Linear-like modules that use them (their
+"""Quantised weights: formats and the Linear-like modules that use them (their
 products run in gemma4.native)."""

@@ -1,7 +1,7 @@
 #include "common.h"
 
-// ---- GGUF K-quant blocks to the kernels' layouts at load (the numpy converters in formats.py are the
-// reference; these give the same bytes, ~10x faster, which is most of a big Q4_K_M model's load) ----
+// ---- GGUF K-quant blocks to the kernels' layouts at load (the numpy converters in
+// checkpoint/gguf_blocks.py are the reference; these give the same bytes, ~10x faster, which is most of a big Q4_K_M model's load) ----
 // GGUF rows of super-blocks of 256 elements, `bytes` bytes each: raw [rows, k/256 * bytes], checked. The
 // converters' outputs per super-block (scales(): one float, subs(): 16 int8) and their loop: each(f) runs
 // f(i, its bytes) for every super-block i of the whole tensor, in parallel.
