@@ -88,6 +88,27 @@ def qlinear(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
     return F.linear(x, w.dequantize(x.dtype))
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
+             residual: torch.Tensor | None = None) -> torch.Tensor | None:
+    """residual + x * (mean(x^2) + eps)^-0.5 * weight in one native pass instead of six small aten ops (the
+    same rounding order; only the sum of squares is ordered differently); None where it does not apply."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or (residual is not None and residual.dtype != x.dtype):
+        return None
+    kernel = compiled()
+    if kernel is None:
+        return None
+    return kernel.rms_norm(x.contiguous(), weight, eps, None if residual is None else residual.contiguous())
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor | None:
+    """Rotate-half RoPE of x [B, T, heads, D] at positions [B, T] (negative ones as 0) in one native pass;
+    None where it does not apply."""
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return None
+    kernel = compiled()
+    return None if kernel is None else kernel.rope(x, positions, inv_freq)
+
+
 # bf16 weights on a CPU without bf16 arithmetic (AVX2): up to this many rows of activations (decode,
 # verify steps) the kernel reads the weights once; above it (prefill) the matrix is widened to float32
 # for the product, one matrix at a time (the widening costs a few % of a 512-row product, and float32
@@ -110,12 +131,16 @@ def bf16_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
     return kernel.bf16mm(x2.float().contiguous(), w).to(x.dtype).reshape(*lead, -1)
 
 
-def expert_matmul(x: torch.Tensor, w: QuantWeight, ids: torch.Tensor, weights: torch.Tensor | None = None,
+def expert_matmul(x: torch.Tensor, w, ids: torch.Tensor, weights: torch.Tensor | None = None,
                   top_k: int = 1) -> torch.Tensor | None:
     """Row j of x [J, K] times expert ids[j] of the stacked w [E, N, K] -> [J, N]; with weights [J], the
     weighted sum over each token's top_k consecutive rows -> [J / top_k, N]. One native call that reads
-    only the experts named; None where it does not apply (then the caller loops over the experts)."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or activations() != "int8" or not w.int8_layout:
+    only the experts named; None where it does not apply (a float matrix, a layout or a device the kernel
+    does not take: then the caller loops over the experts). w: a QuantWeight, a module holding one
+    (QuantParam), or a float tensor."""
+    w = getattr(w, "qweight", w)
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or activations() != "int8"
+            or not getattr(w, "int8_layout", False)):
         return None
     kernel = compiled()
     if kernel is None:
