@@ -18,10 +18,11 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
-# The native CPU kernel for quantised weights is compiled once per source version (about a minute,
-# cached under ~/.cache/torch_extensions); built here so that no command or test pays it.
+# The native CPU kernels (gemma4/native/csrc) are compiled once per source version (a minute or two,
+# cached under ~/.cache/torch_extensions); built here so that no command or test pays it, and so that a
+# failed build stops here with the compiler's error.
 kernels: $(STAMP)
-	$(BIN)/python -c "from gemma4.quant.kernels import native; native()"
+	$(BIN)/python -m gemma4.native
 
 run: kernels
 	$(BIN)/gemma4 run --max-tokens 48 "$(PROMPT)"

@@ -76,7 +76,8 @@ def main(argv=None) -> None:
             return
         from torch.profiler import ProfilerActivity, profile, record_function
 
-        from gemma4.quant import kernels, modules
+        import gemma4.native
+        from gemma4.quant import modules
 
         plain = modules.qlinear
 
@@ -85,8 +86,8 @@ def main(argv=None) -> None:
                 return plain(x, w)
 
         modules.qlinear = labelled
-        if kernels.native() is not None:
-            kernels._native = _Labelled(kernels.native())
+        if gemma4.native.compiled() is not None:
+            gemma4.native._module = _Labelled(gemma4.native.compiled())
             for layer in dec.layers:  # planned with the unlabelled kernel: plan again
                 layer._native_plan = None
 

@@ -82,9 +82,9 @@ def _prepare_kernels(decoder) -> None:
     from .quant.modules import QuantParam
 
     if decoder.device.type == "cpu" and any(isinstance(m, QuantParam) for m in decoder.modules()):
-        from .quant.kernels import native
+        from .native import compiled
 
-        native()
+        compiled()
 
 
 def _vision_checkpoint(checkpoint, mmproj):

@@ -140,9 +140,10 @@ def test_native_attention_of_few_queries_equals_one_softmax(dtype):
     (bf16 read directly), its keys in chunks of 64 merged as the pieces are: against one softmax over
     the same widened keys, across several chunks, a window, empty slots, an image span, GQA; and each
     query's result does not depend on the queries beside it (a verify step's row == a decode step)."""
-    from gemma4.quant import kernels
+    import gemma4.native
+    from gemma4.native import ops
 
-    if kernels.native() is None:
+    if gemma4.native.compiled() is None:
         pytest.skip("no AVX2 kernel on this machine")
     g = torch.Generator().manual_seed(3)
     b, h, kv, t, s, d = 2, 8, 2, 3, 300, 256
@@ -155,18 +156,18 @@ def test_native_attention_of_few_queries_equals_one_softmax(dtype):
     sees_until = qpos.clone()
     sees_until[1, 0] = 160
     for window in (None, 100):
-        got = kernels.attend_small(q, k, v, qpos, kpos, window, sees_until, 0.1)
+        got = ops.attend_small(q, k, v, qpos, kpos, window, sees_until, 0.1)
         assert got is not None
         want = _plain(q * 0.1, k.float(), v.float(), qpos, kpos, window, sees_until)
         assert (got - want).abs().max() <= 1e-5
-        alone = torch.cat([kernels.attend_small(q[:, :, i:i + 1], k, v, qpos[:, i:i + 1], kpos, window,
+        alone = torch.cat([ops.attend_small(q[:, :, i:i + 1], k, v, qpos[:, i:i + 1], kpos, window,
                                                 sees_until[:, i:i + 1], 0.1) for i in range(t)], dim=2)
         assert torch.equal(got, alone)
-    nothing = kernels.attend_small(q[:1, :, :1], k[:1], v[:1], torch.tensor([[5]]), torch.full((1, s), -1), None, None, 1.0)
+    nothing = ops.attend_small(q[:1, :, :1], k[:1], v[:1], torch.tensor([[5]]), torch.full((1, s), -1), None, None, 1.0)
     assert torch.equal(nothing, torch.zeros_like(nothing))
     # many queries (prefill) are left to torch's fused attention
-    many = torch.randn(1, h, kernels.MAX_SMALL_ATTENTION_ROWS, d)
-    assert kernels.attend_small(many, k[:1], v[:1], qpos[:1, :1].expand(1, many.shape[2]), kpos[:1], None, None, 1.0) is None
+    many = torch.randn(1, h, ops.MAX_SMALL_ATTENTION_ROWS, d)
+    assert ops.attend_small(many, k[:1], v[:1], qpos[:1, :1].expand(1, many.shape[2]), kpos[:1], None, None, 1.0) is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -174,9 +175,10 @@ def test_native_attention_reads_a_paged_pool_in_place(dtype):
     """Full layers at decode: the kernel reads the pool's blocks through the rows' block tables (blocks
     in any order, rows of different lengths, slots past a row's end marked -1) exactly as it reads the
     same keys gathered into one contiguous piece."""
-    from gemma4.quant import kernels
+    import gemma4.native
+    from gemma4.native import ops
 
-    if kernels.native() is None:
+    if gemma4.native.compiled() is None:
         pytest.skip("no AVX2 kernel on this machine")
     g = torch.Generator().manual_seed(5)
     blocks, kv, block, d, h = 7, 2, 64, 128, 8
@@ -192,22 +194,23 @@ def test_native_attention_reads_a_paged_pool_in_place(dtype):
         return pool[table].transpose(1, 2).reshape(2, kv, s, d)
 
     for window in (None, 100):
-        got = kernels.attend_small(q, pool_k, pool_v, qpos, kpos, window, None, 0.1, blocks=table)
-        want = kernels.attend_small(q, gathered(pool_k), gathered(pool_v), qpos, kpos, window, None, 0.1)
+        got = ops.attend_small(q, pool_k, pool_v, qpos, kpos, window, None, 0.1, blocks=table)
+        want = ops.attend_small(q, gathered(pool_k), gathered(pool_v), qpos, kpos, window, None, 0.1)
         assert got is not None and torch.equal(got, want)
         plain = _plain(q * 0.1, gathered(pool_k).float(), gathered(pool_v).float(), qpos, kpos, window, None)
         assert (got - plain).abs().max() <= 1e-5
     # blocks that do not hold whole chunks of the kernel are left to the gathering path
-    assert kernels.attend_small(q, pool_k[:, :, :32], pool_v[:, :, :32], qpos, kpos[:, :96], None, None, 0.1,
+    assert ops.attend_small(q, pool_k[:, :, :32], pool_v[:, :, :32], qpos, kpos[:, :96], None, None, 0.1,
                                 blocks=table) is None
 
 
 def test_native_attention_rebuilds_k_eq_v_keys_from_the_values():
     """K=V layers at decode: the kernel rebuilds each key from its stored value (times the k_norm weight,
     RoPE on the first r pairs from cos/sin tables by position) as keys_from_values does in torch."""
-    from gemma4.quant import kernels
+    import gemma4.native
+    from gemma4.native import ops
 
-    if kernels.native() is None:
+    if gemma4.native.compiled() is None:
         pytest.skip("no AVX2 kernel on this machine")
     g = torch.Generator().manual_seed(8)
     blocks, kv, block, d, h, r = 4, 2, 64, 64, 8, 8
@@ -225,11 +228,11 @@ def test_native_attention_rebuilds_k_eq_v_keys_from_the_values():
     k[..., :r], k[..., d // 2:d // 2 + r] = k1 * c - k2 * sn, k2 * c + k1 * sn
     q = torch.randn(1, h, 2, d, generator=g)
     qpos = torch.tensor([[98, 99]])
-    got = kernels.attend_small(q, None, pool_v, qpos, kpos, None, None, 0.2, blocks=table, rebuild=(w, cos, sin))
+    got = ops.attend_small(q, None, pool_v, qpos, kpos, None, None, 0.2, blocks=table, rebuild=(w, cos, sin))
     want = _plain(q * 0.2, k, v, qpos, kpos, None, None)
     assert got is not None and (got - want).abs().max() <= 1e-5
     with pytest.raises(ValueError):
-        kernels.attend_small(q, pool_v, pool_v, qpos, kpos, None, None, 0.2, blocks=table, rebuild=(w, cos, sin))
+        ops.attend_small(q, pool_v, pool_v, qpos, kpos, None, None, 0.2, blocks=table, rebuild=(w, cos, sin))
 
 
 def test_native_rope_equals_the_torch_ops(monkeypatch):
@@ -237,9 +240,9 @@ def test_native_rope_equals_the_torch_ops(monkeypatch):
     libraries (each within an ulp), at positions up to 256K, with proportional RoPE's zero frequencies."""
     from gemma4.config import RopeSpec
     from gemma4.model.layers import rope_inv_freq, rotate
-    from gemma4.quant import kernels
+    import gemma4.native
 
-    if kernels.native() is None:
+    if gemma4.native.compiled() is None:
         pytest.skip("no AVX2 kernel on this machine")
     g = torch.Generator().manual_seed(2)
     x = torch.randn(2, 3, 4, 64, generator=g)
@@ -250,7 +253,7 @@ def test_native_rope_equals_the_torch_ops(monkeypatch):
         cos, sin = rope_cos_sin(inv, positions.clamp(min=0), x.dtype)
         want = apply_rope(x, cos, sin)
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
-        monkeypatch.setattr(kernels, "_native", False)
+        monkeypatch.setattr(gemma4.native, "_module", False)
         assert torch.equal(rotate(x, positions, inv), want)  # the plain path is the torch ops
         monkeypatch.undo()
 

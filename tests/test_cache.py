@@ -5,7 +5,7 @@ import torch
 
 import gemma4
 from gemma4.kv import ring_slots
-from gemma4.quant.kernels import ATTENTION_CHUNK
+from gemma4.native.ops import ATTENTION_CHUNK
 from gemma4.engine import prefill
 from reference import VOCAB
 

@@ -13,9 +13,9 @@ from safetensors.torch import load_file, save_file
 
 import gemma4
 from gemma4.checkpoint import open_checkpoint
-from gemma4.quant import kernels
 from gemma4.checkpoint.gguf_writer import write_gguf
 from gemma4.errors import ModelLoadError
+from gemma4.native import ops
 from reference import VOCAB, build_gemma3, build_gemma4, tiny_vocab_metadata
 
 TOL = 1e-4  # as argued in test_decoder_parity.py
@@ -25,7 +25,7 @@ TOL = 1e-4  # as argued in test_decoder_parity.py
 def float_activations(monkeypatch):
     """The oracles here are dequantised models: compare with float activations. The int8 activations
     of the CPU kernel (the default) are a measured approximation, bounded in test_quant.py."""
-    monkeypatch.setattr(kernels, "_activations", "float")
+    monkeypatch.setattr(ops, "_activations", "float")
 
 
 def _ids(n=30):

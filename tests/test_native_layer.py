@@ -8,13 +8,13 @@ import gemma4
 from gemma4.checkpoint import open_checkpoint
 from gemma4.checkpoint.gguf_writer import write_gguf
 from gemma4.engine import prefill
-from gemma4.quant import kernels
+import gemma4.native
 from gemma4.quant.formats import quantize_int4, quantize_int8
 from gemma4.quant.modules import QuantLinear
 from gemma4.store import embedded_path
 from reference import build_gemma4, tiny_vocab_metadata
 
-pytestmark = pytest.mark.skipif(kernels.native() is None, reason="no AVX2 kernel on this machine")
+pytestmark = pytest.mark.skipif(gemma4.native.compiled() is None, reason="no AVX2 kernel on this machine")
 
 
 def _logits(decoder, ids: torch.Tensor, native: bool, steps: int = 3) -> list[torch.Tensor]:
@@ -93,3 +93,18 @@ def test_moving_the_model_drops_the_plan(tmp_path):
     assert all(layer._native_plan for layer in decoder.layers)
     decoder.to("cpu")
     assert all(layer._native_plan is None for layer in decoder.layers)
+
+
+def test_load_swaps_in_the_fused_layer_where_the_kernels_take_the_weights(tmp_path):
+    """The fused layer is a swap made at load, as QuantLinear is: layers of quantised matrices in the kernels'
+    layouts get it, float layers keep the module path; the swapped layer keeps its modules' names."""
+    from gemma4.model.decoder import DecoderLayer
+    from gemma4.native.fused_layer import FusedLayer
+
+    build_gemma4(tmp_path / "hf", "blocks", seed=8)
+    plain = gemma4.load(tmp_path / "hf", progress=False).decoder
+    assert not any(isinstance(layer, FusedLayer) for layer in plain.layers)
+    path = write_gguf(open_checkpoint(tmp_path / "hf"), tmp_path / "m.gguf", "Q8_0", tiny_vocab_metadata())
+    fused = gemma4.load(path, progress=False).decoder
+    assert all(isinstance(layer, FusedLayer) and isinstance(layer, DecoderLayer) for layer in fused.layers)
+    assert {n for n, _ in plain.named_modules()} <= {n for n, _ in fused.named_modules()}  # (+ quantised experts)

@@ -178,7 +178,7 @@ class GGUFCheckpoint:
     def quantized(self, name: str):
         """The tensor as a QuantWeight straight from its GGUF blocks (never dequantised to float when
         the block layout maps onto ours), or None for float tensors (F32, F16, BF16)."""
-        from ..quant.formats import from_gguf
+        from .gguf_blocks import from_gguf
 
         info = self._tensors[self._ours[name]]
         return from_gguf(self.file.raw(info.name), info.type, info.shape)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..quant.kernels import put_tokens
+from ..native.ops import put_tokens
 from .layer import LayerKV, row_list
 
 BLOCK_TOKENS = 256  # tokens of a pool block, and of a block the prefix store hashes

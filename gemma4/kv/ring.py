@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..quant.kernels import ATTENTION_CHUNK, put_tokens
+from ..native.ops import ATTENTION_CHUNK, put_tokens
 from .layer import LayerKV, row_list, rows_of
 
 

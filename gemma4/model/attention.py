@@ -20,7 +20,7 @@ from torch.nn import functional as F
 
 from ..kv import RowsView
 from ..config import ModelConfig
-from ..quant.kernels import attend_small, small_attention
+from ..native.ops import attend_small, small_attention
 from ..quant.modules import Linear
 from .layers import RMSNorm, rope_inv_freq, rotate
 

@@ -1,7 +1,9 @@
 """The Gemma 3 / Gemma 4 text decoder: embedding, layers, final norm, tied head, logit softcap.
 
 Reads top to bottom like the forward pass in reference/gemma4-formats.md. Gemma 3 and Gemma 4 differ
-only by config fields (attention_scale, use_v_norm, use_layer_scalar, enable_moe_block, rope).
+only by config fields (attention_scale, use_v_norm, use_layer_scalar, enable_moe_block, rope). How a
+weight is stored and which kernel multiplies it is decided below the model (quant/, native/); the fused
+native layer is swapped in at load (model/load.py).
 """
 
 from __future__ import annotations
@@ -11,8 +13,7 @@ from torch import nn
 
 from ..kv import KVCache
 from ..config import ModelConfig
-from ..quant import kernels
-from ..quant.modules import Linear, QuantLinear, matmul
+from ..quant.modules import Embedding, Linear
 from .attention import Attention
 from .layers import GatedMLP, RMSNorm
 from .moe import Experts, Router
@@ -41,95 +42,26 @@ class DecoderLayer(nn.Module):
             self.layer_scalar = None
 
     def forward(self, h: torch.Tensor, qpos: torch.Tensor, kv, sees_until: torch.Tensor | None = None) -> torch.Tensor:
-        native = self._native(h)
-        if native is not None:
-            return self._forward_native(native, h, qpos, kv, sees_until)
-        h = self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), qpos, kv, sees_until), residual=h)
+        x = self.input_layernorm(h)
+        a = self.self_attn(x, qpos, kv, sees_until)
+        h = self.post_attention_layernorm(a, residual=h)  # h + post_attention_layernorm(a)
 
-        residual = h
-        m = self.mlp(self.pre_feedforward_layernorm(residual))
+        r = h
+        m = self.mlp(self.pre_feedforward_layernorm(r))
         if self.moe:
-            m = self._experts(residual, self.post_feedforward_layernorm_1(m))
-        h = self.post_feedforward_layernorm(m, residual=residual)
+            m = self._experts(r, self.post_feedforward_layernorm_1(m))  # m1 + m2
+        h = self.post_feedforward_layernorm(m, residual=r)  # r + post_feedforward_layernorm(m)
 
         if self.layer_scalar is not None:
             h = h * self.layer_scalar
         return h
 
-    def _experts(self, residual: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        """The MoE block's sum of the dense MLP's output m (after its own norm) and the routed experts'."""
-        flat = residual.reshape(-1, residual.shape[-1])
+    def _experts(self, r: torch.Tensor, m1: torch.Tensor) -> torch.Tensor:
+        """The MoE block: m1 (the dense MLP's output after its own norm) + m2 (the routed experts' sum, normed)."""
+        flat = r.reshape(-1, r.shape[-1])
         weights, experts = self.router(flat)  # routed on the residual, not the normed input
-        e = self.experts(self.pre_feedforward_layernorm_2(flat), experts, weights).view_as(residual)
-        return self.post_feedforward_layernorm_2(e, residual=m)
-
-    def _native(self, h: torch.Tensor):
-        """This layer's native plan (see _plan_native) where it applies to h: on the CPU in float32 with
-        int8 activations; else None."""
-        if h.device.type != "cpu" or h.dtype != torch.float32 or kernels.activations() != "int8":
-            return None
-        if self._native_plan is None:
-            self._native_plan = self._plan_native()
-        rows = h.numel() // h.shape[-1]
-        if self._native_plan and rows >= kernels.MIN_BLAS_ROWS and any(  # prefill: the modules pick per matrix
-                kernels.blas_first(x.qweight, rows) for x in self._dense_linears()):
-            return None
-        return self._native_plan or None
-
-    def _dense_linears(self) -> list:
-        a, m = self.self_attn, self.mlp
-        return [x for x in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj) if x is not None]
-
-    # What the native path needs, gathered on first use (a decode step would otherwise pay ~25 module
-    # attribute lookups per layer); None: not planned yet (set it so after replacing a matrix), False: the
-    # layer has a matrix the kernel does not take.
-    _native_plan = None
-
-    def _apply(self, fn, *args, **kwargs):  # .to(), .float() and the like replace the tensors planned with
-        self._native_plan = None
-        return super()._apply(fn, *args, **kwargs)
-
-    def _plan_native(self):
-        """(kernel, attn_in's weights, attn_out's, mlp_block's) when every matrix is a QuantLinear in a layout
-        the kernel takes and the norms share one eps; else False."""
-        kernel = kernels.native()
-        a, m = self.self_attn, self.mlp
-        linears = self._dense_linears()
-        norms = [self.input_layernorm, self.post_attention_layernorm, self.pre_feedforward_layernorm,
-                 self.post_feedforward_layernorm, a.q_norm, a.k_norm, *([a.v_norm] if a.v_norm else [])]
-        if (kernel is None or not all(isinstance(x, QuantLinear) and x.qweight.int8_layout for x in linears)
-                or len({n.eps for n in norms}) != 1):
-            return False
-        eps = self.input_layernorm.eps
-        attn_in = (self.input_layernorm.weight, eps, _packed(a.q_proj), _packed(a.k_proj),
-                   None if a.v_proj is None else _packed(a.v_proj), a.q_norm.weight, a.k_norm.weight,
-                   a.v_norm is not None)
-        rope = (a.inv_freq, a.heads, a.kv_heads, a.head_dim)
-        attn_out = (_packed(a.o_proj), self.post_attention_layernorm.weight, eps)
-        post = self.post_feedforward_layernorm_1 if self.moe else self.post_feedforward_layernorm
-        mlp = (self.pre_feedforward_layernorm.weight, eps, _packed(m.gate_proj), _packed(m.up_proj),
-               _packed(m.down_proj), post.weight)
-        return kernel, attn_in, rope, attn_out, mlp
-
-    def _forward_native(self, plan, h, qpos, kv, sees_until):
-        """forward() with the norms, projections, RoPE and MLP of the layer in native calls (same bits)."""
-        native, attn_in, rope, attn_out, mlp = plan
-        q, k, v = native.attn_in(h, *attn_in, qpos, *rope)
-        att = self.self_attn.over_cache(q, k, v, qpos, kv, sees_until)
-        h = native.attn_out(att, *attn_out, h)
-        if self.moe:
-            h = self.post_feedforward_layernorm(self._experts(h, native.mlp_block(h, *mlp, None)), residual=h)
-        else:
-            h = native.mlp_block(h, *mlp, h)
-        if self.layer_scalar is not None:
-            h = h * self.layer_scalar
-        return h
-
-
-def _packed(linear: QuantLinear) -> tuple:
-    """A QuantLinear's matrix as the native fused ops take it."""
-    w = linear.qweight
-    return w.q, w.scale, w.zero, w.bits, w.group, w.sub
+        y = self.experts(self.pre_feedforward_layernorm_2(flat), experts, weights).view_as(r)
+        return self.post_feedforward_layernorm_2(y, residual=m1)
 
 
 class Decoder(nn.Module):
@@ -138,16 +70,16 @@ class Decoder(nn.Module):
         self.config = config
         # Given its (empty) weight, nn.Embedding skips its random init: under the meta device that init
         # imports torch's compiler stack (~2 s of every load).
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
-                                         _weight=torch.empty(config.vocab_size, config.hidden_size))
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size,
+                                      _weight=torch.empty(config.vocab_size, config.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, bias=False)
 
     @property
     def dtype(self) -> torch.dtype:
-        """The activation dtype (a quantised embedding carries it, having no float weight)."""
-        return getattr(self.embed_tokens, "dtype", None) or self.embed_tokens.weight.dtype
+        """The activation dtype (the embedding's, float or quantised)."""
+        return self.embed_tokens.dtype
 
     @property
     def device(self) -> torch.device:
@@ -179,13 +111,8 @@ class Decoder(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits, soft-capped: cap * tanh(logits / cap)."""
-        if self.lm_head is not None:
-            logits = self.lm_head(hidden)
-        elif hasattr(self.embed_tokens, "linear"):  # quantised tied embedding
-            logits = self.embed_tokens.linear(hidden)
-        else:
-            logits = matmul(hidden, self.embed_tokens.weight)
-        logits = logits.float()
+        head = self.lm_head if self.lm_head is not None else self.embed_tokens.linear  # tied: hidden @ embed^T
+        logits = head(hidden).float()
         cap = self.config.final_logit_softcapping
         if cap:  # in place: a vocabulary-wide temporary per op costs more than the op
             logits = logits.div_(cap).tanh_().mul_(cap)

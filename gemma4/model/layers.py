@@ -7,7 +7,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..config import RopeSpec
-from ..quant.kernels import native
+from ..native.ops import rms_norm, rope
 from ..quant.modules import Linear
 
 
@@ -26,11 +26,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """norm(x), or residual + norm(x) in one pass (the decoder's residual adds)."""
-        if x.device.type == "cpu" and x.dtype == torch.float32 and (residual is None or residual.dtype == x.dtype):
-            kernel = native()
-            if kernel is not None:  # one native pass instead of six small aten ops
-                return kernel.rms_norm(x.contiguous(), self.weight, self.eps,
-                                       None if residual is None else residual.contiguous())
+        y = rms_norm(x, self.weight, self.eps, residual)  # one native pass where it applies
+        if y is not None:
+            return y
         h = x.float()
         h = h * torch.pow(h.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
         if self.weight is not None:
@@ -71,10 +69,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
     """RoPE of x [B, T, heads, D] at positions [B, T] (negative ones as 0): one native pass on the CPU
     (float32), else rope_cos_sin + apply_rope."""
-    if x.device.type == "cpu" and x.dtype == torch.float32:
-        kernel = native()
-        if kernel is not None:
-            return kernel.rope(x, positions, inv_freq)
+    y = rope(x, positions, inv_freq)
+    if y is not None:
+        return y
     cos, sin = rope_cos_sin(inv_freq, positions.clamp(min=0), x.dtype)
     return apply_rope(x, cos, sin)
 

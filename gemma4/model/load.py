@@ -6,7 +6,8 @@ memory-mapped file, converted to its dtype and device, and assigned.
 Weight matrices (the linear layers, the experts, the embedding / tied head) are swapped for quantised
 modules when the checkpoint stores them quantised (GGUF blocks, converted without dequantising) or
 when `quantize` asks for it (float weights quantised at load). The router stays float: it picks the
-experts, and it is tiny.
+experts, and it is tiny. On the CPU, a layer whose matrices the native kernels take then gets the fused
+native layer (gemma4.native.fused_layer), the same bits in three calls.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 import torch
 
 from ..errors import ModelLoadError
+from ..native import fused_layer
 from ..quant import formats
 from ..quant.modules import QuantEmbedding, QuantLinear, QuantParam
 from .decoder import Decoder
@@ -115,4 +117,7 @@ def build_decoder(checkpoint, dtype: torch.dtype, device: torch.device, progress
     decoder.to(device)  # the non-persistent buffers (RoPE frequencies) were built on the CPU
     decoder.eval()
     decoder.requires_grad_(False)
+    if decoder.device.type == "cpu":
+        for layer in decoder.layers:
+            fused_layer.install(layer)
     return decoder

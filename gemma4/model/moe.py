@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..quant.kernels import expert_matmul
-from ..quant.modules import QuantParam, matmul
+from ..native.ops import expert_matmul
+from ..quant.modules import matmul
 from .layers import RMSNorm, gelu_tanh
 
 
@@ -76,13 +76,11 @@ class Experts(nn.Module):
     def _fused(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor | None:
         """Each token's k routed experts in two native calls (gate_up, then down with the weighted sum),
         no Python loop; None when the weights are not quantised or the kernel does not apply."""
-        if not (isinstance(self.gate_up_proj, QuantParam) and isinstance(self.down_proj, QuantParam)):
-            return None
         k = experts.shape[1]
         ids = experts.reshape(-1)
-        gate_up = expert_matmul(x.repeat_interleave(k, dim=0), self.gate_up_proj.qweight, ids)
+        gate_up = expert_matmul(x.repeat_interleave(k, dim=0), self.gate_up_proj, ids)
         if gate_up is None:
             return None
         gate, up = gate_up.chunk(2, dim=-1)
-        out = expert_matmul(gelu_tanh(gate) * up, self.down_proj.qweight, ids, weights.reshape(-1), k)
+        out = expert_matmul(gelu_tanh(gate) * up, self.down_proj, ids, weights.reshape(-1), k)
         return None if out is None else out.to(x.dtype)

@@ -1,1 +1,2 @@
-"""Quantised weights: formats, GGUF conversions, kernels, and the Linear-like modules that use them."""
+"""Quantised weights: formats and the Linear-like modules that use them (their
+products run in gemma4.native)."""

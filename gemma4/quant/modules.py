@@ -1,7 +1,8 @@
 """The quantised stand-ins for nn.Linear, nn.Embedding and the experts' stacked matrices.
 
 The model code calls them as it calls the float modules (quantization as a swap of the linear
-layer); `matmul(x, w)` multiplies by either kind of weight.
+layer); `matmul(x, w)` multiplies by either kind of weight. Embedding and QuantEmbedding share the
+tied head's interface (`linear`, `dtype`).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 from .formats import QuantWeight
-from .kernels import bf16_linear, qlinear
+from ..native.ops import bf16_linear, qlinear
 
 
 class QuantParam(nn.Module):
@@ -63,6 +64,17 @@ class QuantEmbedding(QuantParam):
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         return qlinear(x, self.qweight)
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding that is also the tied output head, as QuantEmbedding is: `linear(x)` = x @ weight.T."""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weight.dtype
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        return matmul(x, self.weight)
 
 
 class Linear(nn.Linear):

@@ -1,0 +1,119 @@
+"""The CPU backend: AVX2 kernels in C++ (csrc/, one file per concern, bindings.cpp exporting them), compiled on
+first use by torch.utils.cpp_extension and cached in torch's build cache under a name tagged by a hash of the
+sources and flags, so a changed source rebuilds and two versions never share a build.
+
+- products with quantised weights read as packed (int8 activations summed in integers, or float ones), bf16
+  products, routed experts in one call (quant_products.cpp);
+- attention of a few queries over the cache as it is stored (attention.cpp), RoPE and RMSNorm (rope_norms.cpp),
+  a decoder layer's dense parts in three calls (fused_layer.cpp), decode's cache writes (cache_writes.cpp);
+- GGUF K-quant blocks to our layouts at load (gguf_blocks.cpp).
+
+compiled() is the module or None: GEMMA4_NO_NATIVE=1 or a CPU without AVX2/FMA take the plain torch path
+quietly; a failed build says so on stderr, once per process, and takes it too. `python -m gemma4.native`
+builds and reports (`make kernels`). ops.py holds the Python wrappers and the rules that pick a kernel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import sys
+import threading
+from pathlib import Path
+
+SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
+
+# -fopenmp: at::parallel_for is OpenMP in torch's CPU build and a header template here; compiled without
+# it, every product ran on one thread. The extension links libgomp.so.1, which resolves to the copy torch
+# has already loaded, so one thread pool serves both.
+CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
+
+_lock = threading.Lock()
+_module = None  # the compiled module, False when it is not built (opted out, no AVX2, failed build)
+_warned = False
+
+
+def compiled():
+    """The compiled CPU kernels, or None (GEMMA4_NO_NATIVE=1, no AVX2/FMA, or a failed build, which is reported)."""
+    global _module
+    if _module is None:
+        with _lock:
+            if _module is None:
+                _module = _load() or False
+    return _module or None
+
+
+def skip_reason(environ=os.environ) -> str | None:
+    """Why the kernels are not to be built here (quietly), or None."""
+    if environ.get("GEMMA4_NO_NATIVE") == "1":
+        return "GEMMA4_NO_NATIVE=1"
+    if not _cpu_has_avx2():
+        return "this CPU lacks AVX2/FMA"
+    return None
+
+
+def sources(source_dir: Path = SOURCE_DIR) -> list[Path]:
+    """The translation units of the extension: every .cpp of source_dir (headers are included by them)."""
+    return sorted(Path(source_dir).glob("*.cpp"))
+
+
+def module_name(source_dir: Path = SOURCE_DIR) -> str:
+    """gemma4_native_<hash of every source file's name and contents, and the flags>."""
+    h = hashlib.sha256()
+    for p in sorted(Path(source_dir).glob("*.cpp")) + sorted(Path(source_dir).glob("*.h")):
+        h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+    h.update(" ".join(CFLAGS + LDFLAGS).encode())
+    return f"gemma4_native_{h.hexdigest()[:12]}"
+
+
+def build(source_dir: Path = SOURCE_DIR, build_directory: str | None = None, verbose: bool = False):
+    """Compiles (or finds in torch's build cache) and imports the extension; raises on failure."""
+    from torch.utils.cpp_extension import load
+
+    source_dir = Path(source_dir)
+    files = sources(source_dir)
+    if not files:
+        raise FileNotFoundError(f"no C++ sources in {source_dir}")
+    if build_directory is not None:
+        os.makedirs(build_directory, exist_ok=True)
+    # copies of the flags: load() appends to the lists it is given
+    return load(name=module_name(source_dir), sources=[str(p) for p in files], extra_cflags=list(CFLAGS),
+                extra_ldflags=list(LDFLAGS), extra_include_paths=[str(source_dir)], build_directory=build_directory,
+                verbose=verbose)
+
+
+def first_error(exc: BaseException) -> str:
+    """The line of a build failure worth one line: the compiler's first error, else the exception's first line."""
+    text = str(exc)
+    for line in text.splitlines():
+        if re.search(r"\b(error|fatal error)\b:", line):
+            return line.strip()
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def _load(source_dir: Path = SOURCE_DIR, build_directory: str | None = None):
+    """The module, or None: quietly where skip_reason says so, with one line on stderr where the build fails."""
+    global _warned
+    if skip_reason() is not None:
+        return None
+    try:
+        return build(source_dir, build_directory)
+    except Exception as exc:  # no compiler, no headers, a compile error: the plain torch path serves, loudly
+        if not _warned:
+            _warned = True
+            print(f"gemma4: the native CPU kernels could not be built ({first_error(exc)}); running on the plain "
+                  "torch path, several times slower (run `python -m gemma4.native` for the full error, "
+                  "GEMMA4_NO_NATIVE=1 to silence)", file=sys.stderr, flush=True)
+        return None
+
+
+def _cpu_has_avx2() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+        return " avx2" in flags and " fma" in flags
+    except OSError:
+        return False

@@ -1,0 +1,592 @@
+// Matrix products with quantised (int4/int6/int8) and bf16 weights: float and int8 activations.
+#include "common.h"
+
+// out[m, n] = sum_k x[m, k] * (scale[n, k/g] * q[n, k] + zero[n, k/g])
+torch::Tensor qmm(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10::optional<torch::Tensor> zero_opt,
+                  int64_t bits, int64_t group) {
+    const NoGil no_gil;  // other Python threads (the HTTP server) run during the product
+    const int64_t M = x.size(0), K = x.size(1), N = q.size(0), G = K / group;
+    auto out = torch::empty({M, N}, x.options());
+    // Per-group sums of x carry the offsets: sum_k x*zero = sum_g zero_g * sum_{k in g} x_k.
+    torch::Tensor xs;
+    const bool has_zero = zero_opt.has_value();
+    if (has_zero) xs = x.view({M, G, group}).sum(-1).contiguous();
+    const float* X = x.data_ptr<float>();
+    const uint8_t* Q = (const uint8_t*)q.data_ptr();
+    const float* S = scale.data_ptr<float>();
+    const float* Z = has_zero ? zero_opt->data_ptr<float>() : nullptr;
+    const float* XS = has_zero ? xs.data_ptr<float>() : nullptr;
+    float* O = out.data_ptr<float>();
+    const int64_t row_bytes = bits == 4 ? K / 2 : K;
+    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+        for (int64_t n = n0; n < n1; ++n) {
+            const uint8_t* qr = Q + n * row_bytes;
+            const float* sr = S + n * G;
+            for (int64_t m = 0; m < M; ++m) {
+                const float* xr = X + m * K;
+                __m256 acc = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps();
+                if (bits == 4) {
+                    const __m128i lowmask = _mm_set1_epi8(15);
+                    for (int64_t g = 0; g < G; ++g) {
+                        __m128i v = _mm_loadu_si128((const __m128i*)(qr + g * 16));
+                        __m128i lo = _mm_and_si128(v, lowmask);
+                        __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), lowmask);
+                        const float* xg = xr + g * 32;
+                        __m256 t0 = _mm256_mul_ps(u8f(lo), _mm256_loadu_ps(xg));
+                        __m256 t1 = _mm256_mul_ps(u8f(_mm_srli_si128(lo, 8)), _mm256_loadu_ps(xg + 8));
+                        t0 = _mm256_fmadd_ps(u8f(hi), _mm256_loadu_ps(xg + 16), t0);
+                        t1 = _mm256_fmadd_ps(u8f(_mm_srli_si128(hi, 8)), _mm256_loadu_ps(xg + 24), t1);
+                        if (g & 1) acc2 = _mm256_fmadd_ps(_mm256_add_ps(t0, t1), _mm256_set1_ps(sr[g]), acc2);
+                        else acc = _mm256_fmadd_ps(_mm256_add_ps(t0, t1), _mm256_set1_ps(sr[g]), acc);
+                    }
+                } else if (group == 32) {
+                    for (int64_t g = 0; g < G; ++g) {
+                        const int8_t* qg = (const int8_t*)qr + g * 32;
+                        const float* xg = xr + g * 32;
+                        __m128i a = _mm_loadu_si128((const __m128i*)qg), b = _mm_loadu_si128((const __m128i*)(qg + 16));
+                        __m256 t0 = _mm256_mul_ps(i8f(a), _mm256_loadu_ps(xg));
+                        __m256 t1 = _mm256_mul_ps(i8f(_mm_srli_si128(a, 8)), _mm256_loadu_ps(xg + 8));
+                        t0 = _mm256_fmadd_ps(i8f(b), _mm256_loadu_ps(xg + 16), t0);
+                        t1 = _mm256_fmadd_ps(i8f(_mm_srli_si128(b, 8)), _mm256_loadu_ps(xg + 24), t1);
+                        if (g & 1) acc2 = _mm256_fmadd_ps(_mm256_add_ps(t0, t1), _mm256_set1_ps(sr[g]), acc2);
+                        else acc = _mm256_fmadd_ps(_mm256_add_ps(t0, t1), _mm256_set1_ps(sr[g]), acc);
+                    }
+                } else {  // int8, group 16
+                    for (int64_t g = 0; g < G; ++g) {
+                        const int8_t* qg = (const int8_t*)qr + g * 16;
+                        const float* xg = xr + g * 16;
+                        __m128i a = _mm_loadu_si128((const __m128i*)qg);
+                        __m256 t0 = _mm256_mul_ps(i8f(a), _mm256_loadu_ps(xg));
+                        __m256 t1 = _mm256_mul_ps(i8f(_mm_srli_si128(a, 8)), _mm256_loadu_ps(xg + 8));
+                        if (g & 1) acc2 = _mm256_fmadd_ps(_mm256_add_ps(t0, t1), _mm256_set1_ps(sr[g]), acc2);
+                        else acc = _mm256_fmadd_ps(_mm256_add_ps(t0, t1), _mm256_set1_ps(sr[g]), acc);
+                    }
+                }
+                float y = hsum(_mm256_add_ps(acc, acc2));
+                if (has_zero) {
+                    const float* zr = Z + n * G;
+                    const float* xsr = XS + m * G;
+                    for (int64_t g = 0; g < G; ++g) y += zr[g] * xsr[g];
+                }
+                O[m * N + n] = y;
+            }
+        }
+    });
+    return out;
+}
+
+// ---- int8 activations: each row quantised per block of 32 (scale max|x|/127), as llama.cpp's Q8_0 ----
+// XQ int8 [M, K]; XD [M, K/32] the block scales; XS [M, K/32] = XD * sum of the block's XQ (offset terms).
+// pair4 (for int4 weights): each pair of blocks b, b + 1 is stored as x_b[0:16] x_b+1[0:16] x_b[16:32]
+// x_b+1[16:32], the order of the nibbles of one 32-byte weight load (see pair4 below); an odd last
+// block stays as it is. XD and XS keep block order.
+// One row of int8 activations (B blocks of 32) into the pair4 order, in place: swap x_b[16:32] and x_b+1[0:16].
+static void pair_blocks(int8_t* row, int64_t B) {
+    for (int64_t b = 0; b + 2 <= B; b += 2) {
+        int8_t* p = row + b * 32;
+        const __m128i a = _mm_loadu_si128((const __m128i*)(p + 16)), c = _mm_loadu_si128((const __m128i*)(p + 32));
+        _mm_storeu_si128((__m128i*)(p + 16), c);
+        _mm_storeu_si128((__m128i*)(p + 32), a);
+    }
+}
+
+static void quantize_rows(const float* X, int64_t M, int64_t K, int8_t* XQ, float* XD, float* XS, bool pair4 = false) {
+    const int64_t B = K / 32;
+    const __m256 signbit = _mm256_set1_ps(-0.0f);
+    const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int64_t m = 0; m < M; ++m) {
+        for (int64_t b = 0; b < B; ++b) {
+            const float* x = X + m * K + b * 32;
+            __m256 v0 = _mm256_loadu_ps(x), v1 = _mm256_loadu_ps(x + 8);
+            __m256 v2 = _mm256_loadu_ps(x + 16), v3 = _mm256_loadu_ps(x + 24);
+            __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(signbit, v0), _mm256_andnot_ps(signbit, v1)),
+                                      _mm256_max_ps(_mm256_andnot_ps(signbit, v2), _mm256_andnot_ps(signbit, v3)));
+            __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+            h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+            h = _mm_max_ss(h, _mm_movehdup_ps(h));
+            const float d = _mm_cvtss_f32(h) / 127.0f;
+            const float id = d > 0.0f ? 1.0f / d : 0.0f;
+            const __m256 vid = _mm256_set1_ps(id);
+            const int rnd = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+            __m256i i0 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v0, vid), rnd));
+            __m256i i1 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v1, vid), rnd));
+            __m256i i2 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v2, vid), rnd));
+            __m256i i3 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v3, vid), rnd));
+            __m256i s = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
+            __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+            s4 = _mm_hadd_epi32(s4, s4);
+            s4 = _mm_hadd_epi32(s4, s4);
+            __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+            _mm256_storeu_si256((__m256i*)(XQ + m * K + b * 32), _mm256_permutevar8x32_epi32(p, perm));
+            XD[m * B + b] = d;
+            XS[m * B + b] = d * (float)_mm_cvtsi128_si32(s4);
+        }
+        if (pair4) pair_blocks(XQ + m * K, B);
+    }
+}
+
+// The 32 weights of block b of a row as bytes for maddubs: int4 unsigned 0..15 (used as is); int8
+// signed (maddubs wants unsigned x signed: |w| against x carrying w's sign, llama.cpp's trick).
+template <int BITS>
+static inline __m256i load_block(const uint8_t* qr, int64_t b) {
+    if (BITS == 4) {
+        const __m128i v = _mm_loadu_si128((const __m128i*)(qr + b * 16));
+        const __m128i m15 = _mm_set1_epi8(15);
+        return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m15), _mm_and_si128(v, m15));
+    }
+    return _mm256_loadu_si256((const __m256i*)(qr + b * 32));
+}
+
+template <int BITS>
+static inline __m256 block_dot(__m256i w, const int8_t* x) {
+    const __m256i xv = _mm256_loadu_si256((const __m256i*)x);
+    __m256i p;
+    if (BITS == 4) p = _mm256_maddubs_epi16(w, xv);
+    else p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(xv, w));
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+}
+
+// Scales (and offsets) are float32, or f16 as GGUF's Q8_0 and Q5 blocks hold them (widened exactly by F16C).
+static inline float scale_at(const float* s, int64_t i) { return s[i]; }
+static inline float scale_at(const uint16_t* s, int64_t i) { return _cvtsh_ss(s[i]); }
+static inline __m256 scale8(const float* s) { return _mm256_loadu_ps(s); }
+static inline __m256 scale8(const uint16_t* s) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)s)); }
+
+template <typename ST>
+static inline float dot_scales(const ST* a, const float* b, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(scale8(a + i), _mm256_loadu_ps(b + i), acc);
+    float s = hsum(acc);
+    for (; i < n; ++i) s += scale_at(a, i) * b[i];
+    return s;
+}
+
+template <int BITS, bool G16, typename ST>
+static inline __m256 block_scale(const ST* sr, int64_t b) {
+    if (G16) return _mm256_set_m128(_mm_set1_ps(scale_at(sr, 2 * b + 1)), _mm_set1_ps(scale_at(sr, 2 * b)));
+    return _mm256_set1_ps(scale_at(sr, b));
+}
+
+// MR activation rows against one weight row: out[r * ostride] for r < MR. G16: weight scales per 16.
+// The offsets' share, sum_b zero[b] * XS[r, b], is a separate short dot product (no scalar chain).
+// int4 blocks b, b + 1 from one 32-byte load: its low nibbles are elements 0-15 of block b (low half)
+// and of block b + 1 (high half), its high nibbles elements 16-31. The activations of such a pair are
+// laid out to match (quantize_rows with pair4), so two maddubs cover both blocks and each 128-bit half
+// of the sums carries one block, scaled by one FMA with (s_b xd_b | s_b+1 xd_b+1).
+// 32 bytes at qr + 16 b split into their low and high nibbles: for an int4 pair, elements 0-15 and 16-31
+// of blocks b | b + 1 (one per 128-bit half); for int6, the low 4 bits of two whole blocks.
+struct Nibbles { __m256i lo, hi; };
+
+static inline Nibbles load_pair(const uint8_t* qr, int64_t b) {
+    const __m256i v = _mm256_loadu_si256((const __m256i*)(qr + b * 16));
+    const __m256i m15 = _mm256_set1_epi8(15);
+    return {_mm256_and_si256(v, m15), _mm256_and_si256(_mm256_srli_epi16(v, 4), m15)};
+}
+
+// 16-bit sums of pairs of products of the pair's weights with one row's paired activations x.
+static inline __m256i pair_sums(Nibbles w, const int8_t* x) {
+    return _mm256_add_epi16(_mm256_maddubs_epi16(w.lo, _mm256_loadu_si256((const __m256i*)x)),
+                            _mm256_maddubs_epi16(w.hi, _mm256_loadu_si256((const __m256i*)(x + 32))));
+}
+
+template <int MR>
+static inline void pair4(const uint8_t* qr, const float* sr, int64_t b, const int8_t* XQ, const float* XD,
+                         int64_t B, int64_t K, __m256* acc) {
+    const Nibbles w = load_pair(qr, b);
+    const __m128 ws = _mm_castpd_ps(_mm_load_sd((const double*)(sr + b)));
+    const __m256i halves = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+    for (int r = 0; r < MR; ++r) {
+        const __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(pair_sums(w, XQ + r * K + b * 32), _mm256_set1_epi16(1)));
+        const __m128 d2 = _mm_mul_ps(ws, _mm_castpd_ps(_mm_load_sd((const double*)(XD + r * B + b))));
+        acc[r] = _mm256_fmadd_ps(p, _mm256_permutevar8x32_ps(_mm256_castps128_ps256(d2), halves), acc[r]);
+    }
+}
+
+template <int BITS, bool G16, int MR, typename ST = float>
+static inline void row_dot(const uint8_t* qr, const ST* sr, const ST* zr, int64_t B, const int8_t* XQ,
+                           const float* XD, const float* XS, int64_t K, float* out, int64_t ostride) {
+    __m256 acc[MR];
+    for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
+    int64_t b = 0;
+    if constexpr (BITS == 4) {  // pairs of blocks, two FMA chains (the tail block below, unpaired)
+        __m256 acc2[MR];
+        for (int r = 0; r < MR; ++r) acc2[r] = _mm256_setzero_ps();
+        for (; b + 4 <= B; b += 4) {
+            prefetch_ahead(qr + b * 16);
+            pair4<MR>(qr, sr, b, XQ, XD, B, K, acc);
+            pair4<MR>(qr, sr, b + 2, XQ, XD, B, K, acc2);
+        }
+        if (b + 2 <= B) {
+            pair4<MR>(qr, sr, b, XQ, XD, B, K, acc);
+            b += 2;
+        }
+        for (int r = 0; r < MR; ++r) acc[r] = _mm256_add_ps(acc[r], acc2[r]);
+    } else {  // two blocks per step: two FMA chains per row hide their latency. The same order for every MR, so
+       // a row's result never depends on how many rows share the call (speculative verify == decode).
+        __m256 acc2[MR];
+        for (int r = 0; r < MR; ++r) acc2[r] = _mm256_setzero_ps();
+        for (; b + 2 <= B; b += 2) {
+            prefetch_ahead(qr + b * 32);
+            const __m256i w0 = load_block<BITS>(qr, b), w1 = load_block<BITS>(qr, b + 1);
+            const __m256 s0 = block_scale<BITS, G16>(sr, b), s1 = block_scale<BITS, G16>(sr, b + 1);
+            for (int r = 0; r < MR; ++r) {
+                const int8_t* x = XQ + r * K + b * 32;
+                const float* xd = XD + r * B + b;
+                acc[r] = _mm256_fmadd_ps(block_dot<BITS>(w0, x), _mm256_mul_ps(s0, _mm256_set1_ps(xd[0])), acc[r]);
+                acc2[r] = _mm256_fmadd_ps(block_dot<BITS>(w1, x + 32), _mm256_mul_ps(s1, _mm256_set1_ps(xd[1])), acc2[r]);
+            }
+        }
+        for (int r = 0; r < MR; ++r) acc[r] = _mm256_add_ps(acc[r], acc2[r]);
+    }
+    for (; b < B; ++b) {
+        const __m256i w = load_block<BITS>(qr, b);
+        const __m256 ws = block_scale<BITS, G16>(sr, b);
+        for (int r = 0; r < MR; ++r) {
+            const __m256 d = _mm256_mul_ps(ws, _mm256_set1_ps(XD[r * B + b]));
+            acc[r] = _mm256_fmadd_ps(block_dot<BITS>(w, XQ + r * K + b * 32), d, acc[r]);
+        }
+    }
+    for (int r = 0; r < MR; ++r) {
+        float y = hsum(acc[r]);
+        if (zr != nullptr) y += dot_scales(zr, XS + r * B, B);
+        out[r * ostride] = y;
+    }
+}
+
+template <int BITS, bool G16, typename ST = float>
+static void rows_dot(int MR, const uint8_t* qr, const ST* sr, const ST* zr, int64_t B, const int8_t* XQ,
+                     const float* XD, const float* XS, int64_t K, float* out, int64_t ostride) {
+    switch (MR) {
+        case 1: row_dot<BITS, G16, 1, ST>(qr, sr, zr, B, XQ, XD, XS, K, out, ostride); break;
+        case 2: row_dot<BITS, G16, 2, ST>(qr, sr, zr, B, XQ, XD, XS, K, out, ostride); break;
+        case 3: row_dot<BITS, G16, 3, ST>(qr, sr, zr, B, XQ, XD, XS, K, out, ostride); break;
+        default: row_dot<BITS, G16, 4, ST>(qr, sr, zr, B, XQ, XD, XS, K, out, ostride); break;
+    }
+}
+
+// int6 (Q6_K) weights, per unit of 128 elements (4 blocks of 32): 32 bytes of the low 4 bits of
+// blocks 0 | 1 (low | high nibble), 32 bytes of blocks 2 | 3, 32 bytes of bits 4-5 (block j at bits
+// 2j, 2j+1). The codes c in 0..63 go into maddubs unsigned; their offset -32 is applied once per 256
+// through the activations' sums per 16 (XS16). The 16-element sub-scales multiply in integers (madd);
+// then one float scale d * xd per block, in the same order for any MR.
+template <int MR>
+static inline void six_block(__m256i code, int j, __m256i s16, const __m256* dx, int64_t b, const int8_t* XQ,
+                             int64_t K, __m256* acc) {
+    const __m256i pick = _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1,
+                                          2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3);
+    const __m256i lane = _mm256_set1_epi32(j);
+    // lanes 0-7 (elements 0-15) the sub-scale 2j, lanes 8-15 the sub-scale 2j + 1
+    const __m256i sc = _mm256_shuffle_epi8(_mm256_permutevar8x32_epi32(s16, lane), pick);
+    for (int r = 0; r < MR; ++r) {
+        const __m256i xv = _mm256_loadu_si256((const __m256i*)(XQ + r * K + b * 32));
+        const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(code, xv), sc);
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_permutevar8x32_ps(dx[r], lane), acc[r]);
+    }
+}
+
+template <int MR>
+static inline void row_dot6(const uint8_t* qr, const float* dr, const int8_t* sub, int64_t B, const int8_t* XQ,
+                            const float* XD, const int16_t* XS16, int64_t K, float* out, int64_t ostride) {
+    __m256 acc[MR];  // one chain per row (with 4 rows, two would spill the 16 registers)
+    for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
+    const __m256i m30 = _mm256_set1_epi8(0x30);
+    for (int64_t s = 0; s < B / 8; ++s) {  // super-blocks of 256: one d, 16 sub-scales
+        const __m256i s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(sub + 16 * s)));
+        __m256 dx[MR];  // lane j: d * xd of block j, for every row
+        for (int r = 0; r < MR; ++r) {  // lane j: block j's sum over its two 16s of sub * sum(x)
+            dx[r] = _mm256_mul_ps(_mm256_loadu_ps(XD + r * B + 8 * s), _mm256_set1_ps(dr[s]));
+            const __m256i c = _mm256_madd_epi16(s16, _mm256_loadu_si256((const __m256i*)(XS16 + r * (K / 16) + 16 * s)));
+            acc[r] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(c), _mm256_mul_ps(dx[r], _mm256_set1_ps(32.0f)), acc[r]);
+        }
+        for (int h = 0; h < 2; ++h) {
+            const uint8_t* unit = qr + (2 * s + h) * 96;
+            prefetch_ahead(unit);
+            prefetch_ahead(unit + 64);
+            const Nibbles n01 = load_pair(unit, 0), n23 = load_pair(unit, 2);  // blocks 0 | 1, 2 | 3
+            const __m256i high = _mm256_loadu_si256((const __m256i*)(unit + 64));
+            const int64_t b = 8 * s + 4 * h;
+            six_block<MR>(_mm256_or_si256(n01.lo, _mm256_and_si256(_mm256_slli_epi16(high, 4), m30)),
+                          4 * h, s16, dx, b, XQ, K, acc);
+            six_block<MR>(_mm256_or_si256(n01.hi, _mm256_and_si256(_mm256_slli_epi16(high, 2), m30)),
+                          4 * h + 1, s16, dx, b + 1, XQ, K, acc);
+            six_block<MR>(_mm256_or_si256(n23.lo, _mm256_and_si256(high, m30)),
+                          4 * h + 2, s16, dx, b + 2, XQ, K, acc);
+            six_block<MR>(_mm256_or_si256(n23.hi, _mm256_and_si256(_mm256_srli_epi16(high, 2), m30)),
+                          4 * h + 3, s16, dx, b + 3, XQ, K, acc);
+        }
+    }
+    for (int r = 0; r < MR; ++r) out[r * ostride] = hsum(acc[r]);
+}
+
+// The int8 activations' sums per 16 (int6's offset term): XS16 [M, K/16].
+static std::vector<int16_t> sums16(const int8_t* XQ, int64_t M, int64_t K) {
+    std::vector<int16_t> out(M * (K / 16));
+    for (int64_t i = 0; i < M * (K / 16); ++i) {
+        int s = 0;
+        for (int e = 0; e < 16; ++e) s += XQ[i * 16 + e];
+        out[i] = (int16_t)s;
+    }
+    return out;
+}
+
+static void rows_dot6(int MR, const uint8_t* qr, const float* dr, const int8_t* sub, int64_t B, const int8_t* XQ,
+                      const float* XD, const int16_t* XS16, int64_t K, float* out, int64_t ostride) {
+    switch (MR) {
+        case 1: row_dot6<1>(qr, dr, sub, B, XQ, XD, XS16, K, out, ostride); break;
+        case 2: row_dot6<2>(qr, dr, sub, B, XQ, XD, XS16, K, out, ostride); break;
+        case 3: row_dot6<3>(qr, dr, sub, B, XQ, XD, XS16, K, out, ostride); break;
+        default: row_dot6<4>(qr, dr, sub, B, XQ, XD, XS16, K, out, ostride); break;
+    }
+}
+
+// int4 with Q4_K's scales: per super-block of 256, float d and zero (-dmin); per block of 32 the integer
+// sub-scale sc and offset m (sub[2b], sub[2b + 1], 0..63): w = d sc q + zero m. Pairs of blocks as pair4
+// (one 32-byte load, activations laid out to match); sc multiplies in integers (madd); the offsets go in
+// once per super-block: zero * sum_b m_b * XS_b, XS_b = xd_b * sum of the block's int8 activations.
+template <int MR>
+static inline void row_dot4k(const uint8_t* qr, const float* dr, const float* zr, const int8_t* sub, int64_t B,
+                             const int8_t* XQ, const float* XD, const float* XS, int64_t K, float* out,
+                             int64_t ostride) {
+    __m256 acc[MR];  // one chain per row (with 4 rows, two would spill the 16 registers)
+    for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
+    const __m256i pick = _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1,
+                                          0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1);
+    for (int64_t s = 0; s < B / 8; ++s) {
+        prefetch_ahead(qr + s * 128);
+        prefetch_ahead(qr + s * 128 + 64);
+        // 32-bit lane j: (sc_j, m_j) as two int16
+        const __m256i s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(sub + 16 * s)));
+        const __m256 mf = _mm256_cvtepi32_ps(_mm256_srai_epi32(s16, 16));  // m_j
+        __m256 dx[MR];
+        for (int r = 0; r < MR; ++r) {
+            dx[r] = _mm256_mul_ps(_mm256_loadu_ps(XD + r * B + 8 * s), _mm256_set1_ps(dr[s]));
+            acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(mf, _mm256_set1_ps(zr[s])), _mm256_loadu_ps(XS + r * B + 8 * s), acc[r]);
+        }
+        for (int p = 0; p < 4; ++p) {  // blocks 2p, 2p + 1 of the super-block
+            const int64_t b = 8 * s + 2 * p;
+            const Nibbles w = load_pair(qr, b);
+            const __m256i lanes = _mm256_setr_epi32(2 * p, 2 * p, 2 * p, 2 * p, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1);
+            const __m256i sc = _mm256_shuffle_epi8(_mm256_permutevar8x32_epi32(s16, lanes), pick);
+            for (int r = 0; r < MR; ++r) {
+                const __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(pair_sums(w, XQ + r * K + b * 32), sc));
+                acc[r] = _mm256_fmadd_ps(f, _mm256_permutevar8x32_ps(dx[r], lanes), acc[r]);
+            }
+        }
+    }
+    for (int r = 0; r < MR; ++r) out[r * ostride] = hsum(acc[r]);
+}
+
+static void rows_dot4k(int MR, const uint8_t* qr, const float* dr, const float* zr, const int8_t* sub, int64_t B,
+                       const int8_t* XQ, const float* XD, const float* XS, int64_t K, float* out, int64_t ostride) {
+    switch (MR) {
+        case 1: row_dot4k<1>(qr, dr, zr, sub, B, XQ, XD, XS, K, out, ostride); break;
+        case 2: row_dot4k<2>(qr, dr, zr, sub, B, XQ, XD, XS, K, out, ostride); break;
+        case 3: row_dot4k<3>(qr, dr, zr, sub, B, XQ, XD, XS, K, out, ostride); break;
+        default: row_dot4k<4>(qr, dr, zr, sub, B, XQ, XD, XS, K, out, ostride); break;
+    }
+}
+
+// x rounded to int8 per block of 32, in the layouts the weights at hand read: plain (int8, int6; with
+// int6's sums per 16) and paired (int4; see quantize_rows). XD, XS are the same for both.
+struct Activations {
+    torch::Tensor xq, xp, xd, xs;
+    std::vector<int16_t> x16;
+    int64_t M, K, B;
+    Activations(const torch::Tensor& x, bool plain, bool paired, bool sums) : M(x.size(0)), K(x.size(1)), B(x.size(1) / 32) {
+        xq = torch::empty({M, K}, x.options().dtype(torch::kInt8));
+        xd = torch::empty({M, B}, x.options());
+        xs = torch::empty({M, B}, x.options());
+        quantize_rows(x.data_ptr<float>(), M, K, xq.data_ptr<int8_t>(), xd.data_ptr<float>(), xs.data_ptr<float>(), !plain);
+        if (plain && paired) {  // the paired copy of the plain rows
+            xp = xq.clone();
+            for (int64_t m = 0; m < M; ++m) pair_blocks(xp.data_ptr<int8_t>() + m * K, B);
+        } else if (paired) {
+            xp = xq;
+        }
+        if (sums) x16 = sums16(xq.data_ptr<int8_t>(), M, K);
+        plain_q = xq.data_ptr<int8_t>();
+        paired_q = paired ? xp.data_ptr<int8_t>() : nullptr;
+        d = xd.data_ptr<float>();
+        s = xs.data_ptr<float>();
+    }
+    // Raw pointers, taken once: data_ptr<T>() checks the dtype on every call, a cost per weight row.
+    const int8_t* plain_q;
+    const int8_t* paired_q;
+    const float* d;
+    const float* s;
+};
+
+// Weight row n (of all of w's rows, experts' stacked) against MR activation rows m0.. of a, into o[r * ostride].
+static inline void dot_rows(const Weight& w, const Activations& a, int64_t n, int64_t m0, int MR, float* o,
+                            int64_t ostride) {
+    const int64_t K = a.K, B = a.B, G = w.G;
+    const int8_t* xq_t = (w.bits == 4 ? a.paired_q : a.plain_q) + m0 * K;
+    const float* xd_t = a.d + m0 * B;
+    const float* xs_t = a.s + m0 * B;
+    const uint8_t* qr = w.Q + n * w.row_bytes;
+    const float* sr = w.sc.f32 ? w.sc.f32 + n * G : nullptr;
+    const float* zr = w.sc.z32 ? w.sc.z32 + n * G : nullptr;
+    if (w.sc.f16) {  // int8 with GGUF's f16 scales
+        const uint16_t* srh = w.sc.f16 + n * G;
+        const uint16_t* zrh = w.sc.z16 ? w.sc.z16 + n * G : nullptr;
+        if (w.group == 32) rows_dot<8, false>(MR, qr, srh, zrh, B, xq_t, xd_t, xs_t, K, o, ostride);
+        else rows_dot<8, true>(MR, qr, srh, zrh, B, xq_t, xd_t, xs_t, K, o, ostride);
+    } else if (w.bits == 6) rows_dot6(MR, qr, sr, w.SUB + n * (K / 16), B, xq_t, xd_t, a.x16.data() + m0 * (K / 16), K, o, ostride);
+    else if (w.bits == 4 && w.group == 256) rows_dot4k(MR, qr, sr, zr, w.SUB + n * (K / 16), B, xq_t, xd_t, xs_t, K, o, ostride);
+    else if (w.bits == 4) rows_dot<4, false>(MR, qr, sr, zr, B, xq_t, xd_t, xs_t, K, o, ostride);
+    else if (w.group == 32) rows_dot<8, false>(MR, qr, sr, zr, B, xq_t, xd_t, xs_t, K, o, ostride);
+    else rows_dot<8, true>(MR, qr, sr, zr, B, xq_t, xd_t, xs_t, K, o, ostride);
+}
+
+// Output rows n0 .. n1 of x @ w^T into O [M, ostride] (column n of O is row n of w).
+static void product_rows(const Weight& w, const Activations& a, int64_t n0, int64_t n1, float* O, int64_t ostride) {
+    for (int64_t m0 = 0; m0 < a.M; m0 += ROW_TILE) {
+        const int MR = (int)std::min<int64_t>(ROW_TILE, a.M - m0);
+        for (int64_t n = n0; n < n1; ++n) dot_rows(w, a, n, m0, MR, O + m0 * ostride + n, ostride);
+    }
+}
+
+// x [..., K] times each of several matrices [N_i, K] -> [..., N_i], x quantised once, all the products in
+// one parallel region: output rows are split across threads 16 at a time (a tile of x stays in cache),
+// each row computed as a one-matrix call computes it. Rows of x go ROW_TILE at a time against each
+// weight row (each weight block is decoded once per tile).
+std::vector<torch::Tensor> qmm_many(const torch::Tensor& x_in, const std::vector<Weight>& ws) {
+    const torch::Tensor x = x_in.reshape({-1, x_in.size(-1)}).contiguous();
+    const int64_t M = x.size(0), K = x.size(1);
+    bool plain = false, paired = false, sums = false;
+    for (const Weight& w : ws) {
+        (w.bits == 4 ? paired : plain) = true;
+        sums = sums || w.bits == 6;
+    }
+    const Activations a(x, plain, paired, sums);
+    constexpr int64_t NB = 16;
+    std::vector<torch::Tensor> outs;
+    std::vector<float*> out_ptrs;
+    std::vector<int64_t> first{0};  // the first chunk of rows of each matrix
+    for (const Weight& w : ws) {
+        outs.push_back(torch::empty({M, w.N}, x.options()));
+        out_ptrs.push_back(outs.back().data_ptr<float>());
+        first.push_back(first.back() + (w.N + NB - 1) / NB);
+    }
+    at::parallel_for(0, first.back(), 1, [&](int64_t c0, int64_t c1) {
+        size_t i = 0;
+        for (int64_t c = c0; c < c1; ++c) {
+            while (c >= first[i + 1]) ++i;
+            const int64_t n0 = (c - first[i]) * NB, n1 = std::min(ws[i].N, n0 + NB);
+            product_rows(ws[i], a, n0, n1, out_ptrs[i], ws[i].N);
+        }
+    });
+    auto sizes = x_in.sizes().vec();
+    for (size_t i = 0; i < ws.size(); ++i) {
+        sizes.back() = ws[i].N;
+        outs[i] = outs[i].view(sizes);
+    }
+    return outs;
+}
+
+// out[m, n] = sum_k xq8(x)[m, k] * (scale[n, k/g] * q[n, k] + zero[n, k/g]), x [..., K] quantised per 32.
+torch::Tensor qmm_q8(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10::optional<torch::Tensor> zero_opt,
+                     int64_t bits, int64_t group, c10::optional<torch::Tensor> sub_opt) {
+    const NoGil no_gil;
+    return qmm_many(x, {Weight(q, scale, zero_opt, bits, group, sub_opt, x.size(-1), "qmm_q8")})[0];
+}
+
+// Routed experts in one call. x [J, K]: row j goes through expert ids[j] of the stacked q [E, N, ...].
+// Without weights: out [J, N]. With weights [J]: out [J / topk, N], row t = sum over its topk rows j of
+// weights[j] * (x[j] @ W[ids[j]]^T) (the MoE's weighted sum, fused). Only the experts named are read.
+torch::Tensor qmm_experts(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10::optional<torch::Tensor> zero_opt,
+                          int64_t bits, int64_t group, c10::optional<torch::Tensor> sub_opt, torch::Tensor ids,
+                          c10::optional<torch::Tensor> weights, int64_t topk) {
+    const NoGil no_gil;
+    const int64_t J = x.size(0), K = x.size(1), N = q.size(1);
+    const Weight w(q, scale, zero_opt, bits, group, sub_opt, K, "qmm_experts");  // rows: expert e's row n is e * N + n
+    const Activations a(x, bits != 4, bits == 4, bits == 6);
+    const int64_t* I = ids.data_ptr<int64_t>();
+    auto dot = [&](int64_t j, int64_t n, float* o) { dot_rows(w, a, I[j] * N + n, j, 1, o, 0); };
+    if (!weights.has_value()) {
+        auto out = torch::empty({J, N}, x.options());
+        float* O = out.data_ptr<float>();
+        at::parallel_for(0, J * N, 16, [&](int64_t i0, int64_t i1) {
+            for (int64_t i = i0; i < i1; ++i) dot(i / N, i % N, O + i);
+        });
+        return out;
+    }
+    const int64_t T = J / topk;
+    auto out = torch::empty({T, N}, x.options());
+    float* O = out.data_ptr<float>();
+    const float* Wt = weights->data_ptr<float>();
+    at::parallel_for(0, T * N, 16, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+            const int64_t t = i / N, n = i % N;
+            float acc = 0.0f, y;
+            for (int64_t j = t * topk; j < (t + 1) * topk; ++j) {
+                dot(j, n, &y);
+                acc += Wt[j] * y;
+            }
+            O[i] = acc;
+        }
+    });
+    return out;
+}
+
+// The activations as qmm_q8 sees them (for tests): x rounded per block of 32 and scaled back.
+torch::Tensor quantize_activations(torch::Tensor x) {
+    const NoGil no_gil;
+    const int64_t M = x.size(0), K = x.size(1), B = K / 32;
+    auto xq = torch::empty({M, K}, x.options().dtype(torch::kInt8));
+    auto xd = torch::empty({M, B}, x.options()), xs = torch::empty({M, B}, x.options());
+    quantize_rows(x.data_ptr<float>(), M, K, xq.data_ptr<int8_t>(), xd.data_ptr<float>(), xs.data_ptr<float>());
+    return (xq.to(torch::kFloat).view({M, B, 32}) * xd.view({M, B, 1})).view({M, K});
+}
+
+// ---- bf16 weights: out[m, n] = sum_k x[m, k] * w[n, k], x float32, w bf16 widened exactly, float32 sums ----
+// Each output row is computed alone, in the same order for any number of rows (decode == verify).
+template <int MR>
+static inline void bf16_rows(const uint16_t* wr, const float* X, int64_t K, float* out, int64_t ostride) {
+    __m256 acc[MR], acc2[MR];
+    for (int r = 0; r < MR; ++r) acc[r] = acc2[r] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {  // two chains per row hide the FMA latency
+        if ((k & 31) == 0) prefetch_ahead(wr + k);
+        const __m256 w0 = widen8(wr + k), w1 = widen8(wr + k + 8);
+        for (int r = 0; r < MR; ++r) {
+            acc[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(X + r * K + k), acc[r]);
+            acc2[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(X + r * K + k + 8), acc2[r]);
+        }
+    }
+    for (int r = 0; r < MR; ++r) {
+        float y = hsum(_mm256_add_ps(acc[r], acc2[r]));
+        for (int64_t j = k; j < K; ++j) {
+            uint32_t bits = (uint32_t)wr[j] << 16;
+            float wf;
+            std::memcpy(&wf, &bits, 4);
+            y += wf * X[r * K + j];
+        }
+        out[r * ostride] = y;
+    }
+}
+
+torch::Tensor bf16mm(torch::Tensor x, torch::Tensor w) {
+    const NoGil no_gil;
+    const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+    auto out = torch::empty({M, N}, x.options());
+    const float* X = x.data_ptr<float>();
+    const uint16_t* W = (const uint16_t*)w.data_ptr();
+    float* O = out.data_ptr<float>();
+    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+        for (int64_t n = n0; n < n1; ++n) {
+            const uint16_t* wr = W + n * K;
+            for (int64_t m0 = 0; m0 < M; m0 += 4) {
+                const int64_t mr = std::min<int64_t>(4, M - m0);
+                const float* xt = X + m0 * K;
+                float* o = O + m0 * N + n;
+                if (mr == 4) bf16_rows<4>(wr, xt, K, o, N);
+                else if (mr == 3) bf16_rows<3>(wr, xt, K, o, N);
+                else if (mr == 2) bf16_rows<2>(wr, xt, K, o, N);
+                else bf16_rows<1>(wr, xt, K, o, N);
+            }
+        }
+    });
+    return out;
+}

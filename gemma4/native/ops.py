@@ -1,0 +1,198 @@
+"""The native kernels' Python side: thin wrappers, and the rules that pick a kernel or the plain torch path.
+
+Matrix products with quantised weights: y = x @ dequantize(W).T, and the decoder's small fused ops.
+
+On the CPU the AVX2 extension (csrc/) reads the packed weights directly:
+
+- int8 activations (the default): each row of x is rounded to int8 per block of 32 with a scale
+  max|x|/127 (llama.cpp's Q8_0 activations), and each block's dot product with the int4/int6/int8
+  weights is summed exactly in integers (`maddubs` + `madd`, Q4_K's and Q6_K's integer sub-scales
+  included) before the float scales are applied. This is what
+  reaches memory bandwidth at decode (a block of weights costs a handful of instructions) and beats
+  dequantise + BLAS at prefill too (4 rows share each decoded weight block). The cost in quality
+  is bounded in tests/test_quant.py: half an activation step per block, and on the embedded model a
+  KL from float activations well under llama.cpp's own.
+- float activations (GEMMA4_ACTIVATIONS=float): float32 times the widened weights, the exact product
+  with the dequantised matrix up to summation order; the reference for the above.
+- routed experts in one call (only the experts named are read), RMSNorm with the residual add, RoPE
+  in one pass, and attention of a few queries (decode, verify steps) over the cache as it is stored:
+  a sliding ring as is, a full layer's paged pool in place through its block table, K=V layers' keys
+  rebuilt from the values inside the kernel.
+- a decoder layer's dense parts in three calls (attn_in: norm, q/k/v, their norms, RoPE; attn_out: o and
+  the residual norm; mlp_block: the gated MLP between its norms), composed of the ops above in the
+  modules' order, so they give the same bits; products sharing an input (q/k/v, gate/up) quantise it
+  once and run in one parallel region. And decode's one-token cache writes in one call.
+
+torch's own int4/int8 CPU ops were measured here 10-100x slower than the bandwidth roofline at decode
+shapes. Everywhere else (CUDA, no compiler) the weight is dequantised and multiplied with torch: one
+matrix at a time, transiently.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+import torch
+from torch.nn import functional as F
+
+from . import compiled
+
+if TYPE_CHECKING:  # (quant imports this module)
+    from ..quant.formats import QuantWeight
+
+# Float activations: up to this many rows the kernel runs; above, dequantise + BLAS is faster.
+MAX_KERNEL_ROWS = 8
+
+_activations = None  # the mode below, read from the environment on first use (each product asks)
+
+
+def activations() -> str:
+    """How the CPU kernel takes activations: "int8" (rounded per block of 32, integer dot products; the
+    default, as llama.cpp does) or "float" (GEMMA4_ACTIVATIONS=float: float32 times the dequantised weights,
+    the reference the int8 path is measured against). Read once per process."""
+    global _activations
+    if _activations is None:
+        mode = os.environ.get("GEMMA4_ACTIVATIONS", "int8")
+        if mode not in ("int8", "float"):
+            raise ValueError(f"GEMMA4_ACTIVATIONS: {mode!r} is neither int8 nor float")
+        _activations = mode
+    return _activations
+
+
+# Integer dot products beat dequantise + BLAS at every row count for int4 and int6 weights, and for int8
+# ones up to ~128 rows. Above, an int8 matrix whose float32 copy stays in the caches (the embedded model's
+# 640-wide ones, <= 5 MB) is multiplied by BLAS: at 512 rows 1.4-1.6x faster (q_proj 1024 x 640: 9.1 vs
+# 5.6 ms, dequantising included); a bigger one (the 26B-A4B shape's, >= 23 MB) costs as much to
+# dequantise as BLAS saves. The product is then float32 throughout, without rounding the activations.
+MIN_BLAS_ROWS = 192
+MAX_BLAS_MATRIX = 8 << 20  # bytes of the float32 copy
+
+
+def blas_first(w: QuantWeight, rows: int) -> bool:
+    """Whether x [rows, K] @ w.T goes faster as dequantise + BLAS than through the int8-activation kernel."""
+    return rows >= MIN_BLAS_ROWS and w.bits == 8 and w.q.numel() * 4 <= MAX_BLAS_MATRIX
+
+
+def qlinear(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
+    """x [..., K] @ dequantize(w).T -> [..., N]; w is one matrix ([N, ...])."""
+    # Called ~130 times per decode step of a small model: the checks are kept to a few attribute reads.
+    kernel = compiled() if x.is_cpu and x.dtype is torch.float32 else None
+    if kernel is not None:
+        if w.int8_layout and activations() == "int8" and not blas_first(w, x.numel() // x.shape[-1]):
+            return kernel.qmm_q8(x, w.q, w.scale, w.zero, w.bits, w.group, w.sub)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        if x2.shape[0] <= MAX_KERNEL_ROWS and w.sub is None and w.scale.dtype == torch.float32:
+            return kernel.qmm(x2, w.q, w.scale, w.zero, w.bits, w.group).reshape(*lead, -1)
+    return F.linear(x, w.dequantize(x.dtype))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
+             residual: torch.Tensor | None = None) -> torch.Tensor | None:
+    """residual + x * (mean(x^2) + eps)^-0.5 * weight in one native pass instead of six small aten ops (the
+    same rounding order; only the sum of squares is ordered differently); None where it does not apply."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or (residual is not None and residual.dtype != x.dtype):
+        return None
+    kernel = compiled()
+    if kernel is None:
+        return None
+    return kernel.rms_norm(x.contiguous(), weight, eps, None if residual is None else residual.contiguous())
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor | None:
+    """Rotate-half RoPE of x [B, T, heads, D] at positions [B, T] (negative ones as 0) in one native pass;
+    None where it does not apply."""
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return None
+    kernel = compiled()
+    return None if kernel is None else kernel.rope(x, positions, inv_freq)
+
+
+# bf16 weights on a CPU without bf16 arithmetic (AVX2): up to this many rows of activations (decode,
+# verify steps) the kernel reads the weights once; above it (prefill) the matrix is widened to float32
+# for the product, one matrix at a time (the widening costs a few % of a 512-row product, and float32
+# GEMM runs ~2.5x torch's bf16 GEMM here).
+MAX_BF16_KERNEL_ROWS = 16
+
+
+def bf16_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
+    """x [..., K] @ w.T for a bf16 matrix w [N, K] on the CPU, float32 sums, in x's dtype; None where
+    this does not apply (then the caller multiplies with torch)."""
+    if w.dtype != torch.bfloat16 or w.device.type != "cpu" or w.dim() != 2 or not w.is_contiguous():
+        return None
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    kernel = compiled()
+    if kernel is None:
+        return None
+    if x2.shape[0] > MAX_BF16_KERNEL_ROWS:
+        return (x2.float() @ w.float().T).to(x.dtype).reshape(*lead, -1)
+    return kernel.bf16mm(x2.float().contiguous(), w).to(x.dtype).reshape(*lead, -1)
+
+
+def expert_matmul(x: torch.Tensor, w, ids: torch.Tensor, weights: torch.Tensor | None = None,
+                  top_k: int = 1) -> torch.Tensor | None:
+    """Row j of x [J, K] times expert ids[j] of the stacked w [E, N, K] -> [J, N]; with weights [J], the
+    weighted sum over each token's top_k consecutive rows -> [J / top_k, N]. One native call that reads
+    only the experts named; None where it does not apply (a float matrix, a layout or a device the kernel
+    does not take: then the caller loops over the experts). w: a QuantWeight, a module holding one
+    (QuantParam), or a float tensor."""
+    w = getattr(w, "qweight", w)
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or activations() != "int8"
+            or not getattr(w, "int8_layout", False)):
+        return None
+    kernel = compiled()
+    if kernel is None:
+        return None
+    return kernel.qmm_experts(x.contiguous(), w.q, w.scale, w.zero, w.bits, w.group, w.sub, ids.contiguous(),
+                              None if weights is None else weights.float().contiguous(), top_k)
+
+
+# Queries per KV head up to which attention runs in the native kernel (decode, verify steps); above it
+# (prefill) torch's fused attention, whose blocked GEMMs win at many queries.
+MAX_SMALL_ATTENTION_ROWS = 64
+ATTENTION_CHUNK = 64  # keys per work item of attend_small (a paged pool's blocks hold whole chunks)
+
+
+def put_tokens(stored: dict[str, torch.Tensor], new: dict[str, torch.Tensor], i0: list[int], i1: list[int],
+               pos_table: torch.Tensor | None = None, positions: list[int] | None = None) -> bool:
+    """Decode's one-token cache write: new[n][b, :, 0] -> stored[n][i0[b], :, i1[b]] for every name n and
+    every b with i0[b] >= 0 (and positions[b] -> pos_table[i0[b], i1[b]]) in one native call; False where it
+    does not apply (then the caller writes with torch)."""
+    kernel = compiled()
+    if kernel is None or not all(t.device.type == "cpu" for t in new.values()):
+        return False
+    kernel.put_tokens([stored[n] for n in new], list(new.values()), i0, i1, pos_table, positions or [])
+    return True
+
+
+def small_attention(q: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether attend_small takes these queries q [B, H, T, D] over values v [B, KV, S, D] (in some dtype
+    it reads): few queries per KV head, on the CPU, with the kernel built."""
+    b, h, t, d = q.shape
+    return (q.device.type == "cpu" and q.dtype == torch.float32 and v.dtype in (torch.float32, torch.bfloat16)
+            and d % 8 == 0 and (h // v.shape[1]) * t <= MAX_SMALL_ATTENTION_ROWS and compiled() is not None)
+
+
+def attend_small(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.Tensor, kpos: torch.Tensor,
+                 window: int | None, sees_until: torch.Tensor | None, scale: float,
+                 blocks: torch.Tensor | None = None, rebuild=None) -> torch.Tensor | None:
+    """softmax(q k^T * scale, masked as attention_mask masks) v for a few queries, read straight from a
+    float32 or bf16 cache: q [B, H, T, D] float32, kpos [B, S], k, v [B, KV, S, D] -> [B, H, T, D] float32.
+    With blocks [B, n] (ids of blocks of a paged pool), k, v are the pools [blocks, KV, block, D] and key
+    slot s of row b lives in block blocks[b, s // block] at offset s % block (block a multiple of 64).
+    K=V layers pass k None and rebuild = (k_norm weight [D], cos, sin [positions, r]): each key is rebuilt
+    from its value as keys_from_values does, RoPE on the first r pairs.
+    None where it does not apply (then the caller uses torch)."""
+    if k is None:
+        if rebuild is None:
+            return None
+        k = v
+    elif rebuild is not None:
+        raise ValueError("attend_small: keys are either stored or rebuilt, not both")
+    if k.dtype != v.dtype or not small_attention(q, v) or (blocks is not None and k.shape[2] % ATTENTION_CHUNK):
+        return None
+    w, cos, sin = rebuild if rebuild is not None else (None, None, None)
+    return compiled().attend_small(q, k, v, qpos, kpos, window or 0, sees_until, scale, blocks, w, cos, sin)
+

@@ -1,0 +1,69 @@
+"""The native kernels' build: a failure is loud (one line on stderr per process, a non-zero exit from
+`python -m gemma4.native`), an opt-out is quiet, and the module's name follows its sources. The broken
+sources are one small file without includes, so the compiler fails in a fraction of a second."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import gemma4.native as native
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def broken(tmp_path):
+    src = tmp_path / "csrc"
+    src.mkdir()
+    (src / "broken.cpp").write_text("int f( {\n")
+    return src
+
+
+def test_failed_build_says_so_once(broken, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("GEMMA4_NO_NATIVE", raising=False)
+    monkeypatch.setattr(native, "_cpu_has_avx2", lambda: True)
+    monkeypatch.setattr(native, "_warned", False)
+    assert native._load(broken, str(tmp_path / "build")) is None
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1
+    assert "native CPU kernels could not be built" in err[0] and "plain torch path" in err[0]
+    assert "broken.cpp" in err[0] and "error" in err[0]  # the compiler's first error, where it points
+    assert native._load(broken, str(tmp_path / "build")) is None
+    assert capsys.readouterr().err == ""  # once per process
+
+
+def test_opt_out_is_quiet(broken, monkeypatch, capsys):
+    monkeypatch.setenv("GEMMA4_NO_NATIVE", "1")
+    monkeypatch.setattr(native, "_warned", False)
+    assert native._load(broken) is None
+    assert capsys.readouterr().err == ""
+    monkeypatch.delenv("GEMMA4_NO_NATIVE")
+    monkeypatch.setattr(native, "_cpu_has_avx2", lambda: False)  # an AVX2-less CPU: the plain path, quietly
+    assert native._load(broken) is None
+    assert capsys.readouterr().err == ""
+
+
+def test_entry_point_fails_loudly(broken, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "GEMMA4_NO_NATIVE"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
+    if native.skip_reason(env) is not None:
+        pytest.skip(native.skip_reason(env))
+    run = subprocess.run([sys.executable, "-m", "gemma4.native", "--source-dir", str(broken),
+                          "--build-dir", str(tmp_path / "build")], env=env, capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode != 0
+    assert "could not be built" in run.stderr and "broken.cpp" in run.stderr
+
+
+def test_module_name_follows_sources(tmp_path):
+    src = tmp_path / "csrc"
+    src.mkdir()
+    for p in native.SOURCE_DIR.iterdir():
+        if p.suffix in (".cpp", ".h"):
+            (src / p.name).write_bytes(p.read_bytes())
+    assert native.module_name(src) == native.module_name()
+    assert [p.name for p in native.sources(src)] == [p.name for p in native.sources()]
+    (src / "common.h").write_text((src / "common.h").read_text() + "\n// changed\n")
+    assert native.module_name(src) != native.module_name()  # a header counts too
