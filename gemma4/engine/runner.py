@@ -13,6 +13,7 @@ from typing import Callable, Iterator
 import torch
 
 from ..model.decoder import Decoder
+from ..prefix_cache import prompt_key
 from ..speculative.verify import verify_batch, verify_logits
 
 PREFILL_CHUNK = 512
@@ -135,8 +136,6 @@ class Runner:
                      progress=None) -> torch.Tensor:
         """A prompt prefilled through a prompt-cache file (prompt_cache.PromptCache) into `row`; its last
         hidden state [H]. The file's own cache holds the prompt; the row takes a copy of it."""
-        from ..prefix_cache import prompt_key
-
         own, hidden = prompt_cache.prefill(self.decoder, prompt, len(prompt) + max_tokens, self.prefill_chunk,
                                            progress, soft=soft)
         if own.kv_dtype != self.cache.kv_dtype:
