@@ -11,7 +11,7 @@ Figures are per layer and extrapolated to the real 30 layers (25 sliding, 5 full
 - llama.cpp's KV buffers for the same shape (llama-cpp-python, verbose), when a GGUF of it is found
   ($GEMMA4_BENCH_CACHE or ~/.cache/gemma4-bench/gemma4-26b-a4b-shape-L6/model-Q8_0.gguf);
 - time to first token of a second question on a cached document against the first, through the
-  scheduler's automatic prefix reuse.
+  engine's automatic prefix reuse (bench/api_prefix_reuse.py: the same through the Python API).
 
     python -m bench.long_context [--contexts 8192,32768,131072] [--ttft-context 32768] [--layers 2]
 
@@ -153,12 +153,12 @@ def llama_cpp_kv(context: int) -> dict | None:
 
 
 def ttft(context: int, layers: int, question: int = 32) -> dict:
-    """Time to first token of two questions on one document through the scheduler (prefix reuse)."""
+    """Time to first token of two questions on one document through the engine's thread (prefix reuse)."""
     from gemma4.kv import PrefixStore
     from gemma4.sampling import SamplingParams
-    from gemma4.scheduler import Request, Scheduler
+    from gemma4.engine import Engine, Request
 
-    class Model:  # what the scheduler needs of a model
+    class Model:  # what the engine needs of a model
         def __init__(self, decoder):
             self.decoder, self.tokenizer, self.eos_token_ids = decoder, None, {1}
 
@@ -166,7 +166,7 @@ def ttft(context: int, layers: int, question: int = 32) -> dict:
     g = torch.Generator().manual_seed(2)
     doc = torch.randint(3, VOCAB, (context,), generator=g).tolist()
     store = PrefixStore(max_bytes=8 * 2**30)
-    sched = Scheduler(model, max_batch=1, prefix_store=store, prefill_chunk=CHUNK).start()
+    sched = Engine(model, max_batch=1, prefix_store=store, prefill_chunk=CHUNK).start()
     times = []
     try:
         for seed in (3, 4):

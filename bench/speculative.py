@@ -63,8 +63,9 @@ def _timed(model, ids, new_tokens, k):
 
 def embedded_section(args) -> str:
     import gemma4
-    from gemma4.engine import Sequence, generate
+    from gemma4.engine import Engine, Request
     from gemma4.sampling import SamplingParams
+    from gemma4.speculative import PromptLookup
     from gemma4.store import embedded_path
 
     model = gemma4.load(embedded_path(), progress=False)
@@ -87,11 +88,13 @@ def embedded_section(args) -> str:
         if k == 0:
             rows.append(f"| none | {rate:.1f} | 1.00 | — | 1.00 | — |")
             continue
-        seq = Sequence(ids, SamplingParams(max_tokens=args.new_tokens + 1, temperature=0, ignore_eos=True))
-        forwards = sum(1 for _ in generate(model.decoder, [seq], speculative=k)) - 1  # verify steps
-        s = seq.speculation
+        engine = Engine(model, max_batch=1, speculative=k, drafter=PromptLookup())
+        request = Request(ids, SamplingParams(max_tokens=args.new_tokens + 1, temperature=0, ignore_eos=True))
+        last = [out for _, out in engine.generate([request])][-1]
+        forwards = engine.stats.decode_steps  # verify steps
+        accepted, drafted = last.accepted_tokens, last.drafted_tokens
         rows.append(f"| prompt lookup, K={k} | {rate:.1f} | {rate / base:.2f} | "
-                    f"{s.accepted / max(1, s.drafted):.0%} ({s.accepted} / {s.drafted}) | "
+                    f"{accepted / max(1, drafted):.0%} ({accepted} / {drafted}) | "
                     f"{args.new_tokens / max(1, forwards):.2f} | {'yes' if outputs[k] == outputs[0] else '**no**'} |")
     text = model.tokenizer.decode(outputs[0])
     return "\n".join([
@@ -177,7 +180,7 @@ def shape_section(args) -> str:
         cache.truncate(0, ctx)
         return dt
 
-    from gemma4.assistant_drafter import AssistantDrafter
+    from gemma4.speculative import AssistantDrafter
     from gemma4.speculative import DraftContext
 
     drafter = AssistantDrafter(real_assistant(decoder.dtype), decoder)

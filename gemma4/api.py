@@ -1,4 +1,9 @@
-"""The public Python API: load() and Model."""
+"""The public Python API: load() and Model.
+
+A Model keeps one engine (engine/), stepped on the caller's thread by generate() and chat(): its prefix store
+persists across calls, so a second prompt over the same long document prefills only what follows the part
+already computed. forward() is a direct full forward.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +15,12 @@ import torch
 
 from .checkpoint import open_checkpoint
 from .config import ModelConfig
-from .engine import PREFILL_CHUNK, Sequence, StepOutput, generate, prefill, soft_embeds
+from .engine import PREFILL_CHUNK, Engine, Request, StepOutput, TokenLogprob, prefill, soft_embeds
 from .errors import ModelLoadError
 from .model.load import build_decoder
 from .multimodal import MultimodalPrompt
 from .sampling import SamplingParams
+from .speculative import MAX_DRAFT, PromptLookup
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -28,6 +34,8 @@ class Completion:
     prompt_tokens: int
     drafted_tokens: int = 0  # speculative decoding: tokens drafted, and how many of them were kept
     accepted_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV was reused (prefix store or prompt-cache file)
+    logprobs: list[TokenLogprob] | None = None  # with logprobs=k: one per output token
 
 
 @dataclass
@@ -40,6 +48,8 @@ class ChatReply:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0
+    logprobs: list[TokenLogprob] | None = None
 
 
 def _dtype(dtype) -> torch.dtype:
@@ -60,20 +70,40 @@ def _device(device) -> torch.device:
     return device
 
 
-def load(path: str | Path, dtype="float32", device="cpu", progress: bool = True,
-         mmproj: str | Path | None = None, quantize: str | None = None) -> "Model":
-    """Load a model from an HF checkpoint folder or a GGUF file. An HF multimodal checkpoint brings its
-    vision tower; a GGUF model takes it from a llama.cpp mmproj file (`mmproj`). The tower is built
-    the first time an image comes.
+def load(path: str | Path | None = None, dtype="float32", device="cpu", progress: bool = True,
+         mmproj: str | Path | None = None, quantize: str | None = None, *, kv_cache: str = "float",
+         kv_budget: int | str | None = None, prefix_cache_bytes: int | str = "2GiB", max_batch: int = 8) -> "Model":
+    """Load a model from an HF checkpoint folder or a GGUF file (None: the embedded model). An HF multimodal
+    checkpoint brings its vision tower; a GGUF model takes it from a llama.cpp mmproj file (`mmproj`). The
+    tower is built the first time an image comes.
 
     GGUF weights stay in their quantised form; `quantize` ("int4" or "int8") quantises float weights.
+    The engine's settings, as `gemma4 serve` takes them: kv_cache ("float" or "int8"), kv_budget (bytes of KV
+    for running sequences, e.g. "8GiB"; None: unbounded), prefix_cache_bytes (memory for reuse of prompt
+    prefixes across calls; 0: off), max_batch (prompts decoded together).
     """
+    if path is None:
+        from .store import embedded_path
+
+        path = embedded_path()
+    engine = _engine_options(kv_cache, kv_budget, prefix_cache_bytes, max_batch)
     checkpoint = open_checkpoint(path)
     tokenizer = checkpoint.load_tokenizer()  # before the weights: a missing tokenizer fails fast
     vision = _vision_checkpoint(checkpoint, mmproj)  # before the weights too: a bad mmproj fails fast
     decoder = build_decoder(checkpoint, _dtype(dtype), _device(device), progress=progress, quantize=quantize)
     _prepare_kernels(decoder)
-    return Model(decoder, tokenizer, checkpoint, vision=vision)
+    return Model(decoder, tokenizer, checkpoint, vision=vision, engine_options=engine)
+
+
+def _engine_options(kv_cache: str, kv_budget, prefix_cache_bytes, max_batch: int) -> dict:
+    from .kv import parse_bytes
+
+    if kv_cache not in ("float", "int8"):
+        raise ValueError(f"kv_cache: {kv_cache!r} is not float or int8")
+    if not isinstance(max_batch, int) or max_batch < 1:
+        raise ValueError(f"max_batch: must be a positive integer, got {max_batch!r}")
+    return dict(kv_cache=kv_cache, kv_budget=parse_bytes(kv_budget) if kv_budget is not None else None,
+                prefix_cache_bytes=parse_bytes(prefix_cache_bytes), max_batch=max_batch)
 
 
 def _prepare_kernels(decoder) -> None:
@@ -107,13 +137,32 @@ def _vision_checkpoint(checkpoint, mmproj):
 
 
 class Model:
-    def __init__(self, decoder, tokenizer, checkpoint=None, vision=None):
+    def __init__(self, decoder, tokenizer, checkpoint=None, vision=None, engine_options: dict | None = None):
         self.decoder = decoder
+        self.engine_options = engine_options or _engine_options("float", None, "2GiB", 8)
+        self._engine: Engine | None = None
         self.tokenizer = tokenizer
         self.checkpoint = checkpoint
         self.vision_checkpoint = vision  # a reader (checkpoint/vision.py); the tower is built on first use
         self._vision = None
         self._encoded: dict = {}  # image digest -> embeddings, the last few (multimodal.encode)
+
+    @property
+    def engine(self) -> Engine:
+        """The engine generate() and chat() step (built at first use; its prefix store lives as long)."""
+        if self._engine is None:
+            from .kv import PrefixStore
+
+            o = self.engine_options
+            store = PrefixStore(o["prefix_cache_bytes"]) if o["prefix_cache_bytes"] else None
+            # rings with room for the longest draft: any call may speculate (decode bits do not depend on it)
+            self._engine = Engine(self, max_batch=o["max_batch"], max_queue=o["max_batch"], prefix_store=store,
+                                  ring_tail=MAX_DRAFT, kv_budget=o["kv_budget"], kv_dtype=o["kv_cache"])
+        return self._engine
+
+    def load_like(self, path: str | Path, **load_kwargs) -> "Model":
+        """Another model (a draft model) on this one's dtype and device."""
+        return load(path, dtype=self.decoder.dtype, device=self.decoder.device, progress=False, **load_kwargs)
 
     @property
     def config(self) -> ModelConfig:
@@ -216,29 +265,54 @@ class Model:
         self._check_ids(torch.tensor(ids, dtype=torch.long))
         return ids
 
-    def _sequences(self, prompts: list, params: SamplingParams) -> list[Sequence]:
-        seqs = []
+    def _requests(self, prompts: list, params: SamplingParams, logprobs: int | None, response_format,
+                  speculative: int, drafter, prompt_cache, progress) -> list[Request]:
+        from .structured import constraint_from_response_format
+
+        if prompt_cache is not None and len(prompts) != 1:
+            raise ValueError("a prompt cache serves one prompt at a time")
+        if logprobs is not None and (not isinstance(logprobs, int) or logprobs < 0):
+            raise ValueError(f"logprobs: the number of most likely tokens to report (0 or more), got {logprobs!r}")
+        if speculative and drafter is None:
+            drafter = PromptLookup()
+        requests = []
+        limit = self.config.max_position_embeddings
         for p in prompts:
-            detok = self.tokenizer.stream() if self.tokenizer is not None else None
-            seqs.append(Sequence(self._encode(p), params, self.eos_token_ids, detok, soft=self.media_embeddings(p)))
-        for s in seqs:
-            limit = self.config.max_position_embeddings
-            if len(s.prompt_ids) + params.max_tokens > limit:
-                raise ValueError(f"prompt ({len(s.prompt_ids)} tokens) + max_tokens ({params.max_tokens}) "
+            ids = self._encode(p)
+            if not ids:
+                raise ValueError("empty prompt: at least one token is needed")
+            if len(ids) + params.max_tokens > limit:
+                raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) "
                                  f"exceeds the model's context of {limit} tokens")
-        return seqs
+            if params.stop and self.tokenizer is None:
+                raise ValueError("stop strings need a tokenizer")
+            constraint = None
+            if response_format is not None:
+                if self.tokenizer is None:
+                    raise ValueError("response_format: needs the model's tokenizer")
+                constraint = constraint_from_response_format(response_format, self.tokenizer)
+            requests.append(Request(ids, params, logprobs=logprobs, constraint=constraint,
+                                    soft=self.media_embeddings(p), speculative=speculative, drafter=drafter,
+                                    prompt_cache=prompt_cache, progress=progress))
+        return requests
 
     def generate(self, prompt_or_ids, max_tokens: int = 256, temperature: float = 1.0, top_k: int = 64,
                  top_p: float = 0.95, min_p: float = 0.0, seed: int | None = None,
                  stop: str | list[str] | None = None, stop_token_ids: Seq[int] = (), ignore_eos: bool = False,
-                 stream: bool = False, progress=None, prompt_cache=None, speculative: int = 0, drafter=None):
+                 stream: bool = False, progress=None, prompt_cache=None, speculative: int = 0, drafter=None,
+                 logprobs: int | None = None, response_format: dict | None = None):
         """Complete a prompt (text, without any chat template, token ids, or a MultimodalPrompt), or a batch
-        of them.
+        of them, through the model's engine (a prompt sharing a stored prefix with an earlier one resumes
+        after it: Completion.cached_tokens).
 
         Returns a Completion (a list of them for a batch), or with stream=True an iterator of
         StepOutput (index = position in the batch, text = new text safe to show).
         progress(done, total) follows the prefill; prompt_cache (a kv.files.PromptCache, one
         prompt only) reuses or saves the prompt's first tokens' KV on disk.
+        As the server takes them: logprobs=k reports each output token's logprob and the k most likely;
+        response_format ({"type": "json_schema", "json_schema": {"schema": ...}} or {"type": "json_object"})
+        constrains the output; speculative=K drafts up to K tokens per step with `drafter` (default:
+        speculative.PromptLookup()).
         """
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                 min_p=min_p, seed=seed, stop=list(stop or []) if not isinstance(stop, str) else [stop],
@@ -247,21 +321,26 @@ class Model:
         prompts = list(prompt_or_ids) if batch else [prompt_or_ids]
         if not prompts:
             raise ValueError("no prompt given")
-        seqs = self._sequences(prompts, params)
-        pad = self.config.pad_token_id or 0
-        run = dict(progress=progress, prompt_cache=prompt_cache, speculative=speculative, drafter=drafter)
+        requests = self._requests(prompts, params, logprobs, response_format, speculative, drafter, prompt_cache,
+                                  progress)
+        outputs = self.engine.generate(requests)
         if stream:
-            return self._stream(seqs, pad, run)
-        for _ in generate(self.decoder, seqs, pad_id=pad, **run):
-            pass
-        results = [Completion(s.text, s.output_ids, s.finish_reason, len(s.prompt_ids),
-                              *((s.speculation.drafted, s.speculation.accepted) if s.speculation else ()))
-                   for s in seqs]
+            return _steps(outputs)
+        results = [Completion("", [], "", len(r.prompt_ids), logprobs=[] if logprobs is not None else None)
+                   for r in requests]
+        for i, out in outputs:
+            c = results[i]
+            if out.finish_reason == "error":
+                raise RuntimeError("the engine failed while generating")
+            c.text += out.text
+            if out.token_id is not None:
+                c.token_ids.append(out.token_id)
+            if out.logprob is not None:
+                c.logprobs.append(out.logprob)
+            c.finish_reason = out.finish_reason or ""
+            c.cached_tokens = out.cached_tokens
+            c.drafted_tokens, c.accepted_tokens = out.drafted_tokens, out.accepted_tokens
         return results if batch else results[0]
-
-    def _stream(self, seqs: list[Sequence], pad: int, run: dict) -> Iterator[StepOutput]:
-        for step in generate(self.decoder, seqs, pad_id=pad, **run):
-            yield from step
 
     # ---- chat ---------------------------------------------------------------------------
     @property
@@ -322,7 +401,7 @@ class Model:
         parsed = parse_output(out.text, self.config.architecture)
         return ChatReply(parsed.content, parsed.reasoning, parsed.tool_calls,
                          "tool_calls" if parsed.tool_calls else out.finish_reason,
-                         out.prompt_tokens, len(out.token_ids))
+                         out.prompt_tokens, len(out.token_ids), out.cached_tokens, out.logprobs)
 
     def _chat_stream(self, ids: list[int], sampling: dict):
         from .chat import output_parser
@@ -331,6 +410,13 @@ class Model:
         for chunk in self.generate(ids, stream=True, **sampling):
             yield from parser.feed(chunk.text)
         yield from parser.finish()
+
+
+def _steps(outputs) -> Iterator[StepOutput]:
+    for i, out in outputs:
+        if out.finish_reason == "error":
+            raise RuntimeError("the engine failed while generating")
+        yield StepOutput(i, out.token_id, out.text, out.finished, out.finish_reason, out.logprob)
 
 
 def _is_batch(x) -> bool:

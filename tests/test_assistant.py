@@ -17,7 +17,7 @@ import torch
 
 import gemma4
 from assistant_reference import ASSISTANT_CONFIGS, build_pair
-from gemma4.assistant_drafter import AssistantDrafter, load_drafter, target_shared_kv
+from gemma4.speculative.drafters import AssistantDrafter, load_drafter, target_shared_kv
 from gemma4.checkpoint.assistant import open_assistant
 from gemma4.checkpoint.gguf_writer import write_gguf
 from gemma4.errors import ModelLoadError

@@ -10,7 +10,7 @@ from gemma4.checkpoint import open_checkpoint
 from gemma4.engine import prefill
 from gemma4.kv import KVBudget, KVCache, kv_bytes_per_token, parse_bytes, ring_slots
 from gemma4.sampling import SamplingParams
-from gemma4.scheduler import Request, Scheduler, TooLarge
+from gemma4.engine import Request, Engine, TooLarge
 from collect import Collector
 from reference import GEMMA4_CONFIGS, VOCAB
 
@@ -79,7 +79,7 @@ def test_a_request_over_the_budget_waits_and_completes(model):
     probe = KVBudget(10**12, model.decoder.new_cache(batch=2))  # sizes only: nothing allocated
     one = probe.need(20 + 40)
     # room for one such request, not two: the second must wait for the first to finish
-    sched = Scheduler(model, max_batch=2, kv_budget=probe.fixed + one + one // 2, prefill_chunk=4)
+    sched = Engine(model, max_batch=2, kv_budget=probe.fixed + one + one // 2, prefill_chunk=4)
     a, b = Collector(), Collector()
     sched.submit(Request(_ids(20, 1), params, a))
     sched.submit(Request(_ids(20, 2), params, b))
@@ -89,7 +89,7 @@ def test_a_request_over_the_budget_waits_and_completes(model):
         seen_waiting.append((sched.running, sched.queue_depth))
         a(out)
 
-    sched._waiting[0].emit = watch
+    sched.scheduler.waiting[0].emit = watch
     sched.start()
     try:
         assert a.done.wait(120) and b.done.wait(120)

@@ -9,7 +9,7 @@ import gemma4
 from gemma4.engine import prefill
 from gemma4.kv import CacheFull, KVBudget, KVCache
 from gemma4.sampling import SamplingParams
-from gemma4.scheduler import Request, Scheduler
+from gemma4.engine import Request, Engine
 from collect import Collector
 from reference import VOCAB
 
@@ -86,8 +86,8 @@ def test_budget_is_what_the_cache_allocates_and_rows_over_it_wait(model):
     probe = KVBudget(10**12, model.decoder.new_cache(batch=3))  # sizes only: nothing allocated
     fixed, block_bytes = probe.fixed, probe.block * probe.per_token
     budget = fixed + 2 * block_bytes + block_bytes // 2  # two rows' blocks: three rows x longest do not fit
-    sched = Scheduler(model, max_batch=3, kv_budget=budget, prefill_chunk=8)
-    allocated = sched._cache.nbytes()
+    sched = Engine(model, max_batch=3, kv_budget=budget, prefill_chunk=8)
+    allocated = sched.cache.nbytes()
     assert allocated <= budget < allocated + block_bytes  # the budget, up to less than one block
     prompts = [_ids(n, 20 + n).tolist() for n in (30, 50, 40)]
     collectors = [Collector() for _ in prompts]
@@ -99,14 +99,14 @@ def test_budget_is_what_the_cache_allocates_and_rows_over_it_wait(model):
         running.append(sched.running)
         c(out)
 
-    sched._waiting[0].emit = watch
+    sched.scheduler.waiting[0].emit = watch
     sched.start()
     try:
         assert all(c.done.wait(180) for c in collectors)
     finally:
         sched.stop()
-    assert max(running) == 2 and sched._cache.table.used_blocks() == 0 and sched.budget.reserved == 0
-    assert sched._cache.nbytes() == allocated  # the pool never grew
+    assert max(running) == 2 and sched.cache.table.used_blocks() == 0 and sched.budget.reserved == 0
+    assert sched.cache.nbytes() == allocated  # the pool never grew
     for p, c in zip(prompts, collectors):
         alone = model.generate(p, max_tokens=30, temperature=0, ignore_eos=True)
         assert [o.token_id for o in c.outputs] == alone.token_ids

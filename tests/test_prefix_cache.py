@@ -9,7 +9,7 @@ import gemma4
 from gemma4.engine import prefill, resume_points
 from gemma4.kv import PrefixStore, block_hashes, ring_slots
 from gemma4.sampling import SamplingParams
-from gemma4.scheduler import Request, Scheduler
+from gemma4.engine import Request, Engine
 from collect import Collector
 from reference import VOCAB
 
@@ -44,7 +44,7 @@ def _resume_logits(model, snap, c, ids, chunk, tail):
 
 
 def test_chunks_end_on_a_grid_and_at_image_ends_whatever_the_start():
-    from gemma4.engine import _chunks
+    from gemma4.engine.runner import _chunks
 
     assert list(_chunks(23, 8, None)) == [(0, 8), (8, 16), (16, 23)]
     assert list(_chunks(23, 8, None, start=5)) == [(5, 8), (8, 16), (16, 23)]
@@ -144,7 +144,7 @@ def test_scheduler_reuses_a_shared_document(gemma4_models, name):
     w = model.config.sliding_window
     chunk = 5
     store = PrefixStore(max_bytes=10**8, block_tokens=4, min_tokens=8)
-    sched = Scheduler(model, max_batch=2, prefill_chunk=chunk, prefix_store=store).start()
+    sched = Engine(model, max_batch=2, prefill_chunk=chunk, prefix_store=store).start()
     try:
         jobs = []
         # documents ending just before, at and just after a window boundary, after the ring wrapped
@@ -176,7 +176,7 @@ def test_a_resumed_prompts_entry_resumes_where_it_did(gemma4_models):
     model = gemma4.load(gemma4_models["moe_kv"][0])
     w, chunk = model.config.sliding_window, 5
     store = PrefixStore(max_bytes=10**8, block_tokens=4, min_tokens=8)
-    sched = Scheduler(model, max_batch=1, prefill_chunk=chunk, prefix_store=store).start()
+    sched = Engine(model, max_batch=1, prefill_chunk=chunk, prefix_store=store).start()
     doc = _ids(4 * w + 2, 1)  # 34 tokens: grid points 5 .. 30
     try:
         _run(sched, doc + _ids(3, 2), 2)  # resumes at 30 and 35

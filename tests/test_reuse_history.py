@@ -13,7 +13,7 @@ import gemma4
 from gemma4 import store
 from gemma4.kv import PrefixStore
 from gemma4.sampling import SamplingParams
-from gemma4.scheduler import QueueFull, Request, Scheduler, TooLarge
+from gemma4.engine import QueueFull, Request, Engine, TooLarge
 from collect import Collector
 from reference import VOCAB
 
@@ -30,7 +30,7 @@ def _ids(n, seed):
 def _scheduler(model, chunk, pool_blocks=6):
     probe = model.decoder.new_cache(batch=ROWS, capacity=4)
     budget = probe.ring_nbytes() + pool_blocks * probe.table.block * probe.pool_bytes_per_token()
-    return Scheduler(model, max_batch=ROWS, max_queue=4, prefill_chunk=chunk, kv_budget=budget,
+    return Engine(model, max_batch=ROWS, max_queue=4, prefill_chunk=chunk, kv_budget=budget,
                      prefix_store=PrefixStore(10**8, block_tokens=4, min_tokens=1))
 
 
@@ -99,10 +99,10 @@ def _history(sched, rng, docs, w):
 
 
 def _assert_nothing_held(sched):
-    cache = sched._cache
+    cache = sched.cache
     assert sched.running == 0 and sched.queue_depth == 0
     assert sched.budget.reserved == 0 and cache.table.used_blocks() == 0
-    assert sorted(sched._free_rows) == list(range(ROWS))
+    assert sorted(sched.scheduler.free_rows) == list(range(ROWS))
     assert all(bool((layer.pos < 0).all()) for layer in cache.layers if layer.ring)
 
 
@@ -143,7 +143,7 @@ def test_the_embedded_model_answers_as_before_after_long_prompts():
     probe = tok.encode("The capital of France is")
     words = "tide river stone market engine paper orange window silver garden".split()
     rng = random.Random(0)
-    sched = Scheduler(model, max_batch=2, prefix_store=PrefixStore(2**30))
+    sched = Engine(model, max_batch=2, prefix_store=PrefixStore(2**30))
     first = _probe(sched, probe, 16)
     for _ in range(3):
         c = Collector()

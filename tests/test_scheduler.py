@@ -5,7 +5,7 @@ import torch
 
 import gemma4
 from gemma4.sampling import SamplingParams
-from gemma4.scheduler import QueueFull, Request, Scheduler
+from gemma4.engine import QueueFull, Request, Engine
 from collect import Collector
 from reference import VOCAB
 
@@ -25,7 +25,7 @@ def test_requests_joining_a_running_batch_match_greedy_alone(model):
     # Prompts that cross the window; max_tokens that make the ring wrap; one prompt longer than a chunk.
     jobs = [(_prompt(3, 1), 3 * window), (_prompt(2 * window + 1, 2), window), (_prompt(7, 3), 2 * window + 5),
             (_prompt(1, 4), 4)]
-    sched = Scheduler(model, max_batch=2, prefill_chunk=4).start()  # fewer rows than jobs: rows are reused
+    sched = Engine(model, max_batch=2, prefill_chunk=4).start()  # fewer rows than jobs: rows are reused
     try:
         collectors = []
         for i, (prompt, n) in enumerate(jobs):
@@ -47,7 +47,7 @@ def test_requests_joining_a_running_batch_match_greedy_alone(model):
 
 def test_seeded_sampling_is_per_sequence(model):
     params = dict(max_tokens=12, temperature=1.0, top_k=0, top_p=1.0, ignore_eos=True)
-    sched = Scheduler(model, max_batch=4).start()
+    sched = Engine(model, max_batch=4).start()
     try:
         cs = [Collector() for _ in range(3)]
         for c, seed in zip(cs, (5, 6, 5)):
@@ -62,7 +62,7 @@ def test_seeded_sampling_is_per_sequence(model):
 
 
 def test_cancel_frees_the_row_and_a_full_queue_refuses(model):
-    sched = Scheduler(model, max_batch=1, max_queue=1)
+    sched = Engine(model, max_batch=1, max_queue=1)
     long = Collector()
     first = Request(_prompt(4, 1), SamplingParams(max_tokens=10_000, temperature=0, ignore_eos=True), long)
     sched.submit(first)
@@ -85,7 +85,7 @@ def test_cancel_frees_the_row_and_a_full_queue_refuses(model):
 def test_logprobs_and_penalties(model):
     prompt = _prompt(6, 3)
     c = Collector()
-    sched = Scheduler(model).start()
+    sched = Engine(model).start()
     try:
         sched.submit(Request(prompt, SamplingParams(max_tokens=1, temperature=0), c, logprobs=3))
         pen = Collector()

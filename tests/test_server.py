@@ -154,7 +154,7 @@ def test_concurrent_requests_each_get_their_own_answer(server, embedded):
 
 
 def test_a_client_that_disconnects_frees_its_row(server):
-    sched = server.app.state.scheduler
+    sched = server.app.state.engine
     with httpx.stream("POST", server.url + "/v1/completions", timeout=60,
                       json={"prompt": "Once upon a time", "max_tokens": 5000, "stream": True}) as r:
         for i, _ in enumerate(r.iter_lines()):
@@ -228,7 +228,7 @@ def _drain(lines) -> None:
 def test_a_full_queue_answers_503_with_retry_after(embedded):
     live = LiveServer(create_app(embedded, model_name="m", max_batch=1, max_queue=1))
     try:
-        sched = live.app.state.scheduler
+        sched = live.app.state.engine
         body = {"prompt": "Once upon a time", "max_tokens": 3000, "stream": True}
         with httpx.stream("POST", live.url + "/v1/completions", json=body, timeout=60) as running:
             lines = running.iter_lines()

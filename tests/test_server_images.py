@@ -53,13 +53,13 @@ def test_refused_images_are_400(live, part, words):
 
 def test_prefix_reuse_keys_images_by_their_pixels(tmp_path_factory):
     from gemma4.kv import PrefixStore
-    from gemma4.scheduler import Scheduler
+    from gemma4.engine import Engine
 
     path = tmp_path_factory.mktemp("mm-prefix")
     build_multimodal(path, seed=4, name="dense_kv", bidirectional="vision")
     model = gemma4.load(path)
-    sched = Scheduler(model, max_batch=1, prefix_store=PrefixStore(2**30, block_tokens=16))
-    server = LiveServer(create_app(model, model_name="mm", scheduler=sched))
+    sched = Engine(model, max_batch=1, prefix_store=PrefixStore(2**30, block_tokens=16))
+    server = LiveServer(create_app(model, model_name="mm", engine=sched))
     try:
         def ask(img, question):
             content = [{"type": "image_url", "image_url": {"url": _url(img)}}, {"type": "text", "text": question}]

@@ -19,7 +19,7 @@ def test_prefix_reuse_and_budget_through_the_server(embedded):
     live = LiveServer(create_app(embedded, model_name="m", max_batch=2, kv_budget=64 * 2**20,
                                  prefix_cache_bytes=2**30))
     try:
-        sched = live.app.state.scheduler
+        sched = live.app.state.engine
         doc = " ".join(f"Item {i} is a small {['red', 'blue', 'green'][i % 3]} box." for i in range(60))
         answers = []
         for q in ("Which item is blue?", "How many boxes are green?"):
@@ -42,7 +42,7 @@ def test_usage_reports_the_reused_prefix_as_cached_tokens(embedded):
     the prefix store's reused tokens on a second question about the same document (streamed too)."""
     live = LiveServer(create_app(embedded, model_name="m", max_batch=1, prefix_cache_bytes=2**30))
     try:
-        sched = live.app.state.scheduler
+        sched = live.app.state.engine
         client = live.client()
         doc = " ".join(f"Line {i} says the tide is {['high', 'low'][i % 2]}." for i in range(80))  # > 512 tokens
         first = client.completions.create(model="m", prompt=doc + "\nIs the tide high?", max_tokens=2,

@@ -8,9 +8,8 @@ import torch
 
 import gemma4
 from gemma4 import speculative as spec
-from gemma4.engine import Sequence, generate, prefill
-from gemma4.sampling import SamplingParams
-from gemma4.scheduler import Request, Scheduler
+from gemma4.engine import Engine, Request, Sequence, prefill
+from gemma4.sampling import SamplingParams, apply_penalties, sample
 from gemma4.server.metrics import Metrics
 from collect import Collector
 from reference import VOCAB, build_gemma4, write_byte_tokenizer
@@ -204,11 +203,53 @@ def _second_and_third(model, prompt, params, drafter_factory):
     for start in range(0, SAMPLES, 1000):
         seqs = [Sequence(prompt, SamplingParams(seed=s, max_tokens=4, ignore_eos=True, **params))
                 for s in range(start, start + 1000)]
-        for _ in generate(model.decoder, seqs, speculative=2, drafter=drafter_factory()):
-            pass
+        _speculative_batch(model.decoder, seqs, 2, drafter_factory())
         for s in seqs:
             counts[s.output_ids[1] * vocab + s.output_ids[2]] += 1
     return counts
+
+
+@torch.inference_mode()
+def _speculative_batch(decoder, seqs, k, drafter):
+    """Many sequences of one prompt through the verify rules (speculative.verify) in one batch: a prefill
+    of the shared prompt, then verify steps over every running row (the engine runs the same rules one
+    request at a time: too slow for thousands of samples)."""
+    n = len(seqs[0].prompt_ids)
+    cache = decoder.new_cache(batch=len(seqs), capacity=n + 8, tail=k)
+    ids = torch.tensor([s.prompt_ids for s in seqs])
+    hidden = prefill(decoder, cache, ids, torch.arange(n).expand_as(ids))
+    logits = decoder.logits(hidden)
+    for b, s in enumerate(seqs):
+        s.append(sample(apply_penalties(logits[b], s.output_ids, s.params), s.params, s.generator))
+        s.hidden = hidden[b]
+    while not all(s.finished for s in seqs):
+        plans, qs = [], []
+        for b, s in enumerate(seqs):
+            if s.finished:
+                plans.append(None)
+                qs.append(None)
+                continue
+            tokens = s.prompt_ids + s.output_ids
+            want = min(k, s.params.max_tokens - len(s.output_ids) - 1)
+            ctx = spec.DraftContext(tokens, len(tokens) - 1, s.hidden, decoder, cache, b, s.params)
+            drafts, q = spec.propose(drafter, ctx, want)
+            plans.append((tokens[-1], len(tokens) - 1, drafts))
+            qs.append(q)
+        ids, pos = spec.verify_batch(plans, 0, decoder.device)
+        hidden = decoder(ids, pos, cache)
+        rows = spec.verify_logits(decoder, hidden, pos)  # one per row (empty for a finished one)
+        for b, (s, plan, q) in enumerate(zip(seqs, plans, qs)):
+            if plan is None:
+                continue
+            _, position, drafts = plan
+            new = spec.verify.accept(rows[b], drafts, q, s.params, s.output_ids, s.generator)
+            for token in new:
+                s.append(token)
+                if s.finished:
+                    break
+            if len(new) <= len(drafts):
+                cache.truncate(b, position + len(new))
+            s.hidden = hidden[b, len(new) - 1]
 
 
 def _exact_second_and_third(model, prompt, params):
@@ -218,7 +259,7 @@ def _exact_second_and_third(model, prompt, params):
     logits = model.forward(pairs)  # [V*V, T, V]
     n = len(prompt)
     sp = SamplingParams(**params)
-    dist = lambda row: spec.distribution(row, sp)  # noqa: E731
+    dist = lambda row: spec.verify.distribution(row, sp)  # noqa: E731
     p1 = dist(logits[0, n - 1])
     joint = torch.zeros(vocab, vocab, dtype=torch.float64)
     for i, (a, b) in enumerate((a, b) for a in range(vocab) for b in range(vocab)):
@@ -249,10 +290,10 @@ def test_the_distribution_test_catches_a_wrong_rule(small_vocab, monkeypatch):
     params = dict(temperature=1.0, top_k=0, top_p=1.0)
 
     def keep_all(logits, drafts, q, params, output_ids, generator):
-        return list(drafts) + [int(torch.multinomial(spec.distribution(logits[len(drafts)], params), 1,
+        return list(drafts) + [int(torch.multinomial(spec.verify.distribution(logits[len(drafts)], params), 1,
                                                      generator=generator))]
 
-    monkeypatch.setattr(spec, "accept", keep_all)
+    monkeypatch.setattr(spec.verify, "accept", keep_all)
     prompt = [2, 5, 3, 7, 5, 3]
     counts = _second_and_third(small_vocab, prompt, params, lambda: RandomDrafter(8, seed=3))
     assert _chi_square_p(counts, _exact_second_and_third(small_vocab, prompt, params) * SAMPLES) < ALPHA
@@ -301,7 +342,7 @@ def test_low_acceptance_drafts_fewer_tokens(models):
 
 # ---- continuous batching ------------------------------------------------------------------------
 def _scheduled(model, jobs, **kw):
-    sched = Scheduler(model, max_batch=2, prefill_chunk=4, **kw).start()
+    sched = Engine(model, max_batch=2, prefill_chunk=4, **kw).start()
     try:
         collectors = []
         for prompt, params in jobs:
@@ -322,7 +363,7 @@ def test_scheduler_speculation_equals_the_static_path(models):
             (_repetitive(5, 2, seed=6), SamplingParams(max_tokens=2 * window + 3, temperature=0.9, top_k=0,
                                                        top_p=1.0, seed=4, ignore_eos=True)),
             (_repetitive(3, 4, seed=8), SamplingParams(max_tokens=window, **GREEDY))]
-    sched, collectors = _scheduled(model, jobs, speculative=4)
+    sched, collectors = _scheduled(model, jobs, speculative=4, drafter=spec.PromptLookup())
     for (prompt, params), c in zip(jobs, collectors):
         p = params
         alone = model.generate(prompt, max_tokens=p.max_tokens, temperature=p.temperature, top_k=p.top_k,
@@ -351,7 +392,7 @@ def test_scheduler_does_not_speculate_under_a_grammar(models):
             pass
 
     model = models["moe_kv"]
-    sched = Scheduler(model, max_batch=1, speculative=4).start()
+    sched = Engine(model, max_batch=1, speculative=4, drafter=spec.PromptLookup()).start()
     try:
         c = Collector()
         sched.submit(Request(_repetitive(4, 3, seed=2), SamplingParams(max_tokens=12, **GREEDY), c,

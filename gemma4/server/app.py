@@ -1,7 +1,7 @@
-"""The OpenAI-compatible HTTP API: requests in, scheduler requests out, JSON or server-sent events back.
+"""The OpenAI-compatible HTTP API: requests in, engine requests out, JSON or server-sent events back.
 
 The routes know the OpenAI schema and nothing of tensors: a request becomes prompt ids and sampling
-parameters (prepare.py), goes to the scheduler, and its outputs come back on an asyncio queue.
+parameters (prepare.py), goes to the engine, and its outputs come back on an asyncio queue.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..kv import PrefixStore
-from ..scheduler import QueueFull, Request as EngineRequest, RequestOutput, Scheduler, TooLarge
+from ..speculative import PromptLookup
+from ..engine import Engine, QueueFull, Request as EngineRequest, RequestOutput, TooLarge
 from .errors import APIError, error_body, validation_message
 from .metrics import Metrics
 from .prepare import Prepared, prepare_chat, prepare_completion
@@ -30,17 +31,19 @@ RETRY_AFTER_S = 2
 
 
 def create_app(model, *, model_name: str, api_key: str | None = None, max_batch: int = 8,
-               max_queue: int = 64, scheduler: Scheduler | None = None, allow_remote_images: bool = False,
+               max_queue: int = 64, engine: Engine | None = None, allow_remote_images: bool = False,
                kv_budget: int | None = None, kv_cache: str = "float", prefix_cache_bytes: int = 0,
                speculative: int = 0, drafter=None) -> FastAPI:
     """kv_budget: bytes of KV shared by running requests (None: unbounded); kv_cache: "float" or
     "int8"; prefix_cache_bytes: memory for automatic prefix reuse (0: off); speculative: tokens drafted
     per step at most (0: off), by `drafter` (default: prompt lookup)."""
-    store = PrefixStore(prefix_cache_bytes) if prefix_cache_bytes else None
-    scheduler = scheduler or Scheduler(model, max_batch=max_batch, max_queue=max_queue, prefix_store=store,
-                                       kv_budget=kv_budget, kv_dtype=kv_cache, speculative=speculative,
-                                       drafter=drafter)
-    metrics = Metrics(scheduler)
+    if engine is None:
+        store = PrefixStore(prefix_cache_bytes) if prefix_cache_bytes else None
+        if speculative and drafter is None:
+            drafter = PromptLookup()
+        engine = Engine(model, max_batch=max_batch, max_queue=max_queue, prefix_store=store, kv_budget=kv_budget,
+                        kv_dtype=kv_cache, speculative=speculative, drafter=drafter)
+    metrics = Metrics(engine)
     created = int(time.time())
 
     async def lifespan(app):
@@ -48,12 +51,12 @@ def create_app(model, *, model_name: str, api_key: str | None = None, max_batch:
 
         # The grammar engine's view of the vocabulary takes a second or two to build: not on a request.
         await run_in_threadpool(vocabulary_of, model.tokenizer)
-        scheduler.start()
+        engine.start()
         yield
-        scheduler.stop()
+        engine.stop()
 
     app = FastAPI(title="gemma4", lifespan=lifespan)
-    app.state.scheduler = scheduler
+    app.state.engine = engine
     app.state.metrics = metrics
 
     # ---- errors: always the OpenAI error object --------------------------------------------
@@ -95,7 +98,7 @@ def create_app(model, *, model_name: str, api_key: str | None = None, max_batch:
     # ---- routes ----------------------------------------------------------------------------
     @app.get("/health")
     async def health():
-        if scheduler.error is not None:
+        if engine.error is not None:
             return JSONResponse({"status": "error"}, status_code=503)
         return {"status": "ok"}
 
@@ -149,17 +152,17 @@ def create_app(model, *, model_name: str, api_key: str | None = None, max_batch:
         return _final_body(rid, kind, states, created=int(time.time()))
 
     def _submit(prepared: Prepared) -> "_Outputs":
-        """Hands the jobs to the scheduler. An APIError raised here is counted in the metrics by its handler."""
-        if scheduler.error is not None:
+        """Hands the jobs to the engine. An APIError raised here is counted in the metrics by its handler."""
+        if engine.error is not None:
             raise APIError(503, "the engine failed; restart the server", "server_error")
-        if scheduler.queue_depth + len(prepared.jobs) > scheduler.max_queue:
+        if engine.queue_depth + len(prepared.jobs) > engine.max_queue:
             raise _busy()
-        outputs = _Outputs(scheduler, metrics)
+        outputs = _Outputs(engine, metrics)
         for i, job in enumerate(prepared.jobs):
             req = EngineRequest(job.prompt_ids, job.params, outputs.emitter(i), logprobs=job.logprobs,
                                 constraint=job.constraint, soft=job.soft)
             try:
-                scheduler.submit(req)
+                engine.submit(req)
             except TooLarge as e:
                 outputs.cancel()
                 raise APIError(400, str(e), code="context_length_exceeded") from None
@@ -201,8 +204,8 @@ def create_app(model, *, model_name: str, api_key: str | None = None, max_batch:
 class _Outputs:
     """The outputs of one HTTP request's engine requests, as an async iterator of (index, output)."""
 
-    def __init__(self, scheduler: Scheduler, metrics: Metrics):
-        self.scheduler, self.metrics = scheduler, metrics
+    def __init__(self, engine: Engine, metrics: Metrics):
+        self.engine, self.metrics = engine, metrics
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.requests: list[EngineRequest] = []
@@ -213,7 +216,7 @@ class _Outputs:
     def emitter(self, index: int):
         self.open += 1
 
-        def emit(out: RequestOutput) -> None:  # on the scheduler thread
+        def emit(out: RequestOutput) -> None:  # on the engine thread
             self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, out))
 
         return emit
@@ -237,7 +240,7 @@ class _Outputs:
 
     def cancel(self) -> None:
         for r in self.requests:
-            self.scheduler.cancel(r)
+            self.engine.cancel(r)
 
 
 def _busy() -> APIError:

@@ -1,10 +1,10 @@
 """The C allocator's arenas, capped for a long-running server.
 
 glibc gives every thread that allocates its own arena and keeps each arena's high-water mark: a server
-whose many worker threads (the event loop's thread pool, the tokenizer's, the scheduler's) at some point
+whose many worker threads (the event loop's thread pool, the tokenizer's, the engine's) at some point
 each held a large request body or a long prompt's tokens keeps all those peaks resident. Two arenas are
 a setting Python application servers commonly run with. The model's tensors are allocated on the
-scheduler thread; the kernels' worker threads take only small scratch buffers. (Measured: RSS; decode
+engine thread; the kernels' worker threads take only small scratch buffers. (Measured: RSS; decode
 through the server was the same within this machine's noise.)
 """
 

@@ -125,7 +125,7 @@ def prepare_chat(model, body: ChatCompletionRequest, fetch_remote: bool = False)
     try:
         prompt = model.chat_input(messages, tools=tools, enable_thinking=thinking, suffix=forced, local_files=False,
                                   **kwargs)
-        soft = model.media_embeddings(prompt)  # images through the vision tower, here and not on the scheduler thread
+        soft = model.media_embeddings(prompt)  # images through the vision tower, here and not on the engine thread
     except ChatTemplateError as e:
         raise APIError(400, str(e), param="messages") from None
     except ValueError as e:

@@ -8,7 +8,7 @@ import json
 import uuid
 
 from ..chat import output_parser
-from ..scheduler import RequestOutput, TokenLogprob
+from ..engine import RequestOutput, TokenLogprob
 
 
 def _call_id() -> str:

@@ -1,4 +1,4 @@
-"""Speculative decoding: a drafter proposes k tokens, one target forward over k+1 positions checks them.
+"""Speculative verification: a drafter proposes k tokens, one target forward over k+1 positions checks them.
 
 A step feeds the target [tokens[-1], d1 .. dk] at their positions. Greedy: the drafts agreeing with
 the target's argmax are kept, plus the target's own next token. Sampling: the standard rule (Leviathan
@@ -8,9 +8,7 @@ distribution after the request's own transforms (sampling.distribution, the one 
 so the output distribution is exactly plain decoding's. The cache row is then rolled back past the
 rejected positions (KVCache.truncate).
 
-Drafters behind one interface (Drafter.propose): PromptLookup (n-grams of the prompt and output so
-far), DraftModel (any smaller model with the target's vocabulary) and, through drafter_for, the Gemma 4
-assistant (gemma4/assistant_drafter.py).
+This module sits below the engine (which imports it); the drafters (drafters.py) sit above it.
 """
 
 from __future__ import annotations
@@ -20,11 +18,11 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from .sampling import SamplingParams, apply_penalties, distribution
+from ..sampling import SamplingParams, apply_penalties, distribution
 
 if TYPE_CHECKING:
-    from .kv import KVCache
-    from .model.decoder import Decoder
+    from ..kv import KVCache
+    from ..model.decoder import Decoder
 
 MAX_DRAFT = 16  # tokens one step may draft at most (--speculative above this is refused)
 
@@ -178,116 +176,3 @@ def accept(logits: torch.Tensor, drafts: list[int], q: torch.Tensor | None, para
 
 def _device(generator: torch.Generator | None):
     return generator.device if generator is not None else "cpu"
-
-
-# ---- drafters -------------------------------------------------------------------------------------
-class PromptLookup:
-    """Drafts by copying: the longest n-gram (max_ngram down to min_ngram) ending the tokens so far that
-    also occurred earlier is looked up, and the tokens that followed its latest earlier occurrence are
-    proposed. No extra model; it pays where the answer copies its context (summaries, code edits, RAG)."""
-
-    def __init__(self, max_ngram: int = 4, min_ngram: int = 1):
-        if not 1 <= min_ngram <= max_ngram:
-            raise ValueError(f"prompt lookup: need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
-        self.max_ngram, self.min_ngram = max_ngram, min_ngram
-
-    def propose(self, ctx: DraftContext, k: int) -> tuple[list[int], None]:
-        tokens = ctx.tokens
-        t = torch.tensor(tokens, dtype=torch.long)
-        for n in range(min(self.max_ngram, len(tokens) - 1), self.min_ngram - 1, -1):
-            suffix = t[-n:]
-            windows = t[:-1].unfold(0, n, 1)  # every earlier n-gram (the suffix itself excluded)
-            hits = (windows == suffix).all(dim=1).nonzero()
-            if hits.numel():
-                start = int(hits[-1]) + n
-                return tokens[start:start + k], None
-        return [], None
-
-
-class DraftModel:
-    """Drafts greedily with a smaller model of the same vocabulary. It keeps its own KV cache per target
-    row, holding the tokens it has seen; each proposal rolls it back to where they still agree with the
-    target's tokens (or starts the row over when its rings cannot go back that far)."""
-
-    def __init__(self, draft, target=None, max_draft: int = MAX_DRAFT):
-        """draft, target: api.Model (or Decoder) objects; with target, their vocabularies must agree."""
-        self.decoder = getattr(draft, "decoder", draft)
-        if target is not None:
-            check_vocabulary(draft, target)
-        self.tail = max_draft
-        self._rows: dict[int, tuple["KVCache", list[int]]] = {}
-
-    def release(self, row: int) -> None:
-        self._rows.pop(row, None)
-
-    @torch.inference_mode()
-    def propose(self, ctx: DraftContext, k: int) -> tuple[list[int], None]:
-        from .engine import prefill
-        from .kv import common_prefix
-
-        vocab, target_vocab = self.decoder.config.vocab_size, ctx.decoder.config.vocab_size
-        if vocab != target_vocab:
-            raise ValueError(f"draft model: vocabulary of {vocab} tokens, the target's has {target_vocab}")
-        tokens = ctx.tokens
-        cache, held = self._rows.get(ctx.row, (None, []))
-        if cache is None:
-            cache = self.decoder.new_cache(batch=1, capacity=len(tokens) + k + 1, tail=self.tail)
-        keep = min(common_prefix(held, tokens), len(tokens) - 1)  # the last token is fed for its logits
-        try:
-            cache.truncate(0, keep)
-        except ValueError:  # rolled back further than the rings reach: start the row over
-            cache.clear(0)
-            keep = 0
-        device = self.decoder.device
-        ids = torch.tensor([tokens[keep:]], dtype=torch.long, device=device)
-        pos = torch.arange(keep, len(tokens), device=device)[None]
-        hidden = prefill(self.decoder, cache, ids, pos)
-        drafts = [int(torch.argmax(self.decoder.logits(hidden)[0]))]
-        while len(drafts) < k:
-            at = len(tokens) + len(drafts) - 1
-            hidden = self.decoder(torch.tensor([[drafts[-1]]], device=device),
-                                  torch.tensor([[at]], device=device), cache)[:, -1]
-            drafts.append(int(torch.argmax(self.decoder.logits(hidden)[0])))
-        self._rows[ctx.row] = (cache, tokens + drafts[:-1])
-        return drafts, None
-
-
-def check_vocabulary(draft, target) -> None:
-    """ValueError unless the draft model speaks the target's vocabulary (same size, same token texts)."""
-    dv, tv = draft.config.vocab_size, target.config.vocab_size
-    if dv != tv:
-        raise ValueError(f"draft model: its vocabulary has {dv} tokens, the target's {tv}: a draft model "
-                         "must use the target's tokenizer")
-    dtok, ttok = getattr(draft, "tokenizer", None), getattr(target, "tokenizer", None)
-    if dtok is None or ttok is None:
-        return
-    a, b = _vocabulary(dtok), _vocabulary(ttok)
-    if a != b:
-        differ = next((i for i in range(max(len(a), len(b))) if a.get(i) != b.get(i)), None)
-        raise ValueError(f"draft model: its tokenizer differs from the target's (token {differ}: "
-                         f"{a.get(differ)!r} against {b.get(differ)!r}): a draft model must use the "
-                         "target's tokenizer")
-
-
-def _vocabulary(tokenizer) -> dict[int, str]:
-    backend = getattr(tokenizer, "_backend", None)
-    if backend is not None and hasattr(backend, "get_vocab"):
-        return {i: t for t, i in backend.get_vocab(with_added_tokens=True).items()}
-    return {i: tokenizer.id_to_token(i) for i in range(tokenizer.vocab_size)}
-
-
-def drafter_for(path, target, max_draft: int = MAX_DRAFT, **load_kwargs):
-    """The drafter a --draft-model file makes for `target` (an api.Model).
-
-    A Gemma 4 assistant checkpoint (checkpoint/assistant.py) becomes an AssistantDrafter reading the
-    target's states; any other model file is loaded as a draft model of the target's vocabulary."""
-    from .checkpoint.assistant import is_assistant
-
-    if is_assistant(path):
-        from .assistant_drafter import load_drafter
-
-        return load_drafter(path, target)
-    from .api import load
-
-    draft = load(path, dtype=target.decoder.dtype, device=target.decoder.device, progress=False, **load_kwargs)
-    return DraftModel(draft, target, max_draft=max_draft)
