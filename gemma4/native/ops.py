@@ -10,7 +10,7 @@ On the CPU the AVX2 extension (csrc/) reads the packed weights directly:
   included) before the float scales are applied. This is what
   reaches memory bandwidth at decode (a block of weights costs a handful of instructions) and beats
   dequantise + BLAS at prefill too (4 rows share each decoded weight block). The cost in quality
-  is bounded in tests/test_quant.py: half an activation step per block, and on the embedded model a
+  is bounded in tests/native/test_quant.py: half an activation step per block, and on the embedded model a
   KL from float activations well under llama.cpp's own.
 - float activations (GEMMA4_ACTIVATIONS=float): float32 times the widened weights, the exact product
   with the dequantised matrix up to summation order; the reference for the above.

@@ -4,14 +4,13 @@ timing is asserted (speed is shown in bench/RESULTS.md, never tested)."""
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import gemma4
+from paths import BENCH
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 
 import measure  # noqa: E402

@@ -7,9 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from paths import BENCH
 
 pytestmark = pytest.mark.llamacpp
-sys.path.insert(0, str(Path(__file__).parent.parent / "bench"))
+sys.path.insert(0, str(BENCH))
 
 
 @pytest.fixture(scope="module")

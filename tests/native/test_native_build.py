@@ -5,13 +5,12 @@ sources are one small file without includes, so the compiler fails in a fraction
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 import gemma4.native as native
+from paths import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture

@@ -10,8 +10,9 @@ import pytest
 
 from gemma4.chat import (GEMMA3_TEMPLATE, ChatTemplateError, Gemma4StreamParser, ParsedOutput, ToolCall,
                          format_tool_value, parse_gemma4_output, parse_tool_value, render_chat)
+from paths import DATA
 
-TEMPLATES = Path(__file__).parent / "data" / "templates"
+TEMPLATES = DATA / "templates"
 Q = '<|"|>'
 
 CONVERSATION = [

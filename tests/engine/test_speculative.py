@@ -13,6 +13,7 @@ from gemma4.sampling import SamplingParams, apply_penalties, sample
 from gemma4.server.metrics import Metrics
 from collect import Collector
 from reference import VOCAB, build_gemma4, write_byte_tokenizer
+from paths import BENCH
 
 GREEDY = dict(temperature=0, ignore_eos=True)
 
@@ -449,10 +450,8 @@ def test_a_verify_row_gives_a_decode_rows_bits(embedded):
     """K + 1 positions through one forward (a verify step) against one decode step per position: the
     same layer outputs and logits, bit for bit (the ring is read as a decode step reads it, the products
     sum each row alike whatever the rows beside it)."""
-    from pathlib import Path
-
     dec = embedded.decoder
-    text = (Path(__file__).resolve().parent.parent / "bench" / "data" / "english.txt").read_text()
+    text = (BENCH / "data" / "english.txt").read_text()
     ids = embedded.tokenizer.encode(text * 2)[:700]  # past the window: the rings have wrapped
     n, k = 690, 6
     with torch.inference_mode():
@@ -472,9 +471,7 @@ def test_greedy_speculation_on_the_embedded_model_is_token_identical(embedded, c
     """The cases that departed from plain greedy (at tokens 9 and 31 on two CPUs): a verify step read the
     rings as a prefill chunk does, and rings of another size (plain runs have no tail) ordered their
     chunks otherwise."""
-    from pathlib import Path
-
-    doc = (Path(__file__).resolve().parent.parent / "bench" / "data" / "english.txt").read_text()[:3000]
+    doc = (BENCH / "data" / "english.txt").read_text()[:3000]
     prompt, k = {"copy": (doc + "\n\nRepeat the text above word for word:\n\n", 5),
                  "repeat": ("The quick brown fox jumps over the lazy dog. " * 20, 4)}[case]
     plain = embedded.generate(prompt, max_tokens=120, temperature=0)

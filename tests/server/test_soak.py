@@ -2,9 +2,10 @@
 then greedy probes equal to those before it, no 5xx, no hang, and no memory kept by refused requests."""
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+from paths import BENCH
+
+sys.path.insert(0, str(BENCH))
 
 import soak  # noqa: E402
 

@@ -13,8 +13,8 @@ from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
 from gemma4.checkpoint.gguf_file import GGUFFile
 from gemma4.tokenizer import Tokenizer
+from paths import DATA
 
-DATA = Path(__file__).parent / "data"
 CORPUS = json.loads((DATA / "tokenizer_corpus.json").read_text(encoding="utf-8"))
 LLAMACPP = json.loads((DATA / "llamacpp_token_ids.json").read_text(encoding="utf-8"))
 GEMMA3_CASES = LLAMACPP["gemma3"]

@@ -16,6 +16,7 @@ from gemma4.native import ops
 from gemma4.quant.formats import QuantWeight, pack6, quantize_int4, quantize_int8, unpack6
 from gemma4.quant.modules import QuantEmbedding, QuantLinear, QuantParam
 from reference import VOCAB, build_gemma4, tiny_vocab_metadata
+from paths import BENCH
 
 EPS32 = float(np.finfo(np.float32).eps)
 
@@ -283,12 +284,10 @@ def test_int8_activations_cost_less_than_llamacpp_rounding(monkeypatch):
     llama_cpp = pytest.importorskip("llama_cpp")
     if gemma4.native.compiled() is None:
         pytest.skip("no AVX2 kernel on this machine")
-    from pathlib import Path
-
     from gemma4.store import embedded_path
 
     path = embedded_path()
-    text = (Path(__file__).parent.parent / "bench" / "data" / "english.txt").read_text()
+    text = (BENCH / "data" / "english.txt").read_text()
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=1024, n_threads=2, logits_all=True, verbose=False)
     ids = llm.tokenize(text.encode(), add_bos=True, special=False)
     llm.eval(ids)
