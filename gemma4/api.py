@@ -149,14 +149,24 @@ class Model:
 
     @property
     def engine(self) -> Engine:
-        """The engine generate() and chat() step (built at first use; its prefix store lives as long)."""
-        if self._engine is None:
-            from .kv import PrefixStore
+        """The engine generate() and chat() step (built at first use; its prefix store lives as long as the model)."""
+        return self.engine_for(1)
 
-            o = self.engine_options
-            store = PrefixStore(o["prefix_cache_bytes"]) if o["prefix_cache_bytes"] else None
+    def engine_for(self, prompts: int) -> Engine:
+        """The engine, with a row for each of `prompts` run together (up to max_batch). Each row holds a
+        sliding window of KV per sliding layer, so a model used one prompt at a time keeps one row; a
+        wider batch builds a wider engine, which takes over the prefix store."""
+        o = self.engine_options
+        rows = min(o["max_batch"], max(1, prompts))
+        if self._engine is None or self._engine.max_batch < rows:
+            if self._engine is not None:
+                store = self._engine.prefix_store
+            else:
+                from .kv import PrefixStore
+
+                store = PrefixStore(o["prefix_cache_bytes"]) if o["prefix_cache_bytes"] else None
             # rings with room for the longest draft: any call may speculate (decode bits do not depend on it)
-            self._engine = Engine(self, max_batch=o["max_batch"], max_queue=o["max_batch"], prefix_store=store,
+            self._engine = Engine(self, max_batch=rows, max_queue=rows, prefix_store=store,
                                   ring_tail=MAX_DRAFT, kv_budget=o["kv_budget"], kv_dtype=o["kv_cache"])
         return self._engine
 
@@ -323,7 +333,7 @@ class Model:
             raise ValueError("no prompt given")
         requests = self._requests(prompts, params, logprobs, response_format, speculative, drafter, prompt_cache,
                                   progress)
-        outputs = self.engine.generate(requests)
+        outputs = self.engine_for(len(requests)).generate(requests)
         if stream:
             return _steps(outputs)
         results = [Completion("", [], "", len(r.prompt_ids), logprobs=[] if logprobs is not None else None)

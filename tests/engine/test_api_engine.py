@@ -102,3 +102,20 @@ def test_greedy_prompt_lookup_through_the_api_is_token_identical(embedded):
     assert fast.drafted_tokens > 0 and fast.accepted_tokens > 0
     streamed = [s.token_id for s in embedded.generate(prompt, max_tokens=60, speculative=5, stream=True, **GREEDY)]
     assert streamed == plain.token_ids
+
+
+def test_the_engine_has_a_row_per_prompt_of_the_widest_call_and_keeps_its_prefix_store(tiny):
+    """Each row holds a sliding window of KV per sliding layer: one prompt at a time keeps one row, a batch
+    widens the engine (up to max_batch), and what the store holds survives the change."""
+    model = gemma4.load(tiny, progress=False, max_batch=4)
+    prompt = list(range(3, 40))
+    alone = model.generate(prompt, max_tokens=3, **GREEDY)
+    engine = model.engine
+    assert engine.max_batch == 1
+    batch = model.generate([prompt, prompt[:20], prompt[:30]], max_tokens=3, **GREEDY)
+    assert model.engine.max_batch == 3 and model.engine.prefix_store is engine.prefix_store
+    assert batch[0].token_ids == alone.token_ids
+    model.generate([prompt] * 6, max_tokens=1, **GREEDY)
+    assert model.engine.max_batch == 4  # max_batch caps it; the other prompts wait for a row
+    model.generate(prompt, max_tokens=1, **GREEDY)
+    assert model.engine.max_batch == 4  # never narrowed again
