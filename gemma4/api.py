@@ -317,7 +317,7 @@ class Model:
 
         Returns a Completion (a list of them for a batch), or with stream=True an iterator of
         StepOutput (index = position in the batch, text = new text safe to show).
-        progress(done, total) follows the prefill; prompt_cache (a kv.files.PromptCache, one
+        progress(done, total) follows the prefill; prompt_cache (an engine.prompt_cache.PromptCache, one
         prompt only) reuses or saves the prompt's first tokens' KV on disk.
         As the server takes them: logprobs=k reports each output token's logprob and the k most likely;
         response_format ({"type": "json_schema", "json_schema": {"schema": ...}} or {"type": "json_object"})

@@ -251,7 +251,7 @@ def _long_prompt(model, ids, head_ids, args) -> dict:
         run["progress"] = progress
     if args.prompt_cache:
         from gemma4.kv import common_prefix
-        from gemma4.kv.files import PromptCache
+        from gemma4.engine.prompt_cache import PromptCache
 
         run["prompt_cache"] = PromptCache(args.prompt_cache, common_prefix(getattr(ids, "ids", ids), getattr(head_ids, "ids", head_ids)))
     return run

@@ -134,7 +134,7 @@ class Runner:
 
     def prefill_from(self, prompt_cache, row: int, prompt: list[int], max_tokens: int, soft: list,
                      progress=None) -> torch.Tensor:
-        """A prompt prefilled through a prompt-cache file (prompt_cache.PromptCache) into `row`; its last
+        """A prompt prefilled through a prompt-cache file (engine/prompt_cache.py) into `row`; its last
         hidden state [H]. The file's own cache holds the prompt; the row takes a copy of it."""
         own, hidden = prompt_cache.prefill(self.decoder, prompt, len(prompt) + max_tokens, self.prefill_chunk,
                                            progress, soft=soft)

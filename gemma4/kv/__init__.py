@@ -7,10 +7,7 @@
     codec.py    how K and V are stored: as they come or int8 with group scales; bytes per token
     budget.py   one byte budget for every running sequence: sizes the pool, admission keeps within it
     prefix.py   snapshots of a row's KV, and the prefix store that finds them by block hashes
-    files.py    prompt-cache files: a snapshot on disk
-
-files.py is not imported here: it runs the engine's prefill (which reads this package), so callers import
-gemma4.kv.files themselves.
+    files.py    prompt-cache files: a snapshot on disk (the engine's prompt_cache.py prefills through them)
 """
 
 from .budget import KVBudget, parse_bytes

@@ -187,7 +187,7 @@ def test_a_prompt_cache_keys_images_by_their_pixels(mm, tmp_path):
     """A saved prompt with an image is reused by a later question on the same image (logits equal a plain
     forward); an image of the same size but other pixels reuses nothing from the image on."""
     from gemma4.kv import common_prefix
-    from gemma4.kv.files import PromptCache
+    from gemma4.engine.prompt_cache import PromptCache
 
     _, _, _, model = mm
     path = tmp_path / "page.kv"

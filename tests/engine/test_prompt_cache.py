@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import gemma4
+from gemma4.engine.prompt_cache import PromptCache
 from gemma4.kv import files as prompt_cache
 from gemma4.checkpoint import open_checkpoint
 from gemma4.checkpoint.gguf_writer import write_gguf
@@ -27,7 +28,7 @@ def test_save_reload_in_a_fresh_model_equals_a_fresh_prefill_bit_for_bit(gemma4_
     chunk = w + 1
     doc = _ids(5 * w + 2, 1)
     question = _ids(2 * w + 3, 5)
-    pc = prompt_cache.PromptCache(tmp_path / "doc.kv", prefix_len=len(doc))
+    pc = PromptCache(tmp_path / "doc.kv", prefix_len=len(doc))
     _, first = pc.prefill(writer.decoder, doc + question, capacity=4, chunk=chunk)
     keep = len(doc) // chunk * chunk  # the last grid point within the document
     assert pc.saved == keep and pc.reused == 0
@@ -39,7 +40,7 @@ def test_save_reload_in_a_fresh_model_equals_a_fresh_prefill_bit_for_bit(gemma4_
     assert snap.tokens == doc[:keep]
     for q in (question, _ids(w, 9)):  # the same question, another one
         ids = doc + q
-        pc = prompt_cache.PromptCache(tmp_path / "doc.kv", prefix_len=len(doc))
+        pc = PromptCache(tmp_path / "doc.kv", prefix_len=len(doc))
         cache, hidden = pc.prefill(reader.decoder, ids, capacity=4, chunk=chunk)
         assert pc.reused == keep and pc.saved == 0
         fresh = prefill(reader.decoder, reader.decoder.new_cache(), torch.tensor([ids]), torch.arange(len(ids))[None],
@@ -49,7 +50,7 @@ def test_save_reload_in_a_fresh_model_equals_a_fresh_prefill_bit_for_bit(gemma4_
     assert pc.reused == 0 and pc.saved == 0  # and no shorter copy replaces it
     assert prompt_cache.load(tmp_path / "doc.kv", reader.decoder).tokens == doc[:keep]
     assert keep % (chunk + 1)  # another chunk size: the file's end is not one of its chunk ends
-    pc = prompt_cache.PromptCache(tmp_path / "doc.kv", prefix_len=len(doc))
+    pc = PromptCache(tmp_path / "doc.kv", prefix_len=len(doc))
     cache, hidden = pc.prefill(reader.decoder, doc + question, capacity=4, chunk=chunk + 1)
     assert pc.reused == 0
 
