@@ -35,11 +35,15 @@ test: kernels
 # bench/speculative.py: prompt lookup on the embedded model, a verify step's cost on the 26B-A4B shape
 # bench/long_context.py: KV bytes and peak memory at 8K-128K, time to first token on a cached document
 # bench/soak.py: the server under mixed load for 90 s, greedy probes before and after, RSS (bench/SOAK.md)
+# bench/speculative_exact.py: greedy speculation token-identical to plain greedy (exits 1 if not)
+# bench/api_prefix_reuse.py: the Python API's second question on a long document against the first
 bench: kernels
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 	$(BIN)/python bench/soak.py $(SOAK_ARGS)
 	$(BIN)/python bench/speculative.py $(SPEC_BENCH_ARGS)
 	$(BIN)/python -m bench.long_context $(LONG_BENCH_ARGS)
+	$(BIN)/python bench/speculative_exact.py
+	$(BIN)/python -m bench.api_prefix_reuse
 
 # llama.cpp is built from source by pip (about 10 minutes on 2 cores), once.
 parity: $(STAMP)

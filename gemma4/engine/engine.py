@@ -54,6 +54,7 @@ class Engine:
         self._draft_room = spec.draft_room(cache)
         self._stop = False
         self._thread: threading.Thread | None = None
+        self._stepping = threading.Lock()  # one step at a time, whichever threads drive the engine
         self.error: BaseException | None = None
 
     # ---- what callers read --------------------------------------------------------------------
@@ -124,7 +125,8 @@ class Engine:
         try:
             with torch.inference_mode():
                 while self._next():
-                    self._step()
+                    with self._stepping:
+                        self._step()
         except BaseException as e:  # the model failed: every request gets an answer, not a hang
             self.error = e
             self._fail()
@@ -148,7 +150,7 @@ class Engine:
         if self._thread is not None:
             raise RuntimeError("Engine.step: the engine's own thread is running")
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), self._stepping:
                 with self.scheduler.lock:
                     self._admit()
                     if not self.scheduler.running:

@@ -119,3 +119,34 @@ def test_the_engine_has_a_row_per_prompt_of_the_widest_call_and_keeps_its_prefix
     assert model.engine.max_batch == 4  # max_batch caps it; the other prompts wait for a row
     model.generate(prompt, max_tokens=1, **GREEDY)
     assert model.engine.max_batch == 4  # never narrowed again
+
+
+def test_a_bad_seed_is_refused_before_it_reaches_the_engine(tiny):
+    model = gemma4.load(tiny, progress=False)
+    stream = model.generate([5, 9, 14], max_tokens=4, stream=True, **GREEDY)
+    first = next(stream)
+    for seed in (2**64, -1, 1.5, "7"):
+        with pytest.raises(ValueError, match="seed"):
+            model.generate([5, 9, 14], max_tokens=2, temperature=0.8, seed=seed)
+    rest = list(stream)  # the open stream is not failed by the refused call
+    assert [first.token_id] + [s.token_id for s in rest] == model.generate([5, 9, 14], max_tokens=4, **GREEDY).token_ids
+
+
+def test_two_threads_on_one_model_get_what_each_gets_alone(tiny):
+    """Calls from two threads step the same engine one step at a time; each gets its own answer."""
+    import threading
+
+    model = gemma4.load(tiny, progress=False, max_batch=2)
+    prompts = [list(range(3, 30)), list(range(40, 61))]
+    alone = [model.generate(p, max_tokens=12, **GREEDY).token_ids for p in prompts]
+    got = [None, None]
+
+    def run(i):
+        got[i] = model.generate(prompts[i], max_tokens=12, **GREEDY).token_ids
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert got == alone
