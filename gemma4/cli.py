@@ -111,7 +111,8 @@ def _note(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _load(args):
+def _load(args, **engine):
+    """engine: gemma4.load's engine options (run: no prefix store, a one-shot process never reuses one)."""
     import gemma4
     from gemma4 import store
 
@@ -124,7 +125,7 @@ def _load(args):
         cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
         dtype = "bfloat16" if cuda else "float32"
     return gemma4.load(path, dtype=dtype, device=device, mmproj=args.mmproj,
-                       quantize=getattr(args, "quantize", None))
+                       quantize=getattr(args, "quantize", None), **engine)
 
 
 def _sampling(args) -> dict:
@@ -287,7 +288,7 @@ def cmd_run(args) -> int:
     if (args.image or args.video) and args.raw:
         raise CLIError("--image and --video need the chat format: drop --raw")
     media = _media_parts(args.image, args.video)
-    model = _load(args)
+    model = _load(args, prefix_cache_bytes=0)
     if media:
         model.check_vision()
     speculation = _speculation(model, args)

@@ -111,3 +111,23 @@ def test_chat_repl_history_reset_exit(tiny_gguf):
     answers = [a for a in r.stdout.replace(">>> ", "\n").split("\n") if a]
     assert answers == [first, second, first]  # after /reset the same question gets the first answer
     assert "history cleared" in r.stderr
+
+
+def test_run_keeps_no_prefix_store_and_chat_does(monkeypatch, tiny_gguf):
+    """A one-shot `run` never meets a second prompt: storing its KV for reuse would only copy it. `chat`'s
+    turns each start with the conversation so far, so it keeps the store."""
+    from gemma4 import cli as cli_module
+
+    loads = []
+    real = gemma4.load
+
+    def load(*a, **kw):
+        loads.append(kw)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(gemma4, "load", load)
+    assert cli_module.main(["run", "-m", str(tiny_gguf), "-n", "2", "--temperature", "0", "Hello"]) == 0
+    assert loads[-1].get("prefix_cache_bytes") == 0
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO("/exit\n"))
+    cli_module.main(["chat", "-m", str(tiny_gguf), "-n", "2"])
+    assert "prefix_cache_bytes" not in loads[-1]
