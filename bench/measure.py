@@ -137,6 +137,8 @@ def load_gemma4(spec: dict):
         if "quantize" not in inspect.signature(gemma4.load).parameters:
             raise SystemExit(f"--quantize {quantize}: this gemma4 has no quantize option in gemma4.load() yet")
         kwargs["quantize"] = quantize
+    if "prefix_cache_bytes" in inspect.signature(gemma4.load).parameters:
+        kwargs["prefix_cache_bytes"] = 0  # every repetition sends the same prompt: each must prefill it whole
     t = time.perf_counter()
     model = gemma4.load(spec["path"], **kwargs)
     return model, {"dtype": dtype, "quantize": quantize, "load_s": time.perf_counter() - t}
