@@ -18,3 +18,27 @@ def gemma4_models(tmp_path_factory):
         path = tmp_path_factory.mktemp(name)
         built[name] = (path, build_gemma4(path, name, seed=i))
     return built
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory):
+    """A tiny Gemma 4 (MoE, K=V) as an F32 GGUF with a small vocabulary: what the command-line tests run."""
+    from gemma4.checkpoint import open_checkpoint
+    from gemma4.checkpoint.gguf_writer import write_gguf
+    from reference import tiny_vocab_metadata
+
+    d = tmp_path_factory.mktemp("cli")
+    build_gemma4(d / "hf", "moe_kv", seed=2)
+    return write_gguf(open_checkpoint(d / "hf"), d / "tiny.gguf", "F32", tiny_vocab_metadata())
+
+
+@pytest.fixture(scope="module")
+def model_with_tokenizer(tmp_path_factory):
+    """A tiny Gemma 4 with a byte-level tokenizer (text in and out), loaded once per test module."""
+    import gemma4
+    from reference import write_byte_tokenizer
+
+    path = tmp_path_factory.mktemp("tok_model")
+    build_gemma4(path, "moe_kv", seed=3)
+    write_byte_tokenizer(path)
+    return gemma4.load(path)

@@ -1,28 +1,11 @@
 """The command line, run as a user runs it: a subprocess, its output and its exit status."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 
 import gemma4
-from gemma4.checkpoint import open_checkpoint
-from gemma4.checkpoint.gguf_writer import write_gguf
 from gemma4.kv import kv_bytes_per_token, ring_slots
-from reference import build_gemma4, tiny_vocab_metadata
-
-
-def cli(*args, input=None, env=None, timeout=180):
-    return subprocess.run([sys.executable, "-m", "gemma4.cli", *args], capture_output=True, text=True,
-                          input=input, timeout=timeout, env={**os.environ, **(env or {})})
-
-
-@pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory):
-    d = tmp_path_factory.mktemp("cli")
-    build_gemma4(d / "hf", "moe_kv", seed=2)
-    return write_gguf(open_checkpoint(d / "hf"), d / "tiny.gguf", "F32", tiny_vocab_metadata())
+from commands import cli
+from reference import build_gemma4
 
 
 def test_run_streams_raw_completion_of_a_base_model(tiny_gguf):

@@ -5,7 +5,7 @@ import pytest
 import gemma4
 from gemma4.images import load_image
 from reference import build_gemma4
-from test_cli import cli
+from commands import cli
 from vision_reference import build_multimodal, encoded, picture
 
 

@@ -5,15 +5,7 @@ import torch
 
 import gemma4
 from gemma4.sampling import SamplingParams, process_logits
-from reference import VOCAB, build_gemma4, write_byte_tokenizer
-
-
-@pytest.fixture(scope="module")
-def model_with_tokenizer(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tok_model")
-    build_gemma4(path, "moe_kv", seed=3)
-    write_byte_tokenizer(path)
-    return gemma4.load(path)
+from reference import VOCAB
 
 
 def _prompts():

@@ -2,8 +2,6 @@
 plain full forward; a file of another model is refused; the CLI reuses it end to end."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,10 +9,9 @@ import torch
 import gemma4
 from gemma4.engine.prompt_cache import PromptCache
 from gemma4.kv import files as prompt_cache
-from gemma4.checkpoint import open_checkpoint
-from gemma4.checkpoint.gguf_writer import write_gguf
 from gemma4.engine import prefill
-from reference import VOCAB, build_gemma4, tiny_vocab_metadata
+import commands
+from reference import VOCAB, build_gemma4
 
 def _ids(n, seed):
     return torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -76,15 +73,7 @@ def test_a_file_of_another_model_or_not_a_cache_is_refused(gemma4_models, tmp_pa
 
 
 def cli(*args, input=None):
-    return subprocess.run([sys.executable, "-m", "gemma4.cli", *args], capture_output=True, text=True,
-                          input=input, timeout=300)
-
-
-@pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pc")
-    build_gemma4(d / "hf", "moe_kv", seed=2)
-    return write_gguf(open_checkpoint(d / "hf"), d / "tiny.gguf", "F32", tiny_vocab_metadata())
+    return commands.cli(*args, input=input, timeout=300)  # a document's prefill in a subprocess
 
 
 def test_cli_file_and_prompt_cache_end_to_end(tiny_gguf, tmp_path):

@@ -12,7 +12,7 @@ from gemma4.engine import Engine, Request, Sequence, prefill
 from gemma4.sampling import SamplingParams, apply_penalties, sample
 from gemma4.server.metrics import Metrics
 from collect import Collector
-from reference import VOCAB, build_gemma4, write_byte_tokenizer
+from reference import VOCAB, build_gemma4
 from paths import BENCH
 
 GREEDY = dict(temperature=0, ignore_eos=True)
@@ -120,16 +120,8 @@ def test_draft_model_of_another_vocabulary_is_refused(models, tmp_path):
         spec.DraftModel(gemma4.load(tmp_path), models["moe_kv"])
 
 
-@pytest.fixture(scope="module")
-def with_tokenizer(tmp_path_factory):
-    path = tmp_path_factory.mktemp("spec_tok")
-    build_gemma4(path, "moe_kv", seed=3)
-    write_byte_tokenizer(path)
-    return gemma4.load(path)
-
-
-def test_stop_conditions_cut_accepted_tokens_as_plain_decoding(with_tokenizer):
-    model = with_tokenizer
+def test_stop_conditions_cut_accepted_tokens_as_plain_decoding(model_with_tokenizer):
+    model = model_with_tokenizer
     prompt = "abcabcabcabcab"
     plain = model.generate(prompt, max_tokens=40, **GREEDY)
     assert len(plain.token_ids) == 40
@@ -406,19 +398,8 @@ def test_scheduler_does_not_speculate_under_a_grammar(models):
 
 
 # ---- command line -------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory):
-    from gemma4.checkpoint import open_checkpoint
-    from gemma4.checkpoint.gguf_writer import write_gguf
-    from reference import tiny_vocab_metadata
-
-    d = tmp_path_factory.mktemp("spec_cli")
-    build_gemma4(d / "hf", "moe_kv", seed=2)
-    return write_gguf(open_checkpoint(d / "hf"), d / "tiny.gguf", "F32", tiny_vocab_metadata())
-
-
 def test_cli_speculative_run_prints_the_plain_completion(tiny_gguf):
-    from test_cli import cli
+    from commands import cli
 
     prompt = "the cat the cat the cat"
     expected = gemma4.load(tiny_gguf).generate(prompt, max_tokens=16, temperature=0)
@@ -431,7 +412,7 @@ def test_cli_speculative_run_prints_the_plain_completion(tiny_gguf):
 @pytest.mark.parametrize("args, says", [(["--draft-model", "x.gguf"], "--draft-model needs --speculative"),
                                         (["--speculative", "99"], "--speculative: ")])
 def test_cli_refuses_bad_speculative_options(tiny_gguf, args, says):
-    from test_cli import cli
+    from commands import cli
 
     r = cli("run", "-m", str(tiny_gguf), *args, "hello")
     assert r.returncode == 2
