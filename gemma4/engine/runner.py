@@ -13,6 +13,7 @@ from typing import Callable, Iterator
 import torch
 
 from ..model.decoder import Decoder
+from ..native.ops import prefill_products
 from ..kv import prompt_key
 from ..speculative.verify import verify_batch, verify_logits
 
@@ -75,13 +76,14 @@ def prefill(decoder: Decoder, cache, ids: torch.Tensor, pos: torch.Tensor, chunk
     if not 0 <= start < total:
         raise ValueError(f"prefill: start {start} outside the {total} columns")
     hidden = None
-    for a, b in _chunks(total, chunk, joined_columns(embeds_mask), start):
-        soft = {} if embeds_mask is None else dict(embeds=embeds[:, a:b], embeds_mask=embeds_mask[:, a:b])
-        hidden = decoder(ids[:, a:b], pos[:, a:b], cache, **soft)
-        if on_hidden is not None:
-            on_hidden(a, hidden)
-        if progress is not None:
-            progress(b, total)
+    with prefill_products():
+        for a, b in _chunks(total, chunk, joined_columns(embeds_mask), start):
+            soft = {} if embeds_mask is None else dict(embeds=embeds[:, a:b], embeds_mask=embeds_mask[:, a:b])
+            hidden = decoder(ids[:, a:b], pos[:, a:b], cache, **soft)
+            if on_hidden is not None:
+                on_hidden(a, hidden)
+            if progress is not None:
+                progress(b, total)
     return hidden[:, -1]
 
 
@@ -130,7 +132,8 @@ class Runner:
         part = {} if soft is None else dict(embeds=soft[0][:, start:end], embeds_mask=soft[1][:, start:end])
         ids = torch.tensor([prompt[start:end]], dtype=torch.long, device=d.device)
         pos = torch.arange(start, end, device=d.device)[None]
-        return d(ids, pos, self.cache.view([row]), **part)[0]
+        with prefill_products():
+            return d(ids, pos, self.cache.view([row]), **part)[0]
 
     def prefill_from(self, prompt_cache, row: int, prompt: list[int], max_tokens: int, soft: list,
                      progress=None) -> torch.Tensor:

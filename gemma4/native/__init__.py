@@ -6,7 +6,10 @@ sources and flags, so a changed source rebuilds and two versions never share a b
   products, routed experts in one call (quant_products.cpp);
 - attention of a few queries over the cache as it is stored (attention.cpp), RoPE and RMSNorm (rope_norms.cpp),
   a decoder layer's dense parts in three calls (fused_layer.cpp), decode's cache writes (cache_writes.cpp);
-- GGUF K-quant blocks to our layouts at load (gguf_blocks.cpp).
+- GGUF K-quant blocks to our layouts at load (gguf_blocks.cpp);
+- many-row products on the matrix engine: dequantised to bf16 once per call, multiplied on AMX tiles by MKL's
+  bf16 GEMM with float32 sums and output (matrix_engine.cpp; AVX-512 functions compiled for that target and
+  called only where the CPU has it, isa.py).
 
 compiled() is the module or None: GEMMA4_NO_NATIVE=1 or a CPU without AVX2/FMA take the plain torch path
 quietly; a failed build says so on stderr, once per process, and takes it too. `python -m gemma4.native`
@@ -111,9 +114,6 @@ def _load(source_dir: Path = SOURCE_DIR, build_directory: str | None = None):
 
 
 def _cpu_has_avx2() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-        return " avx2" in flags and " fma" in flags
-    except OSError:
-        return False
+    from .isa import has
+
+    return has("avx2", "fma")

@@ -12,6 +12,10 @@ On the CPU the AVX2 extension (csrc/) reads the packed weights directly:
   dequantise + BLAS at prefill too (4 rows share each decoded weight block). The cost in quality
   is bounded in tests/native/test_quant.py: half an activation step per block, and on the embedded model a
   KL from float activations well under llama.cpp's own.
+- many rows of a prefill (its chunks, an expert's share of one; prefill_products()) on a CPU with a matrix engine (AMX): the matrix dequantised
+  to bf16 once per product, the rows rounded to bf16, an AMX GEMM summing in float32 (matrix_engine.cpp). The
+  activations keep 8 significant bits per element instead of an int8 step per block of 32; the weights are
+  rounded to bf16 (8 bits) — bounded with the int8 path's in tests/native/test_matrix_engine.py.
 - float activations (GEMMA4_ACTIVATIONS=float): float32 times the widened weights, the exact product
   with the dequantised matrix up to summation order; the reference for the above.
 - routed experts in one call (only the experts named are read), RMSNorm with the residual add, RoPE
@@ -30,7 +34,9 @@ matrix at a time, transiently.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from typing import TYPE_CHECKING
 
 import torch
@@ -60,6 +66,7 @@ def activations() -> str:
     return _activations
 
 
+# (Where the CPU has a matrix engine, many-row products go there first: MATRIX_ENGINE_MIN_ROWS below.)
 # Integer dot products beat dequantise + BLAS at every row count for int4 and int6 weights, and for int8
 # ones up to ~128 rows. Above, an int8 matrix whose float32 copy stays in the caches (the embedded model's
 # 640-wide ones, <= 5 MB) is multiplied by BLAS: at 512 rows 1.4-1.6x faster (q_proj 1024 x 640: 9.1 vs
@@ -70,8 +77,63 @@ MAX_BLAS_MATRIX = 8 << 20  # bytes of the float32 copy
 
 
 def blas_first(w: QuantWeight, rows: int) -> bool:
-    """Whether x [rows, K] @ w.T goes faster as dequantise + BLAS than through the int8-activation kernel."""
+    """Whether x [rows, K] @ w.T goes faster another way than through the int8-activation kernel: on the matrix
+    engine (in a prefill), or as dequantise + BLAS."""
+    if on_engine(rows):
+        return True
     return rows >= MIN_BLAS_ROWS and w.bits == 8 and w.q.numel() * 4 <= MAX_BLAS_MATRIX
+
+
+# From this many rows a quantised product runs faster on the matrix engine (the matrix dequantised to bf16 once,
+# ~5-9 G elements/s per thread, then an AMX GEMM) than in the int8-activation kernel, whose cost grows with
+# every row: measured on 26B-A4B shapes (1408 x 2816, 2816 x 704, 4096 x 2816; int8 and int4) the two meet
+# between 16 rows (kernel 0.8-1.3x faster) and 32 (engine 1.4-2.5x); at 512 rows the engine is 6-12x faster.
+MATRIX_ENGINE_MIN_ROWS = 24
+
+_engine = None  # the compiled module where the matrix engine runs here, False where not; decided on first use
+_prefill = threading.local()  # .depth: prefill_products() contexts open on this thread
+
+
+@contextlib.contextmanager
+def prefill_products():
+    """Within it (a prompt's chunks, a whole-sequence forward), many-row products may go to the matrix engine.
+    Outside, decode and verify steps stay on the row-by-row kernels, whose rows give the same bits however many
+    run together: a speculative verify step must give decode's tokens, and an expert hit by many of its tokens
+    must not change path."""
+    _prefill.depth = getattr(_prefill, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _prefill.depth -= 1
+
+
+def on_engine(rows: int) -> bool:
+    """Whether a product of `rows` rows goes to the matrix engine: enough rows, in a prefill, int8 activations
+    (the default: float ones are the exact reference), the engine here."""
+    return (rows >= MATRIX_ENGINE_MIN_ROWS and getattr(_prefill, "depth", 0) > 0 and activations() == "int8"
+            and matrix_engine() is not None)
+
+
+def matrix_engine():
+    """The compiled module where many-row products go to the matrix engine: a CPU with AMX bf16 and AVX-512 BF16
+    (isa.py), the kernels built, and torch's MKL exporting its bf16 GEMM; else None."""
+    global _engine
+    if _engine is None:
+        from .isa import matrix_engine_wanted
+
+        kernel = compiled()
+        _engine = kernel if kernel is not None and matrix_engine_wanted() and kernel.matrix_engine_gemm() else False
+    return _engine or None
+
+
+def engine_product(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
+    """x [..., K] @ dequantize(w).T on the matrix engine: w dequantised to bf16 (its exact bf16 rounding), x
+    rounded to bf16, float32 sums and output, in x's dtype."""
+    kernel = matrix_engine()
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+    wb = kernel.dequantize_bf16(w.q, w.scale, w.zero, w.bits, w.group, w.sub, False)
+    return kernel.mm_bf16_f32(x2, wb).to(x.dtype).reshape(*lead, -1)
 
 
 def qlinear(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
@@ -79,7 +141,10 @@ def qlinear(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
     # Called ~130 times per decode step of a small model: the checks are kept to a few attribute reads.
     kernel = compiled() if x.is_cpu and x.dtype is torch.float32 else None
     if kernel is not None:
-        if w.int8_layout and activations() == "int8" and not blas_first(w, x.numel() // x.shape[-1]):
+        rows = x.numel() // x.shape[-1]
+        if w.int8_layout and on_engine(rows):
+            return engine_product(x, w)
+        if w.int8_layout and activations() == "int8" and not blas_first(w, rows):
             return kernel.qmm_q8(x, w.q, w.scale, w.zero, w.bits, w.group, w.sub)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
@@ -127,6 +192,8 @@ def bf16_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
     if kernel is None:
         return None
     if x2.shape[0] > MAX_BF16_KERNEL_ROWS:
+        if on_engine(x2.shape[0]):  # the weights are bf16 already: only the activations are rounded
+            return matrix_engine().mm_bf16_f32(x2.to(torch.bfloat16), w).to(x.dtype).reshape(*lead, -1)
         return (x2.float() @ w.float().T).to(x.dtype).reshape(*lead, -1)
     return kernel.bf16mm(x2.float().contiguous(), w).to(x.dtype).reshape(*lead, -1)
 

@@ -8,6 +8,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("quantize_activations", torch::wrap_pybind_function(quantize_activations), "quantize_activations");
     m.def("rms_norm", torch::wrap_pybind_function(rms_norm), "rms_norm");
     m.def("bf16mm", torch::wrap_pybind_function(bf16mm), "bf16mm");
+    m.def("dequantize_bf16", torch::wrap_pybind_function(dequantize_bf16), "dequantize_bf16");
+    m.def("matrix_engine_gemm", &matrix_engine_gemm, "matrix_engine_gemm");
+    m.def("mm_bf16_f32", torch::wrap_pybind_function(mm_bf16_f32), "mm_bf16_f32");
     m.def("attend_small", torch::wrap_pybind_function(attend_small), "attend_small");
     m.def("rope", torch::wrap_pybind_function(rope), "rope");
     m.def("attn_in", torch::wrap_pybind_function(attn_in), "attn_in");

@@ -101,6 +101,11 @@ torch::Tensor qmm_experts(torch::Tensor x, torch::Tensor q, torch::Tensor scale,
                           c10::optional<torch::Tensor> weights, int64_t topk);
 torch::Tensor quantize_activations(torch::Tensor x);
 torch::Tensor bf16mm(torch::Tensor x, torch::Tensor w);
+// matrix_engine.cpp
+torch::Tensor dequantize_bf16(torch::Tensor q, torch::Tensor scale, c10::optional<torch::Tensor> zero_opt, int64_t bits,
+                              int64_t group, c10::optional<torch::Tensor> sub_opt, bool plain);
+bool matrix_engine_gemm();
+torch::Tensor mm_bf16_f32(torch::Tensor x, torch::Tensor w);
 // attention.cpp
 torch::Tensor attend_small(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor qpos, torch::Tensor kpos,
                            int64_t window, c10::optional<torch::Tensor> sees_until, double scale,

@@ -1,0 +1,48 @@
+"""What this CPU offers the kernels: its x86 instruction-set extensions, read once from /proc/cpuinfo.
+
+The kernels are chosen per machine from these (ops.py holds the rules): AVX2 + FMA for the packed-weight
+products (the baseline the native build needs), AVX-512 with BF16 for dequantising into the matrix engine's
+format, AMX (bf16 tiles) for many-row products. GEMMA4_MATRIX_ENGINE=off turns the matrix engine off (to
+compare with the path beside it).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+# Each extension's /proc/cpuinfo flag, in the order `describe` prints them.
+_NAMES = {"avx2": "AVX2", "fma": "FMA", "f16c": "F16C", "avx512f": "AVX-512F", "avx512bw": "AVX-512BW",
+          "avx512vl": "AVX-512VL", "avx512_vnni": "AVX-512VNNI", "avx512_bf16": "AVX-512BF16",
+          "avx512_fp16": "AVX-512FP16", "avx_vnni": "AVX-VNNI", "amx_tile": "AMX-TILE", "amx_bf16": "AMX-BF16",
+          "amx_int8": "AMX-INT8"}
+
+# The matrix engine dequantises with AVX-512 (BW, BF16) and multiplies on AMX bf16 tiles.
+MATRIX_ENGINE_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (empty where /proc/cpuinfo is not there to read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def has(*flags: str) -> bool:
+    return all(f in cpu_flags() for f in flags)
+
+
+def matrix_engine_wanted() -> bool:
+    """Whether the CPU has what the matrix-engine path needs and it is not turned off (GEMMA4_MATRIX_ENGINE=off)."""
+    return has(*MATRIX_ENGINE_FLAGS) and os.environ.get("GEMMA4_MATRIX_ENGINE", "on") != "off"
+
+
+def describe() -> str:
+    """The extensions the kernels look at, as one line: 'AVX2 FMA F16C AVX-512F ... AMX-BF16'."""
+    return " ".join(name for flag, name in _NAMES.items() if flag in cpu_flags()) or "none of AVX2, AVX-512, AMX"
