@@ -99,9 +99,10 @@ def main(argv=None) -> int:
         for engine in ("ours", "llama"):
             rates = _child(engine, str(path), lengths)
             best[engine] = [max(a, b) for a, b in zip(best[engine], rates)]
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile") if f" {f}" in flags]
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {THREADS} threads, ISA {' '.join(isa)}; "
+    from gemma4.native import isa
+
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {THREADS} threads, ISA {isa.describe()}; "
+          f"{isa.kernel_plan()}; "
           f"{path.name} of the 26B-A4B shape, {args.layers} layers; best of {args.rounds} rounds")
     print("| prompt tokens | gemma4 tok/s | llama.cpp tok/s | ratio |\n|---|---|---|---|")
     for n, a, b in zip(lengths, best["ours"], best["llama"]):

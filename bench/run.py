@@ -40,6 +40,7 @@ sys.path.insert(0, str(HERE.parent))
 
 import measure  # noqa: E402
 import prepare  # noqa: E402
+from gemma4.native import isa  # noqa: E402
 
 TEXT = HERE / "data" / "english.txt"
 PEERS = ("llama.cpp", "transformers")
@@ -221,6 +222,7 @@ def machine_section(ctx: Context) -> str:
     return "\n".join([
         f"- date: {m['date']}",
         f"- machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']:.0f} GiB RAM, {m['os']}",
+        f"- ISA: {m['isa']}; gemma4's kernels: {m['kernels']}",
         f"- software: Python {m['python']}, torch {m['torch']}, llama-cpp-python {m['llama_cpp']}, "
         f"transformers {m['transformers']}",
         f"- read bandwidth: {bw_line}",
@@ -356,7 +358,8 @@ def machine_info() -> dict:
     return {"date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"), "cpu": cpu,
             "cores": os.cpu_count(), "ram_gib": ram, "os": f"{platform.system()} {platform.release()}",
             "python": platform.python_version(), "torch": torch.__version__, "llama_cpp": version("llama_cpp"),
-            "transformers": version("transformers"), "load": os.getloadavg()}
+            "transformers": version("transformers"), "load": os.getloadavg(), "isa": isa.describe(),
+            "kernels": isa.kernel_plan()}
 
 
 def report(ctx: Context) -> str:

@@ -463,6 +463,10 @@ def cmd_info(args) -> int:
     print(f"tensor types   {', '.join(f'{k} x{v}' for k, v in sorted(ckpt.tensor_types().items()))}")
     print(f"weights        {_human(weights)} on disk")
     print(f"chat template  {'yes' if ckpt.chat_template() else 'none (base model: raw completion)'}")
+    from gemma4.native import isa
+
+    print(f"CPU            {isa.describe()}")
+    print(f"kernels        {isa.kernel_plan()}")
     contexts = [args.ctx] if args.ctx else sorted({min(8192, cfg.max_position_embeddings), cfg.max_position_embeddings})
     for ctx in contexts:
         kv = sum(kv_bytes_per_token(cfg, i) * (ring_slots(cfg.sliding_window, 0) if cfg.is_sliding(i) else ctx)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..native.ops import expert_matmul
+from ..native.ops import expert_matmul, grouped_product
 from ..quant.modules import matmul
 from .layers import RMSNorm, gelu_tanh
 
@@ -37,7 +37,8 @@ class Experts(nn.Module):
     """Expert e: down_e(gelu_tanh(gate) * up), gate/up the two halves of gate_up_proj[e] @ x.
 
     Tokens are grouped by expert (one sort), and only experts that were hit run: a decode step
-    touches top_k experts' weights, a prefill one matmul per expert hit. The two stacked matrices are
+    touches top_k experts' weights, a prefill one matmul per expert hit (on the matrix engine, all of them in
+    two grouped calls). The two stacked matrices are
     float parameters or, once loaded quantised, QuantParam modules indexed by expert.
     """
 
@@ -63,6 +64,9 @@ class Experts(nn.Module):
         hit, counts = torch.unique_consecutive(flat[order], return_counts=True)
         flat_weights = weights.reshape(-1)
         out = torch.zeros_like(x)
+        grouped = self._grouped(x, order // k, hit.tolist(), counts.tolist(), flat_weights[order], out)
+        if grouped is not None:
+            return grouped
         start = 0
         for e, count in zip(hit.tolist(), counts.tolist()):  # the experts hit, never all of them
             picks = order[start:start + count]
@@ -72,6 +76,21 @@ class Experts(nn.Module):
             y = matmul(gelu_tanh(gate) * up, self.down_proj[e])
             out.index_add_(0, tokens, (y * flat_weights[picks, None]).to(out.dtype))
         return out
+
+    def _grouped(self, x: torch.Tensor, tokens: torch.Tensor, hit: list[int], counts: list[int],
+                 pair_weights: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
+        """Every expert hit in two grouped calls (a prefill on the matrix engine): the (token, expert) pairs sorted
+        by expert, gate_up for all, the activation, down for all, the weighted sum into out; None where the
+        grouped product does not apply."""
+        offsets = [0]
+        for c in counts:
+            offsets.append(offsets[-1] + c)
+        gate_up = grouped_product(x[tokens], self.gate_up_proj, hit, offsets)
+        if gate_up is None:
+            return None
+        gate, up = gate_up.chunk(2, dim=-1)
+        y = grouped_product(gelu_tanh(gate) * up, self.down_proj, hit, offsets)
+        return out.index_add_(0, tokens, (y * pair_weights[:, None]).to(out.dtype))
 
     def _fused(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor | None:
         """Each token's k routed experts in two native calls (gate_up, then down with the weighted sum),

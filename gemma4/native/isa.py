@@ -46,3 +46,12 @@ def matrix_engine_wanted() -> bool:
 def describe() -> str:
     """The extensions the kernels look at, as one line: 'AVX2 FMA F16C AVX-512F ... AMX-BF16'."""
     return " ".join(name for flag, name in _NAMES.items() if flag in cpu_flags()) or "none of AVX2, AVX-512, AMX"
+
+
+def kernel_plan() -> str:
+    """Which products the kernels run where, on this CPU (without building them): one line for `gemma4 info`."""
+    if not has("avx2", "fma"):
+        return "plain torch (this CPU lacks AVX2/FMA)"
+    prefill = ("matrix engine (AVX-512 BF16 dequantisation, AMX bf16 GEMM)" if matrix_engine_wanted()
+               else "int8-activation AVX2 kernels")
+    return f"decode: int8-activation AVX2 kernels; prefill: {prefill}"

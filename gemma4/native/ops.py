@@ -129,11 +129,21 @@ def matrix_engine():
 def engine_product(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
     """x [..., K] @ dequantize(w).T on the matrix engine: w dequantised to bf16 (its exact bf16 rounding), x
     rounded to bf16, float32 sums and output, in x's dtype."""
-    kernel = matrix_engine()
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-    wb = kernel.dequantize_bf16(w.q, w.scale, w.zero, w.bits, w.group, w.sub, False)
-    return kernel.mm_bf16_f32(x2, wb).to(x.dtype).reshape(*lead, -1)
+    x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
+    y = matrix_engine().engine_mm_grouped(x2, w.q, w.scale, w.zero, w.bits, w.group, w.sub, [0], [0, x2.shape[0]])
+    return y.to(x.dtype).reshape(*lead, -1)
+
+
+def grouped_product(x: torch.Tensor, w, ids: list[int], offsets: list[int]) -> torch.Tensor | None:
+    """Rows offsets[g] .. offsets[g + 1] of x [P, K] times matrix ids[g] of the stacked w [E, N, K] -> [P, N], on
+    the matrix engine in one call (a prefill's routed experts, their rows grouped by expert); None where it does
+    not apply (then the caller multiplies expert by expert). w: a QuantWeight or a module holding one."""
+    w = getattr(w, "qweight", w)
+    if not (x.is_cpu and x.dtype is torch.float32 and getattr(w, "int8_layout", False) and on_engine(x.shape[0])):
+        return None
+    xb = x.to(torch.bfloat16).contiguous()
+    return matrix_engine().engine_mm_grouped(xb, w.q, w.scale, w.zero, w.bits, w.group, w.sub, ids, offsets)
 
 
 def qlinear(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:

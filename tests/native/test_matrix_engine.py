@@ -155,3 +155,14 @@ def test_engine_costs_no_more_than_the_int8_path(tmp_path, monkeypatch):
     assert ops.matrix_engine() is not None  # the last forward ran with the engine
     engine_cost, int8_cost = _mean_kl(got["float"], got["engine"]), _mean_kl(got["float"], got["int8"])
     assert 0 < engine_cost <= 2 * int8_cost, (engine_cost, int8_cost)
+
+
+def test_info_names_the_cpu_extensions_and_the_kernels_chosen(monkeypatch):
+    """`gemma4 info` and bench/ print isa.describe() and isa.kernel_plan(): the flags read are the CPU's, and the
+    plan names the matrix engine exactly where it would run."""
+    flags = isa.cpu_flags()
+    described = isa.describe().split()
+    assert ("AVX2" in described) == ("avx2" in flags) and ("AMX-BF16" in described) == ("amx_bf16" in flags)
+    assert ("matrix engine" in isa.kernel_plan()) == isa.matrix_engine_wanted()
+    monkeypatch.setenv("GEMMA4_MATRIX_ENGINE", "off")
+    assert "matrix engine" not in isa.kernel_plan()

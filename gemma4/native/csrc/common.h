@@ -106,6 +106,10 @@ torch::Tensor dequantize_bf16(torch::Tensor q, torch::Tensor scale, c10::optiona
                               int64_t group, c10::optional<torch::Tensor> sub_opt, bool plain);
 bool matrix_engine_gemm();
 torch::Tensor mm_bf16_f32(torch::Tensor x, torch::Tensor w);
+torch::Tensor engine_mm_grouped(torch::Tensor xb, torch::Tensor q, torch::Tensor scale,
+                                c10::optional<torch::Tensor> zero_opt, int64_t bits, int64_t group,
+                                c10::optional<torch::Tensor> sub_opt, std::vector<int64_t> ids,
+                                std::vector<int64_t> offsets);
 // attention.cpp
 torch::Tensor attend_small(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor qpos, torch::Tensor kpos,
                            int64_t window, c10::optional<torch::Tensor> sees_until, double scale,

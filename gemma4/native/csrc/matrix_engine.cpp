@@ -210,3 +210,58 @@ torch::Tensor mm_bf16_f32(torch::Tensor x, torch::Tensor w) {
          (const uint16_t*)w.data_ptr(), (int)w.stride(0), 0.0f, out.data_ptr<float>(), (int)N);
     return out;
 }
+
+// Products of groups of rows with their own matrices on the matrix engine: rows offsets[g] .. offsets[g + 1] of xb
+// [P, K] (bf16) times matrix ids[g] of the stacked quantised w [E, N, K] (a single matrix: E = 1) -> [P, N] float32.
+// Work items are (group, tile of TILE_BYTES of bf16 weight rows): each thread dequantises a tile into its own
+// buffer, which stays in its L2 cache while the GEMM (single-threaded inside the parallel region) reads it, so the
+// bf16 matrix is never written out whole; dense products (one group) spread their tiles over the threads, routed
+// experts their groups.
+constexpr int64_t TILE_BYTES = 1 << 20;
+
+torch::Tensor engine_mm_grouped(torch::Tensor xb, torch::Tensor q, torch::Tensor scale,
+                                c10::optional<torch::Tensor> zero_opt, int64_t bits, int64_t group,
+                                c10::optional<torch::Tensor> sub_opt, std::vector<int64_t> ids,
+                                std::vector<int64_t> offsets) {
+    TORCH_CHECK(xb.scalar_type() == torch::kBFloat16 && xb.dim() == 2 && xb.is_contiguous(), "engine_mm_grouped: xb");
+    TORCH_CHECK(offsets.size() == ids.size() + 1 && offsets.front() == 0 && offsets.back() == xb.size(0),
+                "engine_mm_grouped: offsets");
+    const GemmBf16 gemm = gemm_bf16();
+    TORCH_CHECK(gemm != nullptr, "engine_mm_grouped: this torch build has no cblas_gemm_bf16bf16f32");
+    const bool stacked = q.dim() == 3;
+    const int64_t K = xb.size(1), E = stacked ? q.size(0) : 1;
+    std::vector<Weight> ws;
+    ws.reserve(ids.size());
+    for (size_t g = 0; g < ids.size(); ++g) {
+        TORCH_CHECK(ids[g] >= 0 && ids[g] < E && offsets[g] <= offsets[g + 1], "engine_mm_grouped: group ", g);
+        auto pick = [&](const torch::Tensor& t) { return stacked ? t.select(0, ids[g]) : t; };
+        auto pick_opt = [&](const c10::optional<torch::Tensor>& t) {
+            return t.has_value() ? c10::optional<torch::Tensor>(pick(*t)) : c10::nullopt;
+        };
+        ws.emplace_back(pick(q), pick(scale), pick_opt(zero_opt), bits, group, pick_opt(sub_opt), K, "engine_mm_grouped");
+    }
+    const NoGil no_gil;
+    const int64_t N = ws.empty() ? (stacked ? q.size(1) : q.size(0)) : ws[0].N, P = xb.size(0);
+    auto out = torch::empty({P, N}, xb.options().dtype(torch::kFloat));
+    if (ws.empty() || N == 0) return out;
+    const int64_t NB = std::max<int64_t>(16, std::min<int64_t>(N, TILE_BYTES / (2 * K)) / 16 * 16);
+    const int64_t tiles = (N + NB - 1) / NB, items = (int64_t)ws.size() * tiles;
+    const uint16_t* X = (const uint16_t*)xb.data_ptr();
+    float* O = out.data_ptr<float>();
+    const bool wide = has_avx512_bf16();
+    at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
+        std::vector<uint16_t> tile(NB * K);
+        for (int64_t it = i0; it < i1; ++it) {
+            const int64_t g = it / tiles, n0 = (it % tiles) * NB, nb = std::min(NB, N - n0);
+            const int64_t m0 = offsets[g], rows = offsets[g + 1] - m0;
+            if (rows == 0) continue;
+            for (int64_t n = 0; n < nb; ++n) {
+                if (wide) dequant_row_avx512(ws[g], K, n0 + n, tile.data() + n * K);
+                else dequant_row_plain(ws[g], K, n0 + n, tile.data() + n * K);
+            }
+            gemm(ROW_MAJOR, NO_TRANS, TRANS, (int)rows, (int)nb, (int)K, 1.0f, X + m0 * K, (int)K, tile.data(), (int)K,
+                 0.0f, O + m0 * N + n0, (int)N);
+        }
+    });
+    return out;
+}
