@@ -1,4 +1,5 @@
-"""The OpenAI error object, and the messages of request validation in one line."""
+"""The error objects (OpenAI's, and Anthropic's for the Messages API), and the messages of request
+validation in one line."""
 
 from __future__ import annotations
 
@@ -15,6 +16,17 @@ class APIError(Exception):
 
 def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+# Anthropic names an error by its kind where OpenAI gives a type and a code; the status decides it.
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                    503: "overloaded_error", 529: "overloaded_error"}
+
+
+def anthropic_error_body(status: int, message: str) -> dict:
+    kind = _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": kind, "message": message}}
 
 
 def validation_message(errors: list[dict]) -> tuple[str, str | None]:
