@@ -38,8 +38,8 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
         return f"the body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}", None
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     # a union reports each member; its first member's path is the one users mean
-    loc = [p for p in loc if not (p.startswith(("list[", "str", "int", "Literal[", "function-")) or p in
-                                  ("NamedToolChoice", "constrained-str"))]
+    loc = [p for p in loc if not (p.lower().startswith(("list[", "dict[", "literal[", "function-")) or p in
+                                  ("str", "int", "float", "bool", "NamedToolChoice", "constrained-str"))]
     param = ".".join(loc) or None
     if first.get("type") == "missing":
         return f"{param}: a required field is missing", param

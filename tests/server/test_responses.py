@@ -230,6 +230,8 @@ def test_api_key_as_bearer_or_x_api_key(gemma4_tiny):
     ({"input": ""}, 400, "input"),
     ({"input": "x", "model": "gpt-9"}, 404, "gpt-9"),
     ({"input": "x", "tool_choice": "required"}, 400, "tool_choice"),
+    ({"input": "x", "tool_choice": 5}, 400, "tool_choice: Input should be"),
+    ({"input": "x", "stream": "maybe"}, 400, "stream: Input should be"),
 ])
 def test_bad_requests_get_the_openai_error_object(server, body, status, words):
     r = httpx.post(server.url + "/v1/responses", json=body)
