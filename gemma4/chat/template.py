@@ -1,19 +1,18 @@
-"""Chat: messages -> prompt text through a sandboxed Jinja chat template, and Gemma 4 output -> content,
-reasoning and tool calls.
+"""Messages -> prompt text through a sandboxed Jinja chat template.
 
 A model's own template (tokenizer_config.json, chat_template.jinja, GGUF `tokenizer.chat_template`) is
 rendered the way transformers' apply_chat_template renders it. A model that ships none gets its family's
 turn format, kept below as our own Jinja text and rendered by the same path.
 
-Gemma 4 writes structured values in its own notation: bare keys, strings between `<|"|>` tokens,
-e.g. `call:get_weather{city:<|"|>Paris<|"|>,days:3}`.
+What clients send is made to work with every template: text given as a list of parts becomes the
+same text as a string, and for Gemma 4 the tool declarations are written by tools.py (the official
+template drops parts of the schemas agents write) and a turn left closed after tool results is reopened.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
 from typing import Any, Mapping
@@ -22,339 +21,24 @@ import jinja2
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
-QUOTE = '<|"|>'
-CHANNEL_OPEN, CHANNEL_CLOSE = "<|channel>", "<channel|>"
-CALL_OPEN, CALL_CLOSE = "<|tool_call>", "<tool_call|>"
-TURN_CLOSE, RESPONSE_OPEN = "<turn|>", "<|tool_response>"
+from .notation import CHANNEL_CLOSE, CHANNEL_OPEN, TOOL_CLOSE, TOOL_OPEN, TURN_CLOSE, TURN_OPEN, format_tool_value
+from .tools import tool_declaration
 
 
 class ChatTemplateError(ValueError):
     """A chat template that does not compile, reaches for Python internals, or fails while rendering."""
 
 
-# ---- the Gemma 4 value notation ----------------------------------------------------------------
-
-def format_tool_value(value: Any, sort_keys: bool = False) -> str:
-    """A Python value in Gemma 4's notation: `{key:value,…}`, `[…]`, `<|"|>text<|"|>`, numbers,
-    true/false/null. With sort_keys, keys are ordered case-insensitively, as the model's own template does."""
-    if isinstance(value, str):
-        return QUOTE + value + QUOTE
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None:
-        return "null"
-    if isinstance(value, (int, float)):
-        return json.dumps(value)
-    if isinstance(value, Mapping):
-        items = sorted(value.items(), key=lambda kv: str(kv[0]).lower()) if sort_keys else value.items()
-        return "{" + ",".join(f"{key}:{format_tool_value(item, sort_keys)}" for key, item in items) + "}"
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(format_tool_value(item, sort_keys) for item in value) + "]"
-    return format_tool_value(str(value), sort_keys)
-
-
-class _Malformed(Exception):
-    pass
-
-
-_NUMBER = re.compile(r"-?\d+(\.\d+)?([eE][+-]?\d+)?")
-_BARE_KEY = re.compile(r"[^:{}\[\],<]+")
-_LITERALS = {"true": True, "false": False, "null": None}
-
-
-class _Reader:
-    """Recursive descent over one value in the notation; raises _Malformed on anything else."""
-
-    def __init__(self, text: str, pos: int = 0):
-        self.text, self.pos = text, pos
-
-    def skip_space(self) -> None:
-        while self.pos < len(self.text) and self.text[self.pos].isspace():
-            self.pos += 1
-
-    def take(self, literal: str) -> bool:
-        self.skip_space()
-        if self.text.startswith(literal, self.pos):
-            self.pos += len(literal)
-            return True
-        return False
-
-    def value(self) -> Any:
-        self.skip_space()
-        if self.text.startswith(QUOTE, self.pos):
-            return self.string()
-        if self.take("{"):
-            return self.members()
-        if self.take("["):
-            return self.elements()
-        number = _NUMBER.match(self.text, self.pos)
-        if number:
-            self.pos = number.end()
-            return float(number[0]) if number[1] or number[2] else int(number[0])
-        for word, literal in _LITERALS.items():
-            if self.text.startswith(word, self.pos):
-                self.pos += len(word)
-                return literal
-        raise _Malformed
-
-    def string(self) -> str:
-        start = self.pos + len(QUOTE)
-        end = self.text.find(QUOTE, start)
-        if end < 0:
-            raise _Malformed
-        self.pos = end + len(QUOTE)
-        return self.text[start:end]
-
-    def key(self) -> str:
-        self.skip_space()
-        if self.text.startswith(QUOTE, self.pos):
-            return self.string()
-        match = _BARE_KEY.match(self.text, self.pos)
-        if not match or not match[0].strip():
-            raise _Malformed
-        self.pos = match.end()
-        return match[0].strip()
-
-    def members(self) -> dict:  # after "{"
-        out: dict = {}
-        if self.take("}"):
-            return out
-        while True:
-            key = self.key()
-            if not self.take(":"):
-                raise _Malformed
-            out[key] = self.value()
-            if self.take("}"):
-                return out
-            if not self.take(","):
-                raise _Malformed
-
-    def elements(self) -> list:  # after "["
-        out: list = []
-        if self.take("]"):
-            return out
-        while True:
-            out.append(self.value())
-            if self.take("]"):
-                return out
-            if not self.take(","):
-                raise _Malformed
-
-
-def parse_tool_value(text: str) -> Any:
-    """The inverse of format_tool_value; ValueError if `text` is not exactly one value."""
-    reader = _Reader(text)
-    try:
-        value = reader.value()
-        reader.skip_space()
-        if reader.pos == len(text):
-            return value
-    except (_Malformed, RecursionError):
-        pass
-    raise ValueError(f"not a value in Gemma 4 notation: {text[:60]!r}")
-
-
-# ---- output parsing ----------------------------------------------------------------------------
-
-@dataclass
-class ToolCall:
-    name: str
-    arguments: dict = field(default_factory=dict)
-
-
-@dataclass
-class ParsedOutput:
-    content: str
-    reasoning: str | None
-    tool_calls: list[ToolCall]
-
-
-@dataclass
-class StreamEvent:
-    kind: str  # "content", "reasoning" or "tool_call"
-    text: str = ""
-    tool_call: ToolCall | None = None
-
-
-_CALL_HEAD = re.compile(r"\s*call:([^\s{]+)\s*\{")
-
-
-def _parse_call(body: str) -> ToolCall | None:
-    """`call:NAME{…}` (the text between the tool-call tokens), or None if it is anything else."""
-    head = _CALL_HEAD.match(body)
-    if not head:
-        return None
-    reader = _Reader(body, head.end())
-    try:
-        arguments = reader.members()
-    except (_Malformed, RecursionError):  # absurdly deep nesting is malformed too
-        return None
-    reader.skip_space()
-    return ToolCall(head[1], arguments) if reader.pos == len(body) else None
-
-
-_TEXT_MARKERS = (CHANNEL_OPEN, CALL_OPEN, CHANNEL_CLOSE, TURN_CLOSE, RESPONSE_OPEN)
-_TEXT_MARKER_RE = re.compile("|".join(re.escape(m) for m in _TEXT_MARKERS))
-_THOUGHT_HEADER = "thought\n"
-
-
-def _held_back(text: str, markers: tuple[str, ...]) -> int:
-    """Length of the longest end of `text` that could be the start of a marker."""
-    for k in range(min(len(text), max(map(len, markers)) - 1), 0, -1):
-        tail = text[-k:]
-        if any(m.startswith(tail) for m in markers):
-            return k
-    return 0
-
-
-class Gemma4StreamParser:
-    """Splits Gemma 4 output, fed in pieces, into content, reasoning and tool-call events.
-
-    `<|channel>thought\\n…<channel|>` is reasoning; `<|tool_call>call:NAME{…}<tool_call|>` is a tool call,
-    or stays content verbatim when it does not parse; end-of-turn tokens and a stray `<channel|>` are
-    dropped. Text that may be the start of a marker is held back until the next piece settles it."""
-
-    def __init__(self) -> None:
-        self._mode = "content"  # or "reasoning", "call"
-        self._buf = ""
-        self._header = False  # a channel was just opened and its name line is not read yet
-
-    def feed(self, text: str) -> list[StreamEvent]:
-        self._buf += text
-        return self._drain(final=False)
-
-    def finish(self) -> list[StreamEvent]:
-        return self._drain(final=True)
-
-    def _drain(self, final: bool) -> list[StreamEvent]:
-        events: list[StreamEvent] = []
-
-        def emit(kind: str, text: str) -> None:
-            if text:
-                events.append(StreamEvent(kind, text))
-
-        while True:
-            buf = self._buf
-            if self._mode == "content":
-                match = _TEXT_MARKER_RE.search(buf)
-                if match is None:
-                    cut = len(buf) - (0 if final else _held_back(buf, _TEXT_MARKERS))
-                    emit("content", buf[:cut])
-                    self._buf = buf[cut:]
-                    return events
-                emit("content", buf[:match.start()])
-                self._buf = buf[match.end():]
-                if match[0] == CHANNEL_OPEN:
-                    self._mode, self._header = "reasoning", True
-                elif match[0] == CALL_OPEN:
-                    self._mode = "call"
-            elif self._mode == "reasoning":
-                if self._header:
-                    if not final and len(buf) < len(_THOUGHT_HEADER) and _THOUGHT_HEADER.startswith(buf):
-                        return events
-                    if buf.startswith("thought"):
-                        buf = buf[len("thought"):]
-                        buf = buf[1:] if buf.startswith("\n") else buf
-                    self._buf, self._header = buf, False
-                end = buf.find(CHANNEL_CLOSE)
-                if end < 0:
-                    cut = len(buf) - (0 if final else _held_back(buf, (CHANNEL_CLOSE,)))
-                    emit("reasoning", buf[:cut])
-                    self._buf = buf[cut:]
-                    return events
-                emit("reasoning", buf[:end])
-                self._buf, self._mode = buf[end + len(CHANNEL_CLOSE):], "content"
-            else:  # inside a tool call: nothing comes out until it closes
-                end = buf.find(CALL_CLOSE)
-                if end < 0:
-                    if final:
-                        emit("content", CALL_OPEN + buf)
-                        self._buf = ""
-                    return events
-                call = _parse_call(buf[:end])
-                if call is None:
-                    emit("content", CALL_OPEN + buf[:end + len(CALL_CLOSE)])
-                else:
-                    events.append(StreamEvent("tool_call", tool_call=call))
-                self._buf, self._mode = buf[end + len(CALL_CLOSE):], "content"
-
-
-class PlainParser:
-    """Output of a family without thought channels or tool calls: all of it is content."""
-
-    def feed(self, text: str) -> list[StreamEvent]:
-        return [StreamEvent("content", text)] if text else []
-
-    def finish(self) -> list[StreamEvent]:
-        return []
-
-
-def output_parser(family: str) -> "Gemma4StreamParser | PlainParser":
-    """A fresh streaming parser for one answer of a model of `family`."""
-    return Gemma4StreamParser() if family == "gemma4" else PlainParser()
-
-
-def has_tool_format(family: str) -> bool:
-    """Whether answers of this family can carry tool calls that output_parser() recognises."""
-    return family == "gemma4"
-
-
-def parse_output(text: str, family: str) -> ParsedOutput:
-    """A whole answer split into content, reasoning (None when there was none) and tool calls. Never
-    raises: what does not parse stays content."""
-    parser = output_parser(family)
-    events = parser.feed(text) + parser.finish()
-    reasoning = "".join(e.text for e in events if e.kind == "reasoning")
-    return ParsedOutput(content="".join(e.text for e in events if e.kind == "content"),
-                        reasoning=reasoning or None,
-                        tool_calls=[e.tool_call for e in events if e.kind == "tool_call"])
-
-
-def parse_gemma4_output(text: str) -> ParsedOutput:
-    """A whole Gemma 4 answer (decoded with its special tokens) split into content, reasoning (None when
-    there was none) and tool calls. Never raises: what does not parse stays content."""
-    return parse_output(text, "gemma4")
-
-
 # ---- template helpers (filters) ----------------------------------------------------------------
 
-_SCHEMA_KEYS = ("description", "enum", "items", "nullable", "properties", "required", "type")
-
-
-def _declaration_schema(schema: Any) -> Any:
-    """A JSON schema reduced to the keys a Gemma 4 declaration carries, types upper-case."""
-    if not isinstance(schema, Mapping):
-        return schema
-    out = {}
-    for key in _SCHEMA_KEYS:
-        value = schema.get(key)
-        if value in (None, "", [], {}, False):
-            continue
-        if key == "type":
-            value = [str(t).upper() for t in value] if isinstance(value, list) else str(value).upper()
-        elif key == "items":
-            value = _declaration_schema(value)
-        elif key == "properties" and isinstance(value, Mapping):
-            value = {name: _declaration_schema(sub) for name, sub in value.items()}
-        out[key] = value
-    return out
-
-
-def _tool_declaration(tool: Mapping) -> str:
-    """`declaration:NAME{description:…,parameters:{…}}` for an OpenAI tool (or its bare function)."""
-    function = tool.get("function", tool)
-    body = {}
-    if function.get("description"):
-        body["description"] = function["description"]
-    if function.get("parameters"):
-        body["parameters"] = _declaration_schema(function["parameters"])
-    # the schema keys are kept in alphabetical order already, so sorting only orders property names
-    return f"declaration:{function.get('name', '')}{format_tool_value(body, sort_keys=True)}"
+def _is_text_part(part: Any) -> bool:
+    return isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str)
 
 
 def _text_of(content: Any) -> str:
+    """Content as one text: the text parts of a list joined by newlines (as llama.cpp and vLLM join them)."""
     if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, Mapping) and p.get("type") == "text")
+        return "\n".join(p["text"] for p in content if _is_text_part(p))
     return "" if content is None else str(content)
 
 
@@ -406,7 +90,7 @@ class _Sandbox(ImmutableSandboxedEnvironment):
 
 
 _ENV = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-_ENV.filters.update(tojson=_tojson, tool_value=format_tool_value, tool_declaration=_tool_declaration,
+_ENV.filters.update(tojson=_tojson, tool_value=format_tool_value, tool_declaration=tool_declaration,
                     tool_result=_tool_result, strip_thoughts=_strip_thoughts)
 _ENV.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now)
 
@@ -451,6 +135,11 @@ def _prepare(messages: list) -> list[dict]:
         reasoning = next((message[k] for k in _REASONING_KEYS if message.get(k) is not None), None)
         if reasoning is not None:
             message = {**message, **{k: reasoning for k in _REASONING_KEYS if message.get(k) is None}}
+        # Text given as parts is the same text as a string: templates that read only strings (the official
+        # Gemma 4 one prints a system list as its Python repr) then see what a string would give them.
+        content = message.get("content")
+        if isinstance(content, list) and content and all(_is_text_part(p) for p in content):
+            message = {**message, "content": _text_of(content)}
         # OpenAI clients send arguments as a JSON string; templates expect the object.
         for call in message.get("tool_calls") or []:
             function = call.get("function") if isinstance(call, dict) else None
@@ -620,13 +309,44 @@ def render_chat(messages: list, *, template: str | None, family: str, bos_token:
     compiled = _compile(builtin_template(family) if template is None else template)
     context = _plain(extra)
     context.setdefault("documents", None)
-    context.update(messages=_prepare(messages), tools=_plain(tools), add_generation_prompt=add_generation_prompt,
+    tools = _plain(tools)
+    context.update(messages=_prepare(messages), tools=tools, add_generation_prompt=add_generation_prompt,
                    bos_token=bos_token, eos_token=eos_token, enable_thinking=enable_thinking)
     try:
-        return compiled.render(**context)
+        if family.removesuffix("_text") != "gemma4":
+            return compiled.render(**context)
+        text = _with_own_declarations(compiled, context) if template is not None and tools else None
+        text = compiled.render(**context) if text is None else text
+        if add_generation_prompt and text.endswith(TURN_CLOSE + "\n"):
+            # content and tool calls, then the results: the template closes the turn and opens no new one,
+            # leaving the model to write outside any turn
+            text += TURN_OPEN + "model\n" + ("" if enable_thinking else CHANNEL_OPEN + "thought\n" + CHANNEL_CLOSE)
+        return text
     except SecurityError as e:
         raise ChatTemplateError(f"chat template: refused: {_one_line(e)}") from None
     except jinja2.TemplateError as e:  # raise_exception() in the template, or an undefined value misused
         raise ChatTemplateError(f"chat template: {_one_line(e.message or type(e).__name__)}") from None
     except Exception as e:  # a template can fail in plain Python ways too ('a' + 1, a missing key …)
         raise ChatTemplateError(f"chat template: {type(e).__name__}: {_one_line(e)}") from None
+
+
+def _with_own_declarations(compiled: jinja2.Template, context: dict) -> str | None:
+    """The prompt with each `<|tool>…<tool|>` the template writes replaced by tools.py's declaration of the
+    same tool, or None when the template does not write them so. The template renders stand-ins
+    (placeholder names), found afterwards, so that it never sees — or drops — the real schemas."""
+    tools = context["tools"]
+    names = [f"gemma4_tool_placeholder_{i}_" for i in range(len(tools))]
+    stand_ins = [{"type": "function", "function": {"name": name, "description": ""}} for name in names]
+    text = compiled.render(**{**context, "tools": stand_ins})
+    spans = []
+    for name in names:
+        at = text.find(name)
+        start, end = text.rfind(TOOL_OPEN, 0, at), text.find(TOOL_CLOSE, at)
+        if at < 0 or text.count(name) != 1 or start < 0 or end < 0:
+            return None
+        spans.append((start, end + len(TOOL_CLOSE)))
+    if any(a[1] > b[0] for a, b in zip(spans, spans[1:])):
+        return None
+    for (start, end), tool in reversed(list(zip(spans, tools))):
+        text = text[:start] + TOOL_OPEN + tool_declaration(tool) + TOOL_CLOSE + text[end:]
+    return text
