@@ -17,7 +17,7 @@ class Answer:
         self.cached_tokens = 0
         self.reasoning_tokens = 0
         self.finish_reason: str | None = None
-        self.parser = output_parser(prepared.family)
+        self.parser = output_parser(prepared.family, tools=prepared.tool_names)  # undeclared calls stay text
         self.parser.feed(prepared.forced_prefix)  # a forced call's opening: nothing comes out of it yet
         self.events: list[StreamEvent] = []
         self.started = False  # whether an output has come (the prompt is prefilled)

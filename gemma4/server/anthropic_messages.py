@@ -106,12 +106,12 @@ def _system(system) -> list[dict]:
         return []
     if isinstance(system, str):
         return [{"role": "system", "content": system}] if system else []
-    texts = []
+    parts = []
     for i, block in enumerate(system):
         if block.get("type") != "text" or not isinstance(block.get("text"), str):
             raise APIError(400, f"system.{i}: system blocks must be text blocks", param=f"system.{i}")
-        texts.append(block["text"])
-    return [{"role": "system", "content": "\n\n".join(texts)}] if texts else []
+        parts.append({"type": "text", "text": block["text"]})
+    return [{"role": "system", "content": parts}] if parts else []  # the template joins the parts
 
 
 def _messages(role: str, content, where: str) -> list[dict]:

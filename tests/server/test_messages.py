@@ -66,6 +66,9 @@ def test_count_tokens(server, embedded):
     messages = [{"role": "user", "content": "Name a colour."}]
     counted = client(server).messages.count_tokens(model="gemma3-270m", system="Be brief.", messages=messages)
     assert counted.input_tokens == len(embedded.chat_input([{"role": "system", "content": "Be brief."}, *messages]))
+    blocks = [{"type": "text", "text": "Be brief."}, {"type": "text", "text": "Be kind."}]
+    counted = client(server).messages.count_tokens(model="gemma3-270m", system=blocks, messages=messages)
+    assert counted.input_tokens == len(embedded.chat_input([{"role": "system", "content": blocks}, *messages]))
 
 
 # ---- thinking, tools ------------------------------------------------------------------------------
