@@ -136,7 +136,7 @@ class Tokenizer:
     # ---- text <-> ids -----------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`, special tokens in it matched whole; BOS first when the model asks for
-        it and add_special_tokens is set. EOS is never appended."""
+        it, add_special_tokens is set and the text does not start with it already. EOS is never appended."""
         if self._whole_newline_runs:
             ids = []
             for piece in _NEWLINE_RUNS.split(text):
@@ -144,7 +144,9 @@ class Tokenizer:
                 ids += [whole] if whole is not None else self._encode(piece)
         else:
             ids = self._encode(text)
-        return [self._bos, *ids] if add_special_tokens and self.add_bos else ids
+        if add_special_tokens and self.add_bos and ids[:1] != [self._bos]:  # a text starting with <bos> has its own
+            ids.insert(0, self._bos)
+        return ids
 
     def _encode(self, text: str) -> list[int]:
         return self._backend.encode(text, add_special_tokens=False).ids if text else []

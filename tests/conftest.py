@@ -42,3 +42,29 @@ def model_with_tokenizer(tmp_path_factory):
     build_gemma4(path, "moe_kv", seed=3)
     write_byte_tokenizer(path)
     return gemma4.load(path)
+
+
+@pytest.fixture(scope="session")
+def official_files():
+    """Cache name -> path of the real Gemma 4 vocabulary and the official chat template (tests/official.py)."""
+    import official
+
+    try:
+        return official.ensure()
+    except official.Unavailable as e:
+        pytest.skip(f"the official Gemma 4 files are needed: {e}")
+
+
+@pytest.fixture(scope="session")
+def official_template(official_files) -> str:
+    """The official Gemma 4 chat template (google-gemma-4-31B-it.jinja as llama.cpp keeps it)."""
+    return official_files["gemma4-31b-it.jinja"].read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def gemma4_tokenizer(official_files):
+    """The real Gemma 4 tokenizer, built from llama.cpp's ggml-vocab-gemma-4.gguf."""
+    from gemma4.checkpoint.gguf_file import GGUFFile
+    from gemma4.tokenizer import Tokenizer
+
+    return Tokenizer.from_gguf_metadata(GGUFFile(official_files["gemma4-vocab.gguf"]).metadata)

@@ -39,7 +39,7 @@ class _Choice:
 class ChatChoiceState(_Choice):
     def __init__(self, index: int, model, prepared):
         super().__init__(index, model, prepared)
-        self.parser = output_parser(prepared.family)
+        self.parser = output_parser(prepared.family, tools=prepared.tool_names)
         self.parser.feed(prepared.forced_prefix)  # a forced call's opening: nothing comes out of it yet
         self.want_logprobs = prepared.logprobs
         self.content: list[str] = []

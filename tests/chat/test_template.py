@@ -1,15 +1,14 @@
-"""Chat templates (sandboxed rendering, the built-in Gemma 3 / Gemma 4 turn formats) and the Gemma 4
-output parser. Expected prompt strings are written out by hand from the format facts in
+"""Chat templates: sandboxed rendering, the built-in Gemma 3 / Gemma 4 turn formats, and the official
+Gemma 4 template (fetched by tests/official.py) with what we do so that every client's messages work with
+it. Expected prompt strings are written out by hand from the format facts in
 shared/reference/gemma4-formats.md; transformers' apply_chat_template is the oracle for rendering."""
 
-import os
 from datetime import datetime
-from pathlib import Path
 
 import pytest
 
-from gemma4.chat import (GEMMA3_TEMPLATE, ChatTemplateError, Gemma4StreamParser, ParsedOutput, ToolCall,
-                         format_tool_value, parse_gemma4_output, parse_tool_value, render_chat)
+from gemma4.chat import GEMMA3_TEMPLATE, ChatTemplateError, ParsedOutput, ToolCall, parse_gemma4_output, render_chat
+from gemma4.chat import tool_declaration
 from paths import DATA
 
 TEMPLATES = DATA / "templates"
@@ -115,17 +114,6 @@ HF_STYLE = """\
 {% endif %}
 {{- ns.system | upper -}}
 """
-
-
-@pytest.fixture(scope="module")
-def hf_tokenizer():
-    transformers = pytest.importorskip("transformers")
-    from tokenizers import Tokenizer, models
-
-    vocab = {"<unk>": 0, "<bos>": 1, "<eos>": 2}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>",
-                                                unk_token="<unk>")
 
 
 def assert_same_as_transformers(tokenizer, template, messages, **kw):
@@ -291,127 +279,114 @@ def test_gemma4_template_call_reads_back():
                                                                               {"city": "Paris", "unit": "c"})])
 
 
-@pytest.mark.skipif(not os.environ.get("GEMMA4_OFFICIAL_TEMPLATE"),
-                    reason="set GEMMA4_OFFICIAL_TEMPLATE to a Gemma 4 chat_template.jinja to compare with it")
-@pytest.mark.parametrize("enable_thinking", [False, True])
-def test_gemma4_builtin_matches_official_template(hf_tokenizer, enable_thinking):
-    official = Path(os.environ["GEMMA4_OFFICIAL_TEMPLATE"]).read_text()
-    conversations = [
-        CONVERSATION,
-        [{"role": "user", "content": "Weather in Paris?"}, {"role": "assistant", "content": "", "tool_calls": [
-            {"id": "call_1", "type": "function", "function": {"name": "get_weather",
-                                                              "arguments": {"unit": "c", "city": "Paris"}}}]},
-         {"role": "tool", "tool_call_id": "call_1", "content": "21 C"},
-         {"role": "assistant", "content": "It is 21 C."}, {"role": "user", "content": "Thanks"}],
-    ]
-    for messages in conversations:
-        kw = dict(tools=[WEATHER_TOOL], enable_thinking=enable_thinking, add_generation_prompt=True)
-        ours = assert_same_as_transformers(hf_tokenizer, official, messages, **kw)
-        assert gemma4(messages, **kw) == ours
+# ---- the official Gemma 4 template ---------------------------------------------------------------
+
+def official(template, messages, **kw):
+    return render_chat(messages, template=template, family="gemma4", bos_token="<bos>", eos_token="<eos>", **kw)
 
 
-# ---- the value notation and the output parser -------------------------------------------------
-
-NESTED = {"city": "Paris, FR", "days": 3, "opts": {"units": "metric", "alerts": True, "hours": [6, 12.5, -100.0]},
-          "note": None, "tags": [], "empty": {}, "quote": 'say "hi" {x}: [y]'}
+def call_to(name, call_id, **arguments):
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
 
 
-def test_tool_value_round_trip():
-    text = format_tool_value(NESTED)
-    assert text.startswith(f"{{city:{Q}Paris, FR{Q},days:3,opts:{{units:{Q}metric{Q},alerts:true,")
-    assert parse_tool_value(text) == NESTED
-    assert format_tool_value({"b": 1, "A": 2, "a": {"z": 0, "y": 1}}, sort_keys=True) == "{A:2,a:{y:1,z:0},b:1}"
-    with pytest.raises(ValueError):
-        parse_tool_value("{city:Paris}")
-
-
-CASES = {
-    "content only": ("Paris is the capital of France.",
-                     ParsedOutput("Paris is the capital of France.", None, [])),
-    "thought then content": ("<|channel>thought\nThe user wants 2+2.\n<channel|>It is 4.",
-                             ParsedOutput("It is 4.", "The user wants 2+2.\n", [])),
-    "empty thought": ("<|channel>thought\n<channel|>Answer<turn|>", ParsedOutput("Answer", None, [])),
-    "unfinished thought": ("<|channel>thought\nStill going", ParsedOutput("", "Still going", [])),
-    "one call, nested arguments": (
-        f"<|tool_call>call:get_weather{{city:{Q}Paris, FR{Q},days:3,opts:{{units:{Q}metric{Q},alerts:true,"
-        f"hours:[6,12.5,-1e2]}},note:null}}<tool_call|><|tool_response>",
-        ParsedOutput("", None, [ToolCall("get_weather", {"city": "Paris, FR", "days": 3, "note": None, "opts": {
-            "units": "metric", "alerts": True, "hours": [6, 12.5, -100.0]}})])),
-    "thought and several calls": (
-        f"<|channel>thought\nTwo lookups.<channel|><|tool_call>call:get_weather{{city:{Q}Paris{Q}}}<tool_call|>"
-        f"<|tool_call>call:get_time{{ zone : {Q}CET{Q}, formats:[{Q}iso{Q},{{short:false}}], {Q}raw key{Q}:[] }}"
-        f"<tool_call|>",
-        ParsedOutput("", "Two lookups.", [
-            ToolCall("get_weather", {"city": "Paris"}),
-            ToolCall("get_time", {"zone": "CET", "formats": ["iso", {"short": False}], "raw key": []})])),
-    "content around a call": (
-        f"Let me check.<|tool_call>call:lookup{{}}<tool_call|>",
-        ParsedOutput("Let me check.", None, [ToolCall("lookup", {})])),
-    "stray markers dropped": ("A<channel|>B<turn|>", ParsedOutput("AB", None, [])),
-    "literal text that looks like markers": ("a < b, <|x|> and <channel ok",
-                                             ParsedOutput("a < b, <|x|> and <channel ok", None, [])),
+PARIS = call_to("get_weather", "call_1", unit="c", city="Paris")
+TIME = call_to("get_time", "call_2", zone="CET")
+# conversations the official template renders as the model expects: ours must give the same text
+OFFICIAL_CONVERSATIONS = {
+    "history": CONVERSATION,
+    "developer first": [{"role": "developer", "content": " Be brief. "}, {"role": "user", "content": "Hi"}],
+    "answered tool call": [
+        {"role": "user", "content": "Weather in Paris?"}, {"role": "assistant", "content": "", "tool_calls": [PARIS]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "21 C"},
+        {"role": "assistant", "content": "It is 21 C."}, {"role": "user", "content": "Thanks"}],
+    "results awaited by the model": [
+        {"role": "user", "content": "Weather and time?"},
+        {"role": "assistant", "tool_calls": [PARIS, TIME], "reasoning_content": "Two lookups."},
+        {"role": "tool", "tool_call_id": "call_2", "content": "noon"},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 21}'}],
+    "pending call": [{"role": "user", "content": "Weather?"},
+                     {"role": "assistant", "content": "", "reasoning_content": "Need it.", "tool_calls": [PARIS]}],
+    "old thoughts": [{"role": "user", "content": "Hi"},
+                     {"role": "assistant", "content": "<|channel>thought\nGreet.<channel|>Hello."},
+                     {"role": "user", "content": [{"type": "text", "text": "Look "}, {"type": "image"},
+                                                  {"type": "text", "text": " at this"}]}],
 }
-MALFORMED = [
-    "<|tool_call>call:get_weather{city:Paris}<tool_call|>",        # unquoted string
-    "<|tool_call>call:get_weather{city:<|\"|>Paris}<tool_call|>",  # unterminated string
-    "<|tool_call>call:f{a:1<tool_call|>",                          # unclosed object
-    "<|tool_call>call:f{a:1,}<tool_call|>",                        # trailing comma
-    "<|tool_call>call:f{a:1} extra<tool_call|>",                   # text after the arguments
-    "<|tool_call>get_weather{}<tool_call|>",                       # no call: prefix
-    "<|tool_call>call:f{a:[1 2]}<tool_call|>",                     # missing comma
-    "<|tool_call>call:f{a:truely}<tool_call|>",                    # not a literal
-    "<|tool_call>call:f{a:1}",                                     # never closed
+
+
+@pytest.mark.parametrize("enable_thinking", [False, True])
+@pytest.mark.parametrize("name", OFFICIAL_CONVERSATIONS)
+def test_gemma4_builtin_matches_official_template(official_template, hf_render, name, enable_thinking):
+    messages = OFFICIAL_CONVERSATIONS[name]
+    for kw in (dict(tools=[WEATHER_TOOL]), dict()):
+        kw.update(enable_thinking=enable_thinking, add_generation_prompt=True)
+        expected = hf_render(official_template, messages, **kw)
+        assert official(official_template, messages, **kw) == expected
+        assert gemma4(messages, **kw) == expected
+
+
+PARTS = [{"type": "text", "text": "Be brief."}, {"type": "text", "text": "Use metric units. "}]
+JOINED = "Be brief.\nUse metric units. "
+
+
+@pytest.mark.parametrize("role", ["system", "developer", "user", "tool", "assistant"])
+def test_text_parts_render_as_the_same_text_as_a_string(official_template, hf_render, role):
+    def conversation(content):
+        if role == "tool":
+            return [{"role": "user", "content": "Weather?"}, {"role": "assistant", "tool_calls": [PARIS]},
+                    {"role": "tool", "tool_call_id": "call_1", "content": content}]
+        if role == "assistant":
+            return [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": content},
+                    {"role": "user", "content": "Go on"}]
+        return [{"role": role, "content": content}, {"role": "user", "content": "Hi"}] if role != "user" else \
+            [{"role": "user", "content": content}]
+
+    expected = hf_render(official_template, conversation(JOINED), add_generation_prompt=True)
+    assert official(official_template, conversation(PARTS)) == expected
+    assert gemma4(conversation(PARTS)) == expected
+    one_part = official(official_template, conversation(PARTS[:1]))
+    assert one_part == official(official_template, conversation("Be brief."))
+    if role in ("system", "developer"):  # what the template does with parts itself: their Python repr
+        assert "[{'type': 'text'" in hf_render(official_template, conversation(PARTS), add_generation_prompt=True)
+
+
+@pytest.mark.parametrize("enable_thinking", [False, True])
+def test_results_after_content_and_calls_reopen_the_model_turn(official_template, hf_render, enable_thinking):
+    messages = [{"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": "Let me check.", "tool_calls": [PARIS]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "21 C"}]
+    kw = dict(tools=[WEATHER_TOOL], enable_thinking=enable_thinking)
+    closed = hf_render(official_template, messages, add_generation_prompt=True, **kw)
+    assert closed.endswith("<tool_response|>Let me check.<turn|>\n")  # the template leaves no turn open
+    opened = closed + "<|turn>model\n" + ("" if enable_thinking else "<|channel>thought\n<channel|>")
+    assert official(official_template, messages, **kw) == opened
+    assert gemma4(messages, **kw) == opened
+    assert official(official_template, messages, add_generation_prompt=False, **kw) == closed
+
+
+AGENT_TOOLS = [
+    {"type": "function", "function": {"name": "edit", "description": "Edit a file", "parameters": {
+        "type": "object", "required": ["path", "description"], "properties": {
+            "path": {"type": "string"}, "description": {"type": "string", "description": "Why"},
+            "type": {"type": "string", "enum": ["replace", "insert"]}}}}},
+    {"type": "function", "function": {"name": "query", "description": "", "parameters": {
+        "type": "object", "$defs": {"Filter": {"type": "object", "properties": {"field": {"type": "string"}}}},
+        "properties": {"filter": {"$ref": "#/$defs/Filter"}, "limit": {"type": ["integer", "null"]},
+                       "mode": {"enum": ["fast", "exact"]}, "key": {"anyOf": [{"type": "string"}, {"type": "integer"}]},
+                       "rows": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}}}}}},
+    WEATHER_TOOL,
 ]
 
 
-@pytest.mark.parametrize("name", CASES)
-def test_parse(name):
-    text, expected = CASES[name]
-    assert parse_gemma4_output(text) == expected
-
-
-@pytest.mark.parametrize("text", MALFORMED)
-def test_malformed_calls_stay_content(text):
-    assert parse_gemma4_output("Before. " + text) == ParsedOutput("Before. " + text, None, [])
-    good = "<|tool_call>call:ok{}<tool_call|>"
-    assert parse_gemma4_output(good + text) == ParsedOutput(text, None, [ToolCall("ok", {})])
-
-
-def test_too_deep_nesting_stays_content():
-    text = "<|tool_call>call:f{a:" + "[" * 5000 + "<tool_call|>"
-    assert parse_gemma4_output(text) == ParsedOutput(text, None, [])
-
-
-def collect(events) -> ParsedOutput:
-    reasoning = "".join(e.text for e in events if e.kind == "reasoning")
-    return ParsedOutput("".join(e.text for e in events if e.kind == "content"), reasoning or None,
-                        [e.tool_call for e in events if e.kind == "tool_call"])
-
-
-STREAM_TEXTS = [text for text, _ in CASES.values()] + MALFORMED + [
-    "<|channel>thought\nA<channel|>B<|tool_call>call:f{s:<|\"|><channel|> x<|\"|>}<tool_call|>C<|chan",
-]
-
-
-@pytest.mark.parametrize("text", STREAM_TEXTS)
-def test_stream_cut_anywhere_equals_one_shot(text):
-    whole = parse_gemma4_output(text)
-    for cut in range(len(text) + 1):
-        parser = Gemma4StreamParser()
-        assert collect(parser.feed(text[:cut]) + parser.feed(text[cut:]) + parser.finish()) == whole, cut
-    parser = Gemma4StreamParser()
-    events = [e for ch in text for e in parser.feed(ch)] + parser.finish()
-    assert collect(events) == whole
-
-
-def test_stream_holds_back_partial_markers():
-    parser = Gemma4StreamParser()
-    assert [(e.kind, e.text) for e in parser.feed("Hmm <|chan")] == [("content", "Hmm ")]
-    assert [(e.kind, e.text) for e in parser.feed("nel>thou")] == []
-    assert [(e.kind, e.text) for e in parser.feed("ght\nsure<chan")] == [("reasoning", "sure")]
-    assert [(e.kind, e.text) for e in parser.feed("nel|>4 <")] == [("content", "4 ")]
-    events = parser.feed(f"|tool_call>call:f{{a:{Q}x{Q}")
-    assert events == []
-    events = parser.feed("}<tool_call|>")
-    assert [(e.kind, e.tool_call) for e in events] == [("tool_call", ToolCall("f", {"a": "x"}))]
-    assert parser.finish() == []
+def test_agent_tool_schemas_reach_the_prompt_whole(official_template, hf_render):
+    messages = [{"role": "user", "content": "Go"}]
+    ours = official(official_template, messages, tools=AGENT_TOOLS)
+    assert gemma4(messages, tools=AGENT_TOOLS) == ours
+    theirs = hf_render(official_template, messages, tools=AGENT_TOOLS, add_generation_prompt=True)
+    blocks = theirs.split("<|tool>")
+    assert len(blocks) == len(AGENT_TOOLS) + 1
+    # the template's text with each declaration swapped for ours: nothing else changes
+    swapped = blocks[0] + "".join("<|tool>" + tool_declaration(tool) + "<tool|>" + block.split("<tool|>", 1)[1]
+                                  for tool, block in zip(AGENT_TOOLS, blocks[1:]))
+    assert ours == swapped
+    for tool, block in zip(AGENT_TOOLS[:2], blocks[1:]):  # the template's own lose parts of the first two
+        assert block.split("<tool|>")[0] != tool_declaration(tool)
