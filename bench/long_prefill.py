@@ -1,6 +1,7 @@
 """Prefill rate of long prompts, ours against llama.cpp, on the prepared 26B-A4B-shape file (same tokens).
 
     .venv/bin/python bench/long_prefill.py [--lengths 512,4096,8192] [--format Q8_0] [--layers 2] [--rounds 2]
+                                           [--model embedded|PATH]
 
 Each engine runs in a process of its own, in turn (ours, llama.cpp, ours, ...), on one random prompt per
 length (the same ids for both); a round's figures are from one process, each length prefilled once.
@@ -86,10 +87,13 @@ def main(argv=None) -> int:
     p.add_argument("--format", default="Q8_0")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--model", default=None, help="another GGUF instead of the shape file ('embedded': the embedded model)")
     args = p.parse_args(argv)
     lengths = [int(x) for x in args.lengths.split(",")]
     folder = prepare.cache_dir() / f"gemma4-26b-a4b-shape-L{args.layers}"
     path = folder / f"model-{args.format}.gguf"
+    if args.model:
+        path = prepare.embedded_gguf() if args.model == "embedded" else Path(args.model)
     if not path.exists():
         print(f"error: {path} is missing: run bench/prepare.py --layers {args.layers} --formats {args.format}",
               file=sys.stderr)
@@ -103,7 +107,7 @@ def main(argv=None) -> int:
 
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {THREADS} threads, ISA {isa.describe()}; "
           f"{isa.kernel_plan()}; "
-          f"{path.name} of the 26B-A4B shape, {args.layers} layers; best of {args.rounds} rounds")
+          f"{path.name}{'' if args.model else f' of the 26B-A4B shape, {args.layers} layers'}; best of {args.rounds} rounds")
     print("| prompt tokens | gemma4 tok/s | llama.cpp tok/s | ratio |\n|---|---|---|---|")
     for n, a, b in zip(lengths, best["ours"], best["llama"]):
         print(f"| {n} | {a:.1f} | {b:.1f} | {a / b:.2f} |")
