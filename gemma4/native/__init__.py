@@ -30,8 +30,24 @@ SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
 # -fopenmp: at::parallel_for is OpenMP in torch's CPU build and a header template here; compiled without
 # it, every product ran on one thread. The extension links libgomp.so.1, which resolves to the copy torch
 # has already loaded, so one thread pool serves both.
-CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
+BASE_CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 LDFLAGS = ["-fopenmp"]
+
+
+def host_cflags() -> list[str]:
+    """The build targets the CPU it runs on (it is compiled there, on first use): the integer dot products take
+    VNNI's one-instruction form where the CPU has AVX-VNNI or AVX-512 VNNI (the same integers as AVX2's
+    maddubs + madd). The flags are part of the build's name, so another CPU gets a build of its own."""
+    from .isa import has
+
+    if has("avx_vnni"):
+        return ["-mavxvnni", "-DGEMMA4_VNNI_AVX"]
+    if has("avx512_vnni", "avx512vl"):
+        return ["-mavx512vnni", "-mavx512vl", "-DGEMMA4_VNNI_AVX512"]
+    return []
+
+
+CFLAGS = BASE_CFLAGS + host_cflags()
 
 _lock = threading.Lock()
 _module = None  # the compiled module, False when it is not built (opted out, no AVX2, failed build)

@@ -137,13 +137,24 @@ static inline __m256i load_block(const uint8_t* qr, int64_t b) {
     return _mm256_loadu_si256((const __m256i*)(qr + b * 32));
 }
 
+// sum += the products of unsigned bytes u with signed bytes s, four adjacent ones per 32-bit lane: one VNNI
+// instruction where the build targets it (common.h), else maddubs + madd (no saturation here: a pair of
+// products stays within 2 * 128 * 127 < 2^15), the same integers either way.
+static inline __m256i dot4_add(__m256i sum, __m256i u, __m256i s) {
+#if defined(GEMMA4_VNNI_AVX)
+    return _mm256_dpbusd_avx_epi32(sum, u, s);
+#elif defined(GEMMA4_VNNI_AVX512)
+    return _mm256_dpbusd_epi32(sum, u, s);
+#else
+    return _mm256_add_epi32(sum, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
+}
+
 template <int BITS>
 static inline __m256 block_dot(__m256i w, const int8_t* x) {
-    const __m256i xv = _mm256_loadu_si256((const __m256i*)x);
-    __m256i p;
-    if (BITS == 4) p = _mm256_maddubs_epi16(w, xv);
-    else p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(xv, w));
-    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+    const __m256i xv = _mm256_loadu_si256((const __m256i*)x), zero = _mm256_setzero_si256();
+    if (BITS == 4) return _mm256_cvtepi32_ps(dot4_add(zero, w, xv));
+    return _mm256_cvtepi32_ps(dot4_add(zero, _mm256_sign_epi8(w, w), _mm256_sign_epi8(xv, w)));
 }
 
 // Scales (and offsets) are float32, or f16 as GGUF's Q8_0 and Q5 blocks hold them (widened exactly by F16C).
@@ -197,7 +208,9 @@ static inline void pair4(const uint8_t* qr, const float* sr, int64_t b, const in
     const __m128 ws = _mm_castpd_ps(_mm_load_sd((const double*)(sr + b)));
     const __m256i halves = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
     for (int r = 0; r < MR; ++r) {
-        const __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(pair_sums(w, XQ + r * K + b * 32), _mm256_set1_epi16(1)));
+        const int8_t* x = XQ + r * K + b * 32;
+        const __m256 p = _mm256_cvtepi32_ps(dot4_add(dot4_add(_mm256_setzero_si256(), w.lo, _mm256_loadu_si256((const __m256i*)x)),
+                                                     w.hi, _mm256_loadu_si256((const __m256i*)(x + 32))));
         const __m128 d2 = _mm_mul_ps(ws, _mm_castpd_ps(_mm_load_sd((const double*)(XD + r * B + b))));
         acc[r] = _mm256_fmadd_ps(p, _mm256_permutevar8x32_ps(_mm256_castps128_ps256(d2), halves), acc[r]);
     }
