@@ -435,8 +435,10 @@ class Model:
             return self._chat_stream(ids, sampling)
         out = self.generate(ids, **sampling)
         parsed = parse_output(out.text, self.config.architecture)
+        declared = {t.get("function", t).get("name") for t in tools or [] if isinstance(t, dict)}
+        called = out.finish_reason == "stop" and any(c.name in declared for c in parsed.tool_calls)
         return ChatReply(parsed.content, parsed.reasoning, parsed.tool_calls,
-                         "tool_calls" if parsed.tool_calls else out.finish_reason,
+                         "tool_calls" if called else out.finish_reason,
                          out.prompt_tokens, len(out.token_ids), out.cached_tokens, out.logprobs)
 
     def _chat_stream(self, ids: list[int], sampling: dict):
