@@ -102,3 +102,10 @@ def test_tools_the_grammar_cannot_express_are_a_400(scripted):
     with pytest.raises(openai.BadRequestError, match="no tool named"):
         live.client().chat.completions.create(model="g4", messages=USER, tools=[WEATHER],
                                               tool_choice={"type": "function", "function": {"name": "nope"}})
+
+
+def test_model_chat_says_tool_calls_only_for_a_declared_tool(gemma4_tiny, monkeypatch):
+    monkeypatch.setattr(gemma4_tiny.decoder, "logits", Scripted(gemma4_tiny, CALL))
+    assert gemma4_tiny.chat(USER, tools=[WEATHER], max_tokens=60).finish_reason == "tool_calls"
+    monkeypatch.setattr(gemma4_tiny.decoder, "logits", Scripted(gemma4_tiny, CALL))
+    assert gemma4_tiny.chat(USER, tools=[LOOKUP], max_tokens=60).finish_reason == "stop"
