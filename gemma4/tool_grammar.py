@@ -94,14 +94,13 @@ class _Builder:
     def lines(self) -> list[str]:
         return [f"{name}: {body}" for name, body in self.rules.items()]
 
-    def _rule(self, body: str, name: str | None = None) -> str:
-        if name is None and _RULE_NAME.fullmatch(body):
+    def _rule(self, body: str) -> str:
+        if _RULE_NAME.fullmatch(body):
             return body  # a rule that only names another one
-        if name is None:
-            for existing, b in self.rules.items():  # the same body once: keeps big schemas small
-                if b == body:
-                    return existing
-            name = f"v{len(self.rules)}"
+        for existing, b in self.rules.items():  # the same body once: keeps big schemas small
+            if b == body:
+                return existing
+        name = f"v{len(self.rules)}"  # rules are never removed, so the count never names one twice
         self.rules[name] = body
         return name
 
@@ -115,21 +114,20 @@ class _Builder:
             return self.any_value()  # true, false, or not a schema
         if "$ref" in schema:
             return self._ref(schema, root, where)
-        for key in ("allOf",):
-            if isinstance(schema.get(key), list) and schema[key]:
-                merged = {k: v for k, v in schema.items() if k != key}
-                for part in schema[key]:
-                    merged = _merge(merged, part if isinstance(part, dict) else {})
-                return self.value(merged, root, where)
+        if isinstance(schema.get("allOf"), list) and schema["allOf"]:
+            merged = {k: v for k, v in schema.items() if k != "allOf"}
+            for part in schema["allOf"]:
+                merged = _merge(merged, part if isinstance(part, dict) else {})
+            return self.value(merged, root, where)
         for key in ("anyOf", "oneOf"):
             if isinstance(schema.get(key), list) and schema[key]:
                 rest = {k: v for k, v in schema.items() if k != key}
                 parts = [self.value(_merge(rest, p if isinstance(p, dict) else {}), root, where) for p in schema[key]]
                 return self._rule(" | ".join(dict.fromkeys(parts)))
         if "const" in schema:
-            return self._rule(self.literal(schema["const"], where))
+            return self._rule(self.literal(schema["const"]))
         if isinstance(schema.get("enum"), list):
-            options = [self.literal(v, where) for v in schema["enum"] if QUOTE not in json.dumps(v)]
+            options = [self.literal(v) for v in schema["enum"] if QUOTE not in json.dumps(v)]
             if not options:
                 raise ValueError(f"{where}: no enum value can be written in Gemma 4's call syntax")
             return self._rule(" | ".join(dict.fromkeys(options)))
@@ -159,7 +157,7 @@ class _Builder:
             return self.array(schema, root, where)
         return self.object_of(schema, root, where)
 
-    def literal(self, value: Any, where: str) -> str:
+    def literal(self, value: Any) -> str:
         """The exact text of a value (chat.format_tool_value), its quote tokens by id."""
         parts = format_tool_value(value).split(QUOTE)
         pieces = []
