@@ -185,6 +185,20 @@ class Model:
             ids |= set(self.tokenizer.stop_token_ids)
         return ids
 
+    @property
+    def thought_tokens(self) -> tuple[int, list[int]] | None:
+        """(the id that opens a thought channel, the ids that close one as the chat template writes the
+        close: a newline, then `<channel|>`), or None for a vocabulary without thought channels."""
+        from .chat import CHANNEL_CLOSE, CHANNEL_OPEN
+
+        tok = self.tokenizer
+        if tok is None or self.config.architecture != "gemma4":
+            return None
+        open_id, close_id = tok.token_to_id(CHANNEL_OPEN), tok.token_to_id(CHANNEL_CLOSE)
+        if open_id is None or close_id is None:
+            return None
+        return open_id, tok.encode("\n", add_special_tokens=False) + [close_id]
+
     # ---- images -------------------------------------------------------------------------
     @property
     def vision(self):
@@ -296,6 +310,8 @@ class Model:
                                  f"exceeds the model's context of {limit} tokens")
             if params.stop and self.tokenizer is None:
                 raise ValueError("stop strings need a tokenizer")
+            if params.thinking_budget is not None and self.thought_tokens is None:
+                raise ValueError(f"thinking_budget: this model ({self.config.architecture}) has no thought channel")
             constraint = None
             if response_format is not None:
                 if self.tokenizer is None:
@@ -310,7 +326,8 @@ class Model:
                  top_p: float = 0.95, min_p: float = 0.0, seed: int | None = None,
                  stop: str | list[str] | None = None, stop_token_ids: Seq[int] = (), ignore_eos: bool = False,
                  stream: bool = False, progress=None, prompt_cache=None, speculative: int = 0, drafter=None,
-                 logprobs: int | None = None, response_format: dict | None = None):
+                 logprobs: int | None = None, response_format: dict | None = None,
+                 thinking_budget: int | None = None):
         """Complete a prompt (text, without any chat template, token ids, or a MultimodalPrompt), or a batch
         of them, through the model's engine (a prompt sharing a stored prefix with an earlier one resumes
         after it: Completion.cached_tokens).
@@ -322,11 +339,13 @@ class Model:
         As the server takes them: logprobs=k reports each output token's logprob and the k most likely;
         response_format ({"type": "json_schema", "json_schema": {"schema": ...}} or {"type": "json_object"})
         constrains the output; speculative=K drafts up to K tokens per step with `drafter` (default:
-        speculative.PromptLookup()).
+        speculative.PromptLookup()); thinking_budget=N closes a thought channel the model opens after N
+        tokens (None: unbounded; Gemma 4).
         """
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                 min_p=min_p, seed=seed, stop=list(stop or []) if not isinstance(stop, str) else [stop],
-                                stop_token_ids=list(stop_token_ids), ignore_eos=ignore_eos)
+                                stop_token_ids=list(stop_token_ids), ignore_eos=ignore_eos,
+                                thinking_budget=thinking_budget)
         batch = _is_batch(prompt_or_ids)
         prompts = list(prompt_or_ids) if batch else [prompt_or_ids]
         if not prompts:
@@ -394,23 +413,32 @@ class Model:
             return self.multimodal_prompt(prompt, media, image_tokens)
         return self.tokenizer.encode(prompt, add_special_tokens=False)  # the template writes BOS itself
 
-    def chat(self, messages: list[dict], *, tools: list | None = None, enable_thinking: bool = False,
+    def chat(self, messages: list[dict], *, tools: list | None = None, enable_thinking: bool | None = None,
              stream: bool = False, image_tokens: int | None = None, local_files: bool = True, **sampling):
         """Answer a conversation (OpenAI-style messages, images and videos among the content parts) through
         the chat template; `image_tokens` caps the soft tokens per image (70, 140, 280, 560 or 1120).
+        thinking_budget=N (among the sampling options) bounds the thoughts to N tokens, then the model
+        answers; it turns thinking on unless enable_thinking says otherwise, and 0 turns it off.
 
         Returns a ChatReply, or with stream=True an iterator of chat.StreamEvent (content, reasoning
         and tool-call events)."""
         from .chat import parse_output
 
+        budget = sampling.get("thinking_budget")
+        if enable_thinking is None:
+            enable_thinking = bool(budget)
+        elif budget == 0:
+            enable_thinking = False
         ids = self.chat_input(messages, tools=tools, enable_thinking=enable_thinking, image_tokens=image_tokens,
                               local_files=local_files)
         if stream:
             return self._chat_stream(ids, sampling)
         out = self.generate(ids, **sampling)
         parsed = parse_output(out.text, self.config.architecture)
+        declared = {t.get("function", t).get("name") for t in tools or [] if isinstance(t, dict)}
+        called = out.finish_reason == "stop" and any(c.name in declared for c in parsed.tool_calls)
         return ChatReply(parsed.content, parsed.reasoning, parsed.tool_calls,
-                         "tool_calls" if parsed.tool_calls else out.finish_reason,
+                         "tool_calls" if called else out.finish_reason,
                          out.prompt_tokens, len(out.token_ids), out.cached_tokens, out.logprobs)
 
     def _chat_stream(self, ids: list[int], sampling: dict):

@@ -38,6 +38,9 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--system", help="system prompt (chat mode)")
     p.add_argument("--think", action="store_true", help="let the model think first, where its template supports it")
+    p.add_argument("--thinking-budget", type=int, default=None, metavar="N",
+                   help="think at most N tokens, then answer (the thought is closed for the model); implies "
+                        "--think, 0 turns thinking off (default: unbounded; chat mode, Gemma 4)")
 
 
 def _speculative_args(p: argparse.ArgumentParser) -> None:
@@ -134,13 +137,25 @@ def _sampling(args) -> dict:
 
 
 def _check_sampling(args) -> None:
+    """Checks the sampling options; settles --think from --thinking-budget (N > 0 implies it, 0 turns it off)."""
     from gemma4.sampling import SamplingParams
 
     try:
-        SamplingParams(**_sampling(args))
+        SamplingParams(**_sampling(args), thinking_budget=args.thinking_budget)
     except ValueError as e:
-        raise CLIError(str(e)) from None
+        raise CLIError(str(e).replace("thinking_budget", "--thinking-budget")) from None
+    if args.thinking_budget is not None:
+        args.think = args.thinking_budget > 0
     _check_speculative(args)
+
+
+def _thinking(model, args) -> dict:
+    """model.chat()'s thinking options from the command line (checked against the model now)."""
+    if args.thinking_budget is None:
+        return dict(enable_thinking=args.think)
+    if model.thought_tokens is None:
+        raise CLIError(f"--thinking-budget: this model ({model.config.architecture}) has no thought channel")
+    return dict(enable_thinking=args.think, thinking_budget=args.thinking_budget)
 
 
 def _check_speculative(args) -> None:
@@ -294,6 +309,7 @@ def cmd_run(args) -> int:
     speculation = _speculation(model, args)
     has_template = model.chat_template is not None
     use_chat = args.chat or (has_template and not args.raw) or bool(media)
+    thinking = _thinking(model, args) if use_chat else {}
     if use_chat:
         if not has_template:
             _note(f"note: the model has no chat template; using the {model.config.architecture} turn format")
@@ -308,14 +324,14 @@ def cmd_run(args) -> int:
                                                        image_tokens=args.image_tokens),
                                model.chat_input(head, enable_thinking=args.think, image_tokens=args.image_tokens),
                                args)
-        deltas = model.chat(messages, enable_thinking=args.think, stream=True, image_tokens=args.image_tokens,
-                            **_sampling(args), **run, **speculation)
+        deltas = model.chat(messages, stream=True, image_tokens=args.image_tokens, **thinking, **_sampling(args),
+                            **run, **speculation)
     else:
         if not args.raw:
             _note("note: the model has no chat template (a base model): completing the raw text; --chat uses the "
                   "turn format")
-        if args.system or args.think:
-            _note("note: --system and --think apply to chat mode only")
+        if args.system or args.think or args.thinking_budget is not None:
+            _note("note: --system, --think and --thinking-budget apply to chat mode only")
         from gemma4.chat import StreamEvent
 
         tok = model.tokenizer
@@ -334,6 +350,7 @@ def cmd_chat(args) -> int:
     _check_sampling(args)
     model = _load(args)
     speculation = _speculation(model, args)
+    thinking = _thinking(model, args)
     if model.chat_template is None:
         _note(f"note: the model has no chat template; using the {model.config.architecture} turn format "
               "(a base model chats poorly)")
@@ -378,8 +395,8 @@ def cmd_chat(args) -> int:
         attached = []
         answer = []
         try:
-            for d in model.chat(_messages(args.system, history), enable_thinking=args.think, stream=True,
-                                image_tokens=args.image_tokens, **_sampling(args), **speculation):
+            for d in model.chat(_messages(args.system, history), stream=True, image_tokens=args.image_tokens,
+                                **thinking, **_sampling(args), **speculation):
                 if d.kind == "content":
                     answer.append(d.text)
                 _print_stream([d])

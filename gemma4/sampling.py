@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass, field
 
@@ -23,6 +24,7 @@ class SamplingParams:
     ignore_eos: bool = False
     presence_penalty: float = 0.0  # OpenAI's: subtracted once from every token already generated
     frequency_penalty: float = 0.0  # OpenAI's: subtracted per occurrence in the generated text
+    thinking_budget: int | None = None  # tokens inside a thought channel before it is closed (None: unbounded)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -40,6 +42,8 @@ class SamplingParams:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.seed is not None and (type(self.seed) is not int or not 0 <= self.seed < 2**64):
             raise ValueError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
+        if self.thinking_budget is not None and (type(self.thinking_budget) is not int or self.thinking_budget < 0):
+            raise ValueError(f"thinking_budget must be an integer >= 0 (or None: unbounded), got {self.thinking_budget!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
@@ -93,3 +97,50 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     if params.greedy:
         return int(torch.argmax(logits))
     return int(torch.multinomial(distribution(logits, params), 1, generator=generator))
+
+
+class ThinkingBudget:
+    """One sequence's thought channel under a token budget (SamplingParams.thinking_budget).
+
+    It counts the tokens generated after the channel opens (its `thought` header included); once
+    `budget` of them are spent, the tokens that close the channel (`close_ids`, as the chat template
+    writes the close: a newline, then `<channel|>`) are forced one per step instead of sampled, and the
+    answer follows as usual. The prompt decides where it starts: inside the channel when the prompt's
+    last channel token opens one."""
+
+    def __init__(self, budget: int, open_id: int, close_ids: list[int], prompt_ids: list[int]):
+        self.budget, self.open_id, self.close_ids = budget, open_id, list(close_ids)
+        last_open = max((i for i, t in enumerate(prompt_ids) if t == open_id), default=-1)
+        last_close = max((i for i, t in enumerate(prompt_ids) if t == self.close_ids[-1]), default=-1)
+        self.inside = last_open > last_close
+        self.spent = 0  # tokens sampled inside the open channel
+        self._closing = 0  # close_ids already forced
+
+    def forced(self) -> int | None:
+        """The token the next step must produce, or None: sample as usual."""
+        if self.inside and self.spent >= self.budget:
+            return self.close_ids[self._closing]
+        return None
+
+    def advance(self, token: int) -> None:
+        """Record the token the sequence produced."""
+        if not self.inside:
+            if token == self.open_id:
+                self.inside, self.spent, self._closing = True, 0, 0
+        elif token == self.close_ids[-1]:
+            self.inside, self._closing = False, 0
+        elif self.spent >= self.budget:
+            self._closing += 1
+        else:
+            self.spent += 1  # an open token inside the channel too: it does not start the count again
+
+    def first_override(self, tokens: list[int]) -> tuple[int, int] | None:
+        """(i, forced token) for the first of `tokens` (produced one after another from now) that the
+        budget replaces, or None when it replaces none of them; the state itself does not change."""
+        state = copy.copy(self)
+        for i, token in enumerate(tokens):
+            forced = state.forced()
+            if forced is not None and forced != token:
+                return i, forced
+            state.advance(token)
+        return None

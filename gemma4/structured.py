@@ -1,5 +1,6 @@
 """Constrained decoding for OpenAI's `response_format`: the sampled text always parses as JSON and,
-for `json_schema`, validates against the schema.
+for `json_schema`, validates against the schema. Other grammars (tool_grammar.py's forced calls) come
+in through constraint_from_grammar.
 
 llguidance does the grammar work: it compiles a JSON schema to a grammar and, at each step, gives the
 set of token ids that keep the text a prefix of some valid document. This module turns our Tokenizer
@@ -49,10 +50,20 @@ def constraint_from_response_format(response_format: dict | None, tokenizer) -> 
         grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_OPTIONS)
     except (ValueError, TypeError) as e:  # a schema that does not serialize as JSON
         raise ValueError(f"response_format.json_schema.schema: not a JSON schema ({_one_line(str(e))})") from None
+    return _constraint(grammar, tokenizer, "response_format.json_schema.schema" if kind == "json_schema"
+                       else "response_format")
+
+
+def constraint_from_grammar(lark: str, tokenizer, field: str) -> "GrammarConstraint":
+    """The constraint of a grammar in llguidance's Lark syntax (chat tokens as `<[id]>`); ValueError
+    naming `field` when it does not compile."""
+    return _constraint(llguidance.LLMatcher.grammar_from_lark(lark), tokenizer, field)
+
+
+def _constraint(grammar: str, tokenizer, field: str) -> "GrammarConstraint":
     vocabulary = vocabulary_of(tokenizer)
     matcher = llguidance.LLMatcher(vocabulary, grammar, log_level=0)
     if matcher.is_error():
-        field = "response_format.json_schema.schema" if kind == "json_schema" else "response_format"
         raise ValueError(f"{field}: cannot be used to constrain decoding ({_one_line(matcher.get_error())})")
     return GrammarConstraint(matcher, vocabulary.vocab_size)
 
@@ -117,7 +128,7 @@ class GrammarConstraint:
         """Advance past a sampled token; ValueError (and no change) if the grammar does not allow it."""
         token_id = int(token_id)
         if not 0 <= token_id < self._vocab_size or self._disallowed()[token_id]:
-            raise ValueError(f"token {token_id} is not allowed by the response_format grammar here")
+            raise ValueError(f"token {token_id} is not allowed by the grammar here")
         if not self._matcher.consume_token(token_id):  # the mask said yes: only a library fault gets here
             raise RuntimeError(f"grammar: {_one_line(self._matcher.get_error())}")
         self._blocked = None

@@ -68,3 +68,16 @@ def gemma4_tokenizer(official_files):
     from gemma4.tokenizer import Tokenizer
 
     return Tokenizer.from_gguf_metadata(GGUFFile(official_files["gemma4-vocab.gguf"]).metadata)
+
+
+@pytest.fixture(scope="session")
+def chat_gguf(tmp_path_factory):
+    """A tiny Gemma 4 (MoE, K=V) GGUF whose vocabulary has Gemma 4's chat tokens (<|channel>, <|tool_call>,
+    <|"|>, ...): what thinking and tool-call tests run."""
+    from gemma4.checkpoint import open_checkpoint
+    from gemma4.checkpoint.gguf_writer import write_gguf
+    from reference import gemma4_vocab_metadata
+
+    d = tmp_path_factory.mktemp("chat_gguf")
+    build_gemma4(d / "hf", "moe_kv", seed=3)
+    return write_gguf(open_checkpoint(d / "hf"), d / "g4.gguf", "F32", gemma4_vocab_metadata())

@@ -3,8 +3,9 @@
 Each step admits waiting requests into free cache rows (scheduler.py), runs one prefill chunk of the oldest
 request still prefilling (so a long prompt never stalls the others for longer than a chunk), then one
 decode step over every sequence that is generating (runner.py). Each sequence keeps its own sampling state
-(generator, penalties, grammar constraint, stop conditions) and gets its outputs through its request's
-`emit` callback.
+(generator, penalties, grammar constraint, stop conditions, thinking budget) and gets its outputs through its
+request's `emit` callback. A spent thinking budget forces the tokens closing the thought channel in place of
+sampled ones, on the one path every step takes (_sample, or _verify's accepted tokens).
 
 Speculative decoding (a request's speculative=K and drafter): each generating sequence drafts on its own
 (its own adaptive K; none under a grammar), the decode step's forward verifies every row's drafts together
@@ -24,7 +25,7 @@ from typing import Iterable, Iterator
 import torch
 
 from ..kv import PrefixStore
-from ..sampling import apply_penalties, sample
+from ..sampling import ThinkingBudget, apply_penalties, sample
 from ..speculative import verify as spec
 from .runner import PREFILL_CHUNK, Runner
 from .scheduler import Running, Scheduler, Stats
@@ -195,9 +196,14 @@ class Engine:
         tok = self.model.tokenizer
         eos = self.model.eos_token_ids
 
+        thought = getattr(self.model, "thought_tokens", None)  # (open id, closing ids), None: no channel
+
         def sequence(request: Request) -> Sequence:
+            budget = request.params.thinking_budget
+            thinking = None if budget is None or thought is None else \
+                ThinkingBudget(budget, thought[0], thought[1], request.prompt_ids)
             return Sequence(request.prompt_ids, request.params, eos, tok.stream() if tok is not None else None,
-                            soft=request.soft)
+                            soft=request.soft, thinking=thinking)
 
         for r in self.scheduler.admit(sequence):
             if self._k(r.request) and r.request.constraint is None:
@@ -274,6 +280,10 @@ class Engine:
         if r.request.cancelled:
             return 0
         new = spec.accept(logits, drafts, q, seq.params, seq.output_ids, seq.generator)
+        override = seq.thinking.first_override(new) if seq.thinking is not None else None
+        if override is not None:  # the budget ran out within the accepted tokens: the close replaces the rest
+            i, forced = override
+            new = new[:i] + [forced]
         seq.speculation.record(len(drafts), len(new) - 1)
         self.stats.draft_tokens += len(drafts)
         self.stats.accepted_tokens += len(new) - 1
@@ -289,6 +299,10 @@ class Engine:
     def _sample(self, r: Running, logits: torch.Tensor) -> None:
         seq, request = r.seq, r.request
         if request.cancelled:
+            return
+        forced = seq.forced_token()
+        if forced is not None:
+            self._emit_token(r, forced, logits)
             return
         raw = logits
         logits = apply_penalties(logits, seq.output_ids, seq.params)

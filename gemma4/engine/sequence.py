@@ -3,7 +3,7 @@
 A Request is what a caller hands the engine: prompt ids (and image soft tokens), sampling parameters, the
 options that change how it runs (logprobs, a grammar constraint, speculation) and an `emit` callback that
 receives its RequestOutputs. A Sequence holds one request's generation state: its output ids, its sampling
-generator, its detokenizer and its stop conditions.
+generator, its detokenizer, its stop conditions and its thinking budget.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from ..sampling import SamplingParams
+from ..sampling import SamplingParams, ThinkingBudget
 
 
 @dataclass
@@ -76,6 +76,7 @@ class Sequence:
     detokenizer: object | None = None  # has push(id) -> str and flush() -> str
     # soft tokens (images): (offset in the prompt, [n, hidden] embeddings replacing prompt_ids[offset:offset+n])
     soft: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    thinking: ThinkingBudget | None = None  # params.thinking_budget at work, where the model has a thought channel
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
@@ -94,9 +95,15 @@ class Sequence:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    def forced_token(self) -> int | None:
+        """The token the next step must produce instead of sampling (a thinking budget spent), or None."""
+        return self.thinking.forced() if self.thinking is not None else None
+
     def append(self, token: int) -> str:
         """Record a sampled token; returns the new text that can be shown."""
         self.output_ids.append(token)
+        if self.thinking is not None:
+            self.thinking.advance(token)
         if (token in self.eos_ids and not self.params.ignore_eos) or token in self.params.stop_token_ids:
             self.finish_reason = "stop"  # the stop token itself is not shown
         elif self.detokenizer is not None:

@@ -18,7 +18,6 @@ class Answer:
         self.reasoning_tokens = 0
         self.finish_reason: str | None = None
         self.parser = output_parser(prepared.family, tools=prepared.tool_names)  # undeclared calls stay text
-        self.parser.feed(prepared.forced_prefix)  # a forced call's opening: nothing comes out of it yet
         self.events: list[StreamEvent] = []
         self.started = False  # whether an output has come (the prompt is prefilled)
         self._token_ids: list[int] = []

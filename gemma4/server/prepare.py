@@ -7,15 +7,21 @@ engine only ever sees requests it can run.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
-from ..chat import CALL_OPEN, ChatTemplateError, has_tool_format
+from ..chat import ChatTemplateError, has_tool_format
 from ..sampling import SamplingParams
 from .errors import APIError
 from .schema import ChatCompletionRequest, CompletionRequest, NamedToolChoice
 
 # Template variables a client may not set through chat_template_kwargs (the server sets them).
 _RESERVED = {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token", "template", "family"}
-_THINKING_EFFORTS = {"low", "medium", "high"}
+# reasoning_effort -> thinking budget: fourfold steps from Anthropic's smallest budget (1024); high still
+# ends the runaway thoughts users report, with room left for hard problems
+EFFORT_BUDGETS = {"low": 1024, "medium": 4096, "high": 16384}
+_THINKING_OFF = {"none", "minimal"}
+# the request fields a thinking budget may come in: ours, vLLM's, llama-server's two
+BUDGET_FIELDS = ("thinking_budget", "thinking_token_budget", "thinking_budget_tokens", "reasoning_budget_tokens")
 
 
 @dataclass
@@ -32,11 +38,10 @@ class Job:
 class Prepared:
     jobs: list[Job]
     family: str
-    forced_prefix: str = ""  # text the answer starts with (a forced tool call), fed to the parser first
     logprobs: bool = False
     echo: bool = False
     n: int = 1
-    tool_names: set[str] = field(default_factory=set)
+    tool_names: set[str] = field(default_factory=set)  # the tools declared: only calls of these end in "tool_calls"
 
 
 MAX_REMOTE_IMAGE_BYTES = 20 * 1024 * 1024
@@ -97,7 +102,7 @@ def prepare_chat(model, body: ChatCompletionRequest, fetch_remote: bool = False)
     _check_parts(messages, fetch_remote)
     tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
     choice = body.tool_choice
-    forced = ""
+    forced, forced_name = False, None  # a call the answer must be (tool_choice required or named)
     if tools and not has_tool_format(family):
         raise APIError(400, f"tools: this model ({family}) has no tool-call format", param="tools")
     if choice is not None and choice != "none" and not tools:
@@ -105,17 +110,17 @@ def prepare_chat(model, body: ChatCompletionRequest, fetch_remote: bool = False)
     if choice == "none":
         tools = None  # the model is not told of them, so it cannot call them
     elif choice == "required":
-        forced = CALL_OPEN + "call:"
+        forced = True
     elif isinstance(choice, NamedToolChoice):
         names = {t["function"]["name"] for t in tools}
         if choice.function.name not in names:
             raise APIError(400, f"tool_choice: no tool named {choice.function.name!r}", param="tool_choice")
-        forced = CALL_OPEN + "call:" + choice.function.name + "{"
+        forced, forced_name = True, choice.function.name
     if forced and _constrained(body.response_format):
         raise APIError(400, "response_format: cannot be combined with a forced tool call", param="response_format")
 
     kwargs = dict(body.chat_template_kwargs or {})
-    thinking = bool(kwargs.pop("enable_thinking", False)) or body.reasoning_effort in _THINKING_EFFORTS
+    thinking, budget = _thinking(model, body, kwargs.pop("enable_thinking", None))
     if thinking and _constrained(body.response_format):
         raise APIError(400, "response_format: cannot be combined with thinking (the thoughts are free text)",
                        param="response_format")
@@ -123,8 +128,7 @@ def prepare_chat(model, body: ChatCompletionRequest, fetch_remote: bool = False)
         if key in _RESERVED:
             raise APIError(400, f"chat_template_kwargs: {key!r} is set by the server", param="chat_template_kwargs")
     try:
-        prompt = model.chat_input(messages, tools=tools, enable_thinking=thinking, suffix=forced, local_files=False,
-                                  **kwargs)
+        prompt = model.chat_input(messages, tools=tools, enable_thinking=thinking, local_files=False, **kwargs)
         soft = model.media_embeddings(prompt)  # images through the vision tower, here and not on the engine thread
     except ChatTemplateError as e:
         raise APIError(400, str(e), param="messages") from None
@@ -138,11 +142,53 @@ def prepare_chat(model, body: ChatCompletionRequest, fetch_remote: bool = False)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     prompts = [(ids, "")] * body.n
-    jobs = _jobs(model, body, prompts, max_tokens, param, logprobs)
+    if forced:
+        constraint = _call_constraint(model, tools, forced_name, thinking)
+    else:
+        constraint = lambda: _constraint(body.response_format, model.tokenizer)  # noqa: E731
+    jobs = _jobs(model, body, prompts, max_tokens, param, logprobs, constraint, thinking_budget=budget)
     for job in jobs:
         job.soft = soft
-    return Prepared(jobs, family, forced, logprobs=body.logprobs, n=body.n,
+    return Prepared(jobs, family, logprobs=body.logprobs, n=body.n,
                     tool_names={t["function"]["name"] for t in tools or []})
+
+
+def _thinking(model, body: ChatCompletionRequest, enable) -> tuple[bool, int | None]:
+    """(whether the template opens thinking, the thinking budget) from chat_template_kwargs.enable_thinking,
+    reasoning_effort and the budget fields. A budget turns thinking on (0 turns it off); an effort sets
+    a budget where no field does."""
+    given = {name: getattr(body, name) for name in BUDGET_FIELDS if getattr(body, name) is not None}
+    if len(set(given.values())) > 1:
+        raise APIError(400, f"{', '.join(given)}: give the thinking budget once (they disagree)", param=next(iter(given)))
+    name, budget = next(iter(given.items()), ("thinking_budget", None))
+    budget = None if budget == -1 else budget
+    effort = body.reasoning_effort
+    off = effort in _THINKING_OFF or (enable is not None and not enable)
+    if budget and off:
+        raise APIError(400, f"{name}: thinking is turned off by " + ("reasoning_effort" if effort in _THINKING_OFF else
+                                                                     "chat_template_kwargs.enable_thinking"), param=name)
+    if budget is not None and model.thought_tokens is None:
+        raise APIError(400, f"{name}: this model ({model.config.architecture}) has no thought channel", param=name)
+    thinking = bool(enable) or effort in EFFORT_BUDGETS or bool(budget)
+    if budget == 0:
+        return False, None  # as llama-server's budget 0: the template's answer-at-once prompt
+    if budget is None and effort in EFFORT_BUDGETS and model.thought_tokens is not None:
+        budget = EFFORT_BUDGETS[effort]
+    return thinking, budget if thinking else None
+
+
+def _call_constraint(model, tools: list[dict], name: str | None, thinking: bool) -> Callable[[], object]:
+    """Fresh constraints of a forced tool call, one per sequence (the grammar checked now: a 400 here)."""
+    from ..tool_grammar import tool_call_constraint
+
+    def make():
+        try:
+            return tool_call_constraint(tools, name, model.tokenizer, thinking)
+        except ValueError as e:
+            raise APIError(400, str(e), param="tools") from None
+
+    make()
+    return make
 
 
 def prepare_completion(model, body: CompletionRequest) -> Prepared:
@@ -166,12 +212,15 @@ def prepare_completion(model, body: CompletionRequest) -> Prepared:
     if body.echo and body.logprobs is not None:
         raise APIError(400, "echo: prompt logprobs are not supported; use echo or logprobs", param="echo")
     prompts = [pair for pair in pairs for _ in range(body.n)]
-    jobs = _jobs(model, body, prompts, body.max_tokens, "max_tokens", body.logprobs, default_max=16)
+    jobs = _jobs(model, body, prompts, body.max_tokens, "max_tokens", body.logprobs,
+                 lambda: _constraint(body.response_format, model.tokenizer), default_max=16)
     return Prepared(jobs, model.config.architecture, logprobs=body.logprobs is not None, echo=body.echo, n=body.n)
 
 
 def _jobs(model, body, prompts: list[tuple[list[int], str]], max_tokens: int | None, param: str,
-          logprobs: int | None, default_max: int | None = None) -> list[Job]:
+          logprobs: int | None, constraint: Callable[[], object], default_max: int | None = None,
+          thinking_budget: int | None = None) -> list[Job]:
+    """One job per prompt; constraint() makes each its own grammar constraint (or None)."""
     context = model.config.max_position_embeddings
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     jobs = []
@@ -193,10 +242,11 @@ def _jobs(model, body, prompts: list[tuple[list[int], str]], max_tokens: int | N
         seed = None if body.seed is None else body.seed + i
         try:
             params = SamplingParams(max_tokens=n, seed=seed, stop=stop, presence_penalty=body.presence_penalty,
-                                    frequency_penalty=body.frequency_penalty, **sampling)
+                                    frequency_penalty=body.frequency_penalty, thinking_budget=thinking_budget,
+                                    **sampling)
         except ValueError as e:
             raise APIError(400, str(e)) from None
-        jobs.append(Job(ids, params, logprobs, _constraint(body.response_format, model.tokenizer), text))
+        jobs.append(Job(ids, params, logprobs, constraint(), text))
     return jobs
 
 

@@ -79,6 +79,12 @@ class ChatCompletionRequest(_Sampling):
     response_format: dict[str, Any] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+    # tokens of thought before the model is made to answer (-1: unbounded, 0: no thinking), under the
+    # names our peers read it by: ours, vLLM's, and llama-server's two
+    thinking_budget: int | None = Field(default=None, ge=-1)
+    thinking_token_budget: int | None = Field(default=None, ge=-1)
+    thinking_budget_tokens: int | None = Field(default=None, ge=-1)
+    reasoning_budget_tokens: int | None = Field(default=None, ge=-1)
 
 
 class CompletionRequest(_Sampling):

@@ -40,7 +40,7 @@ class ChatChoiceState(_Choice):
     def __init__(self, index: int, model, prepared):
         super().__init__(index, model, prepared)
         self.parser = output_parser(prepared.family, tools=prepared.tool_names)
-        self.parser.feed(prepared.forced_prefix)  # a forced call's opening: nothing comes out of it yet
+        self.tool_names = prepared.tool_names
         self.want_logprobs = prepared.logprobs
         self.content: list[str] = []
         self.reasoning: list[str] = []
@@ -95,7 +95,8 @@ class ChatChoiceState(_Choice):
 
     @property
     def reason(self) -> str | None:
-        if self.tool_calls and self.finish_reason == "stop":
+        called = any(c["function"]["name"] in self.tool_names for c in self.tool_calls)
+        if called and self.finish_reason == "stop":
             return "tool_calls"
         return self.finish_reason
 

@@ -355,20 +355,6 @@ def test_a_malformed_call_stays_content(scripted):
     assert not m.tool_calls and "call:get_weather{city:" in m.content and r.choices[0].finish_reason == "stop"
 
 
-def test_tool_choice_forces_a_call(scripted, gemma4_tiny):
-    live, say = scripted
-    say('city:<|"|>Oslo<|"|>}<tool_call|><|tool_response>')  # the server wrote `<|tool_call>call:get_weather{`
-    r = live.client().chat.completions.create(
-        model="g4", messages=[{"role": "user", "content": "x"}], tools=[WEATHER], max_tokens=60,
-        tool_choice={"type": "function", "function": {"name": "get_weather"}})
-    call = r.choices[0].message.tool_calls[0]
-    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Oslo"}
-    with pytest.raises(openai.BadRequestError):
-        live.client().chat.completions.create(model="g4", messages=[{"role": "user", "content": "x"}],
-                                              tools=[WEATHER], tool_choice={"type": "function",
-                                                                            "function": {"name": "nope"}})
-
-
 def test_gemma4_serve_command(tmp_path, gemma4_tiny):
     import signal
     import subprocess
