@@ -77,8 +77,8 @@ def test_thinking_blocks_and_their_budget(scripted, gemma4_tiny):
     live, say = scripted
     api = client(live)
     say(THOUGHT + "Hello there")
-    m = api.messages.create(model="g4", max_tokens=40, messages=[{"role": "user", "content": "hi"}],
-                            thinking={"type": "enabled", "budget_tokens": 20})
+    m = api.messages.create(model="g4", max_tokens=64, messages=[{"role": "user", "content": "hi"}],
+                            thinking={"type": "enabled", "budget_tokens": 40})
     assert [b.type for b in m.content] == ["thinking", "text"]
     assert m.content[0].thinking == "The user greets." and m.content[1].text == "Hello there"
     # thinking reached the template (the prompt is the one with thinking on)
@@ -86,11 +86,19 @@ def test_thinking_blocks_and_their_budget(scripted, gemma4_tiny):
     assert m.usage.input_tokens + m.usage.cache_read_input_tokens == len(prompt)
 
     say(THOUGHT + "Hello there")
-    with api.messages.stream(model="g4", max_tokens=40, messages=[{"role": "user", "content": "hi"}],
-                             thinking={"type": "enabled", "budget_tokens": 20}) as stream:
+    with api.messages.stream(model="g4", max_tokens=64, messages=[{"role": "user", "content": "hi"}],
+                             thinking={"type": "enabled", "budget_tokens": 40}) as stream:
         thoughts = "".join(e.thinking for e in stream if e.type == "thinking")
         final = stream.get_final_message()
     assert thoughts == final.content[0].thinking == "The user greets." and final.content[1].text == "Hello there"
+
+    # a budget shorter than the thought: the engine closes it there (the byte-level tiny vocabulary: a token a byte)
+    say(THOUGHT + "Hello there")
+    cut = api.messages.create(model="g4", max_tokens=64, messages=[{"role": "user", "content": "hi"}],
+                              thinking={"type": "enabled", "budget_tokens": 12})
+    assert cut.content[0].type == "thinking"
+    cut_thought = cut.content[0].thinking.rstrip("\n")  # the engine's close starts a new line
+    assert "The user greets.".startswith(cut_thought) and len(cut_thought) < len("The user greets.")
 
     with pytest.raises(anthropic.BadRequestError, match="budget_tokens"):
         api.messages.create(model="g4", max_tokens=40, messages=[{"role": "user", "content": "hi"}],
@@ -133,7 +141,7 @@ def test_tools_round_trip(scripted, gemma4_tiny):
 
 def test_tool_choice_forces_a_call(scripted):
     live, say = scripted
-    say('city:<|"|>Oslo<|"|>}<tool_call|><|tool_response>')  # the server wrote `<|tool_call>call:get_weather{`
+    say('<|tool_call>call:get_weather{city:<|"|>Oslo<|"|>}<tool_call|><|tool_response>')  # what the grammar allows
     m = client(live).messages.create(model="g4", max_tokens=60, tools=[TOOL], messages=[{"role": "user", "content": "x"}],
                                      tool_choice={"type": "tool", "name": "get_weather"})
     assert m.content[0].input == {"city": "Oslo"} and m.stop_reason == "tool_use"

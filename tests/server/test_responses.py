@@ -137,7 +137,7 @@ def test_tools_round_trip_and_previous_response_id(scripted, gemma4_tiny):
 
 def test_tool_choice_forces_a_call(scripted):
     live, say = scripted
-    say('city:<|"|>Oslo<|"|>}<tool_call|><|tool_response>')  # the server wrote `<|tool_call>call:get_weather{`
+    say('<|tool_call>call:get_weather{city:<|"|>Oslo<|"|>}<tool_call|><|tool_response>')  # what the grammar allows
     r = live.client().responses.create(model="g4", input="x", tools=[FUNCTION], max_output_tokens=60,
                                        tool_choice={"type": "function", "name": "get_weather"})
     assert r.output[0].name == "get_weather" and json.loads(r.output[0].arguments) == {"city": "Oslo"}
