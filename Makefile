@@ -3,6 +3,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROMPT ?= The capital of France is
+# bench/long_prefill.py's shape: bench/run.py's default layer count
+LONG_PREFILL_LAYERS ?= 6
 
 .PHONY: run test install kernels official bench parity clean
 
@@ -43,6 +45,7 @@ test: kernels official
 # bench/soak.py: the server under mixed load for 90 s, greedy probes before and after, RSS (bench/SOAK.md)
 # bench/speculative_exact.py: greedy speculation token-identical to plain greedy (exits 1 if not)
 # bench/api_prefix_reuse.py: the Python API's second question on a long document against the first
+# bench/long_prefill.py: prefill rate of 512 to 16K-token prompts against llama.cpp (the shape run.py prepared)
 bench: kernels
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 	$(BIN)/python bench/soak.py $(SOAK_ARGS)
@@ -50,6 +53,7 @@ bench: kernels
 	$(BIN)/python -m bench.long_context $(LONG_BENCH_ARGS)
 	$(BIN)/python bench/speculative_exact.py
 	$(BIN)/python -m bench.api_prefix_reuse
+	$(BIN)/python bench/long_prefill.py --layers $(LONG_PREFILL_LAYERS) --format Q4_K_M --lengths 512,4096,16384 --rounds 1
 
 # llama.cpp is built from source by pip (about 10 minutes on 2 cores), once.
 parity: $(STAMP)
