@@ -67,16 +67,6 @@ def ensure_llama_cpp(install: bool = True):
     return importlib.import_module("llama_cpp")
 
 
-def cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 # llama.cpp's x86 ISA switches and the /proc/cpuinfo flag each needs.
 _GGML_ISA = {"AVX": "avx", "AVX2": "avx2", "FMA": "fma", "F16C": "f16c", "BMI2": "bmi2", "AVX_VNNI": "avx_vnni",
              "AVX512": "avx512f", "AVX512_VBMI": "avx512vbmi", "AVX512_VNNI": "avx512_vnni",
@@ -87,6 +77,8 @@ def llama_cmake_args() -> str:
     """The best build of llama.cpp that works on this CPU. Its native build is it, except on CPUs with AMX,
     where its AMX matmul crashes (`ldtilecfg`): there every other ISA the CPU has is switched on by name
     and AMX off, so the comparison is with its fastest working build."""
+    from gemma4.native.isa import cpu_flags
+
     flags = cpu_flags()
     if "amx_tile" not in flags:
         return "-DGGML_NATIVE=ON"
