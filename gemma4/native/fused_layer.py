@@ -28,10 +28,11 @@ class FusedLayer:
     # layer has a matrix the kernel does not take.
     _native_plan = None
 
-    def forward(self, h: torch.Tensor, qpos: torch.Tensor, kv, sees_until: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, qpos: torch.Tensor, kv, sees_until: torch.Tensor | None = None,
+                per_layer_input: torch.Tensor | None = None) -> torch.Tensor:
         plan = self._native(h)
         if plan is None:
-            return super().forward(h, qpos, kv, sees_until)
+            return super().forward(h, qpos, kv, sees_until, per_layer_input)
         kernel, attn_in, rope, attn_out, mlp = plan
         q, k, v = kernel.attn_in(h, *attn_in, qpos, *rope)
         a = self.self_attn.over_cache(q, k, v, qpos, kv, sees_until)
@@ -40,9 +41,7 @@ class FusedLayer:
             h = self.post_feedforward_layernorm(self._experts(h, kernel.mlp_block(h, *mlp, None)), residual=h)
         else:
             h = kernel.mlp_block(h, *mlp, h)
-        if self.layer_scalar is not None:
-            h = h * self.layer_scalar
-        return h
+        return self.finish(h, per_layer_input)  # the per-layer input (E2B/E4B) and the layer scalar
 
     def _native(self, h: torch.Tensor):
         """This layer's native plan (see _plan_native) where it applies to h: on the CPU in float32 with
@@ -66,6 +65,8 @@ class FusedLayer:
         the kernel takes and the norms share one eps; else False."""
         kernel = compiled()
         a, m = self.self_attn, self.mlp
+        if a.kv_shared:  # attn_in computes K and V, which a KV-shared layer has not: the module path
+            return False
         norms = [self.input_layernorm, self.post_attention_layernorm, self.pre_feedforward_layernorm,
                  self.post_feedforward_layernorm, a.q_norm, a.k_norm, *([a.v_norm] if a.v_norm else [])]
         if kernel is None or not _takes(self) or len({n.eps for n in norms}) != 1:
