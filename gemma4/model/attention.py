@@ -243,7 +243,7 @@ class Attention(nn.Module):
                 sees_until: torch.Tensor | None = None) -> torch.Tensor:
         """x: [B, T, hidden]; qpos: [B, T] absolute positions (-1: padding); sees_until: see attention_mask."""
         b, t, _ = x.shape
-        q = rotate(self.q_norm(self.q_proj(x).view(b, t, self.heads, self.head_dim)), qpos, self.inv_freq)
+        q = self.queries(x, qpos)
         if self.kv_shared:  # kv: the source layer's KV as this call left it (SharedKV.update stores nothing)
             out = self.over_cache(q, None, None, qpos, kv, sees_until)
             return self.o_proj(out.to(x.dtype).transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
@@ -254,6 +254,11 @@ class Attention(nn.Module):
         k = None if self.k_eq_v else rotate(self.k_norm(raw_k), qpos, self.inv_freq)
         out = self.over_cache(q, k, v, qpos, kv, sees_until)
         return self.o_proj(out.to(x.dtype).transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+
+    def queries(self, x: torch.Tensor, qpos: torch.Tensor) -> torch.Tensor:
+        """The rotated queries [B, T, H, D] of x [B, T, hidden]."""
+        b, t, _ = x.shape
+        return rotate(self.q_norm(self.q_proj(x).view(b, t, self.heads, self.head_dim)), qpos, self.inv_freq)
 
     def over_cache(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor, qpos: torch.Tensor, kv: RowsView,
                    sees_until: torch.Tensor | None = None) -> torch.Tensor:

@@ -34,7 +34,10 @@ class FusedLayer:
         if plan is None:
             return super().forward(h, qpos, kv, sees_until, per_layer_input)
         kernel, attn_in, rope, attn_out, mlp = plan
-        q, k, v = kernel.attn_in(h, *attn_in, qpos, *rope)
+        if attn_in is None:  # a KV-shared layer (no K/V of its own): its queries on the module path
+            q, k, v = self.self_attn.queries(self.input_layernorm(h), qpos), None, None
+        else:
+            q, k, v = kernel.attn_in(h, *attn_in, qpos, *rope)
         a = self.self_attn.over_cache(q, k, v, qpos, kv, sees_until)
         h = kernel.attn_out(a, *attn_out, h)
         if self.moe:
@@ -65,16 +68,15 @@ class FusedLayer:
         the kernel takes and the norms share one eps; else False."""
         kernel = compiled()
         a, m = self.self_attn, self.mlp
-        if a.kv_shared:  # attn_in computes K and V, which a KV-shared layer has not: the module path
-            return False
         norms = [self.input_layernorm, self.post_attention_layernorm, self.pre_feedforward_layernorm,
-                 self.post_feedforward_layernorm, a.q_norm, a.k_norm, *([a.v_norm] if a.v_norm else [])]
+                 self.post_feedforward_layernorm, a.q_norm, *[n for n in (a.k_norm, a.v_norm) if n is not None]]
         if kernel is None or not _takes(self) or len({n.eps for n in norms}) != 1:
             return False
         eps = self.input_layernorm.eps
-        attn_in = (self.input_layernorm.weight, eps, _packed(a.q_proj), _packed(a.k_proj),
-                   None if a.v_proj is None else _packed(a.v_proj), a.q_norm.weight, a.k_norm.weight,
-                   a.v_norm is not None)
+        # attn_in computes K and V too: a KV-shared layer, which has none, computes its queries apart
+        attn_in = None if a.kv_shared else (
+            self.input_layernorm.weight, eps, _packed(a.q_proj), _packed(a.k_proj),
+            None if a.v_proj is None else _packed(a.v_proj), a.q_norm.weight, a.k_norm.weight, a.v_norm is not None)
         rope = (a.inv_freq, a.heads, a.kv_heads, a.head_dim)
         attn_out = (_packed(a.o_proj), self.post_attention_layernorm.weight, eps)
         post = self.post_feedforward_layernorm_1 if self.moe else self.post_feedforward_layernorm

@@ -104,8 +104,13 @@ def test_kv_shared_layers_store_nothing_as_in_the_reference(ple):
                    for i, layer in enumerate(past.layers) if layer.keys is not None and not cfg.is_sliding(i))
     assert cache.pool_bytes_per_token() == ref_full == sum(
         kv_bytes_per_token(cfg, i, dtype=torch.float32) for i in range(cfg.num_hidden_layers) if not cfg.is_sliding(i))
-    assert [cfg.kv_source_layer(i) for i in range(cfg.num_hidden_layers)] == [0, 1, 2, 3, 1, 3, 1]
-    assert [cfg.intermediate_size_of(i) for i in range(cfg.num_hidden_layers)] == [28] * 4 + [56] * 3
+    modes, types = ref.config.kv_sharing_modes, ref.config.layer_types  # the reference's "store" / "reuse"
+    assert [cfg.kv_source_layer(i) for i in range(cfg.num_hidden_layers)] == [
+        i if m != "reuse" else next(j for j, n in enumerate(modes) if n == "store" and types[j] == types[i])
+        for i, m in enumerate(modes)]
+    assert [cfg.intermediate_size_of(i) for i in range(cfg.num_hidden_layers)] == [
+        layer.mlp.intermediate_size for layer in ref.model.layers]
+    assert cfg.intermediate_size_of(6) == 2 * cfg.intermediate_size_of(0)  # the double-wide MLP is there
     snap = cache.snapshot(0, _ids(12).tolist())
     assert [bool(s) for s in snap.layers] == [not cfg.kv_shared(i) for i in range(cfg.num_hidden_layers)]
 
@@ -229,8 +234,8 @@ def test_parameter_counts_and_info(ple, tmp_path, capsys):
 
 
 def test_native_fused_layers_carry_the_per_layer_inputs(tmp_path):
-    """Quantised E-model layers: the fused native layers (the shared layers on the module path, having no K/V
-    of their own) give the module path's bits, prefill and decode."""
+    """Quantised E-model layers: the fused native layers (a shared layer's queries on the module path, as it
+    has no K/V of its own) give the module path's bits, prefill and decode."""
     import gemma4.native
 
     if gemma4.native.compiled() is None:
@@ -251,7 +256,9 @@ def test_native_fused_layers_carry_the_per_layer_inputs(tmp_path):
                 out.append(decoder.logits(decoder(torch.tensor([[5 + i]]), torch.tensor([[9 + i]]), cache)[:, -1]))
         return out
 
-    for a, b in zip(run(True), run(False)):
+    native = run(True)
+    plans = [layer._native_plan for layer in decoder.layers]
+    for a, b in zip(native, run(False)):
         assert torch.equal(a, b)
-    cfg = decoder.config
-    assert [bool(layer._native_plan) for layer in decoder.layers] == [not cfg.kv_shared(i) for i in range(7)]
+    assert all(plans), "the native path was not taken"
+    assert [plan[1] is None for plan in plans] == [decoder.config.kv_shared(i) for i in range(7)]
