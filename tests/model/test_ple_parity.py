@@ -39,15 +39,22 @@ def ple(tmp_path_factory):
     return built
 
 
-@pytest.mark.parametrize("name", list(PLE_CONFIGS))
-def test_logits_match_reference(ple, name):
+def _exact(ref, **inputs):
+    """The reference's logits in float64, and the bound for ours (see the module's docstring)."""
     import copy
 
+    with torch.no_grad():
+        exact = copy.deepcopy(ref).double()(**{k: v.double() if v.is_floating_point() else v
+                                               for k, v in inputs.items()}).logits[0]
+        own = ref(**inputs).logits[0].double()
+    return exact, max(TOL, 2 * (own - exact).abs().max().item())
+
+
+@pytest.mark.parametrize("name", list(PLE_CONFIGS))
+def test_logits_match_reference(ple, name):
     _, ref, model = ple[name]
     ids = _ids(45)  # several times every config's sliding window
-    with torch.no_grad():
-        expected = copy.deepcopy(ref).double()(ids[None]).logits[0]
-        bound = max(TOL, 2 * (ref(ids[None]).logits[0].double() - expected).abs().max().item())
+    expected, bound = _exact(ref, input_ids=ids[None])
     got = model.forward(ids)
     assert got.shape == expected.shape
     assert (got.double() - expected).abs().max().item() <= bound
@@ -262,3 +269,26 @@ def test_native_fused_layers_carry_the_per_layer_inputs(tmp_path):
         assert torch.equal(a, b)
     assert all(plans), "the native path was not taken"
     assert [plan[1] is None for plan in plans] == [decoder.config.kv_shared(i) for i in range(7)]
+
+
+def test_image_soft_tokens_in_an_e_model(tmp_path):
+    """Images in a PLE model (the audio worker's soft tokens go the same way): the soft positions take the pad
+    token's row of the per-layer table, and their embeddings feed the per-layer projection, as the reference
+    (Gemma4ForConditionalGeneration) combines them."""
+    import base64
+
+    from vision_reference import TOKEN_IDS, build_multimodal, encoded, image_processor, picture
+
+    ref = build_multimodal(tmp_path, "ple_shared", seed=5, bidirectional=None)
+    model = gemma4.load(tmp_path)
+    a = picture(40, 30, seed=1)
+    url = "data:image/png;base64," + base64.b64encode(encoded(a, "PNG")).decode()
+    prompt = model.chat_input([{"role": "user", "content": [
+        {"type": "text", "text": "see"}, {"type": "image_url", "image_url": {"url": url}},
+        {"type": "text", "text": "ok"}]}])
+    out = image_processor()([a], return_tensors="pt")
+    ids = torch.tensor([prompt.ids])
+    expected, bound = _exact(ref, input_ids=ids, pixel_values=out["pixel_values"],
+                             image_position_ids=out["image_position_ids"],
+                             mm_token_type_ids=(ids == TOKEN_IDS["<|image|>"]).long())
+    assert (model.forward(prompt).double() - expected).abs().max().item() <= bound
