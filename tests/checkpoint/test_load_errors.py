@@ -83,7 +83,7 @@ def test_per_layer_embeddings_without_their_tensors(ckpt):
     _edit_config(ckpt, hidden_size_per_layer_input=8)
     with pytest.raises(ModelLoadError) as e:
         gemma4.load(ckpt)
-    assert "embed_tokens_per_layer.weight: missing" in _one_line(e)
+    assert "per_layer_input_gate.weight: missing from checkpoint" in _one_line(e)
 
 
 def test_truncated_safetensors(ckpt):
