@@ -244,7 +244,7 @@ class Attention(nn.Module):
         """x: [B, T, hidden]; qpos: [B, T] absolute positions (-1: padding); sees_until: see attention_mask."""
         b, t, _ = x.shape
         q = self.queries(x, qpos)
-        if self.kv_shared:  # kv: the source layer's KV as this call left it (SharedKV.update stores nothing)
+        if self.kv_shared:  # kv hands back what the source layer attended over in this call (decoder._Remembered)
             out = self.over_cache(q, None, None, qpos, kv, sees_until)
             return self.o_proj(out.to(x.dtype).transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
 
