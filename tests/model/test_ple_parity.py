@@ -292,3 +292,31 @@ def test_image_soft_tokens_in_an_e_model(tmp_path):
                              image_position_ids=out["image_position_ids"],
                              mm_token_type_ids=(ids == TOKEN_IDS["<|image|>"]).long())
     assert (model.forward(prompt).double() - expected).abs().max().item() <= bound
+
+
+def test_the_engine_under_a_kv_budget_with_prefix_reuse(ple):
+    """The continuous-batching engine on an E-model: a KV budget sized without the shared layers, two rows,
+    prefix reuse of a shared document: each answer is the one generate() gives alone."""
+    from gemma4.engine import Engine, Request
+    from gemma4.kv import PrefixStore
+    from gemma4.sampling import SamplingParams
+    from collect import Collector
+
+    model = ple["ple_shared"][2]
+    w = model.config.sliding_window
+    store = PrefixStore(max_bytes=10**8, block_tokens=4, min_tokens=8)
+    engine = Engine(model, max_batch=2, prefill_chunk=5, prefix_store=store, kv_budget=2**20).start()
+    doc = _ids(4 * w + 1, 8).tolist()
+    prompts = [doc + _ids(q, 10 + q).tolist() for q in (1, 7, 3)]
+    try:
+        outs = []
+        for prompt in prompts:
+            c = Collector()
+            engine.submit(Request(prompt, SamplingParams(max_tokens=2 * w + 1, **GREEDY), c))
+            outs.append(c)
+        assert all(c.done.wait(120) for c in outs)
+    finally:
+        engine.stop()
+    assert store.hits > 0
+    for prompt, c in zip(prompts, outs):
+        assert c.token_ids == model.generate(prompt, max_tokens=2 * w + 1, **GREEDY).token_ids
