@@ -474,6 +474,15 @@ def cmd_info(args) -> int:
     if cfg.enable_moe_block:
         print(f"experts        {cfg.num_experts}, top-{cfg.top_k_experts}, width {cfg.moe_intermediate_size}; "
               f"dense MLP {cfg.intermediate_size}")
+    if cfg.hidden_size_per_layer_input:
+        table = cfg.vocab_size_per_layer_input * cfg.per_layer_input_size
+        print(f"per-layer emb  {cfg.vocab_size_per_layer_input} x {cfg.num_hidden_layers} x "
+              f"{cfg.hidden_size_per_layer_input} = {_count(table)} parameters (a row per token: total, not active)")
+    if cfg.num_kv_shared_layers:
+        print(f"shared KV      the last {cfg.num_kv_shared_layers} layers read earlier layers' KV (layers "
+              f"{cfg.first_kv_shared_layer}-{cfg.num_hidden_layers - 1}; they store none)"
+              + (f"; their MLP {cfg.intermediate_size_of(cfg.num_hidden_layers - 1)} wide" if cfg.use_double_wide_mlp
+                 else ""))
     print(f"parameters     {_count(total)} total, {_count(active)} active per token")
     print(f"context        {cfg.max_position_embeddings} tokens; vocabulary {cfg.vocab_size}")
     weights = ckpt.weight_bytes()

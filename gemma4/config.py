@@ -60,6 +60,13 @@ class ModelConfig:
     pad_token_id: int | None = 0
     # "vision": each image's soft tokens attend to one another both ways on sliding layers
     use_bidirectional_attention: str | None = None
+    # Per-layer embeddings (E2B/E4B): a second table of vocab_size_per_layer_input rows, each row one
+    # slice of hidden_size_per_layer_input values per layer; 0 when the model has none.
+    hidden_size_per_layer_input: int = 0
+    vocab_size_per_layer_input: int = 0
+    # The last num_kv_shared_layers layers read the KV of the last earlier layer of their type.
+    num_kv_shared_layers: int = 0
+    use_double_wide_mlp: bool = False  # KV-shared layers' MLP is 2 x intermediate_size
 
     # ---- derived, per layer -------------------------------------------------------------
     def is_sliding(self, layer: int) -> bool:
@@ -79,19 +86,55 @@ class ModelConfig:
         return self.rope[self.layer_types[layer]]
 
     @property
+    def first_kv_shared_layer(self) -> int:
+        return self.num_hidden_layers - self.num_kv_shared_layers
+
+    def kv_shared(self, layer: int) -> bool:
+        """A layer without K/V of its own: it attends over its kv_source_layer's."""
+        return layer >= self.first_kv_shared_layer
+
+    def kv_source_layer(self, layer: int) -> int:
+        """The layer whose K/V `layer` attends over: itself, or for a KV-shared layer the last layer
+        before the shared ones of the same type (sliding or full)."""
+        if not self.kv_shared(layer):
+            return layer
+        kind = self.layer_types[layer]
+        for i in range(self.first_kv_shared_layer - 1, -1, -1):
+            if self.layer_types[i] == kind:
+                return i
+        raise ModelLoadError(f"num_kv_shared_layers: layer {layer} ({kind}) has no earlier {kind} layer to share KV with")
+
+    def intermediate_size_of(self, layer: int) -> int:
+        """The dense MLP's width in `layer`: doubled on KV-shared layers under use_double_wide_mlp."""
+        return self.intermediate_size * (2 if self.use_double_wide_mlp and self.kv_shared(layer) else 1)
+
+    @property
+    def per_layer_input_size(self) -> int:
+        """Columns of the per-layer embedding table: every layer's slice side by side."""
+        return self.num_hidden_layers * self.hidden_size_per_layer_input
+
+    @property
     def embed_scale(self) -> float:
         return math.sqrt(self.hidden_size)
 
     # ---- sizes ------------------------------------------------------------------------
     def parameter_counts(self) -> tuple[int, int]:
-        """(total, active per token) parameters of the text decoder, embedding counted once."""
-        h = self.hidden_size
+        """(total, active per token) parameters of the text decoder, embedding counted once. The
+        per-layer embedding table counts in the total only: a token reads one row of it (its
+        projection and norms are active)."""
+        h, p = self.hidden_size, self.hidden_size_per_layer_input
         total = active = self.vocab_size * h + h
+        if p:
+            total += self.vocab_size_per_layer_input * self.per_layer_input_size
+            ple = h * self.per_layer_input_size + p
+            total += ple
+            active += ple
         for i in range(self.num_hidden_layers):
             d, kv, q = self.head_dim_of(i), self.kv_heads_of(i), self.num_attention_heads
-            attn = h * q * d * 2 + h * kv * d * (1 if self.k_eq_v(i) else 2) + 2 * d
-            dense = 3 * h * self.intermediate_size + 4 * h
-            layer = attn + dense
+            own_kv = 0 if self.kv_shared(i) else h * kv * d * (1 if self.k_eq_v(i) else 2) + d
+            attn = h * q * d * 2 + own_kv + d
+            dense = 3 * h * self.intermediate_size_of(i) + 4 * h
+            layer = attn + dense + (2 * h * p + h if p else 0)
             total += layer
             active += layer
             if self.enable_moe_block:
@@ -149,6 +192,15 @@ class ModelConfig:
             )
         if self.sliding_window <= 0 and SLIDING in self.layer_types:
             raise ModelLoadError(f"sliding_window: must be positive, got {self.sliding_window}")
+        if not 0 <= self.num_kv_shared_layers < self.num_hidden_layers:
+            raise ModelLoadError(f"num_kv_shared_layers: need 0 .. {self.num_hidden_layers - 1}, got "
+                                 f"{self.num_kv_shared_layers}")
+        for i in range(self.first_kv_shared_layer, self.num_hidden_layers):
+            self.kv_source_layer(i)  # raises where a shared layer has no source
+        if self.hidden_size_per_layer_input < 0 or (self.hidden_size_per_layer_input
+                                                    and self.vocab_size_per_layer_input <= 0):
+            raise ModelLoadError(f"hidden_size_per_layer_input: need a positive vocab_size_per_layer_input "
+                                 f"(got {self.hidden_size_per_layer_input}, {self.vocab_size_per_layer_input})")
         return self
 
 
@@ -218,11 +270,6 @@ def _common(raw: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _gemma4_from_hf(raw: Mapping[str, Any]) -> ModelConfig:
-    if raw.get("hidden_size_per_layer_input"):
-        raise ModelLoadError(
-            "hidden_size_per_layer_input: per-layer embeddings (Gemma 4 E2B/E4B) are not supported yet"
-        )
-    _refuse(raw, "num_kv_shared_layers", 0, "KV-shared layers")
     _refuse(raw, "use_bidirectional_attention", "vision", "bidirectional text attention (embedding models)")
     common = _common(raw)
     layer_types = _layer_types(raw, 6)
@@ -268,6 +315,10 @@ def _gemma4_from_hf(raw: Mapping[str, Any]) -> ModelConfig:
         top_k_experts=int(raw.get("top_k_experts") or 0) if moe else 0,
         moe_intermediate_size=int(raw.get("moe_intermediate_size") or 0) if moe else 0,
         use_bidirectional_attention=raw.get("use_bidirectional_attention"),
+        hidden_size_per_layer_input=int(raw.get("hidden_size_per_layer_input") or 0),
+        vocab_size_per_layer_input=int(raw.get("vocab_size_per_layer_input") or common["vocab_size"]),
+        num_kv_shared_layers=int(raw.get("num_kv_shared_layers") or 0),
+        use_double_wide_mlp=bool(raw.get("use_double_wide_mlp", False)),
         **common,
     ).validate()
 

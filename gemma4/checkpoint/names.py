@@ -40,6 +40,13 @@ TENSORS: list[tuple[str, str]] = [
     ("layers.{i}.pre_feedforward_layernorm_2.weight", "blk.{i}.pre_ffw_norm_2.weight"),
     ("layers.{i}.post_feedforward_layernorm_1.weight", "blk.{i}.post_ffw_norm_1.weight"),
     ("layers.{i}.post_feedforward_layernorm_2.weight", "blk.{i}.post_ffw_norm_2.weight"),
+    # per-layer embeddings (E2B/E4B), named as llama.cpp names gemma3n's
+    ("embed_tokens_per_layer.weight", "per_layer_token_embd.weight"),
+    ("per_layer_model_projection.weight", "per_layer_model_proj.weight"),
+    ("per_layer_projection_norm.weight", "per_layer_proj_norm.weight"),
+    ("layers.{i}.per_layer_input_gate.weight", "blk.{i}.inp_gate.weight"),
+    ("layers.{i}.per_layer_projection.weight", "blk.{i}.proj.weight"),
+    ("layers.{i}.post_per_layer_input_norm.weight", "blk.{i}.post_norm.weight"),
     # the Gemma 4 assistant (llama.cpp arch gemma4-assistant); in its HF checkpoint these four sit at the
     # top level under these same names, its decoder under "model."
     ("pre_projection.weight", "nextn.pre_projection.weight"),
