@@ -60,6 +60,8 @@ class ModelConfig:
     pad_token_id: int | None = 0
     # "vision": each image's soft tokens attend to one another both ways on sliding layers
     use_bidirectional_attention: str | None = None
+    # the audio soft token: its runs stay causal under use_bidirectional_attention (set with an audio tower)
+    audio_token_id: int | None = None
 
     # ---- derived, per layer -------------------------------------------------------------
     def is_sliding(self, layer: int) -> bool:

@@ -17,7 +17,8 @@ from vision_reference import MAX_SOFT_TOKENS, TOKEN_IDS, VISION, vision_config, 
 # x channels[1], which is the width of 128 mel bins after two halvings only when channels[0] is 128.
 AUDIO = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, subsampling_conv_channels=[128, 8],
              output_proj_dims=24, conv_kernel_size=5)
-BOA, EOA = 256, 257  # ids the tests give begin/end of audio (byte tokens never seen in ASCII prompts)
+AUDIO_MARKS = ["<|audio>", "<audio|>"]  # begin / end of audio, added after vision_reference's media tokens
+BOA, EOA = 269, 270
 
 
 def audio_config(**overrides):
@@ -59,13 +60,24 @@ def build_audio_model(path: Path, seed: int = 0, text: str = "dense_kv", bidirec
     model = Gemma4ForConditionalGeneration(config)
     randomize_audio(model, seed)
     model.save_pretrained(path)
-    write_media_tokenizer(path)
+    write_audio_tokenizer(path)
     (path / "processor_config.json").write_text(json.dumps({
         "image_processor": {"max_soft_tokens": MAX_SOFT_TOKENS, "patch_size": VISION["patch_size"],
                             "pooling_kernel_size": VISION["pooling_kernel_size"]},
         "video_processor": {"max_soft_tokens": MAX_SOFT_TOKENS},
         "feature_extractor": {"feature_size": 128, "sampling_rate": 16000}, "audio_seq_length": 750}))
     return model.eval()
+
+
+def write_audio_tokenizer(path: Path) -> None:
+    """vision_reference's tokenizer plus Gemma 4's begin/end-of-audio tokens (ids 269, 270)."""
+    from tokenizers import AddedToken, Tokenizer
+
+    write_media_tokenizer(path)
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in AUDIO_MARKS])
+    assert [tok.token_to_id(t) for t in AUDIO_MARKS] == [BOA, EOA]
+    tok.save(str(path / "tokenizer.json"))
 
 
 def sweep(seconds: float, rate: int = 16000, f0: float = 50.0, f1: float = 7000.0, amplitude: float = 0.6,

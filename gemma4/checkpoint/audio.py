@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from ..audio_features import FeatureConfig
 from ..config import AudioConfig
 from ..errors import ModelLoadError
 from . import names
@@ -38,6 +39,13 @@ class HFAudioCheckpoint:
             raise ModelLoadError(f"{text_checkpoint.folder}: config.json has no audio_config (a model without audio)")
         processor = _read_json(text_checkpoint.folder / "processor_config.json")
         self.config = AudioConfig.from_hf(audio, text_checkpoint.config.hidden_size, processor)
+        try:
+            self.features = FeatureConfig.from_dict((processor or {}).get("feature_extractor"))
+        except (TypeError, ValueError) as e:
+            raise ModelLoadError(f"processor_config.json: {e}") from None
+        if self.features.feature_size != self.config.feature_size:
+            raise ModelLoadError(f"feature_extractor.feature_size: {self.features.feature_size} mel bins, but the "
+                                 f"audio tower takes {self.config.feature_size}")
         self._where: dict[str, tuple[Path, str]] = {}
         for path in text_checkpoint.files:
             with safe_open(str(path), framework="pt") as f:
@@ -99,6 +107,8 @@ class MmprojAudioCheckpoint:
                     raise ModelLoadError(f"{gguf_name}: tensor not known for the gemma4a projector")
                 self._gguf[ours] = gguf_name
         self.config = self._config(text_hidden_size)
+        # llama.cpp fixes the features for gemma4a (16 kHz, 20 ms frames every 10 ms): the extractor's defaults
+        self.features = FeatureConfig(feature_size=self.config.feature_size)
 
     def _need(self, key: str) -> Any:
         value = self.metadata.get(key)

@@ -98,13 +98,16 @@ class Decoder(nn.Module):
         """
         sees_until = None
         if embeds_mask is not None:
+            both_ways = embeds_mask  # image runs; audio runs attend causally, as the reference's mask says
+            if self.config.audio_token_id is not None:
+                both_ways = embeds_mask & (ids != self.config.audio_token_id)
             ids = ids.masked_fill(embeds_mask, 0)  # soft-token ids need no embedding row
         # The scale is rounded to the weight dtype first, as the reference does.
         h = self.embed_tokens(ids) * torch.tensor(self.config.embed_scale, dtype=self.dtype)
         if embeds_mask is not None:
             h = torch.where(embeds_mask[..., None], embeds.to(h.dtype), h)
             if self.config.use_bidirectional_attention == "vision":
-                sees_until = run_ends(positions, embeds_mask)
+                sees_until = run_ends(positions, both_ways)
         for i, (layer, kv) in enumerate(zip(self.layers, cache.layers)):
             h = layer(h, positions, kv, sees_until if self.config.is_sliding(i) else None)
         return self.norm(h)
