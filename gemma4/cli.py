@@ -20,8 +20,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="weight and activation dtype (auto: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (auto: CUDA when present)")
-    p.add_argument("--mmproj", metavar="FILE", help="the vision tower of a GGUF model, as llama.cpp ships it "
-                                                    "(an mmproj GGUF); HF multimodal folders carry their own")
+    p.add_argument("--mmproj", metavar="FILE", help="the vision (and audio) tower of a GGUF model, as llama.cpp "
+                                                    "ships it (an mmproj GGUF); HF multimodal folders carry their own")
     p.add_argument("--image-tokens", type=int, default=None, choices=[70, 140, 280, 560, 1120],
                    help="soft tokens per image at most (default: the model's, usually 280)")
     p.add_argument("--quantize", choices=["int4", "int8"], default=None,

@@ -39,8 +39,12 @@ class HFAudioCheckpoint:
             raise ModelLoadError(f"{text_checkpoint.folder}: config.json has no audio_config (a model without audio)")
         processor = _read_json(text_checkpoint.folder / "processor_config.json")
         self.config = AudioConfig.from_hf(audio, text_checkpoint.config.hidden_size, processor)
+        extractor = (processor or {}).get("feature_extractor")
+        if extractor is None:  # older saves keep the feature extractor in preprocessor_config.json
+            pre = _read_json(text_checkpoint.folder / "preprocessor_config.json") or {}
+            extractor = pre if "Gemma4Audio" in str(pre.get("feature_extractor_type", "")) else None
         try:
-            self.features = FeatureConfig.from_dict((processor or {}).get("feature_extractor"))
+            self.features = FeatureConfig.from_dict(extractor)
         except (TypeError, ValueError) as e:
             raise ModelLoadError(f"processor_config.json: {e}") from None
         if self.features.feature_size != self.config.feature_size:

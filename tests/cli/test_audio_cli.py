@@ -38,9 +38,7 @@ def test_run_with_audio(tiny):
 
 
 @pytest.mark.parametrize("args,words", [
-    (["--audio", "{d}/missing.wav"], "no such audio file"),
-    (["--audio", "{d}/broken.wav"], "truncated"),
-    (["--audio", "{d}/a.png"], "not audio"),
+    (["--audio", "{d}/broken.wav"], "truncated"),  # the decoder's other refusals: tests/audio/test_audio_io.py
     (["--audio", "{d}/a.flac", "--raw"], "drop --raw"),
 ])
 def test_bad_audio_is_one_line_and_exit_2(tiny, args, words):
