@@ -22,7 +22,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from .audio_io import Audio, decode_base64_audio, load_audio
+from .audio_io import Audio, decode_audio, decode_base64_audio, load_audio
 from .errors import AudioError
 from .images import Image, Patches, decode_image, from_pil, image_from_url, load_image, preprocess
 from .video import Video, load_video, timestamp_text
@@ -161,8 +161,6 @@ def _audio_of(part: Mapping[str, Any], local_files: bool) -> Audio:
     if isinstance(value, Audio):
         return value
     if isinstance(value, (bytes, bytearray)):
-        from .audio_io import decode_audio
-
         return decode_audio(bytes(value))
     if isinstance(value, (str, Path)):
         if not local_files or str(value).startswith("data:"):
