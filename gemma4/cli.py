@@ -487,6 +487,7 @@ def cmd_info(args) -> int:
     print(f"tensor types   {', '.join(f'{k} x{v}' for k, v in sorted(ckpt.tensor_types().items()))}")
     print(f"weights        {_human(weights)} on disk")
     print(f"chat template  {'yes' if ckpt.chat_template() else 'none (base model: raw completion)'}")
+    _print_audio_tower(ckpt)
     from gemma4.native import isa
 
     print(f"CPU            {isa.describe()}")
@@ -497,6 +498,23 @@ def cmd_info(args) -> int:
                  for i in range(cfg.num_hidden_layers))
         print(f"KV at {ctx:>6}   {_human(kv)} (bf16); weights + KV {_human(weights + kv)}")
     return 0
+
+
+def _print_audio_tower(ckpt) -> None:
+    """The audio tower of an HF folder (a GGUF model's lives in its mmproj file)."""
+    raw = getattr(ckpt, "raw_config", None) or {}
+    if not isinstance(raw.get("audio_config"), dict):
+        return
+    import torch
+
+    from gemma4.config import AudioConfig
+    from gemma4.model.audio import AudioModel
+
+    a = AudioConfig.from_hf(raw["audio_config"], ckpt.config.hidden_size)
+    with torch.device("meta"):
+        n = sum(p.numel() for p in AudioModel(a).parameters())
+    print(f"audio tower    {a.num_hidden_layers} conformer layers, hidden {a.hidden_size}, {_count(n)} parameters; "
+          f"clips up to 30 s, one soft token per 40 ms")
 
 
 def cmd_list(args) -> int:

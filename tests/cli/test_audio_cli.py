@@ -67,3 +67,17 @@ def test_chat_audio_command(tiny):
     without = model.chat([{"role": "user", "content": "what now"}], max_tokens=6, temperature=0)
     assert with_media.content != without.content  # so the next check tells the two apart
     assert with_media.content in r.stdout
+
+
+def test_info_describes_the_audio_tower(tiny):
+    from transformers import AutoConfig
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4AudioModel, Gemma4MultimodalEmbedder
+
+    config = AutoConfig.from_pretrained(tiny / "model")
+    n = sum(p.numel() for m in (Gemma4AudioModel(config.audio_config),
+                                Gemma4MultimodalEmbedder(config.audio_config, config.text_config))
+            for p in m.parameters())
+    r = cli("info", str(tiny / "model"))
+    assert r.returncode == 0, r.stderr
+    line = next(x for x in r.stdout.splitlines() if x.startswith("audio tower"))
+    assert "2 conformer layers, hidden 32" in line and f"{n / 1e3:.2f}K parameters" in line, (line, n)
