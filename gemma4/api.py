@@ -464,9 +464,10 @@ class Model:
     def chat_input(self, messages: list[dict], tools: list | None = None, enable_thinking: bool = False,
                    image_tokens: int | None = None, suffix: str = "", local_files: bool = True,
                    **template_kwargs):
-        """The token ids of a conversation (a MultimodalPrompt when it holds images or videos: content
+        """The token ids of a conversation (a MultimodalPrompt when it holds images, videos or audio: content
         parts {"type": "image_url", "image_url": {"url": "data:..."}}, {"type": "image", "image": PATH |
-        bytes | Image}, {"type": "video", "video": PATH}). `suffix` is text the answer is made to start
+        bytes | Image}, {"type": "video", "video": PATH}, {"type": "input_audio", "input_audio": {"data":
+        BASE64, "format": "wav"}}, {"type": "audio", "audio": PATH | bytes | Audio}). `suffix` is text the answer is made to start
         with (after the generation prompt). local_files=False (for requests from a network) refuses
         paths: a string is then only a data: URL."""
         from .multimodal import collect_media, has_media, part_kinds

@@ -126,3 +126,21 @@ def test_bad_audio_and_models_without_audio(mm, gemma4_models):
     with pytest.raises(ValueError, match="no audio tower"):
         text_only.chat_input([{"role": "user", "content": [
             {"type": "input_audio", "input_audio": {"data": base64.b64encode(wav).decode(), "format": "wav"}}]}])
+
+
+def test_a_repeated_clip_is_encoded_once(mm, monkeypatch):
+    """The same clip twice in a conversation goes through the tower once (cached by its samples' digest),
+    and both runs get the same embeddings; another clip is encoded on its own."""
+    _, _, model = mm
+    calls = []
+    tower = model.audio
+    real = tower.encode
+    monkeypatch.setattr(tower, "encode", lambda f: calls.append(f.shape[0]) or real(f))
+    model._encoded.clear()
+    a, b = encoded_audio(sweep(0.6), 16000, "WAV", "PCM_16"), encoded_audio(sweep(0.6, f0=90), 16000, "WAV", "PCM_16")
+    part = lambda data: {"type": "input_audio", "input_audio": {"data": base64.b64encode(data).decode(),
+                                                                "format": "wav"}}
+    prompt = model.chat_input([{"role": "user", "content": [part(a), part(b), part(a)]}])
+    soft = model.media_embeddings(prompt)
+    assert len(soft) == 3 and len(calls) == 2
+    assert torch.equal(soft[0][1], soft[2][1]) and not torch.equal(soft[0][1], soft[1][1])
