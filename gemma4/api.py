@@ -90,9 +90,12 @@ def load(path: str | Path | None = None, dtype="float32", device="cpu", progress
     checkpoint = open_checkpoint(path)
     tokenizer = checkpoint.load_tokenizer()  # before the weights: a missing tokenizer fails fast
     vision = _vision_checkpoint(checkpoint, mmproj)  # before the weights too: a bad mmproj fails fast
+    audio = _audio_checkpoint(checkpoint, mmproj)
     decoder = build_decoder(checkpoint, _dtype(dtype), _device(device), progress=progress, quantize=quantize)
+    if audio is not None:
+        decoder.config.audio_token_id = _audio_token_id(checkpoint, tokenizer)
     _prepare_kernels(decoder)
-    return Model(decoder, tokenizer, checkpoint, vision=vision, engine_options=engine)
+    return Model(decoder, tokenizer, checkpoint, vision=vision, engine_options=engine, audio=audio)
 
 
 def _engine_options(kv_cache: str, kv_budget, prefix_cache_bytes, max_batch: int) -> dict:
@@ -136,8 +139,35 @@ def _vision_checkpoint(checkpoint, mmproj):
     return None
 
 
+def _audio_checkpoint(checkpoint, mmproj):
+    """The audio tower's reader: the HF folder's own, or the mmproj's gemma4a part (None where neither has one)."""
+    from .checkpoint.audio import HFAudioCheckpoint, MmprojAudioCheckpoint
+
+    config = checkpoint.config
+    if mmproj is not None:
+        from .checkpoint.gguf_file import GGUFFile
+
+        if config.architecture == "gemma4" and GGUFFile(mmproj).metadata.get("clip.audio.projector_type"):
+            return MmprojAudioCheckpoint(mmproj, config.hidden_size)
+        return None
+    raw = getattr(checkpoint, "raw_config", None) or {}
+    if config.architecture == "gemma4" and isinstance(raw.get("audio_config"), dict) and hasattr(checkpoint, "files"):
+        return HFAudioCheckpoint(checkpoint)
+    return None
+
+
+def _audio_token_id(checkpoint, tokenizer) -> int | None:
+    from .multimodal import AUDIO
+
+    raw = getattr(checkpoint, "raw_config", None) or {}
+    if raw.get("audio_token_id") is not None:
+        return int(raw["audio_token_id"])
+    return tokenizer.token_to_id(AUDIO) if tokenizer is not None else None
+
+
 class Model:
-    def __init__(self, decoder, tokenizer, checkpoint=None, vision=None, engine_options: dict | None = None):
+    def __init__(self, decoder, tokenizer, checkpoint=None, vision=None, engine_options: dict | None = None,
+                 audio=None):
         self.decoder = decoder
         self.engine_options = engine_options or _engine_options("float", None, "2GiB", 8)
         self._engine: Engine | None = None
@@ -145,6 +175,8 @@ class Model:
         self.checkpoint = checkpoint
         self.vision_checkpoint = vision  # a reader (checkpoint/vision.py); the tower is built on first use
         self._vision = None
+        self.audio_checkpoint = audio  # a reader (checkpoint/audio.py); the tower is built on first use
+        self._audio = None
         self._encoded: dict = {}  # image digest -> embeddings, the last few (multimodal.encode)
 
     @property
@@ -216,30 +248,65 @@ class Model:
             raise ValueError("this model has no vision tower: images need a multimodal checkpoint, or an "
                              "mmproj file beside a GGUF model")
 
+    # ---- audio --------------------------------------------------------------------------
+    @property
+    def audio(self):
+        """The audio tower (model/audio.py), built from its checkpoint the first time it is asked for."""
+        if self._audio is None:
+            self.check_audio()
+            from .model.audio import load_audio_tower
+
+            self._audio = load_audio_tower(self.audio_checkpoint, self.decoder.dtype, self.decoder.device)
+        return self._audio
+
+    def check_audio(self) -> None:
+        """Raises ValueError, saying why, when the model cannot take audio."""
+        if self.audio_checkpoint is None:
+            raise ValueError("this model has no audio tower: audio needs a Gemma 4 model with one (E2B, E4B), or "
+                             "its mmproj file beside a GGUF model")
+
+    def check_media(self, media: list | None = None, kinds: set[str] | None = None) -> None:
+        """Raises ValueError when the model lacks a tower that `media` (or the tower `kinds`) need."""
+        from .multimodal import media_kinds
+
+        kinds = media_kinds(media or []) | (kinds or set())
+        if "vision" in kinds:
+            self.check_vision()
+        if "audio" in kinds:
+            self.check_audio()
+
     def multimodal_prompt(self, text: str, media: list, image_tokens: int | None = None) -> MultimodalPrompt:
-        """Prompt text with <|image|> / <|video|> placeholders (as the chat template writes them) and the
-        images / videos for them, in order -> token ids with soft-token runs."""
+        """Prompt text with <|image|> / <|video|> / <|audio|> placeholders (as the chat template writes them)
+        and the images / videos / audio clips for them, in order -> token ids with soft-token runs."""
+        from .audio_features import FeatureExtractor
         from .config import SUPPORTED_SOFT_TOKENS
         from .multimodal import MediaTokens, expand
 
-        self.check_vision()
-        cfg = self.vision_checkpoint.config
-        image_tokens = cfg.max_soft_tokens if image_tokens is None else int(image_tokens)
-        if image_tokens not in SUPPORTED_SOFT_TOKENS:
-            raise ValueError(f"image_tokens: {image_tokens} is not one of {SUPPORTED_SOFT_TOKENS}")
+        self.check_media(media)
+        sizes = {}
+        if self.vision_checkpoint is not None:
+            cfg = self.vision_checkpoint.config
+            image_tokens = cfg.max_soft_tokens if image_tokens is None else int(image_tokens)
+            if image_tokens not in SUPPORTED_SOFT_TOKENS:
+                raise ValueError(f"image_tokens: {image_tokens} is not one of {SUPPORTED_SOFT_TOKENS}")
+            sizes = dict(patch_size=cfg.patch_size, pooling_kernel_size=cfg.pooling_kernel_size,
+                         image_soft_tokens=image_tokens, video_soft_tokens=cfg.video_max_soft_tokens)
+        if self.audio_checkpoint is not None:
+            sizes.update(audio_extractor=FeatureExtractor(self.audio_checkpoint.features),
+                         audio_seq_length=self.audio_checkpoint.config.audio_seq_length)
         tokens = MediaTokens.from_tokenizer(self.tokenizer, getattr(self.checkpoint, "raw_config", None))
-        return expand(text, media, tokens, self.tokenizer, patch_size=cfg.patch_size,
-                      pooling_kernel_size=cfg.pooling_kernel_size, image_soft_tokens=image_tokens,
-                      video_soft_tokens=cfg.video_max_soft_tokens)
+        return expand(text, media, tokens, self.tokenizer, **sizes)
 
     def media_embeddings(self, prompt) -> list:
-        """[(offset, [N, hidden] embeddings)] of a prompt's images and video frames, through the vision
-        tower (an image seen recently is not encoded again); [] for a text prompt."""
+        """[(offset, [N, hidden] embeddings)] of a prompt's images, video frames and audio clips, through
+        their towers (media seen recently are not encoded again); [] for a text prompt."""
         if not isinstance(prompt, MultimodalPrompt) or not prompt.patches:
             return []
-        from .multimodal import encode
+        from .multimodal import AudioClip, encode
 
-        return encode(prompt, self.vision, self._encoded)
+        clips = [isinstance(p, AudioClip) for p in prompt.patches]
+        return encode(prompt, self.vision if not all(clips) else None, self._encoded,
+                      audio=self.audio if any(clips) else None)
 
     # ---- logits -------------------------------------------------------------------------
     def forward(self, token_ids, chunk: int = PREFILL_CHUNK) -> torch.Tensor:
@@ -397,16 +464,17 @@ class Model:
     def chat_input(self, messages: list[dict], tools: list | None = None, enable_thinking: bool = False,
                    image_tokens: int | None = None, suffix: str = "", local_files: bool = True,
                    **template_kwargs):
-        """The token ids of a conversation (a MultimodalPrompt when it holds images or videos: content
+        """The token ids of a conversation (a MultimodalPrompt when it holds images, videos or audio: content
         parts {"type": "image_url", "image_url": {"url": "data:..."}}, {"type": "image", "image": PATH |
-        bytes | Image}, {"type": "video", "video": PATH}). `suffix` is text the answer is made to start
+        bytes | Image}, {"type": "video", "video": PATH}, {"type": "input_audio", "input_audio": {"data":
+        BASE64, "format": "wav"}}, {"type": "audio", "audio": PATH | bytes | Audio}). `suffix` is text the answer is made to start
         with (after the generation prompt). local_files=False (for requests from a network) refuses
         paths: a string is then only a data: URL."""
-        from .multimodal import collect_media, has_media
+        from .multimodal import collect_media, has_media, part_kinds
 
         media = []
         if has_media(messages):
-            self.check_vision()
+            self.check_media(kinds=part_kinds(messages))  # before decoding: a model without the tower says so
             messages, media = collect_media(messages, local_files)
         prompt = self.chat_prompt(messages, tools=tools, enable_thinking=enable_thinking, **template_kwargs) + suffix
         if media:

@@ -20,8 +20,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="weight and activation dtype (auto: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (auto: CUDA when present)")
-    p.add_argument("--mmproj", metavar="FILE", help="the vision tower of a GGUF model, as llama.cpp ships it "
-                                                    "(an mmproj GGUF); HF multimodal folders carry their own")
+    p.add_argument("--mmproj", metavar="FILE", help="the vision (and audio) tower of a GGUF model, as llama.cpp "
+                                                    "ships it (an mmproj GGUF); HF multimodal folders carry their own")
     p.add_argument("--image-tokens", type=int, default=None, choices=[70, 140, 280, 560, 1120],
                    help="soft tokens per image at most (default: the model's, usually 280)")
     p.add_argument("--quantize", choices=["int4", "int8"], default=None,
@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--video", action="append", default=[], metavar="PATH",
                      help="a video file (needs PyAV) or a folder of frames at 1 fps, sampled at 1 fps, at most "
                           "60 frames (repeatable)")
+    run.add_argument("--audio", action="append", default=[], metavar="FILE",
+                     help="an audio clip (WAV, FLAC, MP3, OGG; at most 30 s) heard before the prompt (repeatable; "
+                          "models with an audio tower: E2B, E4B)")
     _model_args(run)
     _sampling_args(run)
     _speculative_args(run)
@@ -211,13 +214,16 @@ def _messages(system: str | None, history: list[dict]) -> list[dict]:
     return ([{"role": "system", "content": system}] if system else []) + history
 
 
-def _media_parts(images: list[str], videos: list[str]) -> list[dict]:
-    """Content parts for image and video files, decoded now so that a bad file fails before the model loads."""
+def _media_parts(images: list[str], videos: list[str], audio: list[str] = ()) -> list[dict]:
+    """Content parts for image, video and audio files, decoded now so that a bad file fails before the model
+    loads."""
+    from gemma4.audio_io import load_audio
     from gemma4.images import load_image
     from gemma4.video import load_video
 
     return ([{"type": "image", "image": load_image(p)} for p in images]
-            + [{"type": "video", "video": load_video(p)} for p in videos])
+            + [{"type": "video", "video": load_video(p)} for p in videos]
+            + [{"type": "audio", "audio": load_audio(p)} for p in audio])
 
 
 def _user_message(text: str, media: list[dict]) -> dict:
@@ -227,7 +233,7 @@ def _user_message(text: str, media: list[dict]) -> dict:
 def _note_media(model, messages: list[dict], args) -> None:
     prompt = model.chat_input(messages, enable_thinking=args.think, image_tokens=args.image_tokens)
     soft = sum(p.soft_tokens for p in getattr(prompt, "patches", []))
-    _note(f"note: {len(getattr(prompt, 'patches', []))} images/frames as {soft} soft tokens; "
+    _note(f"note: {len(getattr(prompt, 'patches', []))} images/frames/clips as {soft} soft tokens; "
           f"prompt of {len(prompt)} tokens")
 
 
@@ -294,18 +300,18 @@ def cmd_run(args) -> int:
     prompt = (sys.stdin.read() if args.prompt == "-" else args.prompt) if args.prompt is not None else ""
     if not prompt.strip() and doc is None:
         raise CLIError("the prompt is empty")
-    if args.prompt_cache and doc is None and not (args.image or args.video):
-        raise CLIError("--prompt-cache needs --file, --image or --video: it keeps the document's KV")
+    if args.prompt_cache and doc is None and not (args.image or args.video or args.audio):
+        raise CLIError("--prompt-cache needs --file, --image, --video or --audio: it keeps the document's KV")
     question = prompt
     if doc is not None:
         prompt = doc + ("\n\n" + question if question.strip() else "")
     _check_sampling(args)
-    if (args.image or args.video) and args.raw:
-        raise CLIError("--image and --video need the chat format: drop --raw")
-    media = _media_parts(args.image, args.video)
+    if (args.image or args.video or args.audio) and args.raw:
+        raise CLIError("--image, --video and --audio need the chat format: drop --raw")
+    media = _media_parts(args.image, args.video, args.audio)
     model = _load(args, prefix_cache_bytes=0)
     if media:
-        model.check_vision()
+        model.check_media(kinds={"audio" if "audio" in p else "vision" for p in media})
     speculation = _speculation(model, args)
     has_template = model.chat_template is not None
     use_chat = args.chat or (has_template and not args.raw) or bool(media)
@@ -354,8 +360,8 @@ def cmd_chat(args) -> int:
     if model.chat_template is None:
         _note(f"note: the model has no chat template; using the {model.config.architecture} turn format "
               "(a base model chats poorly)")
-    _note("chat: /image PATH and /video PATH attach to your next message, /reset clears the history, /exit quits, "
-          "Ctrl-C stops an answer")
+    _note("chat: /image PATH, /video PATH and /audio PATH attach to your next message, /reset clears the history, "
+          "/exit quits, Ctrl-C stops an answer")
     history: list[dict] = []
     attached: list[dict] = []
     while True:
@@ -378,18 +384,19 @@ def cmd_chat(args) -> int:
             _note("(history cleared)")
             continue
         command, _, arg = text.partition(" ")
-        if command in ("/image", "/video") and arg.strip():
+        if command in ("/image", "/video", "/audio") and arg.strip():
             try:
-                model.check_vision()
+                model.check_media(kinds={"audio" if command == "/audio" else "vision"})
                 attached += _media_parts([arg.strip()] if command == "/image" else [],
-                                         [arg.strip()] if command == "/video" else [])
+                                         [arg.strip()] if command == "/video" else [],
+                                         [arg.strip()] if command == "/audio" else [])
             except ValueError as e:
                 _note(f"error: {e}")
                 continue
             _note(f"({len(attached)} attached to your next message)")
             continue
         if text.startswith("/"):
-            _note("commands: /image PATH, /video PATH, /reset, /exit")
+            _note("commands: /image PATH, /video PATH, /audio PATH, /reset, /exit")
             continue
         history.append(_user_message(line, attached))
         attached = []
@@ -489,6 +496,7 @@ def cmd_info(args) -> int:
     print(f"tensor types   {', '.join(f'{k} x{v}' for k, v in sorted(ckpt.tensor_types().items()))}")
     print(f"weights        {_human(weights)} on disk")
     print(f"chat template  {'yes' if ckpt.chat_template() else 'none (base model: raw completion)'}")
+    _print_audio_tower(ckpt)
     from gemma4.native import isa
 
     print(f"CPU            {isa.describe()}")
@@ -499,6 +507,23 @@ def cmd_info(args) -> int:
                  for i in range(cfg.num_hidden_layers))
         print(f"KV at {ctx:>6}   {_human(kv)} (bf16); weights + KV {_human(weights + kv)}")
     return 0
+
+
+def _print_audio_tower(ckpt) -> None:
+    """The audio tower of an HF folder (a GGUF model's lives in its mmproj file)."""
+    raw = getattr(ckpt, "raw_config", None) or {}
+    if not isinstance(raw.get("audio_config"), dict):
+        return
+    import torch
+
+    from gemma4.config import AudioConfig
+    from gemma4.model.audio import AudioModel
+
+    a = AudioConfig.from_hf(raw["audio_config"], ckpt.config.hidden_size)
+    with torch.device("meta"):
+        n = sum(p.numel() for p in AudioModel(a).parameters())
+    print(f"audio tower    {a.num_hidden_layers} conformer layers, hidden {a.hidden_size}, {_count(n)} parameters; "
+          f"clips up to 30 s, one soft token per 40 ms")
 
 
 def cmd_list(args) -> int:

@@ -119,14 +119,17 @@ class Decoder(nn.Module):
         """
         config = self.config
         sees_until = None
-        if embeds_mask is not None:  # soft tokens take the pad token's rows (their ids are not text)
-            ids = ids.masked_fill(embeds_mask, config.pad_token_id or 0)
+        if embeds_mask is not None:
+            both_ways = embeds_mask  # image runs; audio runs attend causally, as the reference's mask says
+            if config.audio_token_id is not None:
+                both_ways = embeds_mask & (ids != config.audio_token_id)
+            ids = ids.masked_fill(embeds_mask, config.pad_token_id or 0)  # soft tokens take the pad token's rows
         # The scale is rounded to the weight dtype first, as the reference does.
         h = self.embed_tokens(ids) * torch.tensor(config.embed_scale, dtype=self.dtype)
         if embeds_mask is not None:
             h = torch.where(embeds_mask[..., None], embeds.to(h.dtype), h)
             if config.use_bidirectional_attention == "vision":
-                sees_until = run_ends(positions, embeds_mask)
+                sees_until = run_ends(positions, both_ways)
         per_layer = self.per_layer_inputs(ids, h) if config.hidden_size_per_layer_input else None
         kvs = list(cache.layers)
         for i, layer in enumerate(self.layers):
