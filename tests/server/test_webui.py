@@ -1,0 +1,391 @@
+"""The chat page at / of `gemma4 serve`, in a real browser: Debian's chromium, headless, driven by selenium
+through the system chromedriver, against the live server (`gemma4 serve` on the embedded model, with an API
+key). What the page shows is checked against what the server's API answers to the same request."""
+
+import base64
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import wave
+from pathlib import Path
+
+import httpx
+import pytest
+
+import gemma4
+from gemma4 import store
+from gemma4.server import create_app
+from scripted import Thinker, running_output
+from test_server import LiveServer
+
+KEY = "page-test-key"
+NAME = store.EMBEDDED_NAME
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+# Debian's /usr/bin/chromium is a shell wrapper; the driver is given the browser itself where it is there
+CHROMIUM = next((p for p in ("/usr/lib/chromium/chromium", shutil.which("chromium")) if p and Path(p).is_file()), None)
+LONG = "Count from 1 to 500, separated by commas."  # the embedded model loops on it, greedily: no early end
+
+
+@pytest.fixture(scope="module")
+def driver():
+    if CHROMIUM is None or not Path(CHROMEDRIVER).is_file():
+        pytest.skip("chromium and chromedriver are not installed")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,860"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    # a Service with the driver's path: selenium-manager is never asked to find or download one
+    browser = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    browser.set_script_timeout(30)
+    yield browser
+    browser.quit()
+
+
+@pytest.fixture(scope="module")
+def server():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "gemma4.cli", "serve", "--port", str(port), "--api-key", KEY,
+                             "--parallel", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300  # the native kernels may be built by a neighbour first
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "the server did not start"
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+
+
+def api(server, body, status=200):
+    """The server's own answer to a chat request, as the page's request would get it."""
+    r = httpx.post(server + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
+    assert r.status_code == status, r.text
+    return r.json()
+
+
+def wait(driver, script, timeout=60, *args):
+    deadline = time.time() + timeout
+    while not (value := driver.execute_script(script, *args)):
+        assert time.time() < deadline, f"timed out waiting for: {script}"
+        time.sleep(0.05)
+    return value
+
+
+def errors(driver) -> list[str]:
+    return [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+
+
+def fresh(driver, server, key=KEY, ready=True):
+    """The page with nothing kept but the key; with `ready`, returns once the server's models are listed."""
+    driver.get_log("browser")  # what earlier tests left there (reading empties it)
+    driver.get(server + "/")
+    driver.execute_script("localStorage.clear(); if (arguments[0]) localStorage.setItem('gemma4.apiKey', arguments[0])",
+                          key)
+    driver.refresh()
+    if ready:
+        wait(driver, "return document.querySelector('#model option')")
+
+
+def set_field(driver, id, value):
+    field = driver.find_element("id", id)
+    field.clear()
+    field.send_keys(str(value))
+
+
+LAST = "const m = [...document.querySelectorAll('.msg.assistant')].pop(); "
+
+
+def ask(driver, text):
+    from selenium.webdriver.common.keys import Keys
+
+    n = driver.execute_script("return document.querySelectorAll('.msg.assistant').length")
+    driver.find_element("id", "prompt").send_keys(text, Keys.ENTER)
+    wait(driver, "return document.querySelectorAll('.msg.assistant').length > arguments[0]", 10, n)
+
+
+def watch(driver, timeout=120) -> list[int]:
+    """The last answer's text length at each look until it is no longer streaming."""
+    lengths = []
+    deadline = time.time() + timeout
+    while True:
+        state, length = driver.execute_script(LAST + "return [m.dataset.state, m.querySelector('.answer').textContent.length]")
+        if state != "streaming":
+            return lengths
+        lengths.append(length)
+        assert time.time() < deadline, "the answer never ended"
+        time.sleep(0.02)
+
+
+def kept(driver) -> list[dict]:
+    """The conversations as the page kept them in localStorage."""
+    return json.loads(driver.execute_script("return localStorage.getItem('gemma4.conversations')"))
+
+
+def test_the_page_and_its_files_need_no_key_but_the_api_does(server):
+    page = httpx.get(server + "/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "default-src 'self'" in page.headers["content-security-policy"]  # no script or fetch from elsewhere
+    for name in ("app.js", "api.js", "markdown.js", "store.js", "attach.js", "style.css"):
+        assert httpx.get(f"{server}/static/{name}").status_code == 200, name
+    assert httpx.get(server + "/v1/models").status_code == 401
+
+
+def test_the_page_asks_for_the_key_then_loads_without_console_errors(driver, server):
+    fresh(driver, server, key=None, ready=False)
+    wait(driver, "return document.getElementById('key-dialog').open", 20)
+    driver.find_element("id", "key").send_keys(KEY)
+    driver.find_element("id", "key-save").click()
+    assert wait(driver, "return [...document.querySelectorAll('#model option')].map(o => o.value).join()") == NAME
+    # the one refusal before the key is the browser's own report of the 401, nothing from the page
+    assert all("401" in e for e in errors(driver)), errors(driver)
+    assert driver.execute_script("return localStorage.getItem('gemma4.apiKey')") == KEY
+    driver.refresh()
+    wait(driver, "return document.querySelector('#model option')")
+    assert not driver.execute_script("return document.getElementById('key-dialog').open")
+    assert errors(driver) == []
+
+
+def test_a_message_gets_the_streamed_greedy_answer(driver, server, tmp_path):
+    fresh(driver, server)
+    set_field(driver, "temperature", 0)
+    set_field(driver, "max-tokens", 40)
+    ask(driver, "Write a short poem about the sea.")
+    lengths = watch(driver)
+    final = driver.execute_script(LAST + "return [m.dataset.state, m.querySelector('.answer').textContent]")
+    assert final[0] == "done", driver.execute_script(LAST + "return m.querySelector('.error').textContent")
+    # streamed: the text grew over several looks before the answer was complete
+    growing = sorted(set(lengths))
+    assert len(growing) >= 3 and growing == list(dict.fromkeys(lengths)) and growing[-1] <= len(final[1])
+    direct = api(server, {"model": NAME, "messages": [{"role": "user", "content": "Write a short poem about the sea."}],
+                          "temperature": 0, "top_p": 0.95, "max_tokens": 40,
+                          "chat_template_kwargs": {"enable_thinking": False}})
+    expected = direct["choices"][0]["message"]["content"]
+    assert kept(driver)[0]["messages"][1]["content"] == expected
+    shown = driver.execute_async_script(
+        "import('/static/markdown.js').then(md => { const d = document.createElement('div');"
+        " d.innerHTML = md.renderMarkdown(arguments[0]); arguments[1](d.textContent); })", expected)
+    assert final[1] == shown
+    assert errors(driver) == []
+    screenshot(driver, tmp_path)
+
+
+def screenshot(driver, tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "webui.png"
+    assert driver.save_screenshot(str(path))
+    assert Image.open(path).size[0] >= 1000  # the whole window, not an empty capture
+    if os.environ.get("GEMMA4_SCREENSHOT"):
+        shutil.copyfile(path, os.environ["GEMMA4_SCREENSHOT"])
+
+
+def running(server) -> float:
+    for line in httpx.get(server + "/metrics").text.splitlines():
+        if line.startswith("gemma4_running_requests "):
+            return float(line.split()[1])
+    raise AssertionError("no gemma4_running_requests in /metrics")
+
+
+def test_stop_ends_the_answer_and_the_server_stops_generating(driver, server):
+    fresh(driver, server)
+    set_field(driver, "temperature", 0)
+    set_field(driver, "max-tokens", 3000)
+    ask(driver, LONG)
+    wait(driver, LAST + "return m.querySelector('.answer').textContent.length > 20", 60)
+    assert running(server) == 1
+    driver.find_element("id", "stop").click()
+    wait(driver, LAST + "return m.dataset.state === 'stopped'", 10)
+    length = driver.execute_script(LAST + "return m.querySelector('.answer').textContent.length")
+    # the server noticed the closed connection and freed the row
+    deadline = time.time() + 15
+    while running(server):
+        assert time.time() < deadline, "the server kept generating after stop"
+        time.sleep(0.1)
+    time.sleep(0.5)
+    assert driver.execute_script(LAST + "return m.querySelector('.answer').textContent.length") == length
+    assert driver.execute_script("return [document.getElementById('send').hidden, document.getElementById('stop').hidden]") \
+        == [False, True]
+    assert kept(driver)[0]["messages"][1]["stopped"] is True
+    # ready for the next message, whose history holds the stopped answer as far as it went
+    set_field(driver, "max-tokens", 3)
+    ask(driver, "Thanks.")
+    watch(driver)
+    assert driver.execute_script(LAST + "return m.dataset.state") == "done"
+    assert errors(driver) == []
+
+
+def test_a_conversation_survives_a_reload_and_can_be_deleted(driver, server):
+    fresh(driver, server)
+    set_field(driver, "max-tokens", 4)
+    ask(driver, "Hello there")
+    watch(driver)
+    before = driver.execute_script("return [...document.querySelectorAll('.msg')].map(m => m.textContent)")
+    driver.find_element("id", "new-chat").click()
+    assert driver.execute_script("return document.querySelectorAll('.msg').length") == 0
+    driver.refresh()
+    wait(driver, "return document.querySelector('#model option')")
+    titles = driver.execute_script("return [...document.querySelectorAll('#conversations .pick')].map(b => b.textContent)")
+    assert "Hello there" in titles
+    driver.find_elements("css selector", "#conversations .pick")[titles.index("Hello there")].click()
+    assert driver.execute_script("return [...document.querySelectorAll('.msg')].map(m => m.textContent)") == before
+    driver.execute_script("document.querySelector('#conversations li.active .delete').click()")
+    driver.refresh()
+    wait(driver, "return document.querySelector('#model option')")
+    assert "Hello there" not in driver.execute_script(
+        "return [...document.querySelectorAll('#conversations .pick')].map(b => b.textContent)")
+
+
+def png() -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (32, 24), (200, 40, 40)).save(out, "PNG")
+    return out.getvalue()
+
+
+def wav() -> bytes:
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
+        w.writeframes(b"\x00\x01" * 1600)
+    return out.getvalue()
+
+
+def test_attachments_are_shown_and_the_servers_refusal_is_shown(driver, server, tmp_path):
+    fresh(driver, server)
+    image = tmp_path / "red.png"
+    image.write_bytes(png())
+    driver.find_element("id", "file").send_keys(str(image))  # the file picker
+    wait(driver, "return document.querySelector('#attachments img')", 10)
+    ask(driver, "What is this?")
+    wait(driver, LAST + "return m.dataset.state !== 'streaming'", 30)
+    assert driver.execute_script("return document.querySelector('.msg.user img').naturalWidth") == 32
+    url = "data:image/png;base64," + base64.b64encode(png()).decode()
+    refusal = api(server, {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is this?"}]}]}, 400)
+    assert driver.execute_script(LAST + "return [m.dataset.state, m.querySelector('.error').textContent]") \
+        == ["error", refusal["error"]["message"]]
+
+    # audio, dropped on the page (a drop event carrying the file, as the browser makes one)
+    driver.execute_script("""
+        const bytes = Uint8Array.from(atob(arguments[0]), c => c.charCodeAt(0));
+        const data = new DataTransfer();
+        data.items.add(new File([bytes], 'tone.wav', {type: 'audio/wav'}));
+        document.getElementById('messages').dispatchEvent(new DragEvent('drop', {dataTransfer: data, bubbles: true}));
+    """, base64.b64encode(wav()).decode())
+    wait(driver, "return document.querySelector('#attachments audio')", 10)
+    ask(driver, "What is this?")
+    wait(driver, LAST + "return m.dataset.state !== 'streaming'", 30)
+    audio = {"type": "input_audio", "input_audio": {"data": base64.b64encode(wav()).decode(), "format": "wav"}}
+    # the history before it: the failed image turn is left out, as the page leaves it out
+    direct = httpx.post(server + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=120,
+                        json={"messages": [{"role": "user", "content": [audio, {"type": "text", "text": "What is this?"}]}],
+                              "max_tokens": 4})
+    shown = driver.execute_script(LAST + "return [m.dataset.state, m.querySelector('.error').textContent]")
+    if direct.status_code == 200:  # a server that takes audio: the page streams the answer instead
+        assert shown[0] == "done"
+    else:
+        assert shown == ["error", direct.json()["error"]["message"]]
+
+
+THOUGHT = "the cat is on the mat and the dog is in the den"
+
+
+@pytest.fixture()
+def thinker(chat_gguf, monkeypatch):
+    """A server (no key) whose model thinks THOUGHT, then answers, whatever it is asked."""
+    model = gemma4.load(chat_gguf)
+    live = LiveServer(create_app(model, model_name="g4", max_batch=1))
+    monkeypatch.setattr(model.decoder, "logits", Thinker(model, THOUGHT, "It is *on* the mat.",
+                                                          running_output(live.app.state.engine)))
+    yield live
+    live.stop()
+
+
+def test_thinking_is_shown_folded_apart_from_the_answer(driver, thinker):
+    fresh(driver, thinker.url, key=None)
+    driver.find_element("id", "thinking").click()
+    set_field(driver, "max-tokens", 200)
+    ask(driver, "Where is the cat?")
+    watch(driver)
+    r = httpx.post(thinker.url + "/v1/chat/completions", timeout=60, json={
+        "model": "g4", "messages": [{"role": "user", "content": "Where is the cat?"}], "max_tokens": 200,
+        "chat_template_kwargs": {"enable_thinking": True}}).json()["choices"][0]["message"]
+    assert r["reasoning_content"] and r["content"] == "It is *on* the mat."
+    shown = driver.execute_script(LAST + """const t = m.querySelector('details.thinking');
+        return [m.dataset.state, t.open, t.querySelector('summary').textContent, t.querySelector('.reasoning').textContent,
+                m.querySelector('.answer').innerHTML]""")
+    assert shown == ["done", False, "Thought", r["reasoning_content"], "<p>It is <em>on</em> the mat.</p>"]
+    driver.execute_script("document.querySelector('details.thinking summary').click()")  # unfolds on a click
+    assert driver.execute_script("return document.querySelector('details.thinking').open")
+    assert errors(driver) == []
+
+
+NASTY = """# Title <b>x</b>
+<script>alert(1)</script> <img src=x onerror=alert(1)>
+
+**bold**, *it*, `<b>code</b>` and snake_case_name
+on two lines
+
+- one
+- two
+  - nested
+1. first
+2. second
+
+```html
+<iframe src="javascript:alert(1)"></iframe>
+```
+[ok](https://example.com/a?b=1&c=2) [bad](javascript:alert(1)) [q](https://x.y/"onmouseover=alert(1))"""
+
+
+def test_markdown_is_rendered_and_the_models_html_never_is(driver, server):
+    fresh(driver, server)
+    shape = driver.execute_async_script("""
+        import('/static/markdown.js').then(md => {
+          const d = document.createElement('div');
+          d.innerHTML = md.renderMarkdown(arguments[0]);
+          const all = [...d.querySelectorAll('*')];
+          const open = document.createElement('div');
+          open.innerHTML = md.renderMarkdown('Streaming:\\n```py\\nprint(1)\\n');
+          arguments[1]({
+            tags: [...new Set(all.map(e => e.tagName))].sort(),
+            attributes: [...new Set(all.flatMap(e => [...e.attributes].map(a => a.name)))].sort(),
+            links: [...d.querySelectorAll('a')].map(a => [a.textContent, a.getAttribute('href')]),
+            h1: d.querySelector('h1').textContent, strong: d.querySelector('strong').textContent,
+            em: [...d.querySelectorAll('em')].map(e => e.textContent), code: d.querySelector('p code').textContent,
+            pre: d.querySelector('pre code').textContent, lang: d.querySelector('pre code').className,
+            items: [...d.querySelectorAll('li')].length, nested: d.querySelectorAll('ul ul li').length,
+            ol: d.querySelectorAll('ol li').length, text: d.textContent,
+            open: open.querySelector('pre code')?.textContent,
+          });
+        })""", NASTY)
+    assert shape["tags"] == sorted(["A", "BR", "CODE", "EM", "H1", "LI", "OL", "P", "PRE", "STRONG", "UL"])
+    assert shape["attributes"] == ["class", "href", "rel", "target"]  # no on* handler, no src
+    assert shape["links"] == [["ok", "https://example.com/a?b=1&c=2"], ["q", 'https://x.y/"onmouseover=alert(1']]
+    assert shape["h1"] == "Title <b>x</b>" and shape["strong"] == "bold" and shape["em"] == ["it"]
+    assert shape["code"] == "<b>code</b>" and "snake_case_name" in shape["text"]
+    assert shape["pre"] == '<iframe src="javascript:alert(1)"></iframe>' and shape["lang"] == "language-html"
+    assert (shape["items"], shape["nested"], shape["ol"]) == (5, 1, 2)
+    assert "<script>alert(1)</script>" in shape["text"] and "[bad](javascript:alert(1))" in shape["text"]
+    assert shape["open"] == "print(1)"  # a fence still streaming is already code
