@@ -248,11 +248,61 @@ def test_a_conversation_survives_a_reload_and_can_be_deleted(driver, server):
     assert "Hello there" in titles
     driver.find_elements("css selector", "#conversations .pick")[titles.index("Hello there")].click()
     assert driver.execute_script("return [...document.querySelectorAll('.msg')].map(m => m.textContent)") == before
+    # deleted in a second tab: the first tab's list follows, and a reload agrees
+    first = driver.current_window_handle
+    driver.switch_to.new_window("tab")
+    driver.get(server + "/")
+    wait(driver, "return document.querySelector('#model option')")
     driver.execute_script("document.querySelector('#conversations li.active .delete').click()")
+    driver.close()
+    driver.switch_to.window(first)
+    titles = "return [...document.querySelectorAll('#conversations .pick')].map(b => b.textContent)"
+    wait(driver, titles.replace("return ", "return !") + ".includes('Hello there')", 10)
+    assert driver.execute_script("return document.querySelectorAll('.msg').length") == 0
     driver.refresh()
     wait(driver, "return document.querySelector('#model option')")
-    assert "Hello there" not in driver.execute_script(
-        "return [...document.querySelectorAll('#conversations .pick')].map(b => b.textContent)")
+    assert "Hello there" not in driver.execute_script(titles)
+
+
+def test_a_stream_cut_short_is_an_error_not_a_finished_answer(driver, server):
+    """The page's own reading of server-sent events, fed by a stand-in for fetch: events split across reads
+    and CRLF line ends are put together, and a stream that ends without [DONE] is not taken for a whole answer."""
+    fresh(driver, server)
+    driver.execute_script("""
+        const real = window.fetch;
+        window.fetch = (url, init) => {
+          if (!String(url).endsWith('chat/completions')) return real(url, init);
+          const pieces = ['data: {"choices":[{"index":0,"delta":{"content":"Half a', 'n"}}]}\\r\\n\\r\\ndata: {"choi',
+                          'ces":[{"index":0,"delta":{"content":" answer"}}]}\\n\\n'];
+          const body = new ReadableStream({start(c) {
+            for (const p of pieces) c.enqueue(new TextEncoder().encode(p));
+            c.close();
+          }});
+          return Promise.resolve(new Response(body, {headers: {'Content-Type': 'text/event-stream'}}));
+        };""")
+    ask(driver, "Hello")
+    watch(driver)
+    assert driver.execute_script(LAST + "return [m.dataset.state, m.querySelector('.answer').textContent, "
+                                        "m.querySelector('.error').textContent]") \
+        == ["error", "Half an answer", "the connection closed before the answer was complete"]
+
+
+@pytest.mark.parametrize("capabilities,disabled", [(["completion", "chat"], True), (["chat", "thinking"], False),
+                                                   (None, False)])
+def test_thinking_can_be_switched_on_only_where_the_model_card_allows(driver, server, capabilities, disabled):
+    """/v1/models' capabilities (Ollama's names), where the server lists them: a stand-in for the card, set
+    before the page's scripts run."""
+    card = {"id": NAME, "object": "model", **({"capabilities": capabilities} if capabilities else {})}
+    stub = driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": """
+        const real = window.fetch;
+        window.fetch = (url, init) => String(url).endsWith('v1/models')
+          ? Promise.resolve(new Response(JSON.stringify({object: 'list', data: [%s]})))
+          : real(url, init);""" % json.dumps(card)})
+    try:
+        fresh(driver, server)
+        assert driver.execute_script("return document.getElementById('thinking').disabled") is disabled
+    finally:
+        driver.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", {"identifier": stub["identifier"]})
 
 
 def png() -> bytes:

@@ -38,13 +38,14 @@ export async function listModels() {
   return (await response.json()).data;
 }
 
-// Yields each event's JSON payload until [DONE]; an event carrying an error throws it.
+// Yields each event's JSON payload until [DONE]; an event carrying an error throws it, and so does a
+// stream that ends without [DONE] (the server went away mid-answer).
 async function* events(response) {
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "";
   for (;;) {
     const { value, done } = await reader.read();
-    if (done) return;
+    if (done) throw new APIError(0, "the connection closed before the answer was complete");
     buffer += value;
     let end;
     while ((end = buffer.search(/\r?\n\r?\n/)) >= 0) {

@@ -254,7 +254,7 @@ async function send() {
   busy(true);
   const body = { model: settings.model || undefined, messages, temperature: settings.temperature,
                  top_p: settings.top_p, max_tokens: settings.max_tokens,
-                 chat_template_kwargs: { enable_thinking: settings.thinking } };
+                 chat_template_kwargs: { enable_thinking: settings.thinking && !$("thinking").disabled } };
   let first = 0;
   try {
     const { finish, usage } = await withKey(() => streamChat(body, controller.signal, (delta) => {
@@ -316,6 +316,13 @@ function wire() {
   for (const id of Object.keys(FIELDS)) $(id).addEventListener("change", readSettings);
   $("change-key").addEventListener("click", async () => {
     if (await askKey("The server's API key (leave empty for none):")) loadModels();
+  });
+  // another tab changed the conversations: take its list, unless this one is mid-answer (its own save follows)
+  window.addEventListener("storage", (e) => {
+    if (e.key !== store.CONVERSATIONS || controller) return;
+    conversations = store.loadConversations();
+    current = conversations.find((c) => c.id === current?.id) || null;
+    if (current) { renderList(); renderMessages(); } else if (conversations.length) open(conversations[0]); else startNew();
   });
   const hint = $("drop-hint");
   let depth = 0;  // dragenter/dragleave fire for every child crossed

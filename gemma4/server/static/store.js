@@ -4,7 +4,7 @@
 // {role: "assistant", content, reasoning, error, stopped, usage}. Attachments: {kind: "image", name, url}
 // or {kind: "audio", name, format, data} (base64), as the API takes them.
 
-const CONVERSATIONS = "gemma4.conversations";
+export const CONVERSATIONS = "gemma4.conversations";
 const CURRENT = "gemma4.current";
 const SETTINGS = "gemma4.settings";
 
