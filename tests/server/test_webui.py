@@ -97,11 +97,12 @@ def errors(driver) -> list[str]:
 
 def fresh(driver, server, key=KEY, ready=True):
     """The page with nothing kept but the key; with `ready`, returns once the server's models are listed."""
-    driver.get_log("browser")  # what earlier tests left there (reading empties it)
-    driver.get(server + "/")
+    # the storage is set on one of the page's files (same origin), so the page never starts without the key
+    driver.get(server + "/static/style.css")
     driver.execute_script("localStorage.clear(); if (arguments[0]) localStorage.setItem('gemma4.apiKey', arguments[0])",
                           key)
-    driver.refresh()
+    driver.get_log("browser")  # what earlier tests left there (reading empties it)
+    driver.get(server + "/")
     if ready:
         wait(driver, "return document.querySelector('#model option')")
 
@@ -303,6 +304,21 @@ def test_thinking_can_be_switched_on_only_where_the_model_card_allows(driver, se
         assert driver.execute_script("return document.getElementById('thinking').disabled") is disabled
     finally:
         driver.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", {"identifier": stub["identifier"]})
+
+
+def test_a_narrow_window_reaches_the_sidebar_through_a_button(driver, server):
+    size = driver.get_window_size()
+    driver.set_window_size(480, 800)
+    try:
+        fresh(driver, server)
+        shown = "return getComputedStyle(document.getElementById('sidebar')).display !== 'none'"
+        assert not driver.execute_script(shown)
+        driver.find_element("id", "toggle-sidebar").click()
+        assert driver.execute_script(shown)
+        driver.find_element("css selector", "#conversations .pick").click()
+        assert not driver.execute_script(shown)
+    finally:
+        driver.set_window_size(size["width"], size["height"])
 
 
 def png() -> bytes:

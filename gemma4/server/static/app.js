@@ -312,6 +312,10 @@ function wire() {
   });
   $("stop").addEventListener("click", () => controller?.abort());
   $("new-chat").addEventListener("click", startNew);
+  $("toggle-sidebar").addEventListener("click", () => document.body.classList.toggle("sidebar-open"));
+  $("conversations").addEventListener("click", (e) => {
+    if (e.target.closest(".pick")) document.body.classList.remove("sidebar-open");  // narrow screens: back to the chat
+  });
   $("file").addEventListener("change", async (e) => { await addFiles([...e.target.files]); e.target.value = ""; });
   for (const id of Object.keys(FIELDS)) $(id).addEventListener("change", readSettings);
   $("change-key").addEventListener("click", async () => {
