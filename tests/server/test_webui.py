@@ -337,6 +337,36 @@ def wav() -> bytes:
     return out.getvalue()
 
 
+def test_audio_the_api_does_not_take_is_sent_as_wav(driver, server):
+    """Audio in another format is decoded by the browser and sent as 16 kHz 16-bit WAV. A WAV file under
+    another name and type stands in for it (the browser decodes by content); its samples come back within
+    one step of 16-bit (the page scales negative and positive halves by 32768 and 32767)."""
+    import numpy as np
+
+    rate = 16000
+    samples = (np.sin(np.arange(rate // 10) * 2 * np.pi * 440 / rate) * 12000).astype("<i2")
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(rate)
+        w.writeframes(samples.tobytes())
+    fresh(driver, server)
+    driver.execute_script("""
+        const bytes = Uint8Array.from(atob(arguments[0]), c => c.charCodeAt(0));
+        const data = new DataTransfer();
+        data.items.add(new File([bytes], 'tone.ogg', {type: 'audio/ogg'}));
+        document.getElementById('messages').dispatchEvent(new DragEvent('drop', {dataTransfer: data, bubbles: true}));
+    """, base64.b64encode(out.getvalue()).decode())
+    wait(driver, "return document.querySelector('#attachments audio')", 10)
+    ask(driver, "Hear this.")
+    wait(driver, LAST + "return m.dataset.state !== 'streaming'", 30)
+    sent = kept(driver)[0]["messages"][0]["attachments"][0]
+    assert (sent["name"], sent["format"]) == ("tone.ogg", "wav")
+    with wave.open(io.BytesIO(base64.b64decode(sent["data"]))) as w:
+        assert (w.getnchannels(), w.getsampwidth(), w.getframerate()) == (1, 2, rate)
+        back = np.frombuffer(w.readframes(w.getnframes()), "<i2")
+    assert len(back) == len(samples) and np.abs(back.astype(int) - samples).max() <= 1
+
+
 def test_attachments_are_shown_and_the_servers_refusal_is_shown(driver, server, tmp_path):
     fresh(driver, server)
     image = tmp_path / "red.png"

@@ -1,5 +1,5 @@
 // Files the user attaches, as the API takes them: images as data: URLs (image_url parts), audio as base64
-// WAV or MP3 (input_audio parts). Other audio the browser can decode is re-encoded as 16-bit WAV.
+// WAV or MP3 (input_audio parts). Other audio the browser can decode is re-encoded as 16 kHz 16-bit WAV.
 
 function readAs(file, method) {
   return new Promise((resolve, reject) => {
@@ -48,7 +48,7 @@ export async function attachment(file) {
     return { kind: "audio", name: file.name, format, data: base64(new Uint8Array(await readAs(file, "readAsArrayBuffer"))) };
   }
   if (file.type.startsWith("audio/")) {
-    const context = new OfflineAudioContext(1, 1, 44100);
+    const context = new OfflineAudioContext(1, 1, 16000);  // decoded at 16 kHz: the rate Gemma's audio encoder takes
     let decoded;
     try {
       decoded = await context.decodeAudioData(await readAs(file, "readAsArrayBuffer"));
