@@ -6,7 +6,7 @@ PROMPT ?= The capital of France is
 # bench/long_prefill.py's shape: bench/run.py's default layer count
 LONG_PREFILL_LAYERS ?= 6
 
-.PHONY: run test install kernels official bench parity clean
+.PHONY: run test install kernels official browser bench parity clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -35,7 +35,14 @@ run: kernels
 official: $(STAMP)
 	-$(BIN)/python tests/official.py
 
-test: kernels official
+# Debian's chromium and its driver, for the chat page's browser test (tests/server/test_webui.py): installed
+# where apt-get is there and we are root; elsewhere nothing happens and that test skips, saying why.
+browser:
+	-@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && ! command -v chromedriver >/dev/null; then \
+		apt-get install -y -q chromium chromium-driver || { apt-get update -q && apt-get install -y -q chromium chromium-driver; }; \
+	fi
+
+test: kernels official browser
 	$(BIN)/python -m pytest -q -x
 
 # Prepares once (llama-cpp-python, the random 26B-A4B-shape model: ~20 minutes for 6 layers), caches it

@@ -437,6 +437,7 @@ def cmd_serve(args) -> int:
     engine.update(_speculation(model, args))
     name = args.served_model_name or (store.EMBEDDED_NAME if args.model is None else _model_id(args.model))
     _note(f"serving {name!r} on http://{args.host}:{args.port}/v1" + (" (API key required)" if args.api_key else ""))
+    _note(f"chat page: http://{args.host}:{args.port}/")
     serve(model, model_name=name, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.parallel,
           max_queue=args.max_queue, allow_remote_images=args.allow_remote_images, **engine)
     return 0
