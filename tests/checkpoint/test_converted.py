@@ -101,3 +101,33 @@ def test_an_entry_belongs_to_one_version_of_the_file(tmp_path):
     second = converted.open_or_convert(f, ["a"], lambda name: w, root=root)
     assert second.folder != first.folder and converted.conversions == start + 2
     assert [p.name for p in root.iterdir()] == [second.folder.name]
+
+
+FLOAT_PROBE = r"""
+import sys, torch
+from gemma4.checkpoint import open_checkpoint
+from gemma4.model.load import build_decoder
+
+def anon():
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("RssAnon"))
+
+checkpoint = open_checkpoint(sys.argv[1])
+before = anon()
+decoder = build_decoder(checkpoint, torch.float32, torch.device("cpu"), progress=False)
+print(anon() - before)
+"""
+
+
+def test_float_safetensors_weights_stay_mapped(tmp_path):
+    """A float32 HF checkpoint loaded as float32: the tensors are views of the safetensors file's map (a 15 MiB
+    embedding), not copies."""
+    from reference import build_gemma4
+
+    build_gemma4(tmp_path / "hf", "blocks", seed=1, vocab_size=60000)
+    size = sum(p.stat().st_size for p in (tmp_path / "hf").glob("*.safetensors"))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", FLOAT_PROBE, str(tmp_path / "hf")], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    added = int(done.stdout.split()[-1])
+    assert size > 15 * 2**20 and added < 0.10 * size, f"{added / 2**20:.1f} MiB anonymous for {size / 2**20:.1f} MiB"
