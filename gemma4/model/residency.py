@@ -60,6 +60,8 @@ class ExpertResidency:
         self.experts = [layer.experts for layer in decoder.layers if getattr(layer, "moe", False)]
         if not self.experts:
             raise ValueError("max_memory: this model has no routed experts to keep out of memory")
+        if decoder.device.type != "cpu":
+            raise ValueError("max_memory: applies to weights in CPU memory (the experts are read from a mapped file)")
         self.n = self.experts[0].num_experts
         expert_ids = set()
         self.ranges = []  # [layer][expert] -> [(address, length)]
