@@ -53,6 +53,7 @@ test: kernels official browser
 # bench/speculative_exact.py: greedy speculation token-identical to plain greedy (exits 1 if not)
 # bench/api_prefix_reuse.py: the Python API's second question on a long document against the first
 # bench/long_prefill.py: prefill rate of 512 to 16K-token prompts against llama.cpp (the shape run.py prepared)
+# bench/memory.py: anonymous / file-backed / peak memory against llama.cpp, decode under cgroup memory limits
 bench: kernels
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 	$(BIN)/python bench/soak.py $(SOAK_ARGS)
@@ -61,6 +62,7 @@ bench: kernels
 	$(BIN)/python bench/speculative_exact.py
 	$(BIN)/python -m bench.api_prefix_reuse
 	$(BIN)/python bench/long_prefill.py --layers $(LONG_PREFILL_LAYERS) --format Q4_K_M --lengths 512,4096,16384 --rounds 1
+	$(BIN)/python bench/memory.py --layers $(LONG_PREFILL_LAYERS) --format Q4_K_M
 
 # llama.cpp is built from source by pip (about 10 minutes on 2 cores), once.
 parity: $(STAMP)

@@ -72,7 +72,8 @@ def _device(device) -> torch.device:
 
 def load(path: str | Path | None = None, dtype="float32", device="cpu", progress: bool = True,
          mmproj: str | Path | None = None, quantize: str | None = None, *, kv_cache: str = "float",
-         kv_budget: int | str | None = None, prefix_cache_bytes: int | str = "2GiB", max_batch: int = 8) -> "Model":
+         kv_budget: int | str | None = None, prefix_cache_bytes: int | str = "2GiB", max_batch: int = 8,
+         max_memory: int | str | None = None) -> "Model":
     """Load a model from an HF checkpoint folder or a GGUF file (None: the embedded model). An HF multimodal
     checkpoint brings its vision tower; a GGUF model takes it from a llama.cpp mmproj file (`mmproj`). The
     tower is built the first time an image comes.
@@ -81,12 +82,15 @@ def load(path: str | Path | None = None, dtype="float32", device="cpu", progress
     The engine's settings, as `gemma4 serve` takes them: kv_cache ("float" or "int8"), kv_budget (bytes of KV
     for running sequences, e.g. "8GiB"; None: unbounded), prefix_cache_bytes (memory for reuse of prompt
     prefixes across calls; 0: off), max_batch (prompts decoded together).
+    max_memory (bytes, e.g. "8GiB"; MoE models): the weights held in memory, the dense parts and the most used
+    routed experts; the other experts are read from the mapped file when routed to (model/residency.py).
     """
     if path is None:
         from .store import embedded_path
 
         path = embedded_path()
     engine = _engine_options(kv_cache, kv_budget, prefix_cache_bytes, max_batch)
+    budget = _max_memory(max_memory)
     checkpoint = open_checkpoint(path)
     tokenizer = checkpoint.load_tokenizer()  # before the weights: a missing tokenizer fails fast
     vision = _vision_checkpoint(checkpoint, mmproj)  # before the weights too: a bad mmproj fails fast
@@ -95,6 +99,10 @@ def load(path: str | Path | None = None, dtype="float32", device="cpu", progress
     if audio is not None:
         decoder.config.audio_token_id = _audio_token_id(checkpoint, tokenizer)
     _prepare_kernels(decoder)
+    if budget is not None:
+        from .model.residency import attach
+
+        attach(decoder, budget)
     return Model(decoder, tokenizer, checkpoint, vision=vision, engine_options=engine, audio=audio)
 
 
@@ -107,6 +115,20 @@ def _engine_options(kv_cache: str, kv_budget, prefix_cache_bytes, max_batch: int
         raise ValueError(f"max_batch: must be a positive integer, got {max_batch!r}")
     return dict(kv_cache=kv_cache, kv_budget=parse_bytes(kv_budget) if kv_budget is not None else None,
                 prefix_cache_bytes=parse_bytes(prefix_cache_bytes), max_batch=max_batch)
+
+
+def _max_memory(max_memory) -> int | None:
+    from .kv import parse_bytes
+
+    if max_memory is None:
+        return None
+    try:
+        budget = parse_bytes(max_memory)
+    except ValueError as e:
+        raise ValueError(f"max_memory: {e}") from None
+    if budget <= 0:
+        raise ValueError(f"max_memory: must be positive, got {max_memory!r}")
+    return budget
 
 
 def _prepare_kernels(decoder) -> None:

@@ -26,6 +26,11 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="soft tokens per image at most (default: the model's, usually 280)")
     p.add_argument("--quantize", choices=["int4", "int8"], default=None,
                    help="quantise float weights at load (GGUF weights stay in their own quantised form)")
+    p.add_argument("--max-memory", metavar="SIZE", default=None,
+                   help="memory for the weights, e.g. 8GiB: the dense parts and the most used routed experts stay "
+                        "resident, the other experts are read from the mapped file when routed to (MoE models)")
+    p.add_argument("--verbose", action="store_true", help="report decode speed (and the expert hit rate under "
+                                                          "--max-memory) on standard error")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -130,8 +135,42 @@ def _load(args, **engine):
 
         cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
         dtype = "bfloat16" if cuda else "float32"
-    return gemma4.load(path, dtype=dtype, device=device, mmproj=args.mmproj,
-                       quantize=getattr(args, "quantize", None), **engine)
+    try:
+        return gemma4.load(path, dtype=dtype, device=device, mmproj=args.mmproj,
+                           quantize=getattr(args, "quantize", None), max_memory=args.max_memory, **engine)
+    except ValueError as e:
+        if "max_memory" not in str(e):
+            raise
+        raise CLIError(str(e).replace("max_memory", "--max-memory")) from None
+
+
+class _Timed:
+    """Wraps a stream of deltas: with --verbose, the decode speed (stream events after the first, one per token
+    or so) and, under --max-memory, the expert hit rate, on standard error at the end."""
+
+    def __init__(self, model, deltas, verbose: bool):
+        self.model, self.deltas, self.verbose = model, deltas, verbose
+
+    def __iter__(self):
+        import time
+
+        if not self.verbose:
+            yield from self.deltas
+            return
+        residency = getattr(self.model.decoder, "residency", None)
+        n, first = 0, None
+        for d in self.deltas:
+            if first is None:
+                first = time.perf_counter()
+                if residency is not None:
+                    residency.reset_stats()  # the prompt's routing apart: the hit rate of decoding
+            n += 1
+            yield d
+        if first is not None:
+            elapsed = time.perf_counter() - first
+            _note(f"\n[decode: {n - 1} steps in {elapsed:.2f} s, {(n - 1) / elapsed if elapsed else 0:.2f} tok/s]")
+        if residency is not None:
+            _note(f"[{residency.stats.line()}]")
 
 
 def _sampling(args) -> dict:
@@ -346,7 +385,7 @@ def cmd_run(args) -> int:
                   for c in model.generate(prompt, stream=True, **_sampling(args), **run, **speculation))
     if not use_chat:
         sys.stdout.write(question if doc is not None else prompt)  # a document is not echoed
-    _print_stream(deltas)
+    _print_stream(_Timed(model, deltas, args.verbose))
     print(flush=True)
     _cache_note(run)
     return 0
@@ -402,8 +441,9 @@ def cmd_chat(args) -> int:
         attached = []
         answer = []
         try:
-            for d in model.chat(_messages(args.system, history), stream=True, image_tokens=args.image_tokens,
-                                **thinking, **_sampling(args), **speculation):
+            for d in _Timed(model, model.chat(_messages(args.system, history), stream=True,
+                                              image_tokens=args.image_tokens, **thinking, **_sampling(args),
+                                              **speculation), args.verbose):
                 if d.kind == "content":
                     answer.append(d.text)
                 _print_stream([d])
@@ -435,12 +475,33 @@ def cmd_serve(args) -> int:
         raise CLIError(f"--kv-budget / --prefix-cache-size: {e}") from None
     model = _load(args)
     engine.update(_speculation(model, args))
+    if args.verbose:
+        _report_residency(model)
     name = args.served_model_name or (store.EMBEDDED_NAME if args.model is None else _model_id(args.model))
     _note(f"serving {name!r} on http://{args.host}:{args.port}/v1" + (" (API key required)" if args.api_key else ""))
     _note(f"chat page: http://{args.host}:{args.port}/")
     serve(model, model_name=name, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.parallel,
           max_queue=args.max_queue, allow_remote_images=args.allow_remote_images, **engine)
     return 0
+
+
+def _report_residency(model, every: float = 30.0) -> None:
+    """serve --verbose under --max-memory: the expert hit rate on standard error every `every` seconds of use."""
+    import threading
+
+    residency = getattr(model.decoder, "residency", None)
+    if residency is None:
+        return
+
+    def loop():
+        seen = -1
+        while True:
+            threading.Event().wait(every)
+            if residency.stats.uses != seen:
+                seen = residency.stats.uses
+                _note(f"[{residency.stats.line()}]")
+
+    threading.Thread(target=loop, daemon=True, name="residency-report").start()
 
 
 def _model_id(spec: str) -> str:

@@ -10,6 +10,14 @@ torch.manual_seed(0)
 from reference import GEMMA4_CONFIGS, build_gemma4  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def converted_cache(tmp_path_factory):
+    """GGUF weights converted at load go to a folder of the session's (checkpoint/converted.py), not to ~/.cache."""
+    import os
+
+    os.environ["GEMMA4_CONVERTED"] = str(tmp_path_factory.mktemp("converted"))
+
+
 @pytest.fixture(scope="session")
 def gemma4_models(tmp_path_factory):
     """name -> (checkpoint folder, transformers model), built once per session."""

@@ -33,6 +33,7 @@ class GGUFCheckpoint:
             raise ModelLoadError(f"general.architecture: unsupported {arch!r} (supported: {', '.join(ARCHITECTURES)})")
         self.architecture = arch
         self._tensors = self.file.tensors
+        self._converted = None  # the mapped cache entry (prepare_quantized)
         self._ours: dict[str, str] = {}
         for gguf_name in self._tensors:
             if gguf_name == ROPE_FREQS:
@@ -182,9 +183,22 @@ class GGUFCheckpoint:
             raise ModelLoadError(f"{gguf_name}: tensor type {t.type.name} cannot be dequantised") from None
         return np.asarray(data, dtype=np.float32).reshape(t.shape)
 
+    def prepare_quantized(self, names) -> None:
+        """Map the converted forms of these tensors (our names) from the cache, converting them there
+        first where this file has no entry yet (converted.py): quantized() then hands out mapped views."""
+        from .converted import open_or_convert
+
+        self._converted = open_or_convert(self.path, list(names), self._convert)
+
     def quantized(self, name: str):
-        """The tensor as a QuantWeight straight from its GGUF blocks (never dequantised to float when
-        the block layout maps onto ours), or None for float tensors (F32, F16, BF16)."""
+        """The tensor as a QuantWeight from its GGUF blocks (never dequantised to float when the block
+        layout maps onto ours), or None for float tensors (F32, F16, BF16): mapped from the converted
+        cache after prepare_quantized(), else converted in memory."""
+        if self._converted is not None and name in self._converted:
+            return self._converted.get(name)
+        return self._convert(name)
+
+    def _convert(self, name: str):
         from .gguf_blocks import from_gguf
 
         info = self._tensors[self._ours[name]]

@@ -106,6 +106,8 @@ def build_decoder(checkpoint, dtype: torch.dtype, device: torch.device, progress
             raise ModelLoadError(f"{name}: shape {list(got)} in checkpoint, expected {list(shape)}")
 
     names = list(expected)
+    if hasattr(checkpoint, "prepare_quantized"):  # converted once into a cache file, then mapped from it
+        checkpoint.prepare_quantized([n for n in names if _is_matrix(n)])
     bar = None
     if progress and sys.stderr.isatty():
         from tqdm import tqdm
