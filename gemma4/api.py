@@ -72,7 +72,8 @@ def _device(device) -> torch.device:
 
 def load(path: str | Path | None = None, dtype="float32", device="cpu", progress: bool = True,
          mmproj: str | Path | None = None, quantize: str | None = None, *, kv_cache: str = "float",
-         kv_budget: int | str | None = None, prefix_cache_bytes: int | str = "2GiB", max_batch: int = 8) -> "Model":
+         kv_budget: int | str | None = None, prefix_cache_bytes: int | str = "2GiB", max_batch: int = 8,
+         tensor_parallel: int = 1, expert_parallel: int = 1) -> "Model":
     """Load a model from an HF checkpoint folder or a GGUF file (None: the embedded model). An HF multimodal
     checkpoint brings its vision tower; a GGUF model takes it from a llama.cpp mmproj file (`mmproj`). The
     tower is built the first time an image comes.
@@ -81,6 +82,11 @@ def load(path: str | Path | None = None, dtype="float32", device="cpu", progress
     The engine's settings, as `gemma4 serve` takes them: kv_cache ("float" or "int8"), kv_budget (bytes of KV
     for running sequences, e.g. "8GiB"; None: unbounded), prefix_cache_bytes (memory for reuse of prompt
     prefixes across calls; 0: off), max_batch (prompts decoded together).
+
+    tensor_parallel / expert_parallel N (1 or the same N): the model split over N ranks (gemma4.distributed):
+    attention heads, dense MLP and vocabulary split (tensor), routed experts split (both). This process is rank
+    0 and starts the others on this machine; under torchrun each process is its RANK, and the ranks other than
+    0 follow rank 0 inside load() and exit when it does (they never return).
     """
     if path is None:
         from .store import embedded_path
@@ -90,7 +96,14 @@ def load(path: str | Path | None = None, dtype="float32", device="cpu", progress
     checkpoint = open_checkpoint(path)
     tokenizer = checkpoint.load_tokenizer()  # before the weights: a missing tokenizer fails fast
     vision = _vision_checkpoint(checkpoint, mmproj)  # before the weights too: a bad mmproj fails fast
-    decoder = build_decoder(checkpoint, _dtype(dtype), _device(device), progress=progress, quantize=quantize)
+    if tensor_parallel != 1 or expert_parallel != 1:
+        from .distributed import load_decoder
+
+        args = dict(path=str(path), dtype=str(_dtype(dtype)).removeprefix("torch."), quantize=quantize)
+        decoder = load_decoder(checkpoint, args, _dtype(dtype), _device(device), progress, tensor_parallel,
+                               expert_parallel)
+    else:
+        decoder = build_decoder(checkpoint, _dtype(dtype), _device(device), progress=progress, quantize=quantize)
     _prepare_kernels(decoder)
     return Model(decoder, tokenizer, checkpoint, vision=vision, engine_options=engine)
 

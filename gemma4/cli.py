@@ -8,6 +8,7 @@ import sys
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+EXIT_RANK_FAILED = 3  # a rank of a split model died or stopped answering
 
 
 class CLIError(Exception):
@@ -26,6 +27,11 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="soft tokens per image at most (default: the model's, usually 280)")
     p.add_argument("--quantize", choices=["int4", "int8"], default=None,
                    help="quantise float weights at load (GGUF weights stay in their own quantised form)")
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="split attention heads, dense MLP, vocabulary and experts over N ranks (processes started "
+                        "here, or torchrun's across machines; rank 0 runs the command)")
+    p.add_argument("--expert-parallel", type=int, default=1, metavar="N",
+                   help="split the routed experts over N ranks (1 or the --tensor-parallel N)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -127,8 +133,11 @@ def _load(args, **engine):
 
         cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
         dtype = "bfloat16" if cuda else "float32"
+    ranks = dict(tensor_parallel=args.tensor_parallel, expert_parallel=args.expert_parallel)
+    if ranks != dict(tensor_parallel=1, expert_parallel=1) and getattr(args, "prompt_cache", None):
+        raise CLIError("--prompt-cache: a file holds one process's KV, not a split model's")
     return gemma4.load(path, dtype=dtype, device=device, mmproj=args.mmproj,
-                       quantize=getattr(args, "quantize", None), **engine)
+                       quantize=getattr(args, "quantize", None), **engine, **ranks)
 
 
 def _sampling(args) -> dict:
@@ -427,12 +436,37 @@ def cmd_serve(args) -> int:
     except ValueError as e:
         raise CLIError(f"--kv-budget / --prefix-cache-size: {e}") from None
     model = _load(args)
+    failed = _exit_when_a_rank_fails(model)
     engine.update(_speculation(model, args))
     name = args.served_model_name or (store.EMBEDDED_NAME if args.model is None else _model_id(args.model))
     _note(f"serving {name!r} on http://{args.host}:{args.port}/v1" + (" (API key required)" if args.api_key else ""))
     serve(model, model_name=name, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.parallel,
           max_queue=args.max_queue, allow_remote_images=args.allow_remote_images, **engine)
+    if failed:
+        _note(f"error: {failed[0]}")
+        return EXIT_RANK_FAILED
     return 0
+
+
+def _exit_when_a_rank_fails(model) -> list[str]:
+    """A split model: when a rank dies or hangs, the requests in flight end with an error (the engine's failure)
+    and the server shuts down, exiting EXIT_RANK_FAILED (forced after a grace period); the list gets the reason."""
+    link = getattr(model.decoder, "link", None)
+    failed: list[str] = []
+    if link is None:
+        return failed
+
+    def shut_down(reason: str) -> None:
+        import signal
+        import threading
+
+        failed.append(reason)
+        _note(f"error: {reason}; shutting down")
+        os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's graceful shutdown: answers in flight are finished
+        threading.Timer(15, lambda: os._exit(EXIT_RANK_FAILED)).start()
+
+    link.on_failure.append(shut_down)
+    return failed
 
 
 def _model_id(spec: str) -> str:
@@ -519,6 +553,13 @@ def main(argv: list[str] | None = None) -> int:
     except (CLIError, ModelLoadError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except RuntimeError as e:
+        from gemma4.distributed.comm import DistributedError
+
+        if not isinstance(e, DistributedError):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_RANK_FAILED
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return EXIT_INTERRUPTED
