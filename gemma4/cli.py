@@ -9,6 +9,7 @@ import sys
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 EXIT_RANK_FAILED = 3  # a rank of a split model died or stopped answering
+RANK_FAILED_GRACE_S = 3.0  # for the error answers to reach the clients before the server exits
 
 
 class CLIError(Exception):
@@ -449,21 +450,19 @@ def cmd_serve(args) -> int:
 
 
 def _exit_when_a_rank_fails(model) -> list[str]:
-    """A split model: when a rank dies or hangs, the requests in flight end with an error (the engine's failure)
-    and the server shuts down, exiting EXIT_RANK_FAILED (forced after a grace period); the list gets the reason."""
+    """A split model: when a rank dies or hangs, the requests in flight end with an error (the engine fails them
+    as its collective fails) and, a grace period later, the server exits EXIT_RANK_FAILED."""
     link = getattr(model.decoder, "link", None)
     failed: list[str] = []
     if link is None:
         return failed
 
     def shut_down(reason: str) -> None:
-        import signal
         import threading
 
         failed.append(reason)
-        _note(f"error: {reason}; shutting down")
-        os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's graceful shutdown: answers in flight are finished
-        threading.Timer(15, lambda: os._exit(EXIT_RANK_FAILED)).start()
+        _note(f"error: {reason}; the server stops")
+        threading.Timer(RANK_FAILED_GRACE_S, lambda: os._exit(EXIT_RANK_FAILED)).start()
 
     link.on_failure.append(shut_down)
     return failed

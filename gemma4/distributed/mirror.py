@@ -195,7 +195,8 @@ def _ref(obj) -> _Ref:
 def _mirrored(link: Link, obj, *message, cls=None):
     """obj, made on rank 0, made on every rank by `message`, under a new handle."""
     handle = link.new_id()
-    link.send(*message, handle)
+    if link.failed is None:
+        link.send(*message, handle)
     if cls is not None:
         obj.__class__ = cls
     obj._link, obj._handle = link, handle
@@ -207,7 +208,8 @@ class MirroredCache(KVCache):
     """Rank 0's KV cache: what changes it changes every rank's (see the module's docstring)."""
 
     def _call(self, name: str, *args):
-        self._link.send("call", self._cid, name, args, None)
+        if self._link.failed is None:  # after a failure rows are still freed here (failing the requests in flight)
+            self._link.send("call", self._cid, name, args, None)
 
     def view(self, rows) -> CacheView:
         view = super().view(rows)

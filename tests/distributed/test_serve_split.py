@@ -3,6 +3,7 @@ starts its second rank itself, driven by the openai client; then one rank killed
 
 import concurrent.futures
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import pytest
 import gemma4
 from gemma4 import store
 
-PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
+PROMPTS = ["The capital of France is", "Once upon a time"]
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,7 @@ def test_split_server_answers_as_one_process_and_fails_loudly_when_a_rank_dies(s
     ranks = psutil.Process(proc.pid).children()
     assert len(ranks) == 1  # rank 1, started by the server itself
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        waiting = pool.submit(client.completions.create, model="gemma3-270m", prompt=PROMPTS[2], max_tokens=400,
+        waiting = pool.submit(client.completions.create, model="gemma3-270m", prompt=PROMPTS[1], max_tokens=400,
                               temperature=0)
         stream = client.completions.create(model="gemma3-270m", prompt=PROMPTS[0], max_tokens=400, temperature=0,
                                            stream=True)
@@ -66,4 +67,4 @@ def test_split_server_answers_as_one_process_and_fails_loudly_when_a_rank_dies(s
         with pytest.raises(openai.InternalServerError, match="engine failed"):
             waiting.result(timeout=90)
     assert proc.wait(timeout=60) == 3
-    assert "rank 1" in proc.stdout.read()
+    assert re.search(r"error: .*(rank 1 exited|a rank died)", proc.stdout.read())
