@@ -4,9 +4,10 @@ every process joins it; otherwise this process is rank 0 and starts the other ra
 watchdog thread follows them: a rank that exits is reported, and the others are ended so that no
 collective waits on it. gloo on the CPU, NCCL on CUDA.
 
-Two groups: the default one, with a long timeout (loading a big shard takes minutes), used once to agree
-that every rank is loaded; the runtime one, whose timeout (GEMMA4_DIST_TIMEOUT seconds, default 60) bounds
-how long any rank waits for a peer that died or hangs.
+Three timeouts: forming the group (RENDEZVOUS_TIMEOUT_S: a rank that never comes is an error, not a wait);
+agreeing that every rank is loaded (LOAD_TIMEOUT_S: a big shard takes minutes; a rank that dies meanwhile
+closes its sockets and fails the wait at once); the runtime group's (GEMMA4_DIST_TIMEOUT seconds, default
+60), which bounds how long any rank waits for a peer that died or hangs.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ import torch.distributed as dist
 from . import comm
 from .comm import DistributedError
 
+RENDEZVOUS_TIMEOUT_S = 300
 LOAD_TIMEOUT_S = 1800
+_load_group = None
 
 
 def runtime_timeout() -> float:
@@ -56,11 +59,13 @@ def rank_device(device: torch.device) -> torch.device:
 
 def join(rank: int, world: int, device: torch.device, init_method: str | None = None) -> None:
     """Join the group as `rank` of `world` (init_method None: the environment's MASTER_ADDR / MASTER_PORT)."""
+    global _load_group
     if device.type == "cuda":
         torch.cuda.set_device(device)
     try:
         dist.init_process_group(backend_for(device), init_method=init_method or "env://", rank=rank,
-                                world_size=world, timeout=datetime.timedelta(seconds=LOAD_TIMEOUT_S))
+                                world_size=world, timeout=datetime.timedelta(seconds=RENDEZVOUS_TIMEOUT_S))
+        _load_group = dist.new_group(list(range(world)), timeout=datetime.timedelta(seconds=LOAD_TIMEOUT_S))
         comm.GROUP = dist.new_group(list(range(world)), timeout=datetime.timedelta(seconds=runtime_timeout()))
     except (RuntimeError, ValueError) as e:
         raise DistributedError(f"could not form the group of {world} ranks: {e}") from e
@@ -76,9 +81,13 @@ def leave() -> None:
 def loaded() -> None:
     """Every rank has its shard (the default group's long timeout: ranks load at their own pace)."""
     try:
-        dist.barrier()
+        dist.barrier(group=_load_group)
     except (RuntimeError, ValueError) as e:
         raise DistributedError(f"a rank failed while loading its shard: {e}") from e
+
+
+def _report(reason: str) -> None:
+    print(f"gemma4: {reason}", file=sys.stderr, flush=True)
 
 
 class Children:
@@ -87,7 +96,7 @@ class Children:
     def __init__(self, procs: list[subprocess.Popen]):
         self.procs = procs  # rank r + 1 at index r
         self.stopping = False
-        self.on_exit = None  # called once, with a reason, when a rank exits before stop()
+        self.on_exit = _report  # called once, with a reason, when a rank exits before stop()
 
     def watch(self) -> None:
         threading.Thread(target=self._watch, name="gemma4-rank-watchdog", daemon=True).start()
