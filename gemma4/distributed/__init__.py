@@ -36,6 +36,8 @@ def load_decoder(checkpoint, load_args: dict, dtype: torch.dtype, device: torch.
     from .shard import build_shard
 
     plan0 = Plan.of(0, tensor_parallel, expert_parallel)
+    if not plan0.tensor and not checkpoint.config.enable_moe_block:
+        raise ValueError("expert_parallel: this model has no routed experts (split it with tensor_parallel)")
     world = plan0.world
     device = group.rank_device(device)
     children = None
