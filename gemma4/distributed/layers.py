@@ -21,7 +21,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..model.layers import gelu_tanh
 from ..model.moe import Experts
-from ..native.ops import expert_matmul
+from ..native.ops import expert_matmul, matrix_engine, on_engine
 from ..quant.modules import matmul
 from .comm import all_reduce, gather_last
 
@@ -74,8 +74,10 @@ class LocalExperts(Experts):
 
     def partial(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """This rank's experts' share of the routed sum, [N, hidden]: the pairs (token, expert) routed here,
-        grouped by expert, through the same native kernels as one process (few pairs: the per-pair kernel;
-        many: the grouped products; else a loop over the experts hit)."""
+        grouped by expert, through the kernels one process would pick for all N tokens (the choice follows the
+        whole batch's size, not this rank's share of it, so each pair's product rounds as in one process):
+        few tokens, the per-pair expert kernel; a prefill on the matrix engine, the grouped products; else a
+        loop over the experts hit."""
         out = torch.zeros_like(x)
         local = (experts >= self.start) & (experts < self.start + self.num_experts)
         tokens, slots = local.nonzero(as_tuple=True)
@@ -84,7 +86,7 @@ class LocalExperts(Experts):
         ids = experts[tokens, slots] - self.start
         order = torch.argsort(ids, stable=True)
         tokens, ids, pair_weights = tokens[order], ids[order], weights[tokens[order], slots[order]]
-        if tokens.numel() <= self.FUSED_MAX_TOKENS * experts.shape[1]:
+        if x.shape[0] <= self.FUSED_MAX_TOKENS:
             gate_up = expert_matmul(x[tokens], self.gate_up_proj, ids)
             if gate_up is not None:
                 gate, up = gate_up.chunk(2, dim=-1)
@@ -92,9 +94,10 @@ class LocalExperts(Experts):
                 if y is not None:
                     return out.index_add_(0, tokens, y.to(out.dtype))
         hit, counts = torch.unique_consecutive(ids, return_counts=True)
-        grouped = self._grouped(x, tokens, hit.tolist(), counts.tolist(), pair_weights, out)
-        if grouped is not None:
-            return grouped
+        if on_engine(experts.numel()):
+            grouped = self._engine_grouped(x, tokens, hit.tolist(), counts.tolist(), pair_weights, out)
+            if grouped is not None:
+                return grouped
         start = 0
         for e, count in zip(hit.tolist(), counts.tolist()):
             rows = tokens[start:start + count]
@@ -103,6 +106,28 @@ class LocalExperts(Experts):
             out.index_add_(0, rows, (y * pair_weights[start:start + count, None]).to(out.dtype))
             start += count
         return out
+
+
+    def _engine_grouped(self, x, tokens, hit, counts, pair_weights, out):
+        """Experts._grouped's two grouped products on the matrix engine, however few of the pairs are here."""
+        offsets = [0]
+        for c in counts:
+            offsets.append(offsets[-1] + c)
+        gate_up = _engine_product(x[tokens], self.gate_up_proj, hit, offsets)
+        if gate_up is None:
+            return None
+        gate, up = gate_up.chunk(2, dim=-1)
+        y = _engine_product(gelu_tanh(gate) * up, self.down_proj, hit, offsets)
+        return out.index_add_(0, tokens, (y * pair_weights[:, None]).to(out.dtype))
+
+
+def _engine_product(x: torch.Tensor, w, ids: list[int], offsets: list[int]) -> torch.Tensor | None:
+    """native.ops.grouped_product without its row-count rule (the caller applied it to the whole batch)."""
+    w = getattr(w, "qweight", w)
+    if not (x.is_cpu and x.dtype is torch.float32 and getattr(w, "int8_layout", False)):
+        return None
+    return matrix_engine().engine_mm_grouped(x.to(torch.bfloat16).contiguous(), w.q, w.scale, w.zero, w.bits,
+                                             w.group, w.sub, ids, offsets)
 
 
 def _with_experts(config: ModelConfig, count: int) -> ModelConfig:
