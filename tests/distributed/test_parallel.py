@@ -80,19 +80,26 @@ def test_a_split_model_gives_one_process_logits_and_tokens(tiny, one, split):
 
 
 @pytest.mark.parametrize("split", SPLITS)
-def test_a_split_quantised_model_keeps_the_native_kernels_tokens(tmp_path, split):
+def test_a_split_quantised_model_keeps_the_native_kernels_tokens(tmp_path, split, monkeypatch):
     """Weights quantised at load (int8): the experts of an expert-parallel rank run through the native expert
-    kernels (the fused layer kept), a tensor-parallel rank's matrices through the native products; greedy
-    tokens are one process's, logits within the same rounding bound (the int8 activations of each product are
-    quantised over the same blocks of 32 columns on every rank). Prompts stay under the matrix engine's 24 rows:
-    from there a tensor-parallel prefill takes the engine's bf16 products, where one process's fused layer keeps
-    the int8 kernels (the fused layer is not used under tensor parallelism)."""
+    kernels (the fused layer kept), a tensor-parallel rank's matrices through the native products; greedy tokens
+    are one process's. A split changes only the order of sums, but int8 activations are rounded per block of 32
+    values, and a last-bit change can move a value across a rounding boundary: so the logits are bounded by the
+    int8 path's own distance from exact (float-activation) products, not by float rounding. Prompts stay under
+    the matrix engine's 24 rows (from there a tensor-parallel prefill takes the engine's bf16 products, where
+    one process's fused layer keeps the int8 kernels: the fused layer is not used under tensor parallelism)."""
+    from gemma4.native import ops
+
     build_gemma4(tmp_path, "blocks", seed=5)
     one = gemma4.load(tmp_path, progress=False, quantize="int8")
     model = gemma4.load(tmp_path, progress=False, quantize="int8", **SPLITS[split])
     try:
         ids = _ids(20, 8)  # windows of 6: crossed three times
-        assert (model.forward(ids) - one.forward(ids)).abs().max().item() < TOLERANCE
+        want = one.forward(ids)
+        with monkeypatch.context() as m:
+            m.setattr(ops, "_activations", "float")
+            exact = one.forward(ids)
+        assert (model.forward(ids) - want).abs().max() <= (want - exact).abs().max()
         prompt = _ids(10, 9)
         assert model.generate(prompt, max_tokens=20, temperature=0, ignore_eos=True).token_ids == \
             one.generate(prompt, max_tokens=20, temperature=0, ignore_eos=True).token_ids
