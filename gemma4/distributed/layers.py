@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -131,8 +133,6 @@ def _engine_product(x: torch.Tensor, w, ids: list[int], offsets: list[int]) -> t
 
 
 def _with_experts(config: ModelConfig, count: int) -> ModelConfig:
-    import dataclasses
-
     return dataclasses.replace(config, num_experts=count)
 
 

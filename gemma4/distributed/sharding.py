@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import re
 
-import torch
 
 from ..config import ModelConfig
 from ..quant.formats import QuantWeight
