@@ -188,7 +188,11 @@ def _speculation(model, args) -> dict:
     if args.draft_model is None:
         return dict(speculative=args.speculative)
     from gemma4 import store
+    from gemma4.speculative.drafters import is_assistant
 
+    if getattr(args, "tensor_parallel", 1) > 1 and is_assistant(store.resolve(args.draft_model)):
+        raise CLIError("--draft-model: the Gemma 4 assistant reads the target's KV of every head, which tensor "
+                       "parallelism splits over ranks (a draft model or prompt lookup works)")
     return dict(speculative=args.speculative, drafter=drafter_for(store.resolve(args.draft_model), model,
                                                                   quantize=getattr(args, "quantize", None)))
 
