@@ -73,7 +73,7 @@ def _device(device) -> torch.device:
 def load(path: str | Path | None = None, dtype="float32", device="cpu", progress: bool = True,
          mmproj: str | Path | None = None, quantize: str | None = None, *, kv_cache: str = "float",
          kv_budget: int | str | None = None, prefix_cache_bytes: int | str = "2GiB", max_batch: int = 8,
-         max_memory: int | str | None = None) -> "Model":
+         max_memory: int | str | None = None, tensor_parallel: int = 1, expert_parallel: int = 1) -> "Model":
     """Load a model from an HF checkpoint folder or a GGUF file (None: the embedded model). An HF multimodal
     checkpoint brings its vision tower; a GGUF model takes it from a llama.cpp mmproj file (`mmproj`). The
     tower is built the first time an image comes.
@@ -84,6 +84,11 @@ def load(path: str | Path | None = None, dtype="float32", device="cpu", progress
     prefixes across calls; 0: off), max_batch (prompts decoded together).
     max_memory (bytes, e.g. "8GiB"; MoE models): the weights held in memory, the dense parts and the most used
     routed experts; the other experts are read from the mapped file when routed to (model/residency.py).
+
+    tensor_parallel / expert_parallel N (1 or the same N): the model split over N ranks (gemma4.distributed):
+    attention heads, dense MLP and vocabulary split (tensor), routed experts split (both). This process is rank
+    0 and starts the others on this machine; under torchrun each process is its RANK, and the ranks other than
+    0 follow rank 0 inside load() and exit when it does (they never return).
     """
     if path is None:
         from .store import embedded_path
@@ -95,7 +100,16 @@ def load(path: str | Path | None = None, dtype="float32", device="cpu", progress
     tokenizer = checkpoint.load_tokenizer()  # before the weights: a missing tokenizer fails fast
     vision = _vision_checkpoint(checkpoint, mmproj)  # before the weights too: a bad mmproj fails fast
     audio = _audio_checkpoint(checkpoint, mmproj)
-    decoder = build_decoder(checkpoint, _dtype(dtype), _device(device), progress=progress, quantize=quantize)
+    if tensor_parallel != 1 or expert_parallel != 1:
+        if budget is not None:
+            raise ValueError("max_memory: not with a model split over ranks (each rank holds its share already)")
+        from .distributed import load_decoder
+
+        args = dict(path=str(path), dtype=str(_dtype(dtype)).removeprefix("torch."), quantize=quantize)
+        decoder = load_decoder(checkpoint, args, _dtype(dtype), _device(device), progress, tensor_parallel,
+                               expert_parallel)
+    else:
+        decoder = build_decoder(checkpoint, _dtype(dtype), _device(device), progress=progress, quantize=quantize)
     if audio is not None:
         decoder.config.audio_token_id = _audio_token_id(checkpoint, tokenizer)
     _prepare_kernels(decoder)

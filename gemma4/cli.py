@@ -8,6 +8,8 @@ import sys
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+EXIT_RANK_FAILED = 3  # a rank of a split model died or stopped answering
+RANK_FAILED_GRACE_S = 3.0  # for the error answers to reach the clients before the server exits
 
 
 class CLIError(Exception):
@@ -31,6 +33,11 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         "resident, the other experts are read from the mapped file when routed to (MoE models)")
     p.add_argument("--verbose", action="store_true", help="report decode speed (and the expert hit rate under "
                                                           "--max-memory) on standard error")
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="split attention heads, dense MLP, vocabulary and experts over N ranks (processes started "
+                        "here, or torchrun's across machines; rank 0 runs the command)")
+    p.add_argument("--expert-parallel", type=int, default=1, metavar="N",
+                   help="split the routed experts over N ranks (1 or the --tensor-parallel N)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -135,9 +142,12 @@ def _load(args, **engine):
 
         cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
         dtype = "bfloat16" if cuda else "float32"
+    ranks = dict(tensor_parallel=args.tensor_parallel, expert_parallel=args.expert_parallel)
+    if ranks != dict(tensor_parallel=1, expert_parallel=1) and getattr(args, "prompt_cache", None):
+        raise CLIError("--prompt-cache: a file holds one process's KV, not a split model's")
     try:
         return gemma4.load(path, dtype=dtype, device=device, mmproj=args.mmproj,
-                           quantize=getattr(args, "quantize", None), max_memory=args.max_memory, **engine)
+                           quantize=getattr(args, "quantize", None), max_memory=args.max_memory, **engine, **ranks)
     except ValueError as e:
         if "max_memory" not in str(e):
             raise
@@ -220,7 +230,11 @@ def _speculation(model, args) -> dict:
     if args.draft_model is None:
         return dict(speculative=args.speculative)
     from gemma4 import store
+    from gemma4.speculative.drafters import is_assistant
 
+    if getattr(args, "tensor_parallel", 1) > 1 and is_assistant(store.resolve(args.draft_model)):
+        raise CLIError("--draft-model: the Gemma 4 assistant reads the target's KV of every head, which tensor "
+                       "parallelism splits over ranks (a draft model or prompt lookup works)")
     return dict(speculative=args.speculative, drafter=drafter_for(store.resolve(args.draft_model), model,
                                                                   quantize=getattr(args, "quantize", None)))
 
@@ -474,6 +488,7 @@ def cmd_serve(args) -> int:
     except ValueError as e:
         raise CLIError(f"--kv-budget / --prefix-cache-size: {e}") from None
     model = _load(args)
+    failed = _exit_when_a_rank_fails(model)
     engine.update(_speculation(model, args))
     if args.verbose:
         _report_residency(model)
@@ -482,6 +497,9 @@ def cmd_serve(args) -> int:
     _note(f"chat page: http://{args.host}:{args.port}/")
     serve(model, model_name=name, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.parallel,
           max_queue=args.max_queue, allow_remote_images=args.allow_remote_images, **engine)
+    if failed:
+        _note(f"error: {failed[0]}")
+        return EXIT_RANK_FAILED
     return 0
 
 
@@ -502,6 +520,25 @@ def _report_residency(model, every: float = 30.0) -> None:
                 _note(f"[{residency.stats.line()}]")
 
     threading.Thread(target=loop, daemon=True, name="residency-report").start()
+
+
+def _exit_when_a_rank_fails(model) -> list[str]:
+    """A split model: when a rank dies or hangs, the requests in flight end with an error (the engine fails them
+    as its collective fails) and, a grace period later, the server exits EXIT_RANK_FAILED."""
+    link = getattr(model.decoder, "link", None)
+    failed: list[str] = []
+    if link is None:
+        return failed
+
+    def shut_down(reason: str) -> None:
+        import threading
+
+        failed.append(reason)
+        _note(f"error: {reason}; the server stops")
+        threading.Timer(RANK_FAILED_GRACE_S, lambda: os._exit(EXIT_RANK_FAILED)).start()
+
+    link.on_failure.append(shut_down)
+    return failed
 
 
 def _model_id(spec: str) -> str:
@@ -615,6 +652,13 @@ def main(argv: list[str] | None = None) -> int:
     except (CLIError, ModelLoadError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except RuntimeError as e:
+        from gemma4.distributed.comm import DistributedError
+
+        if not isinstance(e, DistributedError):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_RANK_FAILED
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -84,7 +84,9 @@ def _swap(decoder: Decoder, name: str, w, dtype: torch.dtype) -> None:
 
 
 def build_decoder(checkpoint, dtype: torch.dtype, device: torch.device, progress: bool = True,
-                  quantize: str | None = None) -> Decoder:
+                  quantize: str | None = None, layout=None) -> Decoder:
+    """layout: one rank's share of the model (gemma4.distributed.shard.Layout): its modules (build), each
+    tensor's part (cut, right after reading), and whether the fused native layer applies (fused)."""
     if quantize not in (None, *QUANTIZE):
         raise ValueError(f"quantize: unsupported {quantize!r} (use {' or '.join(QUANTIZE)})")
     config = checkpoint.config
@@ -104,6 +106,9 @@ def build_decoder(checkpoint, dtype: torch.dtype, device: torch.device, progress
         got = checkpoint.shape(name)
         if tuple(got) != shape and not (name.endswith("layer_scalar") and int(torch.Size(got).numel()) == 1):
             raise ModelLoadError(f"{name}: shape {list(got)} in checkpoint, expected {list(shape)}")
+    if layout is not None:  # the names and shapes checked are the whole model's; the modules are the shard's
+        with torch.device("meta"):
+            decoder = layout.build(config)
 
     names = list(expected)
     if hasattr(checkpoint, "prepare_quantized"):  # converted once into a cache file, then mapped from it
@@ -117,10 +122,14 @@ def build_decoder(checkpoint, dtype: torch.dtype, device: torch.device, progress
     for name in names:
         w = _quantized(checkpoint, name, quantize)
         if w is not None:
+            if layout is not None:
+                w = layout.cut(name, w)
             _swap(decoder, name, w.to(device), dtype)
             swapped.append(name)
         else:
             t = checkpoint.tensor(name).reshape(expected[name])
+            if layout is not None:
+                t = layout.cut(name, t)
             state[name] = t.to(device=device, dtype=_target_dtype(name, dtype))
         if bar is not None:
             bar.update()
@@ -133,7 +142,7 @@ def build_decoder(checkpoint, dtype: torch.dtype, device: torch.device, progress
     decoder.to(device)  # the non-persistent buffers (RoPE frequencies) were built on the CPU
     decoder.eval()
     decoder.requires_grad_(False)
-    if decoder.device.type == "cpu":
+    if decoder.device.type == "cpu" and (layout is None or layout.fused):
         for layer in decoder.layers:
             fused_layer.install(layer)
     return decoder
