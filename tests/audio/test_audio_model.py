@@ -13,6 +13,8 @@ from gemma4.errors import ModelLoadError
 from audio_reference import BOA, EOA, build_audio_model, encoded_audio, sweep
 from vision_reference import TOKEN_IDS, encoded, image_processor, picture
 
+pytestmark = pytest.mark.usefixtures("float_products")  # parity with the float32 reference, images included
+
 # float32 both ways, same math in another order (blocked vs band-masked attention is not involved: both
 # use blocks; SDPA vs eager in the decoder): differences ~1e-6 on logits of size ~3. A misplaced soft
 # token, a wrong mask (audio runs attending both ways) or a wrong weight moves logits by 1e-2 or more.
