@@ -139,7 +139,8 @@ def _with_experts(config: ModelConfig, count: int) -> ModelConfig:
 class TensorParallelLayer:
     """Mixed in before a decoder layer's class (install): the layer's forward with the sums over ranks."""
 
-    def forward(self, h: torch.Tensor, qpos: torch.Tensor, kv, sees_until: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, qpos: torch.Tensor, kv, sees_until: torch.Tensor | None = None,
+                per_layer_input: torch.Tensor | None = None) -> torch.Tensor:
         a = all_reduce(self.self_attn(self.input_layernorm(h), qpos, kv, sees_until))
         h = self.post_attention_layernorm(a, residual=h)
 
@@ -155,9 +156,7 @@ class TensorParallelLayer:
         else:
             m = all_reduce(m)
         h = self.post_feedforward_layernorm(m, residual=r)
-        if self.layer_scalar is not None:
-            h = h * self.layer_scalar
-        return h
+        return self.finish(h, per_layer_input)  # whole on every rank: the per-layer input and the layer scalar
 
 
 _CLASSES: dict[type, type] = {}
