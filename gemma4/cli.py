@@ -213,6 +213,8 @@ def _messages(system: str | None, history: list[dict]) -> list[dict]:
 
 def _media_parts(images: list[str], videos: list[str]) -> list[dict]:
     """Content parts for image and video files, decoded now so that a bad file fails before the model loads."""
+    if not images and not videos:
+        return []
     from gemma4.images import load_image
     from gemma4.video import load_video
 
