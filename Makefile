@@ -46,6 +46,8 @@ test: kernels official
 # bench/speculative_exact.py: greedy speculation token-identical to plain greedy (exits 1 if not)
 # bench/api_prefix_reuse.py: the Python API's second question on a long document against the first
 # bench/long_prefill.py: prefill rate of 512 to 16K-token prompts against llama.cpp (the shape run.py prepared)
+# bench/start_serve.py: cold start and --help, one client through the server against in-process decode, and
+# 8 clients' aggregate against llama-server -np 8 (built once from the llama-cpp-python sdist's llama.cpp)
 bench: kernels
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 	$(BIN)/python bench/soak.py $(SOAK_ARGS)
@@ -54,6 +56,7 @@ bench: kernels
 	$(BIN)/python bench/speculative_exact.py
 	$(BIN)/python -m bench.api_prefix_reuse
 	$(BIN)/python bench/long_prefill.py --layers $(LONG_PREFILL_LAYERS) --format Q4_K_M --lengths 512,4096,16384 --rounds 1
+	$(BIN)/python bench/start_serve.py
 
 # llama.cpp is built from source by pip (about 10 minutes on 2 cores), once.
 parity: $(STAMP)
