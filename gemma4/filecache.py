@@ -16,6 +16,7 @@ from typing import Callable, TypeVar
 
 T = TypeVar("T")
 FORMAT = 1  # bumped when what an entry holds changes meaning
+KEEP = 32  # entries of one kind kept, the most recently written (temporary files must not fill the disk)
 _MAGIC = b"gemma4-cache\0"
 
 
@@ -51,6 +52,9 @@ def _write(entry: Path, key: bytes, value) -> None:
     partial = entry.with_name(f"{entry.name}.{os.getpid()}.partial")
     partial.write_bytes(_MAGIC + len(key).to_bytes(4, "little") + key + hashlib.sha256(payload).digest() + payload)
     os.replace(partial, entry)  # readers see the old entry or the whole new one
+    entries = sorted(entry.parent.glob("*.bin"), key=lambda e: e.stat().st_mtime_ns)
+    for old in entries[:-KEEP]:
+        old.unlink(missing_ok=True)
 
 
 def cached(kind: str, path: str | Path, build: Callable[[], T]) -> T:

@@ -86,3 +86,33 @@ def test_cached_tokenizer_is_the_same():
     text = "Hello world!\n\n  Indented code: def f(x): return x ** 2  # ünïcödé, 日本語, emoji 🙂"
     assert plain.encode(text) == first.encode(text) == second.encode(text)
     assert second.decode(second.encode(text)) == plain.decode(plain.encode(text))
+
+
+def test_old_entries_are_pruned(tmp_path, cache_dir, monkeypatch):
+    monkeypatch.setattr(filecache, "KEEP", 3)
+    for i in range(5):
+        f = tmp_path / f"m{i}.bin"
+        f.write_bytes(b"x" * i)
+        filecache.cached("k", f, lambda: i)
+    assert len(list((cache_dir / "k").glob("*.bin"))) == 3
+    assert filecache.cached("k", tmp_path / "m4.bin", lambda: "rebuilt") == 4  # the newest stayed
+
+
+def test_gguf_header_through_the_cache_is_the_file_s():
+    """The embedded GGUF's header read back from the cache equals the one walked from the file."""
+    import numpy as np
+
+    from gemma4.checkpoint.gguf_file import GGUFFile
+    from gemma4.store import embedded_path
+
+    path = embedded_path()
+    first, second = GGUFFile(path), GGUFFile(path)  # the second reads the entry the first wrote
+    assert filecache.entry_path("gguf-header", path)[0].is_file()
+    walked = GGUFFile.__new__(GGUFFile)
+    walked.path, walked._buf = path, np.memmap(path, dtype=np.uint8, mode="r")
+    walked._view = memoryview(walked._buf)
+    version, metadata, infos, _ = walked._read_header()
+    assert second.version == version and second.metadata == metadata == first.metadata
+    assert [(t.name, t.type, t.offset) for t in second.tensors.values()] == \
+        [(t.name, t.type, t.offset) for t in first.tensors.values()]
+    assert len(second.tensors) == len(infos)
