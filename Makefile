@@ -54,6 +54,8 @@ test: kernels official browser
 # bench/api_prefix_reuse.py: the Python API's second question on a long document against the first
 # bench/long_prefill.py: prefill rate of 512 to 16K-token prompts against llama.cpp (the shape run.py prepared)
 # bench/memory.py: anonymous / file-backed / peak memory against llama.cpp, decode under cgroup memory limits
+# bench/start_serve.py: cold start and --help, one client through the server against in-process decode, and
+# 8 clients' aggregate against llama-server -np 8 (built once from the llama-cpp-python sdist's llama.cpp)
 bench: kernels
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 	$(BIN)/python bench/soak.py $(SOAK_ARGS)
@@ -63,6 +65,7 @@ bench: kernels
 	$(BIN)/python -m bench.api_prefix_reuse
 	$(BIN)/python bench/long_prefill.py --layers $(LONG_PREFILL_LAYERS) --format Q4_K_M --lengths 512,4096,16384 --rounds 1
 	$(BIN)/python bench/memory.py --layers $(LONG_PREFILL_LAYERS) --format Q4_K_M
+	$(BIN)/python bench/start_serve.py
 
 # llama.cpp is built from source by pip (about 10 minutes on 2 cores), once.
 parity: $(STAMP)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence as Seq
+import sys
+from typing import TYPE_CHECKING, Iterator, Sequence as Seq
 
 import torch
 
@@ -18,9 +19,11 @@ from .config import ModelConfig
 from .engine import PREFILL_CHUNK, Engine, Request, StepOutput, TokenLogprob, prefill, soft_embeds
 from .errors import ModelLoadError
 from .model.load import build_decoder
-from .multimodal import MultimodalPrompt
 from .sampling import SamplingParams
 from .speculative import MAX_DRAFT, PromptLookup
+
+if TYPE_CHECKING:
+    from .multimodal import MultimodalPrompt
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -50,6 +53,12 @@ class ChatReply:
     completion_tokens: int
     cached_tokens: int = 0
     logprobs: list[TokenLogprob] | None = None
+
+
+def _multimodal(x) -> bool:
+    """x is a MultimodalPrompt (none exists before gemma4.multimodal is imported: a text run never loads it)."""
+    module = sys.modules.get(f"{__package__}.multimodal")
+    return module is not None and isinstance(x, module.MultimodalPrompt)
 
 
 def _dtype(dtype) -> torch.dtype:
@@ -336,7 +345,7 @@ class Model:
     def media_embeddings(self, prompt) -> list:
         """[(offset, [N, hidden] embeddings)] of a prompt's images, video frames and audio clips, through
         their towers (media seen recently are not encoded again); [] for a text prompt."""
-        if not isinstance(prompt, MultimodalPrompt) or not prompt.patches:
+        if not _multimodal(prompt) or not prompt.patches:
             return []
         from .multimodal import AudioClip, encode
 
@@ -348,7 +357,7 @@ class Model:
     def forward(self, token_ids, chunk: int = PREFILL_CHUNK) -> torch.Tensor:
         """float32 logits for every position: [T, vocab] for one sequence (ids or a MultimodalPrompt),
         [B, T, vocab] for a batch of equal-length id lists."""
-        if isinstance(token_ids, MultimodalPrompt):
+        if _multimodal(token_ids):
             return self._forward_multimodal(token_ids, chunk)
         ids = torch.as_tensor(token_ids, dtype=torch.long)
         single = ids.dim() == 1
@@ -382,7 +391,7 @@ class Model:
 
     # ---- generation ---------------------------------------------------------------------
     def _encode(self, prompt) -> list[int]:
-        if isinstance(prompt, MultimodalPrompt):
+        if _multimodal(prompt):
             return list(prompt.ids)
         if isinstance(prompt, str):
             if self.tokenizer is None:
@@ -394,8 +403,6 @@ class Model:
 
     def _requests(self, prompts: list, params: SamplingParams, logprobs: int | None, response_format,
                   speculative: int, drafter, prompt_cache, progress) -> list[Request]:
-        from .structured import constraint_from_response_format
-
         if prompt_cache is not None and len(prompts) != 1:
             raise ValueError("a prompt cache serves one prompt at a time")
         if logprobs is not None and (not isinstance(logprobs, int) or logprobs < 0):
@@ -419,6 +426,8 @@ class Model:
             if response_format is not None:
                 if self.tokenizer is None:
                     raise ValueError("response_format: needs the model's tokenizer")
+                from .structured import constraint_from_response_format  # llguidance: only when asked for
+
                 constraint = constraint_from_response_format(response_format, self.tokenizer)
             requests.append(Request(ids, params, logprobs=logprobs, constraint=constraint,
                                     soft=self.media_embeddings(p), speculative=speculative, drafter=drafter,
@@ -562,7 +571,7 @@ def _steps(outputs) -> Iterator[StepOutput]:
 
 
 def _is_batch(x) -> bool:
-    if isinstance(x, (str, MultimodalPrompt)):
+    if isinstance(x, str) or _multimodal(x):
         return False
     if isinstance(x, torch.Tensor):
         return x.dim() == 2

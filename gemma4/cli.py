@@ -270,6 +270,8 @@ def _messages(system: str | None, history: list[dict]) -> list[dict]:
 def _media_parts(images: list[str], videos: list[str], audio: list[str] = ()) -> list[dict]:
     """Content parts for image, video and audio files, decoded now so that a bad file fails before the model
     loads."""
+    if not images and not videos and not audio:
+        return []
     from gemma4.audio_io import load_audio
     from gemma4.images import load_image
     from gemma4.video import load_video

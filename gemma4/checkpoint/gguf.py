@@ -213,7 +213,9 @@ class GGUFCheckpoint:
 
         if "tokenizer.ggml.tokens" not in self.metadata:
             raise ModelLoadError(f"{self.path.name}: no tokenizer in the GGUF metadata (tokenizer.ggml.tokens)")
-        return Tokenizer.from_gguf_metadata(self.metadata)
+        from ..filecache import cached
+
+        return Tokenizer.from_gguf_metadata(self.metadata, cache=lambda kind, build: cached(kind, self.path, build))
 
     def chat_template(self) -> str | None:
         return self.metadata.get("tokenizer.chat_template")
