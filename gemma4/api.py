@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence as Seq
+from typing import TYPE_CHECKING, Iterator, Sequence as Seq
 
 import torch
 
@@ -21,6 +21,9 @@ from .model.load import build_decoder
 from .multimodal import MultimodalPrompt
 from .sampling import SamplingParams
 from .speculative import MAX_DRAFT, PromptLookup
+
+if TYPE_CHECKING:
+    from .store import StoredModel
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -70,29 +73,47 @@ def _device(device) -> torch.device:
     return device
 
 
-def load(path: str | Path | None = None, dtype="float32", device="cpu", progress: bool = True,
+def load(path: str | Path | StoredModel | None = None, dtype="float32", device="cpu", progress: bool = True,
          mmproj: str | Path | None = None, quantize: str | None = None, *, kv_cache: str = "float",
          kv_budget: int | str | None = None, prefix_cache_bytes: int | str = "2GiB", max_batch: int = 8) -> "Model":
-    """Load a model from an HF checkpoint folder or a GGUF file (None: the embedded model). An HF multimodal
-    checkpoint brings its vision tower; a GGUF model takes it from a llama.cpp mmproj file (`mmproj`). The
-    tower is built the first time an image comes.
+    """Load a model from an HF checkpoint folder or a GGUF file (None: the embedded model), or a name in a
+    store (`gemma3:270m`, `ORG/NAME:Q4_K_M`, `hf://…`: see store.find). An HF multimodal checkpoint brings
+    its vision tower; a GGUF model takes it from a llama.cpp mmproj file (`mmproj`, else the one its store
+    keeps beside it). The tower is built the first time an image comes.
 
     GGUF weights stay in their quantised form; `quantize` ("int4" or "int8") quantises float weights.
     The engine's settings, as `gemma4 serve` takes them: kv_cache ("float" or "int8"), kv_budget (bytes of KV
     for running sequences, e.g. "8GiB"; None: unbounded), prefix_cache_bytes (memory for reuse of prompt
     prefixes across calls; 0: off), max_batch (prompts decoded together).
     """
-    if path is None:
-        from .store import embedded_path
-
-        path = embedded_path()
+    found = _found(path)
     engine = _engine_options(kv_cache, kv_budget, prefix_cache_bytes, max_batch)
-    checkpoint = open_checkpoint(path)
+    checkpoint = open_checkpoint(found.path)
     tokenizer = checkpoint.load_tokenizer()  # before the weights: a missing tokenizer fails fast
     vision = _vision_checkpoint(checkpoint, mmproj)  # before the weights too: a bad mmproj fails fast
+    if vision is None and mmproj is None and found.mmproj is not None:
+        vision = _store_projector(checkpoint, found)
     decoder = build_decoder(checkpoint, _dtype(dtype), _device(device), progress=progress, quantize=quantize)
     _prepare_kernels(decoder)
     return Model(decoder, tokenizer, checkpoint, vision=vision, engine_options=engine)
+
+
+def _found(path):
+    """A load() path as the store finds it: a path, a store name, the embedded model (None), or a store.StoredModel."""
+    from .store import StoredModel, find
+
+    if isinstance(path, StoredModel):
+        return path
+    return find(None if path is None else str(path))
+
+
+def _store_projector(checkpoint, found):
+    """The projector a store keeps beside the model, where it is a vision tower this engine reads (a gemma4v
+    mmproj; another family's is not): else the model loads without one."""
+    try:
+        return _vision_checkpoint(checkpoint, found.mmproj)
+    except ModelLoadError:
+        return None
 
 
 def _engine_options(kv_cache: str, kv_budget, prefix_cache_bytes, max_batch: int) -> dict:
