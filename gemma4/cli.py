@@ -537,7 +537,7 @@ def cmd_list(args) -> int:
 
 
 def cmd_pull(args) -> int:
-    from gemma4.store import pull
+    from gemma4.stores import pull
 
     found = pull.pull(args.model, note=_note)
     print(f"{found.name}  {found.path}" + (f"  (mmproj {found.mmproj})" if found.mmproj else ""))

@@ -1,5 +1,5 @@
 """Where models live: the embedded default, local paths, our own store ($GEMMA4_MODELS), and the stores
-other tools keep: Ollama's, the Hugging Face hub cache, LM Studio's folder (one module each)."""
+other tools keep: Ollama's, the Hugging Face hub cache, LM Studio's folder (stores/, one module each)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from ..errors import ModelLoadError
-from . import hub, lmstudio, ollama
-from .files import StoredModel, folder_size
+from .errors import ModelLoadError
+from .stores import hub, lmstudio, ollama
+from .stores.files import StoredModel, folder_size
 
 EMBEDDED_NAME = "gemma3-270m"
-_EXPLICIT = {hub.SCHEME: hub.find_explicit, ollama.SCHEME: lambda rest: ollama.find(rest),
+_EXPLICIT = {hub.SCHEME: hub.find_explicit, ollama.SCHEME: ollama.find,
              lmstudio.SCHEME: lmstudio.find_explicit}
 
 __all__ = ["EMBEDDED_NAME", "StoredModel", "embedded_path", "find", "list_models", "resolve", "store_dir"]
@@ -99,7 +99,7 @@ def resolve(spec: str | None) -> Path:
 
 
 def _pull(name: str, note) -> StoredModel:
-    from . import pull
+    from .stores import pull
 
     return pull.pull(name, note)
 

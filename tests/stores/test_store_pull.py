@@ -7,7 +7,7 @@ import pytest
 
 from gemma4 import cli, store
 from gemma4.errors import ModelLoadError
-from gemma4.store import hub, pull
+from gemma4.stores import hub, pull
 from commands import cli as run_cli
 from store_layouts import hub_repo
 
