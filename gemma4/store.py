@@ -81,8 +81,8 @@ def find(spec: str | None = None, pull: bool = False, note: Callable[[str], None
     scheme = next((s for s in _EXPLICIT if spec.startswith(s)), None)
     if scheme is not None:
         found = _one(spec, _EXPLICIT[scheme](spec[len(scheme):]))
-        if found is None and scheme == hub.SCHEME and pull and hub.split_name(spec[len(scheme):]):
-            return _pull(spec[len(scheme):], note)
+        if found is None and scheme == hub.SCHEME and pull:
+            return _pull(spec, note)
     else:
         found = _one(spec, [m for m in _own_models() if m.name == spec] + ollama.find(spec) + hub.find(spec)
                      + lmstudio.find(spec))

@@ -80,19 +80,33 @@ def choose(files: dict[str, int | None], repo: str, quant: str | None) -> tuple[
     raise ModelLoadError(f"{repo} holds neither GGUF files nor a checkpoint (config.json and safetensors)")
 
 
+def _one_file(files: dict[str, int | None], repo: str, file: str) -> tuple[list[str], str]:
+    """hf://ORG/NAME/FILE: that file (and the repository's mmproj beside a GGUF)."""
+    if file not in files:
+        raise ModelLoadError(f"{repo} has no file {file!r}")
+    mmproj = pick_mmproj(list(files), {n: s or 0 for n, s in files.items()}) if file.endswith(".gguf") else None
+    return [file] + ([mmproj] if mmproj and mmproj != file else []), f"{hub.SCHEME}{repo}/{file}"
+
+
 def pull(name: str, note: Callable[[str], None] = lambda _: None) -> StoredModel:
-    """Downloads ORG/NAME[:QUANT] (what is cached already is not fetched again) and returns the model."""
-    parts = hub.split_name(name.removeprefix(hub.SCHEME))
-    if parts is None:
+    """Downloads ORG/NAME[:QUANT] or hf://ORG/NAME/FILE (what is cached already is not fetched again) and
+    returns the model."""
+    rest = name.removeprefix(hub.SCHEME)
+    org, _, tail = rest.partition("/")
+    repo_name, _, file = tail.partition("/")
+    parts = hub.split_name(f"{org}/{repo_name}" if file else rest)
+    if parts is None or (file and parts[1]):
         raise ModelLoadError(f"{name}: a Hugging Face repository is named ORG/NAME, or ORG/NAME:QUANT for a "
-                             f"quant of a GGUF repository")
+                             f"quant of a GGUF repository, or hf://ORG/NAME/FILE for one file")
     repo, quant = parts
     if hub.offline():
         raise ModelLoadError(offline_message(name))
-    chosen, label = choose(_repo_files(repo), repo, quant)
-    note(f"pulling {label}" + (f" (chose {quant_of(chosen[0])} of the repository's GGUF files; name another "
-                               f"as {repo}:QUANT)" if quant is None and chosen[0].endswith(".gguf")
-                               and quant_of(chosen[0]) else "") + f" into {hub.cache_dir()}")
+    files = _repo_files(repo)
+    chosen, label = _one_file(files, repo, file) if file else choose(files, repo, quant)
+    picked = not file and quant is None and len(model_ggufs(list(files))) > 1
+    note(f"pulling {label}" + (f" (chose {quant_of(chosen[0]) or chosen[0]} of the repository's "
+                               f"{len(model_ggufs(list(files)))} GGUF files; name another as {repo}:QUANT)"
+                               if picked else "") + f" into {hub.cache_dir()}")
     try:
         paths = [_download(repo, f) for f in chosen]
     except ModelLoadError:

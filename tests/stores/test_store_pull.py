@@ -97,6 +97,14 @@ def test_pull_command(fake_hub, capsys):
     assert out.startswith("acme/g:Q8_0  ") and "mmproj-F16.gguf" in out
 
 
+def test_pull_one_file_by_its_hf_name(fake_hub):
+    found = store.find("hf://acme/g/gemma-3-270m-it-F16.gguf", pull=True)
+    assert fake_hub == ["acme/g", "gemma-3-270m-it-F16.gguf", "mmproj-F16.gguf"]
+    assert found.explicit == "hf://acme/g/gemma-3-270m-it-F16.gguf" and found.mmproj.name == "mmproj-F16.gguf"
+    with pytest.raises(ModelLoadError, match="acme/g has no file 'nope.gguf'"):
+        store.find("hf://acme/g/nope.gguf", pull=True)
+
+
 def test_offline_says_what_is_missing(fake_hub, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match=r"acme/g:Q8_0 is not in the Hugging Face cache .* HF_HUB_OFFLINE is set"):
