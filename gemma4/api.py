@@ -24,6 +24,7 @@ from .speculative import MAX_DRAFT, PromptLookup
 
 if TYPE_CHECKING:
     from .multimodal import MultimodalPrompt
+    from .store import StoredModel
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -79,13 +80,14 @@ def _device(device) -> torch.device:
     return device
 
 
-def load(path: str | Path | None = None, dtype="float32", device="cpu", progress: bool = True,
+def load(path: str | Path | StoredModel | None = None, dtype="float32", device="cpu", progress: bool = True,
          mmproj: str | Path | None = None, quantize: str | None = None, *, kv_cache: str = "float",
          kv_budget: int | str | None = None, prefix_cache_bytes: int | str = "2GiB", max_batch: int = 8,
          max_memory: int | str | None = None, tensor_parallel: int = 1, expert_parallel: int = 1) -> "Model":
-    """Load a model from an HF checkpoint folder or a GGUF file (None: the embedded model). An HF multimodal
-    checkpoint brings its vision tower; a GGUF model takes it from a llama.cpp mmproj file (`mmproj`). The
-    tower is built the first time an image comes.
+    """Load a model from an HF checkpoint folder or a GGUF file (None: the embedded model), or a name in a
+    store (`gemma3:270m`, `ORG/NAME:Q4_K_M`, `hf://…`: see store.find). An HF multimodal checkpoint brings
+    its vision tower; a GGUF model takes it from a llama.cpp mmproj file (`mmproj`, else the one its store
+    keeps beside it). The tower is built the first time an image comes.
 
     GGUF weights stay in their quantised form; `quantize` ("int4" or "int8") quantises float weights.
     The engine's settings, as `gemma4 serve` takes them: kv_cache ("float" or "int8"), kv_budget (bytes of KV
@@ -99,22 +101,21 @@ def load(path: str | Path | None = None, dtype="float32", device="cpu", progress
     0 and starts the others on this machine; under torchrun each process is its RANK, and the ranks other than
     0 follow rank 0 inside load() and exit when it does (they never return).
     """
-    if path is None:
-        from .store import embedded_path
-
-        path = embedded_path()
+    found = _found(path)
     engine = _engine_options(kv_cache, kv_budget, prefix_cache_bytes, max_batch)
     budget = _max_memory(max_memory)
-    checkpoint = open_checkpoint(path)
+    checkpoint = open_checkpoint(found.path)
     tokenizer = checkpoint.load_tokenizer()  # before the weights: a missing tokenizer fails fast
     vision = _vision_checkpoint(checkpoint, mmproj)  # before the weights too: a bad mmproj fails fast
+    if vision is None and mmproj is None and found.mmproj is not None:
+        vision = _store_projector(checkpoint, found)
     audio = _audio_checkpoint(checkpoint, mmproj)
     if tensor_parallel != 1 or expert_parallel != 1:
         if budget is not None:
             raise ValueError("max_memory: not with a model split over ranks (each rank holds its share already)")
         from .distributed import load_decoder
 
-        args = dict(path=str(path), dtype=str(_dtype(dtype)).removeprefix("torch."), quantize=quantize)
+        args = dict(path=str(found.path), dtype=str(_dtype(dtype)).removeprefix("torch."), quantize=quantize)
         decoder = load_decoder(checkpoint, args, _dtype(dtype), _device(device), progress, tensor_parallel,
                                expert_parallel)
     else:
@@ -127,6 +128,24 @@ def load(path: str | Path | None = None, dtype="float32", device="cpu", progress
 
         attach(decoder, budget)
     return Model(decoder, tokenizer, checkpoint, vision=vision, engine_options=engine, audio=audio)
+
+
+def _found(path):
+    """A load() path as the store finds it: a path, a store name, the embedded model (None), or a store.StoredModel."""
+    from .store import StoredModel, find
+
+    if isinstance(path, StoredModel):
+        return path
+    return find(None if path is None else str(path))
+
+
+def _store_projector(checkpoint, found):
+    """The projector a store keeps beside the model, where it is a vision tower this engine reads (a gemma4v
+    mmproj; another family's is not): else the model loads without one."""
+    try:
+        return _vision_checkpoint(checkpoint, found.mmproj)
+    except ModelLoadError:
+        return None
 
 
 def _engine_options(kv_cache: str, kv_budget, prefix_cache_bytes, max_batch: int) -> dict:

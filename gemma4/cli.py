@@ -1,4 +1,4 @@
-"""The command line: run, chat, serve, info, list. Argument parsing and printing only."""
+"""The command line: run, chat, serve, info, list, pull. Argument parsing and printing only."""
 
 from __future__ import annotations
 
@@ -16,9 +16,19 @@ class CLIError(Exception):
     """Bad input at the command line: printed as one line, exit status 2."""
 
 
+class _Unset(float):
+    """A sampling default the user left: a store's parameters for the model (Ollama's) may replace it."""
+
+
+class _UnsetInt(int):
+    __doc__ = _Unset.__doc__
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-m", "--model", help="GGUF file, HF checkpoint folder, or a name in the local store "
-                                         "(default: the embedded Gemma 3 270M)")
+    p.add_argument("-m", "--model", help="GGUF file, HF checkpoint folder, or a name: in Ollama's store "
+                                         "(gemma3:270m), the Hugging Face cache or LM Studio's (ORG/NAME[:QUANT], "
+                                         "pulled from the Hub when missing), ours; hf://, ollama://, lmstudio:// "
+                                         "name one store (default: the embedded Gemma 3 270M)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="weight and activation dtype (auto: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (auto: CUDA when present)")
@@ -42,10 +52,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--max-tokens", type=int, default=256, help="tokens to generate at most (default 256)")
-    p.add_argument("--temperature", "--temp", type=float, default=1.0, help="0 is greedy (default 1.0)")
-    p.add_argument("--top-k", type=int, default=64, help="0 disables (default 64)")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (default 0.95)")
-    p.add_argument("--min-p", type=float, default=0.0, help="min-p sampling (default 0: off)")
+    p.add_argument("--temperature", "--temp", type=float, default=_Unset(1.0), help="0 is greedy (default 1.0)")
+    p.add_argument("--top-k", type=int, default=_UnsetInt(64), help="0 disables (default 64)")
+    p.add_argument("--top-p", type=float, default=_Unset(0.95), help="nucleus sampling (default 0.95)")
+    p.add_argument("--min-p", type=float, default=_Unset(0.0), help="min-p sampling (default 0: off)")
     p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--system", help="system prompt (chat mode)")
@@ -120,7 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--ctx", type=int, default=None, help="context length for the KV estimate (default: 8192 "
                                                             "and the model's maximum)")
 
-    sub.add_parser("list", help="models in the local store")
+    sub.add_parser("list", help="models on disk: ours, Ollama's, the Hugging Face cache's, LM Studio's")
+
+    pull = sub.add_parser("pull", help="download a model from the Hugging Face Hub into its cache")
+    pull.add_argument("model", help="ORG/NAME, or ORG/NAME:QUANT for one quant of a GGUF repository (default "
+                                    "Q4_K_M); the repository's mmproj comes along")
     return parser
 
 
@@ -134,7 +148,9 @@ def _load(args, **engine):
     import gemma4
     from gemma4 import store
 
-    path = store.resolve(args.model)
+    found = store.find(args.model, pull=True, note=_note)
+    args.found = found
+    _store_defaults(args, found.params)
     device = args.device
     dtype = args.dtype
     if dtype == "auto":
@@ -146,7 +162,7 @@ def _load(args, **engine):
     if ranks != dict(tensor_parallel=1, expert_parallel=1) and getattr(args, "prompt_cache", None):
         raise CLIError("--prompt-cache: a file holds one process's KV, not a split model's")
     try:
-        return gemma4.load(path, dtype=dtype, device=device, mmproj=args.mmproj,
+        return gemma4.load(found, dtype=dtype, device=device, mmproj=args.mmproj,
                            quantize=getattr(args, "quantize", None), max_memory=args.max_memory, **engine, **ranks)
     except ValueError as e:
         if "max_memory" not in str(e):
@@ -181,6 +197,17 @@ class _Timed:
             _note(f"\n[decode: {n - 1} steps in {elapsed:.2f} s, {(n - 1) / elapsed if elapsed else 0:.2f} tok/s]")
         if residency is not None:
             _note(f"[{residency.stats.line()}]")
+
+
+def _store_defaults(args, params: dict) -> None:
+    """Ollama's parameters for the model, where the command line left an option at its default."""
+    for key in ("temperature", "top_k", "top_p", "min_p"):
+        value, given = params.get(key), getattr(args, key, None)
+        if isinstance(given, (_Unset, _UnsetInt)) and isinstance(value, (int, float)):
+            setattr(args, key, float(value) if isinstance(given, _Unset) else int(value))
+    stop = params.get("stop")
+    if hasattr(args, "stop") and isinstance(stop, list):
+        args.stop += [s for s in stop if isinstance(s, str) and s not in args.stop]
 
 
 def _sampling(args) -> dict:
@@ -474,8 +501,6 @@ def cmd_chat(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from gemma4 import store
-
     if not 0 < args.port < 65536:
         raise CLIError(f"--port must be in 1..65535, got {args.port}")
     if args.parallel < 1 or args.max_queue < 0:
@@ -494,7 +519,7 @@ def cmd_serve(args) -> int:
     engine.update(_speculation(model, args))
     if args.verbose:
         _report_residency(model)
-    name = args.served_model_name or (store.EMBEDDED_NAME if args.model is None else _model_id(args.model))
+    name = args.served_model_name or (_model_id(args.model) if args.found.source == "path" else args.found.name)
     _note(f"serving {name!r} on http://{args.host}:{args.port}/v1" + (" (API key required)" if args.api_key else ""))
     _note(f"chat page: http://{args.host}:{args.port}/")
     serve(model, model_name=name, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.parallel,
@@ -570,12 +595,17 @@ def cmd_info(args) -> int:
     from gemma4.kv import kv_bytes_per_token, ring_slots
     from gemma4.checkpoint import open_checkpoint
 
-    path = store.resolve(args.model)
+    found = store.find(args.model)
+    path = found.path
     ckpt = open_checkpoint(path)
     cfg = ckpt.config
     total, active = cfg.parameter_counts()
     n_full = sum(1 for t in cfg.layer_types if t == "full_attention")
     print(f"model          {path}")
+    if found.source not in ("path", "embedded"):
+        print(f"store          {found.source}: {found.explicit}")
+    if found.mmproj is not None:
+        print(f"projector      {found.mmproj}")
     print(f"architecture   {cfg.architecture}, {cfg.num_hidden_layers} layers ({cfg.num_hidden_layers - n_full} "
           f"sliding, window {cfg.sliding_window}; {n_full} full), hidden {cfg.hidden_size}, "
           f"{cfg.num_attention_heads} heads")
@@ -633,13 +663,24 @@ def cmd_list(args) -> int:
     print(f"{store.EMBEDDED_NAME:<24} embedded default (Gemma 3 270M, Q4_K_M GGUF)")
     models = store.list_models()
     for m in models:
-        print(f"{m.name:<24} {m.kind:<5} {_human(m.size):>10}  {m.path}")
+        vision = " +mmproj" if m.mmproj else ""
+        print(f"{m.name:<24} {m.source:<8} {m.kind:<4} {_human(m.size):>10}  {m.path}{vision}")
     if not models:
-        print(f"(no models in {store.store_dir()}: put NAME.gguf files or HF folders there)")
+        print(f"(no models in {store.store_dir()}, Ollama's store, the Hugging Face cache or LM Studio's folder: "
+              f"`gemma4 pull ORG/NAME` fetches one)")
     return 0
 
 
-COMMANDS = {"run": cmd_run, "chat": cmd_chat, "serve": cmd_serve, "info": cmd_info, "list": cmd_list}
+def cmd_pull(args) -> int:
+    from gemma4.stores import pull
+
+    found = pull.pull(args.model, note=_note)
+    print(f"{found.name}  {found.path}" + (f"  (mmproj {found.mmproj})" if found.mmproj else ""))
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "chat": cmd_chat, "serve": cmd_serve, "info": cmd_info, "list": cmd_list,
+            "pull": cmd_pull}
 
 
 def main(argv: list[str] | None = None) -> int:
