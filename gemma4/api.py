@@ -90,9 +90,10 @@ def load(path: str | Path | None = None, dtype="float32", device="cpu", progress
     checkpoint = open_checkpoint(path)
     tokenizer = checkpoint.load_tokenizer()  # before the weights: a missing tokenizer fails fast
     vision = _vision_checkpoint(checkpoint, mmproj)  # before the weights too: a bad mmproj fails fast
+    audio = _audio_checkpoint(checkpoint)
     decoder = build_decoder(checkpoint, _dtype(dtype), _device(device), progress=progress, quantize=quantize)
     _prepare_kernels(decoder)
-    return Model(decoder, tokenizer, checkpoint, vision=vision, engine_options=engine)
+    return Model(decoder, tokenizer, checkpoint, vision=vision, engine_options=engine, audio=audio)
 
 
 def _engine_options(kv_cache: str, kv_budget, prefix_cache_bytes, max_batch: int) -> dict:
@@ -131,13 +132,25 @@ def _vision_checkpoint(checkpoint, mmproj):
             config.use_bidirectional_attention = None if config.hidden_size in (1536, 2560) else "vision"
         return vision
     raw = getattr(checkpoint, "raw_config", None) or {}
+    if config.model_type == "gemma4_unified":
+        from .checkpoint.unified import unified_media
+
+        return unified_media(checkpoint)[0]
     if config.architecture == "gemma4" and isinstance(raw.get("vision_config"), dict) and hasattr(checkpoint, "files"):
         return HFVisionCheckpoint(checkpoint)
     return None
 
 
+def _audio_checkpoint(checkpoint):
+    """The unified model's waveform embedder, when its config.json has an audio_config."""
+    from .checkpoint.unified import unified_media
+
+    return unified_media(checkpoint)[1]
+
+
 class Model:
-    def __init__(self, decoder, tokenizer, checkpoint=None, vision=None, engine_options: dict | None = None):
+    def __init__(self, decoder, tokenizer, checkpoint=None, vision=None, engine_options: dict | None = None,
+                 audio=None):
         self.decoder = decoder
         self.engine_options = engine_options or _engine_options("float", None, "2GiB", 8)
         self._engine: Engine | None = None
@@ -145,6 +158,8 @@ class Model:
         self.checkpoint = checkpoint
         self.vision_checkpoint = vision  # a reader (checkpoint/vision.py); the tower is built on first use
         self._vision = None
+        self.audio_checkpoint = audio  # the unified model's waveform embedder (checkpoint/unified.py)
+        self._audio = None
         self._encoded: dict = {}  # image digest -> embeddings, the last few (multimodal.encode)
 
     @property
@@ -205,10 +220,36 @@ class Model:
         """The vision tower (model/vision.py), built from its checkpoint the first time it is asked for."""
         if self._vision is None:
             self.check_vision()
+            from .config_unified import UnifiedVisionConfig
+            from .model.unified import load_embedder
             from .model.vision import load_vision
 
-            self._vision = load_vision(self.vision_checkpoint, self.decoder.dtype, self.decoder.device)
+            build = load_embedder if isinstance(self.vision_checkpoint.config, UnifiedVisionConfig) else load_vision
+            self._vision = build(self.vision_checkpoint, self.decoder.dtype, self.decoder.device)
         return self._vision
+
+    @property
+    def audio(self):
+        """The waveform embedder (model/unified.py), built the first time audio comes."""
+        if self._audio is None:
+            self.check_audio()
+            from .model.unified import load_embedder
+
+            self._audio = load_embedder(self.audio_checkpoint, self.decoder.dtype, self.decoder.device)
+        return self._audio
+
+    def check_audio(self) -> None:
+        if self.audio_checkpoint is None:
+            raise ValueError("this model takes no audio: its checkpoint has no audio embedder")
+
+    def check_media(self, media: list) -> None:
+        """Raises ValueError when the model cannot take one of these media items."""
+        from .waveform import Waveform
+
+        if any(isinstance(m, Waveform) for m in media):
+            self.check_audio()
+        if any(not isinstance(m, Waveform) for m in media):
+            self.check_vision()
 
     def check_vision(self) -> None:
         """Raises ValueError, saying why, when the model cannot take images."""
@@ -222,15 +263,23 @@ class Model:
         from .config import SUPPORTED_SOFT_TOKENS
         from .multimodal import MediaTokens, expand
 
-        self.check_vision()
-        cfg = self.vision_checkpoint.config
-        image_tokens = cfg.max_soft_tokens if image_tokens is None else int(image_tokens)
+        self.check_media(media)
+        cfg = self.vision_checkpoint.config if self.vision_checkpoint is not None else None
+        default = cfg.max_soft_tokens if cfg is not None else SUPPORTED_SOFT_TOKENS[0]
+        image_tokens = default if image_tokens is None else int(image_tokens)
         if image_tokens not in SUPPORTED_SOFT_TOKENS:
             raise ValueError(f"image_tokens: {image_tokens} is not one of {SUPPORTED_SOFT_TOKENS}")
         tokens = MediaTokens.from_tokenizer(self.tokenizer, getattr(self.checkpoint, "raw_config", None))
-        return expand(text, media, tokens, self.tokenizer, patch_size=cfg.patch_size,
-                      pooling_kernel_size=cfg.pooling_kernel_size, image_soft_tokens=image_tokens,
-                      video_soft_tokens=cfg.video_max_soft_tokens)
+        audio_frames = None
+        if self.audio_checkpoint is not None:
+            from .waveform import waveform_frames
+
+            a = self.audio_checkpoint.config
+            audio_frames = lambda wave: waveform_frames(wave, a.audio_samples_per_token, a.sampling_rate)  # noqa: E731
+        return expand(text, media, tokens, self.tokenizer,
+                      patch_size=cfg.preprocess_patch_size if cfg else 1,
+                      pooling_kernel_size=cfg.preprocess_pooling if cfg else 1, image_soft_tokens=image_tokens,
+                      video_soft_tokens=cfg.video_max_soft_tokens if cfg else image_tokens, audio_frames=audio_frames)
 
     def media_embeddings(self, prompt) -> list:
         """[(offset, [N, hidden] embeddings)] of a prompt's images and video frames, through the vision
@@ -239,7 +288,7 @@ class Model:
             return []
         from .multimodal import encode
 
-        return encode(prompt, self.vision, self._encoded)
+        return encode(prompt, lambda: self.vision, self._encoded, audio=lambda: self.audio)
 
     # ---- logits -------------------------------------------------------------------------
     def forward(self, token_ids, chunk: int = PREFILL_CHUNK) -> torch.Tensor:
@@ -399,14 +448,19 @@ class Model:
                    **template_kwargs):
         """The token ids of a conversation (a MultimodalPrompt when it holds images or videos: content
         parts {"type": "image_url", "image_url": {"url": "data:..."}}, {"type": "image", "image": PATH |
-        bytes | Image}, {"type": "video", "video": PATH}). `suffix` is text the answer is made to start
+        bytes | Image}, {"type": "video", "video": PATH}, and for the unified model {"type": "audio", "audio":
+        Waveform | samples at 16 kHz | PATH}). `suffix` is text the answer is made to start
         with (after the generation prompt). local_files=False (for requests from a network) refuses
         paths: a string is then only a data: URL."""
-        from .multimodal import collect_media, has_media
+        from .multimodal import collect_media, media_kinds
 
         media = []
-        if has_media(messages):
-            self.check_vision()
+        kinds = media_kinds(messages)
+        if kinds:  # checked before any media is decoded
+            if kinds - {"audio"}:
+                self.check_vision()
+            if "audio" in kinds:
+                self.check_audio()
             messages, media = collect_media(messages, local_files)
         prompt = self.chat_prompt(messages, tools=tools, enable_thinking=enable_thinking, **template_kwargs) + suffix
         if media:

@@ -8,6 +8,8 @@
    each after its `mm:ss` timestamp, frames separated by spaces; then the text is tokenized.
 3. `encode(prompt, vision)`: the vision tower turns each block's patches into N embeddings, which
    replace the soft tokens' embeddings in the decoder (engine: Sequence.soft).
+Audio (the unified model's waveform frames): each `<|audio|>` placeholder becomes begin-of-audio, one soft
+token per frame, end-of-audio; the audio embedder encodes the frames.
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ import torch
 
 from .images import Image, Patches, decode_image, from_pil, image_from_url, load_image, preprocess
 from .video import Video, load_video, timestamp_text
+from .waveform import Frames, Waveform, load_waveform
 
 # The texts of the media tokens in Gemma 4's vocabulary (the processor's boi/eoi/image/video tokens).
 BOI, EOI, IMAGE, VIDEO = "<|image>", "<image|>", "<|image|>", "<|video|>"
+BOA, EOA, AUDIO = "<|audio>", "<audio|>", "<|audio|>"
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,10 @@ class MediaTokens:
     video: str
     image_id: int
     video_id: int
+    boa: str | None = None  # the audio tokens, where the vocabulary has them
+    eoa: str | None = None
+    audio: str | None = None
+    audio_id: int | None = None
 
     @classmethod
     def from_tokenizer(cls, tokenizer, raw_config: Mapping[str, Any] | None = None) -> "MediaTokens":
@@ -50,17 +58,28 @@ class MediaTokens:
             elif tokenizer.token_to_id(text) is None:
                 raise ValueError(f"tokenizer: no {text} token (needed for images)")
             texts[key] = text
+        audio = {}  # config.json spells the end-of-audio id eoa_token_index (transformers' Gemma4Config)
+        for key, alias, text in (("boa_token_id", None, BOA), ("eoa_token_id", "eoa_token_index", EOA),
+                                 ("audio_token_id", None, AUDIO)):
+            token_id = raw_config.get(key, raw_config.get(alias)) if alias else raw_config.get(key)
+            found = tokenizer.id_to_token(int(token_id)) if token_id is not None else None
+            audio[key] = found if found is not None else text if tokenizer.token_to_id(text) is not None else None
+        if None in audio.values():
+            audio = dict.fromkeys(audio)
         return cls(texts["boi_token_id"], texts["eoi_token_id"], texts["image_token_id"], texts["video_token_id"],
-                   tokenizer.token_to_id(texts["image_token_id"]), tokenizer.token_to_id(texts["video_token_id"]))
+                   tokenizer.token_to_id(texts["image_token_id"]), tokenizer.token_to_id(texts["video_token_id"]),
+                   audio["boa_token_id"], audio["eoa_token_id"], audio["audio_token_id"],
+                   None if audio["audio_token_id"] is None else tokenizer.token_to_id(audio["audio_token_id"]))
 
 
 @dataclass
 class MultimodalPrompt:
-    """Token ids with soft-token runs, and the preprocessed image of each run (a video gives one per frame)."""
+    """Token ids with soft-token runs, and the preprocessed image of each run (a video gives one per frame;
+    an audio clip gives its Frames)."""
 
     ids: list[int]
     offsets: list[int] = field(default_factory=list)  # where each run starts in ids
-    patches: list[Patches] = field(default_factory=list)
+    patches: list[Patches | Frames] = field(default_factory=list)
 
     @property
     def digests(self) -> list[str]:
@@ -105,10 +124,23 @@ def _video_of(part: Mapping[str, Any], local_files: bool) -> Video:
     raise ValueError("video part: expected a video file, a folder of frames, or a Video")
 
 
-def collect_media(messages: list, local_files: bool = True) -> tuple[list, list[Image | Video]]:
-    """Messages whose media parts are plain {"type": "image"/"video"}, and the media in order.
+def _audio_of(part: Mapping[str, Any], local_files: bool) -> Waveform:
+    value = part.get("audio", part.get("path"))
+    if isinstance(value, Waveform):
+        return value
+    if isinstance(value, (str, Path)):
+        if not local_files:
+            raise ValueError("audio part: audio from files is not accepted here")
+        return load_waveform(value)
+    if value is not None and hasattr(value, "__len__"):  # samples (numpy array or list)
+        return Waveform.from_array(value, int(part.get("sampling_rate", 16_000)))
+    raise ValueError("audio part: expected a Waveform, an array of samples, or an audio file")
+
+
+def collect_media(messages: list, local_files: bool = True) -> tuple[list, list[Image | Video | Waveform]]:
+    """Messages whose media parts are plain {"type": "image"/"video"/"audio"}, and the media in order.
     With local_files off (a server's requests), a string is only ever a data: URL, never a path."""
-    media: list[Image | Video] = []
+    media: list[Image | Video | Waveform] = []
     out = []
     for message in messages:
         content = message.get("content") if isinstance(message, Mapping) else None
@@ -124,32 +156,51 @@ def collect_media(messages: list, local_files: bool = True) -> tuple[list, list[
             elif kind == "video":
                 media.append(_video_of(part, local_files))
                 parts.append({"type": "video"})
+            elif kind == "audio":
+                media.append(_audio_of(part, local_files))
+                parts.append({"type": "audio"})
             else:
                 parts.append(part)
         out.append({**message, "content": parts})
     return out, media
 
 
+def media_kinds(messages: list) -> set[str]:
+    """The media part types among the messages' content parts ("image" for image_url too)."""
+    kinds = {"image_url": "image", "image": "image", "video": "video", "audio": "audio"}
+    return {kinds[p["type"]] for m in messages if isinstance(m, Mapping) and isinstance(m.get("content"), list)
+            for p in m["content"] if isinstance(p, Mapping) and p.get("type") in kinds}
+
+
 def has_media(messages: list) -> bool:
-    return any(isinstance(m, Mapping) and isinstance(m.get("content"), list)
-               and any(isinstance(p, Mapping) and p.get("type") in ("image", "image_url", "video") for p in m["content"])
-               for m in messages)
+    return bool(media_kinds(messages))
 
 
 # ---- placeholders -> token ids ------------------------------------------------------------------
 
-def expand(text: str, media: list[Image | Video], tokens: MediaTokens, tokenizer, *, patch_size: int,
-           pooling_kernel_size: int, image_soft_tokens: int, video_soft_tokens: int) -> MultimodalPrompt:
-    """Tokenize `text`, its media placeholders expanded as the reference processor expands them."""
-    pieces = re.split(f"({re.escape(tokens.image)}|{re.escape(tokens.video)})", text)
+def expand(text: str, media: list[Image | Video | Waveform], tokens: MediaTokens, tokenizer, *, patch_size: int,
+           pooling_kernel_size: int, image_soft_tokens: int, video_soft_tokens: int, audio_frames=None
+           ) -> MultimodalPrompt:
+    """Tokenize `text`, its media placeholders expanded as the reference processor expands them.
+    audio_frames(Waveform) -> Frames: how the model cuts audio (None: it takes none)."""
+    kinds = [tokens.image, tokens.video] + ([tokens.audio] if tokens.audio else [])
+    pieces = re.split("(" + "|".join(re.escape(k) for k in kinds) + ")", text)
     placeholders = pieces[1::2]
     if len(placeholders) != len(media):
-        raise ValueError(f"the prompt has {len(placeholders)} image/video placeholders for {len(media)} images "
-                         f"and videos")
+        raise ValueError(f"the prompt has {len(placeholders)} image/video/audio placeholders for {len(media)} media "
+                         f"items")
     expanded = [pieces[0]]
-    patches: list[Patches] = []
+    patches: list[Patches | Frames] = []
     for placeholder, item, after in zip(placeholders, media, pieces[2::2]):
-        if placeholder == tokens.image:
+        if placeholder == tokens.audio:
+            if not isinstance(item, Waveform):
+                raise ValueError("an image or video was given where the prompt has an audio placeholder")
+            if audio_frames is None:
+                raise ValueError("this model takes no audio")
+            f = audio_frames(item)
+            patches.append(f)
+            expanded.append(tokens.boa + tokens.audio * f.soft_tokens + tokens.eoa)
+        elif placeholder == tokens.image:
             if not isinstance(item, Image):
                 raise ValueError("a video was given where the prompt has an image placeholder")
             p = preprocess(item, patch_size, pooling_kernel_size, image_soft_tokens)
@@ -167,7 +218,7 @@ def expand(text: str, media: list[Image | Video], tokens: MediaTokens, tokenizer
         expanded.append(after)
     ids = tokenizer.encode("".join(expanded), add_special_tokens=False)
 
-    soft = {tokens.image_id, tokens.video_id}
+    soft = {tokens.image_id, tokens.video_id} | ({tokens.audio_id} if tokens.audio_id is not None else set())
     runs: list[tuple[int, int]] = []  # (start, length) of each run of one soft token
     i = 0
     while i < len(ids):
@@ -178,25 +229,34 @@ def expand(text: str, media: list[Image | Video], tokens: MediaTokens, tokenizer
             runs.append((i, j - i))
         i = j
     if [n for _, n in runs] != [p.soft_tokens for p in patches]:
-        raise ValueError("the prompt text contains image or video soft tokens of its own")
+        raise ValueError("the prompt text contains image, video or audio soft tokens of its own")
     return MultimodalPrompt(ids, [start for start, _ in runs], patches)
 
 
 # ---- patches -> embeddings ---------------------------------------------------------------------
 
-def encode(prompt: MultimodalPrompt, vision, cache: dict | None = None, cache_size: int = 16
+def encode(prompt: MultimodalPrompt, vision, cache: dict | None = None, cache_size: int = 16, audio=None
            ) -> list[tuple[int, torch.Tensor]]:
     """(offset, [n, text hidden] embeddings) per soft-token run. An image repeated in the prompt is
     encoded once; `cache` (digest -> embeddings, the newest `cache_size` kept) carries them across
-    prompts, so a conversation's earlier images are not encoded again each turn."""
+    prompts, so a conversation's earlier images are not encoded again each turn. `vision` and `audio`:
+    the encoders (or callables returning them, called only when a run needs one)."""
     done: dict[str, torch.Tensor] = {} if cache is None else cache
     out = []
     for offset, p in zip(prompt.offsets, prompt.patches):
         if p.digest in done:
             done[p.digest] = done.pop(p.digest)  # the newest again
         else:
-            done[p.digest] = vision.encode(p.pixel_values, p.positions)
+            if isinstance(p, Frames):
+                done[p.digest] = _encoder(audio).encode(p.frames)
+            else:
+                done[p.digest] = _encoder(vision).encode(p.pixel_values, p.positions)
             while cache is not None and len(done) > cache_size:
                 done.pop(next(iter(done)))
         out.append((offset, done[p.digest]))
     return out
+
+
+def _encoder(given):
+    """An encoder, or the function that builds it (a tower is built only when a run needs it)."""
+    return given if hasattr(given, "encode") else given()
