@@ -468,9 +468,10 @@ def cmd_info(args) -> int:
     total, active = cfg.parameter_counts()
     n_full = sum(1 for t in cfg.layer_types if t == "full_attention")
     print(f"model          {path}")
-    print(f"architecture   {cfg.architecture}, {cfg.num_hidden_layers} layers ({cfg.num_hidden_layers - n_full} "
+    print(f"architecture   {cfg.model_type or cfg.architecture}, {cfg.num_hidden_layers} layers ({cfg.num_hidden_layers - n_full} "
           f"sliding, window {cfg.sliding_window}; {n_full} full), hidden {cfg.hidden_size}, "
           f"{cfg.num_attention_heads} heads")
+    _describe_unified(ckpt)
     if cfg.enable_moe_block:
         print(f"experts        {cfg.num_experts}, top-{cfg.top_k_experts}, width {cfg.moe_intermediate_size}; "
               f"dense MLP {cfg.intermediate_size}")
@@ -490,6 +491,23 @@ def cmd_info(args) -> int:
                  for i in range(cfg.num_hidden_layers))
         print(f"KV at {ctx:>6}   {_human(kv)} (bf16); weights + KV {_human(weights + kv)}")
     return 0
+
+
+def _describe_unified(ckpt) -> None:
+    """The unified model's (gemma4_unified) encoder-free image and waveform embedders."""
+    from gemma4.checkpoint.unified import unified_media
+
+    vision, audio = unified_media(ckpt)
+    if vision is not None:
+        v = vision.config
+        print(f"images         encoder-free: {v.model_patch_size}x{v.model_patch_size} px patches -> "
+              f"{v.mm_embed_dim} -> text, one soft token each ({v.max_soft_tokens} per image by default); "
+              f"{_count(v.parameter_count())} parameters")
+    if audio is not None:
+        a = audio.config
+        ms = 1000 * a.audio_samples_per_token // a.sampling_rate
+        print(f"audio          raw waveform: {a.audio_samples_per_token} samples ({ms} ms at {a.sampling_rate} Hz) "
+              f"per soft token; {_count(a.parameter_count())} parameters")
 
 
 def cmd_list(args) -> int:

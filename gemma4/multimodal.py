@@ -183,7 +183,10 @@ def expand(text: str, media: list[Image | Video | Waveform], tokens: MediaTokens
            ) -> MultimodalPrompt:
     """Tokenize `text`, its media placeholders expanded as the reference processor expands them.
     audio_frames(Waveform) -> Frames: how the model cuts audio (None: it takes none)."""
-    kinds = [tokens.image, tokens.video] + ([tokens.audio] if tokens.audio else [])
+    audio = tokens.audio if audio_frames is not None else None  # otherwise <|audio|> is plain text, as before
+    if audio_frames is not None and audio is None:
+        raise ValueError("tokenizer: no <|audio>, <audio|>, <|audio|> tokens (needed for audio)")
+    kinds = [tokens.image, tokens.video] + ([audio] if audio else [])
     pieces = re.split("(" + "|".join(re.escape(k) for k in kinds) + ")", text)
     placeholders = pieces[1::2]
     if len(placeholders) != len(media):
@@ -192,11 +195,11 @@ def expand(text: str, media: list[Image | Video | Waveform], tokens: MediaTokens
     expanded = [pieces[0]]
     patches: list[Patches | Frames] = []
     for placeholder, item, after in zip(placeholders, media, pieces[2::2]):
-        if placeholder == tokens.audio:
+        if isinstance(item, Waveform) and placeholder != audio:
+            raise ValueError("audio was given where the prompt has an image or video placeholder")
+        if placeholder == audio:
             if not isinstance(item, Waveform):
                 raise ValueError("an image or video was given where the prompt has an audio placeholder")
-            if audio_frames is None:
-                raise ValueError("this model takes no audio")
             f = audio_frames(item)
             patches.append(f)
             expanded.append(tokens.boa + tokens.audio * f.soft_tokens + tokens.eoa)
@@ -218,7 +221,7 @@ def expand(text: str, media: list[Image | Video | Waveform], tokens: MediaTokens
         expanded.append(after)
     ids = tokenizer.encode("".join(expanded), add_special_tokens=False)
 
-    soft = {tokens.image_id, tokens.video_id} | ({tokens.audio_id} if tokens.audio_id is not None else set())
+    soft = {tokens.image_id, tokens.video_id} | ({tokens.audio_id} if audio else set())
     runs: list[tuple[int, int]] = []  # (start, length) of each run of one soft token
     i = 0
     while i < len(ids):

@@ -167,3 +167,19 @@ def test_audio_parts_and_refusals(unified):
             model.chat_input(messages)
     finally:
         model.audio_checkpoint = saved
+
+
+def test_info_describes_it(unified, capsys):
+    from gemma4 import cli
+
+    path, ref, model = unified
+    assert cli.main(["info", str(path), "--ctx", "64"]) == 0
+    out = capsys.readouterr().out
+    text_params = sum(p.numel() for p in ref.model.language_model.parameters())
+    image_params = sum(p.numel() for p in ref.model.embed_vision.parameters())
+    audio_params = sum(p.numel() for p in ref.model.embed_audio.parameters())
+    assert model.config.parameter_counts() == (text_params, text_params)  # dense: all active
+    assert "gemma4_unified, 6 layers (5 sliding, window 7; 1 full), hidden 44" in out
+    assert f"12x12 px patches -> 24 -> text, one soft token each (70 per image by default); " \
+           f"{cli._count(image_params)} parameters" in out
+    assert f"raw waveform: 16 samples (1 ms at 16000 Hz) per soft token; {cli._count(audio_params)} parameters" in out
