@@ -6,7 +6,7 @@ PROMPT ?= The capital of France is
 # bench/long_prefill.py's shape: bench/run.py's default layer count
 LONG_PREFILL_LAYERS ?= 6
 
-.PHONY: run test install kernels official bench parity clean
+.PHONY: run test install kernels official browser bench parity clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -35,7 +35,14 @@ run: kernels
 official: $(STAMP)
 	-$(BIN)/python tests/official.py
 
-test: kernels official
+# Debian's chromium and its driver, for the chat page's browser test (tests/server/test_webui.py): installed
+# where apt-get is there and we are root; elsewhere nothing happens and that test skips, saying why.
+browser:
+	-@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && ! command -v chromedriver >/dev/null; then \
+		apt-get install -y -q chromium chromium-driver || { apt-get update -q && apt-get install -y -q chromium chromium-driver; }; \
+	fi
+
+test: kernels official browser
 	$(BIN)/python -m pytest -q -x
 
 # Prepares once (llama-cpp-python, the random 26B-A4B-shape model: ~20 minutes for 6 layers), caches it
@@ -46,6 +53,9 @@ test: kernels official
 # bench/speculative_exact.py: greedy speculation token-identical to plain greedy (exits 1 if not)
 # bench/api_prefix_reuse.py: the Python API's second question on a long document against the first
 # bench/long_prefill.py: prefill rate of 512 to 16K-token prompts against llama.cpp (the shape run.py prepared)
+# bench/memory.py: anonymous / file-backed / peak memory against llama.cpp, decode under cgroup memory limits
+# bench/start_serve.py: cold start and --help, one client through the server against in-process decode, and
+# 8 clients' aggregate against llama-server -np 8 (built once from the llama-cpp-python sdist's llama.cpp)
 bench: kernels
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 	$(BIN)/python bench/soak.py $(SOAK_ARGS)
@@ -54,6 +64,8 @@ bench: kernels
 	$(BIN)/python bench/speculative_exact.py
 	$(BIN)/python -m bench.api_prefix_reuse
 	$(BIN)/python bench/long_prefill.py --layers $(LONG_PREFILL_LAYERS) --format Q4_K_M --lengths 512,4096,16384 --rounds 1
+	$(BIN)/python bench/memory.py --layers $(LONG_PREFILL_LAYERS) --format Q4_K_M
+	$(BIN)/python bench/start_serve.py
 
 # llama.cpp is built from source by pip (about 10 minutes on 2 cores), once.
 parity: $(STAMP)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence as Seq
+import sys
+from typing import TYPE_CHECKING, Iterator, Sequence as Seq
 
 import torch
 
@@ -18,9 +19,12 @@ from .config import ModelConfig
 from .engine import PREFILL_CHUNK, Engine, Request, StepOutput, TokenLogprob, prefill, soft_embeds
 from .errors import ModelLoadError
 from .model.load import build_decoder
-from .multimodal import MultimodalPrompt
 from .sampling import SamplingParams
 from .speculative import MAX_DRAFT, PromptLookup
+
+if TYPE_CHECKING:
+    from .multimodal import MultimodalPrompt
+    from .store import StoredModel
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -52,6 +56,12 @@ class ChatReply:
     logprobs: list[TokenLogprob] | None = None
 
 
+def _multimodal(x) -> bool:
+    """x is a MultimodalPrompt (none exists before gemma4.multimodal is imported: a text run never loads it)."""
+    module = sys.modules.get(f"{__package__}.multimodal")
+    return module is not None and isinstance(x, module.MultimodalPrompt)
+
+
 def _dtype(dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -70,30 +80,72 @@ def _device(device) -> torch.device:
     return device
 
 
-def load(path: str | Path | None = None, dtype="float32", device="cpu", progress: bool = True,
+def load(path: str | Path | StoredModel | None = None, dtype="float32", device="cpu", progress: bool = True,
          mmproj: str | Path | None = None, quantize: str | None = None, *, kv_cache: str = "float",
-         kv_budget: int | str | None = None, prefix_cache_bytes: int | str = "2GiB", max_batch: int = 8) -> "Model":
-    """Load a model from an HF checkpoint folder or a GGUF file (None: the embedded model). An HF multimodal
-    checkpoint brings its vision tower; a GGUF model takes it from a llama.cpp mmproj file (`mmproj`). The
-    tower is built the first time an image comes.
+         kv_budget: int | str | None = None, prefix_cache_bytes: int | str = "2GiB", max_batch: int = 8,
+         max_memory: int | str | None = None, tensor_parallel: int = 1, expert_parallel: int = 1) -> "Model":
+    """Load a model from an HF checkpoint folder or a GGUF file (None: the embedded model), or a name in a
+    store (`gemma3:270m`, `ORG/NAME:Q4_K_M`, `hf://…`: see store.find). An HF multimodal checkpoint brings
+    its vision tower; a GGUF model takes it from a llama.cpp mmproj file (`mmproj`, else the one its store
+    keeps beside it). The tower is built the first time an image comes.
 
     GGUF weights stay in their quantised form; `quantize` ("int4" or "int8") quantises float weights.
     The engine's settings, as `gemma4 serve` takes them: kv_cache ("float" or "int8"), kv_budget (bytes of KV
     for running sequences, e.g. "8GiB"; None: unbounded), prefix_cache_bytes (memory for reuse of prompt
     prefixes across calls; 0: off), max_batch (prompts decoded together).
-    """
-    if path is None:
-        from .store import embedded_path
+    max_memory (bytes, e.g. "8GiB"; MoE models): the weights held in memory, the dense parts and the most used
+    routed experts; the other experts are read from the mapped file when routed to (model/residency.py).
 
-        path = embedded_path()
+    tensor_parallel / expert_parallel N (1 or the same N): the model split over N ranks (gemma4.distributed):
+    attention heads, dense MLP and vocabulary split (tensor), routed experts split (both). This process is rank
+    0 and starts the others on this machine; under torchrun each process is its RANK, and the ranks other than
+    0 follow rank 0 inside load() and exit when it does (they never return).
+    """
+    found = _found(path)
     engine = _engine_options(kv_cache, kv_budget, prefix_cache_bytes, max_batch)
-    checkpoint = open_checkpoint(path)
+    budget = _max_memory(max_memory)
+    checkpoint = open_checkpoint(found.path)
     tokenizer = checkpoint.load_tokenizer()  # before the weights: a missing tokenizer fails fast
     vision = _vision_checkpoint(checkpoint, mmproj)  # before the weights too: a bad mmproj fails fast
-    audio = _audio_checkpoint(checkpoint)
-    decoder = build_decoder(checkpoint, _dtype(dtype), _device(device), progress=progress, quantize=quantize)
+    if vision is None and mmproj is None and found.mmproj is not None:
+        vision = _store_projector(checkpoint, found)
+    audio = _audio_checkpoint(checkpoint, mmproj)
+    if tensor_parallel != 1 or expert_parallel != 1:
+        if budget is not None:
+            raise ValueError("max_memory: not with a model split over ranks (each rank holds its share already)")
+        from .distributed import load_decoder
+
+        args = dict(path=str(found.path), dtype=str(_dtype(dtype)).removeprefix("torch."), quantize=quantize)
+        decoder = load_decoder(checkpoint, args, _dtype(dtype), _device(device), progress, tensor_parallel,
+                               expert_parallel)
+    else:
+        decoder = build_decoder(checkpoint, _dtype(dtype), _device(device), progress=progress, quantize=quantize)
+    if audio is not None:
+        decoder.config.audio_token_id = _audio_token_id(checkpoint, tokenizer)
     _prepare_kernels(decoder)
+    if budget is not None:
+        from .model.residency import attach
+
+        attach(decoder, budget)
     return Model(decoder, tokenizer, checkpoint, vision=vision, engine_options=engine, audio=audio)
+
+
+def _found(path):
+    """A load() path as the store finds it: a path, a store name, the embedded model (None), or a store.StoredModel."""
+    from .store import StoredModel, find
+
+    if isinstance(path, StoredModel):
+        return path
+    return find(None if path is None else str(path))
+
+
+def _store_projector(checkpoint, found):
+    """The projector a store keeps beside the model, where it is a vision tower this engine reads (a gemma4v
+    mmproj; another family's is not): else the model loads without one."""
+    try:
+        return _vision_checkpoint(checkpoint, found.mmproj)
+    except ModelLoadError:
+        return None
 
 
 def _engine_options(kv_cache: str, kv_budget, prefix_cache_bytes, max_batch: int) -> dict:
@@ -105,6 +157,20 @@ def _engine_options(kv_cache: str, kv_budget, prefix_cache_bytes, max_batch: int
         raise ValueError(f"max_batch: must be a positive integer, got {max_batch!r}")
     return dict(kv_cache=kv_cache, kv_budget=parse_bytes(kv_budget) if kv_budget is not None else None,
                 prefix_cache_bytes=parse_bytes(prefix_cache_bytes), max_batch=max_batch)
+
+
+def _max_memory(max_memory) -> int | None:
+    from .kv import parse_bytes
+
+    if max_memory is None:
+        return None
+    try:
+        budget = parse_bytes(max_memory)
+    except ValueError as e:
+        raise ValueError(f"max_memory: {e}") from None
+    if budget <= 0:
+        raise ValueError(f"max_memory: must be positive, got {max_memory!r}")
+    return budget
 
 
 def _prepare_kernels(decoder) -> None:
@@ -141,11 +207,35 @@ def _vision_checkpoint(checkpoint, mmproj):
     return None
 
 
-def _audio_checkpoint(checkpoint):
-    """The unified model's waveform embedder, when its config.json has an audio_config."""
-    from .checkpoint.unified import unified_media
+def _audio_checkpoint(checkpoint, mmproj):
+    """The audio tower's reader: the HF folder's own, or the mmproj's gemma4a part (None where neither has one);
+    for the unified model, its waveform embedder's (checkpoint/unified.py)."""
+    from .checkpoint.audio import HFAudioCheckpoint, MmprojAudioCheckpoint
 
-    return unified_media(checkpoint)[1]
+    config = checkpoint.config
+    if config.model_type == "gemma4_unified":
+        from .checkpoint.unified import unified_media
+
+        return unified_media(checkpoint)[1]
+    if mmproj is not None:
+        from .checkpoint.gguf_file import GGUFFile
+
+        if config.architecture == "gemma4" and GGUFFile(mmproj).metadata.get("clip.audio.projector_type"):
+            return MmprojAudioCheckpoint(mmproj, config.hidden_size)
+        return None
+    raw = getattr(checkpoint, "raw_config", None) or {}
+    if config.architecture == "gemma4" and isinstance(raw.get("audio_config"), dict) and hasattr(checkpoint, "files"):
+        return HFAudioCheckpoint(checkpoint)
+    return None
+
+
+def _audio_token_id(checkpoint, tokenizer) -> int | None:
+    from .multimodal import AUDIO
+
+    raw = getattr(checkpoint, "raw_config", None) or {}
+    if raw.get("audio_token_id") is not None:
+        return int(raw["audio_token_id"])
+    return tokenizer.token_to_id(AUDIO) if tokenizer is not None else None
 
 
 class Model:
@@ -158,7 +248,7 @@ class Model:
         self.checkpoint = checkpoint
         self.vision_checkpoint = vision  # a reader (checkpoint/vision.py); the tower is built on first use
         self._vision = None
-        self.audio_checkpoint = audio  # the unified model's waveform embedder (checkpoint/unified.py)
+        self.audio_checkpoint = audio  # a reader (checkpoint/audio.py, or unified.py's waveform embedder)
         self._audio = None
         self._encoded: dict = {}  # image digest -> embeddings, the last few (multimodal.encode)
 
@@ -228,63 +318,74 @@ class Model:
             self._vision = build(self.vision_checkpoint, self.decoder.dtype, self.decoder.device)
         return self._vision
 
-    @property
-    def audio(self):
-        """The waveform embedder (model/unified.py), built the first time audio comes."""
-        if self._audio is None:
-            self.check_audio()
-            from .model.unified import load_embedder
-
-            self._audio = load_embedder(self.audio_checkpoint, self.decoder.dtype, self.decoder.device)
-        return self._audio
-
-    def check_audio(self) -> None:
-        if self.audio_checkpoint is None:
-            raise ValueError("this model takes no audio: its checkpoint has no audio embedder")
-
-    def check_media(self, media: list) -> None:
-        """Raises ValueError when the model cannot take one of these media items."""
-        from .waveform import Waveform
-
-        if any(isinstance(m, Waveform) for m in media):
-            self.check_audio()
-        if any(not isinstance(m, Waveform) for m in media):
-            self.check_vision()
-
     def check_vision(self) -> None:
         """Raises ValueError, saying why, when the model cannot take images."""
         if self.vision_checkpoint is None:
             raise ValueError("this model has no vision tower: images need a multimodal checkpoint, or an "
                              "mmproj file beside a GGUF model")
 
+    # ---- audio --------------------------------------------------------------------------
+    @property
+    def audio(self):
+        """The audio tower (model/audio.py), built from its checkpoint the first time it is asked for."""
+        if self._audio is None:
+            self.check_audio()
+            from .checkpoint.unified import WaveformAudioCheckpoint
+            from .model.audio import load_audio_tower
+            from .model.unified import load_embedder
+
+            unified = isinstance(self.audio_checkpoint, WaveformAudioCheckpoint)
+            self._audio = (load_embedder if unified else load_audio_tower)(self.audio_checkpoint, self.decoder.dtype,
+                                                                           self.decoder.device)
+        return self._audio
+
+    def check_audio(self) -> None:
+        """Raises ValueError, saying why, when the model cannot take audio."""
+        if self.audio_checkpoint is None:
+            raise ValueError("this model has no audio tower: audio needs a Gemma 4 model with one (E2B, E4B), or "
+                             "its mmproj file beside a GGUF model")
+
+    def check_media(self, media: list | None = None, kinds: set[str] | None = None) -> None:
+        """Raises ValueError when the model lacks a tower that `media` (or the tower `kinds`) need."""
+        from .multimodal import media_kinds
+
+        kinds = media_kinds(media or []) | (kinds or set())
+        if "vision" in kinds:
+            self.check_vision()
+        if "audio" in kinds:
+            self.check_audio()
+
     def multimodal_prompt(self, text: str, media: list, image_tokens: int | None = None) -> MultimodalPrompt:
-        """Prompt text with <|image|> / <|video|> placeholders (as the chat template writes them) and the
-        images / videos for them, in order -> token ids with soft-token runs."""
+        """Prompt text with <|image|> / <|video|> / <|audio|> placeholders (as the chat template writes them)
+        and the images / videos / audio clips for them, in order -> token ids with soft-token runs."""
+        from .audio_features import FeatureExtractor
+        from .checkpoint.unified import WaveformAudioCheckpoint
         from .config import SUPPORTED_SOFT_TOKENS
-        from .multimodal import MediaTokens, expand
+        from .multimodal import MediaTokens, expand, waveform_frames
 
         self.check_media(media)
-        cfg = self.vision_checkpoint.config if self.vision_checkpoint is not None else None
-        default = cfg.max_soft_tokens if cfg is not None else SUPPORTED_SOFT_TOKENS[0]
-        image_tokens = default if image_tokens is None else int(image_tokens)
-        if image_tokens not in SUPPORTED_SOFT_TOKENS:
-            raise ValueError(f"image_tokens: {image_tokens} is not one of {SUPPORTED_SOFT_TOKENS}")
-        tokens = MediaTokens.from_tokenizer(self.tokenizer, getattr(self.checkpoint, "raw_config", None))
-        audio_frames = None
-        if self.audio_checkpoint is not None:
-            from .waveform import waveform_frames
-
+        sizes = {}
+        if self.vision_checkpoint is not None:
+            cfg = self.vision_checkpoint.config
+            image_tokens = cfg.max_soft_tokens if image_tokens is None else int(image_tokens)
+            if image_tokens not in SUPPORTED_SOFT_TOKENS:
+                raise ValueError(f"image_tokens: {image_tokens} is not one of {SUPPORTED_SOFT_TOKENS}")
+            sizes = dict(patch_size=cfg.preprocess_patch_size,
+                         pooling_kernel_size=cfg.preprocess_pooling,
+                         image_soft_tokens=image_tokens, video_soft_tokens=cfg.video_max_soft_tokens)
+        if isinstance(self.audio_checkpoint, WaveformAudioCheckpoint):  # raw 16 kHz frames, no log-mel
             a = self.audio_checkpoint.config
-            audio_frames = lambda wave: waveform_frames(wave, a.audio_samples_per_token, a.sampling_rate)  # noqa: E731
-        return expand(text, media, tokens, self.tokenizer,
-                      patch_size=cfg.preprocess_patch_size if cfg else 1,
-                      pooling_kernel_size=cfg.preprocess_pooling if cfg else 1, image_soft_tokens=image_tokens,
-                      video_soft_tokens=cfg.video_max_soft_tokens if cfg else image_tokens, audio_frames=audio_frames)
+            sizes["audio_frames"] = lambda clip: waveform_frames(clip, a.audio_samples_per_token, a.sampling_rate)
+        elif self.audio_checkpoint is not None:
+            sizes.update(audio_extractor=FeatureExtractor(self.audio_checkpoint.features),
+                         audio_seq_length=self.audio_checkpoint.config.audio_seq_length)
+        tokens = MediaTokens.from_tokenizer(self.tokenizer, getattr(self.checkpoint, "raw_config", None))
+        return expand(text, media, tokens, self.tokenizer, **sizes)
 
     def media_embeddings(self, prompt) -> list:
-        """[(offset, [N, hidden] embeddings)] of a prompt's images and video frames, through the vision
-        tower (an image seen recently is not encoded again); [] for a text prompt."""
-        if not isinstance(prompt, MultimodalPrompt) or not prompt.patches:
+        """[(offset, [N, hidden] embeddings)] of a prompt's images, video frames and audio clips, through
+        their towers (media seen recently are not encoded again); [] for a text prompt."""
+        if not _multimodal(prompt) or not prompt.patches:
             return []
         from .multimodal import encode
 
@@ -294,7 +395,7 @@ class Model:
     def forward(self, token_ids, chunk: int = PREFILL_CHUNK) -> torch.Tensor:
         """float32 logits for every position: [T, vocab] for one sequence (ids or a MultimodalPrompt),
         [B, T, vocab] for a batch of equal-length id lists."""
-        if isinstance(token_ids, MultimodalPrompt):
+        if _multimodal(token_ids):
             return self._forward_multimodal(token_ids, chunk)
         ids = torch.as_tensor(token_ids, dtype=torch.long)
         single = ids.dim() == 1
@@ -328,7 +429,7 @@ class Model:
 
     # ---- generation ---------------------------------------------------------------------
     def _encode(self, prompt) -> list[int]:
-        if isinstance(prompt, MultimodalPrompt):
+        if _multimodal(prompt):
             return list(prompt.ids)
         if isinstance(prompt, str):
             if self.tokenizer is None:
@@ -340,8 +441,6 @@ class Model:
 
     def _requests(self, prompts: list, params: SamplingParams, logprobs: int | None, response_format,
                   speculative: int, drafter, prompt_cache, progress) -> list[Request]:
-        from .structured import constraint_from_response_format
-
         if prompt_cache is not None and len(prompts) != 1:
             raise ValueError("a prompt cache serves one prompt at a time")
         if logprobs is not None and (not isinstance(logprobs, int) or logprobs < 0):
@@ -365,6 +464,8 @@ class Model:
             if response_format is not None:
                 if self.tokenizer is None:
                     raise ValueError("response_format: needs the model's tokenizer")
+                from .structured import constraint_from_response_format  # llguidance: only when asked for
+
                 constraint = constraint_from_response_format(response_format, self.tokenizer)
             requests.append(Request(ids, params, logprobs=logprobs, constraint=constraint,
                                     soft=self.media_embeddings(p), speculative=speculative, drafter=drafter,
@@ -446,21 +547,17 @@ class Model:
     def chat_input(self, messages: list[dict], tools: list | None = None, enable_thinking: bool = False,
                    image_tokens: int | None = None, suffix: str = "", local_files: bool = True,
                    **template_kwargs):
-        """The token ids of a conversation (a MultimodalPrompt when it holds images or videos: content
+        """The token ids of a conversation (a MultimodalPrompt when it holds images, videos or audio: content
         parts {"type": "image_url", "image_url": {"url": "data:..."}}, {"type": "image", "image": PATH |
-        bytes | Image}, {"type": "video", "video": PATH}, and for the unified model {"type": "audio", "audio":
-        Waveform | samples at 16 kHz | PATH}). `suffix` is text the answer is made to start
+        bytes | Image}, {"type": "video", "video": PATH}, {"type": "input_audio", "input_audio": {"data":
+        BASE64, "format": "wav"}}, {"type": "audio", "audio": PATH | bytes | Audio}). `suffix` is text the answer is made to start
         with (after the generation prompt). local_files=False (for requests from a network) refuses
         paths: a string is then only a data: URL."""
-        from .multimodal import collect_media, media_kinds
+        from .multimodal import collect_media, has_media, part_kinds
 
         media = []
-        kinds = media_kinds(messages)
-        if kinds:  # checked before any media is decoded
-            if kinds - {"audio"}:
-                self.check_vision()
-            if "audio" in kinds:
-                self.check_audio()
+        if has_media(messages):
+            self.check_media(kinds=part_kinds(messages))  # before decoding: a model without the tower says so
             messages, media = collect_media(messages, local_files)
         prompt = self.chat_prompt(messages, tools=tools, enable_thinking=enable_thinking, **template_kwargs) + suffix
         if media:
@@ -512,7 +609,7 @@ def _steps(outputs) -> Iterator[StepOutput]:
 
 
 def _is_batch(x) -> bool:
-    if isinstance(x, (str, MultimodalPrompt)):
+    if isinstance(x, str) or _multimodal(x):
         return False
     if isinstance(x, torch.Tensor):
         return x.dim() == 2

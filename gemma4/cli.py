@@ -1,4 +1,4 @@
-"""The command line: run, chat, serve, info, list. Argument parsing and printing only."""
+"""The command line: run, chat, serve, info, list, pull. Argument parsing and printing only."""
 
 from __future__ import annotations
 
@@ -8,32 +8,54 @@ import sys
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+EXIT_RANK_FAILED = 3  # a rank of a split model died or stopped answering
+RANK_FAILED_GRACE_S = 3.0  # for the error answers to reach the clients before the server exits
 
 
 class CLIError(Exception):
     """Bad input at the command line: printed as one line, exit status 2."""
 
 
+class _Unset(float):
+    """A sampling default the user left: a store's parameters for the model (Ollama's) may replace it."""
+
+
+class _UnsetInt(int):
+    __doc__ = _Unset.__doc__
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-m", "--model", help="GGUF file, HF checkpoint folder, or a name in the local store "
-                                         "(default: the embedded Gemma 3 270M)")
+    p.add_argument("-m", "--model", help="GGUF file, HF checkpoint folder, or a name: in Ollama's store "
+                                         "(gemma3:270m), the Hugging Face cache or LM Studio's (ORG/NAME[:QUANT], "
+                                         "pulled from the Hub when missing), ours; hf://, ollama://, lmstudio:// "
+                                         "name one store (default: the embedded Gemma 3 270M)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="weight and activation dtype (auto: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (auto: CUDA when present)")
-    p.add_argument("--mmproj", metavar="FILE", help="the vision tower of a GGUF model, as llama.cpp ships it "
-                                                    "(an mmproj GGUF); HF multimodal folders carry their own")
+    p.add_argument("--mmproj", metavar="FILE", help="the vision (and audio) tower of a GGUF model, as llama.cpp "
+                                                    "ships it (an mmproj GGUF); HF multimodal folders carry their own")
     p.add_argument("--image-tokens", type=int, default=None, choices=[70, 140, 280, 560, 1120],
                    help="soft tokens per image at most (default: the model's, usually 280)")
     p.add_argument("--quantize", choices=["int4", "int8"], default=None,
                    help="quantise float weights at load (GGUF weights stay in their own quantised form)")
+    p.add_argument("--max-memory", metavar="SIZE", default=None,
+                   help="memory for the weights, e.g. 8GiB: the dense parts and the most used routed experts stay "
+                        "resident, the other experts are read from the mapped file when routed to (MoE models)")
+    p.add_argument("--verbose", action="store_true", help="report decode speed (and the expert hit rate under "
+                                                          "--max-memory) on standard error")
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="split attention heads, dense MLP, vocabulary and experts over N ranks (processes started "
+                        "here, or torchrun's across machines; rank 0 runs the command)")
+    p.add_argument("--expert-parallel", type=int, default=1, metavar="N",
+                   help="split the routed experts over N ranks (1 or the --tensor-parallel N)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--max-tokens", type=int, default=256, help="tokens to generate at most (default 256)")
-    p.add_argument("--temperature", "--temp", type=float, default=1.0, help="0 is greedy (default 1.0)")
-    p.add_argument("--top-k", type=int, default=64, help="0 disables (default 64)")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (default 0.95)")
-    p.add_argument("--min-p", type=float, default=0.0, help="min-p sampling (default 0: off)")
+    p.add_argument("--temperature", "--temp", type=float, default=_Unset(1.0), help="0 is greedy (default 1.0)")
+    p.add_argument("--top-k", type=int, default=_UnsetInt(64), help="0 disables (default 64)")
+    p.add_argument("--top-p", type=float, default=_Unset(0.95), help="nucleus sampling (default 0.95)")
+    p.add_argument("--min-p", type=float, default=_Unset(0.0), help="min-p sampling (default 0: off)")
     p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--system", help="system prompt (chat mode)")
@@ -70,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--video", action="append", default=[], metavar="PATH",
                      help="a video file (needs PyAV) or a folder of frames at 1 fps, sampled at 1 fps, at most "
                           "60 frames (repeatable)")
+    run.add_argument("--audio", action="append", default=[], metavar="FILE",
+                     help="an audio clip (WAV, FLAC, MP3, OGG; at most 30 s) heard before the prompt (repeatable; "
+                          "models with an audio tower: E2B, E4B)")
     _model_args(run)
     _sampling_args(run)
     _speculative_args(run)
@@ -105,7 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--ctx", type=int, default=None, help="context length for the KV estimate (default: 8192 "
                                                             "and the model's maximum)")
 
-    sub.add_parser("list", help="models in the local store")
+    sub.add_parser("list", help="models on disk: ours, Ollama's, the Hugging Face cache's, LM Studio's")
+
+    pull = sub.add_parser("pull", help="download a model from the Hugging Face Hub into its cache")
+    pull.add_argument("model", help="ORG/NAME, or ORG/NAME:QUANT for one quant of a GGUF repository (default "
+                                    "Q4_K_M); the repository's mmproj comes along")
     return parser
 
 
@@ -119,7 +148,9 @@ def _load(args, **engine):
     import gemma4
     from gemma4 import store
 
-    path = store.resolve(args.model)
+    found = store.find(args.model, pull=True, note=_note)
+    args.found = found
+    _store_defaults(args, found.params)
     device = args.device
     dtype = args.dtype
     if dtype == "auto":
@@ -127,8 +158,56 @@ def _load(args, **engine):
 
         cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
         dtype = "bfloat16" if cuda else "float32"
-    return gemma4.load(path, dtype=dtype, device=device, mmproj=args.mmproj,
-                       quantize=getattr(args, "quantize", None), **engine)
+    ranks = dict(tensor_parallel=args.tensor_parallel, expert_parallel=args.expert_parallel)
+    if ranks != dict(tensor_parallel=1, expert_parallel=1) and getattr(args, "prompt_cache", None):
+        raise CLIError("--prompt-cache: a file holds one process's KV, not a split model's")
+    try:
+        return gemma4.load(found, dtype=dtype, device=device, mmproj=args.mmproj,
+                           quantize=getattr(args, "quantize", None), max_memory=args.max_memory, **engine, **ranks)
+    except ValueError as e:
+        if "max_memory" not in str(e):
+            raise
+        raise CLIError(str(e).replace("max_memory", "--max-memory")) from None
+
+
+class _Timed:
+    """Wraps a stream of deltas: with --verbose, the decode speed (stream events after the first, one per token
+    or so) and, under --max-memory, the expert hit rate, on standard error at the end."""
+
+    def __init__(self, model, deltas, verbose: bool):
+        self.model, self.deltas, self.verbose = model, deltas, verbose
+
+    def __iter__(self):
+        import time
+
+        if not self.verbose:
+            yield from self.deltas
+            return
+        residency = getattr(self.model.decoder, "residency", None)
+        n, first = 0, None
+        for d in self.deltas:
+            if first is None:
+                first = time.perf_counter()
+                if residency is not None:
+                    residency.reset_stats()  # the prompt's routing apart: the hit rate of decoding
+            n += 1
+            yield d
+        if first is not None:
+            elapsed = time.perf_counter() - first
+            _note(f"\n[decode: {n - 1} steps in {elapsed:.2f} s, {(n - 1) / elapsed if elapsed else 0:.2f} tok/s]")
+        if residency is not None:
+            _note(f"[{residency.stats.line()}]")
+
+
+def _store_defaults(args, params: dict) -> None:
+    """Ollama's parameters for the model, where the command line left an option at its default."""
+    for key in ("temperature", "top_k", "top_p", "min_p"):
+        value, given = params.get(key), getattr(args, key, None)
+        if isinstance(given, (_Unset, _UnsetInt)) and isinstance(value, (int, float)):
+            setattr(args, key, float(value) if isinstance(given, _Unset) else int(value))
+    stop = params.get("stop")
+    if hasattr(args, "stop") and isinstance(stop, list):
+        args.stop += [s for s in stop if isinstance(s, str) and s not in args.stop]
 
 
 def _sampling(args) -> dict:
@@ -178,7 +257,11 @@ def _speculation(model, args) -> dict:
     if args.draft_model is None:
         return dict(speculative=args.speculative)
     from gemma4 import store
+    from gemma4.speculative.drafters import is_assistant
 
+    if getattr(args, "tensor_parallel", 1) > 1 and is_assistant(store.resolve(args.draft_model)):
+        raise CLIError("--draft-model: the Gemma 4 assistant reads the target's KV of every head, which tensor "
+                       "parallelism splits over ranks (a draft model or prompt lookup works)")
     return dict(speculative=args.speculative, drafter=drafter_for(store.resolve(args.draft_model), model,
                                                                   quantize=getattr(args, "quantize", None)))
 
@@ -211,13 +294,18 @@ def _messages(system: str | None, history: list[dict]) -> list[dict]:
     return ([{"role": "system", "content": system}] if system else []) + history
 
 
-def _media_parts(images: list[str], videos: list[str]) -> list[dict]:
-    """Content parts for image and video files, decoded now so that a bad file fails before the model loads."""
+def _media_parts(images: list[str], videos: list[str], audio: list[str] = ()) -> list[dict]:
+    """Content parts for image, video and audio files, decoded now so that a bad file fails before the model
+    loads."""
+    if not images and not videos and not audio:
+        return []
+    from gemma4.audio_io import load_audio
     from gemma4.images import load_image
     from gemma4.video import load_video
 
     return ([{"type": "image", "image": load_image(p)} for p in images]
-            + [{"type": "video", "video": load_video(p)} for p in videos])
+            + [{"type": "video", "video": load_video(p)} for p in videos]
+            + [{"type": "audio", "audio": load_audio(p)} for p in audio])
 
 
 def _user_message(text: str, media: list[dict]) -> dict:
@@ -227,7 +315,7 @@ def _user_message(text: str, media: list[dict]) -> dict:
 def _note_media(model, messages: list[dict], args) -> None:
     prompt = model.chat_input(messages, enable_thinking=args.think, image_tokens=args.image_tokens)
     soft = sum(p.soft_tokens for p in getattr(prompt, "patches", []))
-    _note(f"note: {len(getattr(prompt, 'patches', []))} images/frames as {soft} soft tokens; "
+    _note(f"note: {len(getattr(prompt, 'patches', []))} images/frames/clips as {soft} soft tokens; "
           f"prompt of {len(prompt)} tokens")
 
 
@@ -294,18 +382,18 @@ def cmd_run(args) -> int:
     prompt = (sys.stdin.read() if args.prompt == "-" else args.prompt) if args.prompt is not None else ""
     if not prompt.strip() and doc is None:
         raise CLIError("the prompt is empty")
-    if args.prompt_cache and doc is None and not (args.image or args.video):
-        raise CLIError("--prompt-cache needs --file, --image or --video: it keeps the document's KV")
+    if args.prompt_cache and doc is None and not (args.image or args.video or args.audio):
+        raise CLIError("--prompt-cache needs --file, --image, --video or --audio: it keeps the document's KV")
     question = prompt
     if doc is not None:
         prompt = doc + ("\n\n" + question if question.strip() else "")
     _check_sampling(args)
-    if (args.image or args.video) and args.raw:
-        raise CLIError("--image and --video need the chat format: drop --raw")
-    media = _media_parts(args.image, args.video)
+    if (args.image or args.video or args.audio) and args.raw:
+        raise CLIError("--image, --video and --audio need the chat format: drop --raw")
+    media = _media_parts(args.image, args.video, args.audio)
     model = _load(args, prefix_cache_bytes=0)
     if media:
-        model.check_vision()
+        model.check_media(kinds={"audio" if "audio" in p else "vision" for p in media})
     speculation = _speculation(model, args)
     has_template = model.chat_template is not None
     use_chat = args.chat or (has_template and not args.raw) or bool(media)
@@ -340,7 +428,7 @@ def cmd_run(args) -> int:
                   for c in model.generate(prompt, stream=True, **_sampling(args), **run, **speculation))
     if not use_chat:
         sys.stdout.write(question if doc is not None else prompt)  # a document is not echoed
-    _print_stream(deltas)
+    _print_stream(_Timed(model, deltas, args.verbose))
     print(flush=True)
     _cache_note(run)
     return 0
@@ -354,8 +442,8 @@ def cmd_chat(args) -> int:
     if model.chat_template is None:
         _note(f"note: the model has no chat template; using the {model.config.architecture} turn format "
               "(a base model chats poorly)")
-    _note("chat: /image PATH and /video PATH attach to your next message, /reset clears the history, /exit quits, "
-          "Ctrl-C stops an answer")
+    _note("chat: /image PATH, /video PATH and /audio PATH attach to your next message, /reset clears the history, "
+          "/exit quits, Ctrl-C stops an answer")
     history: list[dict] = []
     attached: list[dict] = []
     while True:
@@ -378,25 +466,27 @@ def cmd_chat(args) -> int:
             _note("(history cleared)")
             continue
         command, _, arg = text.partition(" ")
-        if command in ("/image", "/video") and arg.strip():
+        if command in ("/image", "/video", "/audio") and arg.strip():
             try:
-                model.check_vision()
+                model.check_media(kinds={"audio" if command == "/audio" else "vision"})
                 attached += _media_parts([arg.strip()] if command == "/image" else [],
-                                         [arg.strip()] if command == "/video" else [])
+                                         [arg.strip()] if command == "/video" else [],
+                                         [arg.strip()] if command == "/audio" else [])
             except ValueError as e:
                 _note(f"error: {e}")
                 continue
             _note(f"({len(attached)} attached to your next message)")
             continue
         if text.startswith("/"):
-            _note("commands: /image PATH, /video PATH, /reset, /exit")
+            _note("commands: /image PATH, /video PATH, /audio PATH, /reset, /exit")
             continue
         history.append(_user_message(line, attached))
         attached = []
         answer = []
         try:
-            for d in model.chat(_messages(args.system, history), stream=True, image_tokens=args.image_tokens,
-                                **thinking, **_sampling(args), **speculation):
+            for d in _Timed(model, model.chat(_messages(args.system, history), stream=True,
+                                              image_tokens=args.image_tokens, **thinking, **_sampling(args),
+                                              **speculation), args.verbose):
                 if d.kind == "content":
                     answer.append(d.text)
                 _print_stream([d])
@@ -411,8 +501,6 @@ def cmd_chat(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from gemma4 import store
-
     if not 0 < args.port < 65536:
         raise CLIError(f"--port must be in 1..65535, got {args.port}")
     if args.parallel < 1 or args.max_queue < 0:
@@ -427,12 +515,57 @@ def cmd_serve(args) -> int:
     except ValueError as e:
         raise CLIError(f"--kv-budget / --prefix-cache-size: {e}") from None
     model = _load(args)
+    failed = _exit_when_a_rank_fails(model)
     engine.update(_speculation(model, args))
-    name = args.served_model_name or (store.EMBEDDED_NAME if args.model is None else _model_id(args.model))
+    if args.verbose:
+        _report_residency(model)
+    name = args.served_model_name or (_model_id(args.model) if args.found.source == "path" else args.found.name)
     _note(f"serving {name!r} on http://{args.host}:{args.port}/v1" + (" (API key required)" if args.api_key else ""))
+    _note(f"chat page: http://{args.host}:{args.port}/")
     serve(model, model_name=name, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.parallel,
           max_queue=args.max_queue, allow_remote_images=args.allow_remote_images, **engine)
+    if failed:
+        _note(f"error: {failed[0]}")
+        return EXIT_RANK_FAILED
     return 0
+
+
+def _report_residency(model, every: float = 30.0) -> None:
+    """serve --verbose under --max-memory: the expert hit rate on standard error every `every` seconds of use."""
+    import threading
+
+    residency = getattr(model.decoder, "residency", None)
+    if residency is None:
+        return
+
+    def loop():
+        seen = -1
+        while True:
+            threading.Event().wait(every)
+            if residency.stats.uses != seen:
+                seen = residency.stats.uses
+                _note(f"[{residency.stats.line()}]")
+
+    threading.Thread(target=loop, daemon=True, name="residency-report").start()
+
+
+def _exit_when_a_rank_fails(model) -> list[str]:
+    """A split model: when a rank dies or hangs, the requests in flight end with an error (the engine fails them
+    as its collective fails) and, a grace period later, the server exits EXIT_RANK_FAILED."""
+    link = getattr(model.decoder, "link", None)
+    failed: list[str] = []
+    if link is None:
+        return failed
+
+    def shut_down(reason: str) -> None:
+        import threading
+
+        failed.append(reason)
+        _note(f"error: {reason}; the server stops")
+        threading.Timer(RANK_FAILED_GRACE_S, lambda: os._exit(EXIT_RANK_FAILED)).start()
+
+    link.on_failure.append(shut_down)
+    return failed
 
 
 def _model_id(spec: str) -> str:
@@ -462,12 +595,17 @@ def cmd_info(args) -> int:
     from gemma4.kv import kv_bytes_per_token, ring_slots
     from gemma4.checkpoint import open_checkpoint
 
-    path = store.resolve(args.model)
+    found = store.find(args.model)
+    path = found.path
     ckpt = open_checkpoint(path)
     cfg = ckpt.config
     total, active = cfg.parameter_counts()
     n_full = sum(1 for t in cfg.layer_types if t == "full_attention")
     print(f"model          {path}")
+    if found.source not in ("path", "embedded"):
+        print(f"store          {found.source}: {found.explicit}")
+    if found.mmproj is not None:
+        print(f"projector      {found.mmproj}")
     print(f"architecture   {cfg.model_type or cfg.architecture}, {cfg.num_hidden_layers} layers ({cfg.num_hidden_layers - n_full} "
           f"sliding, window {cfg.sliding_window}; {n_full} full), hidden {cfg.hidden_size}, "
           f"{cfg.num_attention_heads} heads")
@@ -475,12 +613,22 @@ def cmd_info(args) -> int:
     if cfg.enable_moe_block:
         print(f"experts        {cfg.num_experts}, top-{cfg.top_k_experts}, width {cfg.moe_intermediate_size}; "
               f"dense MLP {cfg.intermediate_size}")
+    if cfg.hidden_size_per_layer_input:
+        table = cfg.vocab_size_per_layer_input * cfg.per_layer_input_size
+        print(f"per-layer emb  {cfg.vocab_size_per_layer_input} x {cfg.num_hidden_layers} x "
+              f"{cfg.hidden_size_per_layer_input} = {_count(table)} parameters (a row per token: total, not active)")
+    if cfg.num_kv_shared_layers:
+        print(f"shared KV      the last {cfg.num_kv_shared_layers} layers read earlier layers' KV (layers "
+              f"{cfg.first_kv_shared_layer}-{cfg.num_hidden_layers - 1}; they store none)"
+              + (f"; their MLP {cfg.intermediate_size_of(cfg.num_hidden_layers - 1)} wide" if cfg.use_double_wide_mlp
+                 else ""))
     print(f"parameters     {_count(total)} total, {_count(active)} active per token")
     print(f"context        {cfg.max_position_embeddings} tokens; vocabulary {cfg.vocab_size}")
     weights = ckpt.weight_bytes()
     print(f"tensor types   {', '.join(f'{k} x{v}' for k, v in sorted(ckpt.tensor_types().items()))}")
     print(f"weights        {_human(weights)} on disk")
     print(f"chat template  {'yes' if ckpt.chat_template() else 'none (base model: raw completion)'}")
+    _print_audio_tower(ckpt)
     from gemma4.native import isa
 
     print(f"CPU            {isa.describe()}")
@@ -510,19 +658,47 @@ def _describe_unified(ckpt) -> None:
               f"per soft token; {_count(a.parameter_count())} parameters")
 
 
+def _print_audio_tower(ckpt) -> None:
+    """The audio tower of an HF folder (a GGUF model's lives in its mmproj file)."""
+    raw = getattr(ckpt, "raw_config", None) or {}
+    if not isinstance(raw.get("audio_config"), dict) or raw.get("model_type") == "gemma4_unified":
+        return  # (the unified model's audio_config is its waveform embedder's: _describe_unified)
+    import torch
+
+    from gemma4.config import AudioConfig
+    from gemma4.model.audio import AudioModel
+
+    a = AudioConfig.from_hf(raw["audio_config"], ckpt.config.hidden_size)
+    with torch.device("meta"):
+        n = sum(p.numel() for p in AudioModel(a).parameters())
+    print(f"audio tower    {a.num_hidden_layers} conformer layers, hidden {a.hidden_size}, {_count(n)} parameters; "
+          f"clips up to 30 s, one soft token per 40 ms")
+
+
 def cmd_list(args) -> int:
     from gemma4 import store
 
     print(f"{store.EMBEDDED_NAME:<24} embedded default (Gemma 3 270M, Q4_K_M GGUF)")
     models = store.list_models()
     for m in models:
-        print(f"{m.name:<24} {m.kind:<5} {_human(m.size):>10}  {m.path}")
+        vision = " +mmproj" if m.mmproj else ""
+        print(f"{m.name:<24} {m.source:<8} {m.kind:<4} {_human(m.size):>10}  {m.path}{vision}")
     if not models:
-        print(f"(no models in {store.store_dir()}: put NAME.gguf files or HF folders there)")
+        print(f"(no models in {store.store_dir()}, Ollama's store, the Hugging Face cache or LM Studio's folder: "
+              f"`gemma4 pull ORG/NAME` fetches one)")
     return 0
 
 
-COMMANDS = {"run": cmd_run, "chat": cmd_chat, "serve": cmd_serve, "info": cmd_info, "list": cmd_list}
+def cmd_pull(args) -> int:
+    from gemma4.stores import pull
+
+    found = pull.pull(args.model, note=_note)
+    print(f"{found.name}  {found.path}" + (f"  (mmproj {found.mmproj})" if found.mmproj else ""))
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "chat": cmd_chat, "serve": cmd_serve, "info": cmd_info, "list": cmd_list,
+            "pull": cmd_pull}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -537,6 +713,13 @@ def main(argv: list[str] | None = None) -> int:
     except (CLIError, ModelLoadError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except RuntimeError as e:
+        from gemma4.distributed.comm import DistributedError
+
+        if not isinstance(e, DistributedError):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_RANK_FAILED
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return EXIT_INTERRUPTED

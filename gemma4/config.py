@@ -60,12 +60,19 @@ class ModelConfig:
     pad_token_id: int | None = 0
     # "vision": each image's soft tokens attend to one another both ways on sliding layers
     use_bidirectional_attention: str | None = None
-    # the soft-token ids of those runs (image, video); empty: every soft-token run (audio runs stay causal)
-    vision_soft_token_ids: tuple[int, ...] = ()
-    # "sliding": those runs see one another on sliding layers, within the window (Gemma 4); "all": on every
+    # "sliding": image runs see one another on sliding layers, within the window (Gemma 4); "all": on every
     # layer, across the window (the unified model: its reference ORs the image blocks into every mask)
     bidirectional_vision_layers: str = "sliding"
     model_type: str = ""  # config.json's: gemma4, gemma4_unified, ... (what `gemma4 info` names)
+    # Per-layer embeddings (E2B/E4B): a second table of vocab_size_per_layer_input rows, each row one
+    # slice of hidden_size_per_layer_input values per layer; 0 when the model has none.
+    hidden_size_per_layer_input: int = 0
+    vocab_size_per_layer_input: int = 0
+    # The last num_kv_shared_layers layers read the KV of the last earlier layer of their type.
+    num_kv_shared_layers: int = 0
+    use_double_wide_mlp: bool = False  # KV-shared layers' MLP is 2 x intermediate_size
+    # the audio soft token: its runs stay causal under use_bidirectional_attention (set with an audio tower)
+    audio_token_id: int | None = None
 
     # ---- derived, per layer -------------------------------------------------------------
     def is_sliding(self, layer: int) -> bool:
@@ -85,19 +92,55 @@ class ModelConfig:
         return self.rope[self.layer_types[layer]]
 
     @property
+    def first_kv_shared_layer(self) -> int:
+        return self.num_hidden_layers - self.num_kv_shared_layers
+
+    def kv_shared(self, layer: int) -> bool:
+        """A layer without K/V of its own: it attends over its kv_source_layer's."""
+        return layer >= self.first_kv_shared_layer
+
+    def kv_source_layer(self, layer: int) -> int:
+        """The layer whose K/V `layer` attends over: itself, or for a KV-shared layer the last layer
+        before the shared ones of the same type (sliding or full)."""
+        if not self.kv_shared(layer):
+            return layer
+        kind = self.layer_types[layer]
+        for i in range(self.first_kv_shared_layer - 1, -1, -1):
+            if self.layer_types[i] == kind:
+                return i
+        raise ModelLoadError(f"num_kv_shared_layers: layer {layer} ({kind}) has no earlier {kind} layer to share KV with")
+
+    def intermediate_size_of(self, layer: int) -> int:
+        """The dense MLP's width in `layer`: doubled on KV-shared layers under use_double_wide_mlp."""
+        return self.intermediate_size * (2 if self.use_double_wide_mlp and self.kv_shared(layer) else 1)
+
+    @property
+    def per_layer_input_size(self) -> int:
+        """Columns of the per-layer embedding table: every layer's slice side by side."""
+        return self.num_hidden_layers * self.hidden_size_per_layer_input
+
+    @property
     def embed_scale(self) -> float:
         return math.sqrt(self.hidden_size)
 
     # ---- sizes ------------------------------------------------------------------------
     def parameter_counts(self) -> tuple[int, int]:
-        """(total, active per token) parameters of the text decoder, embedding counted once."""
-        h = self.hidden_size
+        """(total, active per token) parameters of the text decoder, embedding counted once. The
+        per-layer embedding table counts in the total only: a token reads one row of it (its
+        projection and norms are active)."""
+        h, p = self.hidden_size, self.hidden_size_per_layer_input
         total = active = self.vocab_size * h + h
+        if p:
+            total += self.vocab_size_per_layer_input * self.per_layer_input_size
+            ple = h * self.per_layer_input_size + p
+            total += ple
+            active += ple
         for i in range(self.num_hidden_layers):
             d, kv, q = self.head_dim_of(i), self.kv_heads_of(i), self.num_attention_heads
-            attn = h * q * d * 2 + h * kv * d * (1 if self.k_eq_v(i) else 2) + 2 * d
-            dense = 3 * h * self.intermediate_size + 4 * h
-            layer = attn + dense
+            own_kv = 0 if self.kv_shared(i) else h * kv * d * (1 if self.k_eq_v(i) else 2) + d
+            attn = h * q * d * 2 + own_kv + d
+            dense = 3 * h * self.intermediate_size_of(i) + 4 * h
+            layer = attn + dense + (2 * h * p + h if p else 0)
             total += layer
             active += layer
             if self.enable_moe_block:
@@ -114,10 +157,7 @@ class ModelConfig:
         Gemma4ForCausalLM, and their Gemma 3 counterparts."""
         model_type = raw.get("model_type")
         top_type = model_type
-        soft_ids: tuple[int, ...] = ()
         if model_type in ("gemma4", "gemma4_unified", "gemma3"):
-            if model_type == "gemma4" and raw.get("audio_config"):
-                raise ModelLoadError("audio_config: audio input is not supported yet")
             text = raw.get("text_config")
             if not isinstance(text, Mapping):
                 raise ModelLoadError(f"text_config: missing in a {model_type} config.json")
@@ -126,7 +166,6 @@ class ModelConfig:
             for key in ("tie_word_embeddings", "eos_token_id", "bos_token_id", "pad_token_id"):
                 if key in raw and key not in text:
                     text[key] = raw[key]
-            soft_ids = tuple(int(raw[k]) for k in ("image_token_id", "video_token_id") if raw.get(k) is not None)
             raw = text
             model_type = raw.get("model_type")
         if model_type in GEMMA4_TEXT_DEFAULTS:
@@ -136,7 +175,7 @@ class ModelConfig:
         else:
             raise ModelLoadError(f"model_type: unsupported value {model_type!r} (expected gemma4, gemma4_unified, "
                                  f"gemma4_text, gemma4_unified_text, gemma3 or gemma3_text)")
-        config.vision_soft_token_ids, config.model_type = soft_ids, top_type
+        config.model_type = top_type
         config.bidirectional_vision_layers = BIDIRECTIONAL_VISION_LAYERS.get(model_type, "sliding")
         return config
 
@@ -163,6 +202,15 @@ class ModelConfig:
             )
         if self.sliding_window <= 0 and SLIDING in self.layer_types:
             raise ModelLoadError(f"sliding_window: must be positive, got {self.sliding_window}")
+        if not 0 <= self.num_kv_shared_layers < self.num_hidden_layers:
+            raise ModelLoadError(f"num_kv_shared_layers: need 0 .. {self.num_hidden_layers - 1}, got "
+                                 f"{self.num_kv_shared_layers}")
+        for i in range(self.first_kv_shared_layer, self.num_hidden_layers):
+            self.kv_source_layer(i)  # raises where a shared layer has no source
+        if self.hidden_size_per_layer_input < 0 or (self.hidden_size_per_layer_input
+                                                    and self.vocab_size_per_layer_input <= 0):
+            raise ModelLoadError(f"hidden_size_per_layer_input: need a positive vocab_size_per_layer_input "
+                                 f"(got {self.hidden_size_per_layer_input}, {self.vocab_size_per_layer_input})")
         return self
 
 
@@ -245,11 +293,6 @@ BIDIRECTIONAL_VISION_LAYERS = {"gemma4_text": "sliding", "gemma4_unified_text": 
 def _gemma4_from_hf(raw: Mapping[str, Any], defaults: Mapping[str, Any] = GEMMA4_TEXT_DEFAULTS["gemma4_text"]
                     ) -> ModelConfig:
     raw = {**defaults, **raw}  # (an explicit null stays: use_bidirectional_attention null is causal)
-    if raw.get("hidden_size_per_layer_input"):
-        raise ModelLoadError(
-            "hidden_size_per_layer_input: per-layer embeddings (Gemma 4 E2B/E4B) are not supported yet"
-        )
-    _refuse(raw, "num_kv_shared_layers", 0, "KV-shared layers")
     _refuse(raw, "use_bidirectional_attention", "vision", "bidirectional text attention (embedding models)")
     common = _common(raw)
     layer_types = _layer_types(raw, 6)
@@ -295,6 +338,10 @@ def _gemma4_from_hf(raw: Mapping[str, Any], defaults: Mapping[str, Any] = GEMMA4
         top_k_experts=int(raw.get("top_k_experts") or 0) if moe else 0,
         moe_intermediate_size=int(raw.get("moe_intermediate_size") or 0) if moe else 0,
         use_bidirectional_attention=raw.get("use_bidirectional_attention"),
+        hidden_size_per_layer_input=int(raw.get("hidden_size_per_layer_input") or 0),
+        vocab_size_per_layer_input=int(raw.get("vocab_size_per_layer_input") or common["vocab_size"]),
+        num_kv_shared_layers=int(raw.get("num_kv_shared_layers") or 0),
+        use_double_wide_mlp=bool(raw.get("use_double_wide_mlp", False)),
         **common,
     ).validate()
 
@@ -466,4 +513,82 @@ class VisionConfig:
         for key in ("max_soft_tokens", "video_max_soft_tokens"):
             if getattr(self, key) not in SUPPORTED_SOFT_TOKENS:
                 raise ModelLoadError(f"{key}: {getattr(self, key)} is not one of {SUPPORTED_SOFT_TOKENS}")
+        return self
+
+
+# ---- the audio tower --------------------------------------------------------------------------
+
+@dataclass
+class AudioConfig:
+    """Every number of the Gemma 4 audio tower (a conformer over log-mel frames) and its projection into
+    the text model. Parsed from config.json's audio_config (here) or from an mmproj GGUF
+    (checkpoint/audio.py)."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    subsampling_conv_channels: tuple[int, int]
+    output_proj_dims: int  # the tower's output width, which the multimodal embedder projects
+    text_hidden_size: int
+    conv_kernel_size: int = 5  # the light convolution's causal depthwise kernel
+    residual_weight: float = 0.5  # each feed-forward half-step adds this fraction of its output
+    attention_chunk_size: int = 12
+    attention_context_left: int = 13  # a frame sees itself and the context_left - 2 frames before it
+    attention_context_right: int = 0
+    attention_logit_cap: float = 50.0
+    attention_invalid_logits_value: float = -1e9
+    use_clipped_linears: bool = True
+    rms_norm_eps: float = 1e-6
+    gradient_clipping: float = 1e10
+    feature_size: int = 128  # mel bins per frame
+    audio_seq_length: int = 750  # the processor's most soft tokens per clip (30 s at 40 ms each)
+
+    @classmethod
+    def from_hf(cls, raw: Mapping[str, Any], text_hidden_size: int, processor: Mapping[str, Any] | None = None
+                ) -> "AudioConfig":
+        model_type = raw.get("model_type", "gemma4_audio")
+        if model_type != "gemma4_audio":
+            raise ModelLoadError(f"audio_config.model_type: unsupported {model_type!r} (expected gemma4_audio)")
+        act = raw.get("hidden_act", "silu")
+        if act != "silu":
+            raise ModelLoadError(f"audio_config.hidden_act: {act!r} is not supported (expected silu)")
+        channels = tuple(int(c) for c in raw.get("subsampling_conv_channels", (128, 32)))
+        processor = processor or {}
+        features = processor.get("feature_extractor") or {}
+        return cls(
+            hidden_size=int(raw.get("hidden_size", 1024)),
+            num_hidden_layers=int(raw.get("num_hidden_layers", 12)),
+            num_attention_heads=int(raw.get("num_attention_heads", 8)),
+            subsampling_conv_channels=channels,
+            output_proj_dims=int(raw.get("output_proj_dims", 1536)),
+            text_hidden_size=int(text_hidden_size),
+            conv_kernel_size=int(raw.get("conv_kernel_size", 5)),
+            residual_weight=float(raw.get("residual_weight", 0.5)),
+            attention_chunk_size=int(raw.get("attention_chunk_size", 12)),
+            attention_context_left=int(raw.get("attention_context_left", 13)),
+            attention_context_right=int(raw.get("attention_context_right", 0)),
+            attention_logit_cap=float(raw.get("attention_logit_cap", 50.0)),
+            attention_invalid_logits_value=float(raw.get("attention_invalid_logits_value", -1e9)),
+            use_clipped_linears=bool(raw.get("use_clipped_linears", True)),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            gradient_clipping=float(raw.get("gradient_clipping", 1e10)),
+            feature_size=int(features.get("feature_size", 128)),
+            audio_seq_length=int(processor.get("audio_seq_length", 750)),
+        ).validate()
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def validate(self) -> "AudioConfig":
+        if self.hidden_size % self.num_attention_heads:
+            raise ModelLoadError(f"audio_config.num_attention_heads: {self.num_attention_heads} does not divide "
+                                 f"hidden_size={self.hidden_size}")
+        if len(self.subsampling_conv_channels) != 2:
+            raise ModelLoadError(f"audio_config.subsampling_conv_channels: expected two channel counts, got "
+                                 f"{list(self.subsampling_conv_channels)}")
+        if self.feature_size % 4:
+            raise ModelLoadError(f"feature_size: {self.feature_size} mel bins do not halve twice")
+        if self.attention_chunk_size < 1 or self.attention_context_left < 1 or self.attention_context_right < 0:
+            raise ModelLoadError("audio_config: attention_chunk_size and attention_context_left must be positive")
         return self

@@ -90,9 +90,10 @@ class Tokenizer:
         return cls(backend, bos_token_id=bos, eos_token_id=eos, pad_token_id=token_id("pad_token"), add_bos=add_bos)
 
     @classmethod
-    def from_gguf_metadata(cls, meta: Mapping[str, Any]) -> "Tokenizer":
+    def from_gguf_metadata(cls, meta: Mapping[str, Any], cache=None) -> "Tokenizer":
         """The tokenizer a GGUF file describes, from its metadata (key -> value, as gguf's
-        ReaderField.contents() gives them)."""
+        ReaderField.contents() gives them). cache(kind, build): a derived value of this file, kept across
+        processes (filecache.cached bound to the file), for the merges that take seconds to derive."""
         kind = meta.get("tokenizer.ggml.model")
         tokens = list(meta.get("tokenizer.ggml.tokens") or ())
         if not tokens:
@@ -111,7 +112,9 @@ class Tokenizer:
         if kind == "llama":
             scores = list(meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens))
             unk = special_id("unknown_token_id", 0)
-            backend = _sentencepiece_bpe(tokens, _merges_from_scores(tokens, scores, types), unk_id=unk,
+            derive = lambda: _merges_from_scores(tokens, scores, types)  # noqa: E731
+            merges = [tuple(m) for m in cache("merges", derive)] if cache is not None else derive()
+            backend = _sentencepiece_bpe(tokens, merges, unk_id=unk,
                                          add_space_prefix=bool(meta.get("tokenizer.ggml.add_space_prefix", True)))
             bos, eos = special_id("bos_token_id", 1), special_id("eos_token_id", 2)
         elif kind == "gemma4":

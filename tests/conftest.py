@@ -10,6 +10,14 @@ torch.manual_seed(0)
 from reference import GEMMA4_CONFIGS, build_gemma4  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def converted_cache(tmp_path_factory):
+    """GGUF weights converted at load go to a folder of the session's (checkpoint/converted.py), not to ~/.cache."""
+    import os
+
+    os.environ["GEMMA4_CONVERTED"] = str(tmp_path_factory.mktemp("converted"))
+
+
 @pytest.fixture(scope="session")
 def gemma4_models(tmp_path_factory):
     """name -> (checkpoint folder, transformers model), built once per session."""
@@ -81,3 +89,14 @@ def chat_gguf(tmp_path_factory):
     d = tmp_path_factory.mktemp("chat_gguf")
     build_gemma4(d / "hf", "moe_kv", seed=3)
     return write_gguf(open_checkpoint(d / "hf"), d / "g4.gguf", "F32", gemma4_vocab_metadata())
+
+
+@pytest.fixture
+def float_products(monkeypatch):
+    """Parity of a float32 model part with the float32 reference is checked in the float32 mode: where the CPU has
+    a matrix engine, the default runs a vision tower's products in bf16 (bounded against float32 in
+    tests/native/test_matrix_engine.py)."""
+    from gemma4.native import ops
+
+    monkeypatch.setenv("GEMMA4_ACTIVATIONS", "float")
+    monkeypatch.setattr(ops, "_activations", "float")

@@ -39,6 +39,27 @@ GEMMA4_CONFIGS = {
 }
 
 
+# E2B/E4B-shaped: per-layer embeddings (PLE), with and without KV-shared layers, the double-wide MLP of
+# shared layers, K=V on a shared source; odd sizes and windows far smaller than the test prompts.
+PLE_CONFIGS = {
+    "ple_shared": dict(hidden_size=40, intermediate_size=28, num_attention_heads=4, num_key_value_heads=2,
+                       head_dim=12, global_head_dim=20, attention_k_eq_v=False, sliding_window=5,
+                       hidden_size_per_layer_input=6, num_kv_shared_layers=3, use_double_wide_mlp=True,
+                       layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention",
+                                    "full_attention", "sliding_attention", "full_attention"]),
+    "ple_plain": dict(hidden_size=36, intermediate_size=44, num_attention_heads=3, num_key_value_heads=1,
+                      head_dim=14, global_head_dim=18, attention_k_eq_v=False, sliding_window=6,
+                      hidden_size_per_layer_input=10,
+                      layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention",
+                                   "full_attention"]),
+    "ple_shared_keqv": dict(hidden_size=32, intermediate_size=24, num_attention_heads=4, num_key_value_heads=2,
+                            head_dim=8, global_head_dim=16, num_global_key_value_heads=1, attention_k_eq_v=True,
+                            sliding_window=7, hidden_size_per_layer_input=4, num_kv_shared_layers=2,
+                            layer_types=["sliding_attention", "full_attention", "sliding_attention",
+                                         "sliding_attention", "full_attention"]),
+}
+
+
 def _randomize(model: torch.nn.Module, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -58,10 +79,11 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
 def gemma4_text_config(name: str, **overrides):
     from transformers import Gemma4TextConfig
 
-    kwargs = dict(vocab_size=VOCAB, num_hidden_layers=len(GEMMA4_CONFIGS[name]["layer_types"]),
-                  hidden_size_per_layer_input=0, final_logit_softcapping=30.0, max_position_embeddings=4096,
+    shape = GEMMA4_CONFIGS.get(name) or PLE_CONFIGS[name]
+    kwargs = dict(vocab_size=VOCAB, num_hidden_layers=len(shape["layer_types"]), hidden_size_per_layer_input=0,
+                  vocab_size_per_layer_input=VOCAB, final_logit_softcapping=30.0, max_position_embeddings=4096,
                   pad_token_id=0, eos_token_id=1, bos_token_id=2)
-    kwargs.update(GEMMA4_CONFIGS[name])
+    kwargs.update(shape)
     kwargs.update(overrides)
     return Gemma4TextConfig(**kwargs)
 

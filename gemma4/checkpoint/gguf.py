@@ -33,6 +33,7 @@ class GGUFCheckpoint:
             raise ModelLoadError(f"general.architecture: unsupported {arch!r} (supported: {', '.join(ARCHITECTURES)})")
         self.architecture = arch
         self._tensors = self.file.tensors
+        self._converted = None  # the mapped cache entry (prepare_quantized)
         self._ours: dict[str, str] = {}
         for gguf_name in self._tensors:
             if gguf_name == ROPE_FREQS:
@@ -63,7 +64,11 @@ class GGUFCheckpoint:
         if embd is None:
             raise ModelLoadError("token_embd.weight: missing from GGUF file")
         ff = _per_layer(self._need("feed_forward_length"), n_layers, "feed_forward_length")
-        if len(set(ff)) != 1:
+        shared = int(self._key("attention.shared_kv_layers", 0) or 0)
+        # The one per-layer MLP width there is: KV-shared layers twice as wide (use_double_wide_mlp).
+        double_wide = len(set(ff)) == 2 and 0 < shared < n_layers and ff == [
+            ff[0] if i < n_layers - shared else 2 * ff[0] for i in range(n_layers)]
+        if len(set(ff)) != 1 and not double_wide:
             raise ModelLoadError("feed_forward_length: a different MLP width per layer is not supported")
         cfg: dict[str, Any] = dict(
             vocab_size=int(embd.shape[0]),
@@ -79,6 +84,7 @@ class GGUFCheckpoint:
             eos_token_id=self.metadata.get("tokenizer.ggml.eos_token_id"),
             pad_token_id=self.metadata.get("tokenizer.ggml.padding_token_id"),
             sliding_window=int(self._key("attention.sliding_window", 0)) or None,
+            use_double_wide_mlp=double_wide,
         )
         kv = _per_layer(self._need("attention.head_count_kv"), n_layers, "attention.head_count_kv")
         theta_full = float(self._key("rope.freq_base", 1_000_000.0))
@@ -142,6 +148,8 @@ class GGUFCheckpoint:
         return dict(cfg, **moe, model_type="gemma4_text", head_dim=head_swa, num_key_value_heads=next(iter(swa_kv)),
                     layer_types=layer_types, attention_k_eq_v=k_eq_v, per_layer_config=overrides,
                     hidden_size_per_layer_input=int(self._key("embedding_length_per_layer_input", 0) or 0),
+                    vocab_size_per_layer_input=int(self._tensors["per_layer_token_embd.weight"].shape[0])
+                    if "per_layer_token_embd.weight" in self._tensors else None,
                     num_kv_shared_layers=int(self._key("attention.shared_kv_layers", 0) or 0),
                     rope_parameters={
                         SLIDING: {"rope_type": "default", "rope_theta": theta_swa},
@@ -175,9 +183,22 @@ class GGUFCheckpoint:
             raise ModelLoadError(f"{gguf_name}: tensor type {t.type.name} cannot be dequantised") from None
         return np.asarray(data, dtype=np.float32).reshape(t.shape)
 
+    def prepare_quantized(self, names) -> None:
+        """Map the converted forms of these tensors (our names) from the cache, converting them there
+        first where this file has no entry yet (converted.py): quantized() then hands out mapped views."""
+        from .converted import open_or_convert
+
+        self._converted = open_or_convert(self.path, list(names), self._convert)
+
     def quantized(self, name: str):
-        """The tensor as a QuantWeight straight from its GGUF blocks (never dequantised to float when
-        the block layout maps onto ours), or None for float tensors (F32, F16, BF16)."""
+        """The tensor as a QuantWeight from its GGUF blocks (never dequantised to float when the block
+        layout maps onto ours), or None for float tensors (F32, F16, BF16): mapped from the converted
+        cache after prepare_quantized(), else converted in memory."""
+        if self._converted is not None and name in self._converted:
+            return self._converted.get(name)
+        return self._convert(name)
+
+    def _convert(self, name: str):
         from .gguf_blocks import from_gguf
 
         info = self._tensors[self._ours[name]]
@@ -192,7 +213,9 @@ class GGUFCheckpoint:
 
         if "tokenizer.ggml.tokens" not in self.metadata:
             raise ModelLoadError(f"{self.path.name}: no tokenizer in the GGUF metadata (tokenizer.ggml.tokens)")
-        return Tokenizer.from_gguf_metadata(self.metadata)
+        from ..filecache import cached
+
+        return Tokenizer.from_gguf_metadata(self.metadata, cache=lambda kind, build: cached(kind, self.path, build))
 
     def chat_template(self) -> str | None:
         return self.metadata.get("tokenizer.chat_template")

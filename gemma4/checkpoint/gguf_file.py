@@ -100,27 +100,14 @@ class GGUFFile:
 
     # ---- layout ------------------------------------------------------------------------
     def _parse(self) -> None:
-        magic = self._take(4)
-        if magic != MAGIC:
-            raise ModelLoadError(f"{self.path.name}: not a GGUF file (bad magic {magic!r})")
-        self.version = self._scalar("<I")
-        if self.version not in (2, 3):
-            raise ModelLoadError(f"{self.path.name}: GGUF version {self.version} is not supported (2 or 3)")
-        n_tensors, n_kv = self._scalar("<Q"), self._scalar("<Q")
-        self.metadata: dict[str, Any] = {}
-        for _ in range(n_kv):
-            key = self._string()
-            self.metadata[key] = self._value(self._scalar("<I"))
-        infos = []
-        for _ in range(n_tensors):
-            name = self._string()
-            dims = [self._scalar("<Q") for _ in range(self._scalar("<I"))]
-            ttype = GGMLQuantizationType(self._scalar("<I"))
-            infos.append((name, dims, ttype, self._scalar("<Q")))
-        align = int(self.metadata.get("general.alignment", DEFAULT_ALIGNMENT))
-        data_start = (self._pos + align - 1) // align * align
+        """The header, read once per file version and kept (filecache): a 262K-token vocabulary takes a
+        noticeable part of a cold start to walk, and far less to read back."""
+        from ..filecache import cached
+
+        self.version, self.metadata, infos, data_start = cached("gguf-header", self.path, self._read_header)
         self.tensors: dict[str, TensorInfo] = {}
         for name, dims, ttype, offset in infos:
+            ttype = GGMLQuantizationType(ttype)
             block, size = GGML_QUANT_SIZES[ttype]
             n = int(np.prod(dims)) if dims else 1
             info = TensorInfo(name, tuple(int(d) for d in reversed(dims)), ttype, data_start + offset,
@@ -128,6 +115,29 @@ class GGUFFile:
             if info.offset + info.n_bytes > len(self._buf):
                 raise ModelLoadError(f"{self.path.name}: truncated (tensor {name} ends past the end of the file)")
             self.tensors[name] = info
+
+    def _read_header(self) -> tuple:
+        """(version, metadata, [(name, dims, type, offset)], where the tensor data starts), plain values."""
+        self._pos = 0
+        magic = self._take(4)
+        if magic != MAGIC:
+            raise ModelLoadError(f"{self.path.name}: not a GGUF file (bad magic {magic!r})")
+        version = self._scalar("<I")
+        if version not in (2, 3):
+            raise ModelLoadError(f"{self.path.name}: GGUF version {version} is not supported (2 or 3)")
+        n_tensors, n_kv = self._scalar("<Q"), self._scalar("<Q")
+        metadata: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = self._string()
+            metadata[key] = self._value(self._scalar("<I"))
+        infos = []
+        for _ in range(n_tensors):
+            name = self._string()
+            dims = [self._scalar("<Q") for _ in range(self._scalar("<I"))]
+            ttype = int(GGMLQuantizationType(self._scalar("<I")))
+            infos.append((name, dims, ttype, self._scalar("<Q")))
+        align = int(metadata.get("general.alignment", DEFAULT_ALIGNMENT))
+        return version, metadata, infos, (self._pos + align - 1) // align * align
 
     def raw(self, name: str) -> np.ndarray:
         """The tensor's bytes as the `gguf` package's dequantiser expects them: rows of packed blocks."""

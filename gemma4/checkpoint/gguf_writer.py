@@ -24,12 +24,13 @@ from . import names
 UNROTATED_FACTOR = 1e30
 
 
-def _write_config(w, cfg: ModelConfig, shared_kv_layers: int = 0) -> None:
+def _write_config(w, cfg: ModelConfig, shared_kv_layers: int | None = None) -> None:
     n = cfg.num_hidden_layers
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_block_count(n)
-    w.add_feed_forward_length(cfg.intermediate_size)
+    ff = [cfg.intermediate_size_of(i) for i in range(n)]
+    w.add_feed_forward_length(ff[0] if len(set(ff)) == 1 else ff)  # per layer: the double-wide MLP
     w.add_head_count(cfg.num_attention_heads)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_sliding_window(cfg.sliding_window)
@@ -65,8 +66,8 @@ def _write_config(w, cfg: ModelConfig, shared_kv_layers: int = 0) -> None:
     w.add_sliding_window_pattern([cfg.is_sliding(i) for i in range(n)])
     w.add_rope_dimension_count(head_full)
     w.add_rope_dimension_count_swa(cfg.head_dim)
-    w.add_shared_kv_layers(shared_kv_layers)
-    w.add_embedding_length_per_layer_input(0)
+    w.add_shared_kv_layers(cfg.num_kv_shared_layers if shared_kv_layers is None else shared_kv_layers)
+    w.add_embedding_length_per_layer_input(cfg.hidden_size_per_layer_input)
     if cfg.enable_moe_block:
         w.add_expert_count(cfg.num_experts)
         w.add_expert_used_count(cfg.top_k_experts)

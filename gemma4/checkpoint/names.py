@@ -40,6 +40,13 @@ TENSORS: list[tuple[str, str]] = [
     ("layers.{i}.pre_feedforward_layernorm_2.weight", "blk.{i}.pre_ffw_norm_2.weight"),
     ("layers.{i}.post_feedforward_layernorm_1.weight", "blk.{i}.post_ffw_norm_1.weight"),
     ("layers.{i}.post_feedforward_layernorm_2.weight", "blk.{i}.post_ffw_norm_2.weight"),
+    # per-layer embeddings (E2B/E4B), named as llama.cpp names gemma3n's
+    ("embed_tokens_per_layer.weight", "per_layer_token_embd.weight"),
+    ("per_layer_model_projection.weight", "per_layer_model_proj.weight"),
+    ("per_layer_projection_norm.weight", "per_layer_proj_norm.weight"),
+    ("layers.{i}.per_layer_input_gate.weight", "blk.{i}.inp_gate.weight"),
+    ("layers.{i}.per_layer_projection.weight", "blk.{i}.proj.weight"),
+    ("layers.{i}.post_per_layer_input_norm.weight", "blk.{i}.post_norm.weight"),
     # the Gemma 4 assistant (llama.cpp arch gemma4-assistant); in its HF checkpoint these four sit at the
     # top level under these same names, its decoder under "model."
     ("pre_projection.weight", "nextn.pre_projection.weight"),
@@ -135,6 +142,65 @@ def vision_from_gguf(gguf_name: str) -> str | None:
 
 def vision_to_gguf(ours: str) -> str | None:
     return _translate(ours, _V_OURS_GGUF)
+
+
+# ---- the audio tower and its embedder -----------------------------------------------------------
+# (our name in model/audio.py, HF name in a Gemma4ForConditionalGeneration checkpoint, llama.cpp mmproj
+# GGUF name as convert_hf_to_gguf.py --mmproj writes it for the gemma4a projector)
+HF_AUDIO_PREFIX = "model.audio_tower."
+HF_AUDIO_EMBEDDER_PREFIX = "model.embed_audio."
+
+_AUDIO_LINEARS = [  # clippable linears: HF spells the weight `<name>.linear.weight`
+    ("feed_forward1.ffw_layer_1", "ffn_up"), ("feed_forward1.ffw_layer_2", "ffn_down"),
+    ("feed_forward2.ffw_layer_1", "ffn_up_1"), ("feed_forward2.ffw_layer_2", "ffn_down_1"),
+    ("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"), ("self_attn.v_proj", "attn_v"),
+    ("self_attn.post", "attn_out"), ("lconv1d.linear_start", "conv_pw1"), ("lconv1d.linear_end", "conv_pw2"),
+]
+_AUDIO_LAYER_WEIGHTS = [
+    ("feed_forward1.pre_layer_norm", "ffn_norm"), ("feed_forward1.post_layer_norm", "ffn_post_norm"),
+    ("feed_forward2.pre_layer_norm", "ffn_norm_1"), ("feed_forward2.post_layer_norm", "ffn_post_norm_1"),
+    ("norm_pre_attn", "attn_pre_norm"), ("norm_post_attn", "attn_post_norm"), ("norm_out", "ln2"),
+    ("self_attn.relative_k_proj", "attn_k_rel"), ("lconv1d.depthwise_conv1d", "conv_dw"),
+    # the converter's name map crosses these two; llama.cpp crosses them back when it loads
+    ("lconv1d.pre_layer_norm", "conv_norm"), ("lconv1d.conv_norm", "norm_conv"),
+]
+# Ours holds softplus(per_dim_scale), the factor the attention multiplies by, as llama.cpp's mmproj does.
+AUDIO_SOFTPLUS_FROM_HF = ("self_attn.dim_scale",)
+
+AUDIO_TENSORS: list[tuple[str, str, str]] = [
+    *[(f"subsample_conv_projection.layer{j}.{part}.weight",
+       f"model.audio_tower.subsample_conv_projection.layer{j}.{part}.weight",
+       f"a.conv1d.{j}.{'norm.weight' if part == 'norm' else 'weight'}") for j in (0, 1) for part in ("conv", "norm")],
+    ("subsample_conv_projection.input_proj_linear.weight",
+     "model.audio_tower.subsample_conv_projection.input_proj_linear.weight", "a.input_projection.weight"),
+    ("output_proj.weight", "model.audio_tower.output_proj.weight", "a.pre_encode.out.weight"),
+    ("output_proj.bias", "model.audio_tower.output_proj.bias", "a.pre_encode.out.bias"),
+    ("embedding_projection.weight", "model.embed_audio.embedding_projection.weight", "mm.a.input_projection.weight"),
+    ("layers.{i}.self_attn.dim_scale", "model.audio_tower.layers.{i}.self_attn.per_dim_scale",
+     "a.blk.{i}.per_dim_scale.weight"),
+    *[(f"layers.{{i}}.{ours}.weight", f"model.audio_tower.layers.{{i}}.{ours}.weight", f"a.blk.{{i}}.{gguf}.weight")
+      for ours, gguf in _AUDIO_LAYER_WEIGHTS],
+    *[(f"layers.{{i}}.{ours}.weight", f"model.audio_tower.layers.{{i}}.{ours}.linear.weight",
+       f"a.blk.{{i}}.{gguf}.weight") for ours, gguf in _AUDIO_LINEARS],
+    *[(f"layers.{{i}}.{ours}.{bound}", f"model.audio_tower.layers.{{i}}.{ours}.{bound}", f"a.blk.{{i}}.{gguf}.{bound}")
+      for ours, gguf in _AUDIO_LINEARS for bound in ("input_min", "input_max", "output_min", "output_max")],
+]
+
+_A_HF = [(_pattern(h), o) for o, h, _ in AUDIO_TENSORS]
+_A_OURS_HF = [(_pattern(o), h) for o, h, _ in AUDIO_TENSORS]
+_A_GGUF = [(_pattern(g), o) for o, _, g in AUDIO_TENSORS]
+
+
+def audio_from_hf(hf_name: str) -> str | None:
+    return _translate(hf_name, _A_HF)
+
+
+def audio_to_hf(ours: str) -> str | None:
+    return _translate(ours, _A_OURS_HF)
+
+
+def audio_from_gguf(gguf_name: str) -> str | None:
+    return _translate(gguf_name, _A_GGUF)
 
 
 # ---- the unified model's (gemma4_unified) encoder-free embedders -----------------------------------

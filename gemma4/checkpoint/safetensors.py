@@ -127,7 +127,8 @@ def _strip_prefix(key: str) -> str | None:
     for prefix in names.HF_PREFIXES:
         if key.startswith(prefix):
             rest = key[len(prefix):]
-            if rest.startswith(("embed_tokens.", "layers.", "norm.")) or rest == "lm_head.weight":
+            if rest.startswith(("embed_tokens.", "embed_tokens_per_layer.", "per_layer_model_projection.",
+                                "per_layer_projection_norm.", "layers.", "norm.")) or rest == "lm_head.weight":
                 return rest
     if key == "lm_head.weight":
         return key

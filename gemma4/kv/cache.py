@@ -5,6 +5,7 @@
   rows hold, block by block, not rows x the longest row; with a fixed number of blocks (the KV budget,
   budget.py) it never grows.
 - `kv_dtype="int8"` stores K and V as int8 with one float32 scale per group of 32 values (codec.py).
+- KV-shared layers (E2B/E4B) store nothing: a SharedKV stands in their place, reading its source's.
 
 Rows are independent: a row holds one sequence at its own positions (a batch of prompts of different
 lengths is left padded, pads at position -1). `KVCache.view(rows)` hands the model a cache over some
@@ -25,6 +26,7 @@ from .codec import kv_bytes_per_token
 from .paged import BLOCK_TOKENS, BlockTable, PagedKV
 from .prefix import Snapshot
 from .ring import RingKV, ring_slots
+from .shared import SharedKV
 
 
 class RowsView:
@@ -59,7 +61,9 @@ class KVCache:
         self.layers = []
         for i in range(config.num_hidden_layers):
             kv, d, keys = config.kv_heads_of(i), config.head_dim_of(i), not config.k_eq_v(i)
-            if config.is_sliding(i):
+            if config.kv_shared(i):
+                self.layers.append(SharedKV(self.layers[config.kv_source_layer(i)]))
+            elif config.is_sliding(i):
                 self.layers.append(RingKV(batch, kv, d, ring_slots(config.sliding_window, tail), keys, dtype, device,
                                           kv_dtype, window=config.sliding_window))
             else:

@@ -74,7 +74,9 @@ def kv_bytes_per_token(config: ModelConfig, layer: int, kv_dtype: str = "float",
                        dtype: torch.dtype = torch.bfloat16) -> int:
     """Bytes one token's K and V take in decoder layer `layer`, stored as `kv_dtype` by a model computing
     in `dtype`: per KV head a V vector, and a K vector unless the layer has K=V, each as Codec stores it
-    (int8: the values and their group scales)."""
+    (int8: the values and their group scales). A KV-shared layer stores none."""
+    if config.kv_shared(layer):
+        return 0
     head_dim = config.head_dim_of(layer)
     vector = sum(last * dt.itemsize for last, dt in Codec(kv_dtype, head_dim, dtype).shapes("v", head_dim).values())
     return (1 if config.k_eq_v(layer) else 2) * config.kv_heads_of(layer) * vector

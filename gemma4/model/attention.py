@@ -171,16 +171,30 @@ class Attention(nn.Module):
         self.window = config.sliding_window if config.is_sliding(layer) else None
         self.scale = config.attention_scale
 
+        # A KV-shared layer has no K/V projections: it attends over its source layer's KV (Decoder.forward).
+        self.kv_shared = config.kv_shared(layer)
         self.q_proj = Linear(hidden, heads * d, bias=False)
-        self.k_proj = Linear(hidden, kv * d, bias=False)
-        self.v_proj = None if self.k_eq_v else Linear(hidden, kv * d, bias=False)
         self.o_proj = Linear(heads * d, hidden, bias=False)
         self.q_norm = RMSNorm(d, config.rms_norm_eps)
-        self.k_norm = RMSNorm(d, config.rms_norm_eps)
-        self.v_norm = RMSNorm(d, config.rms_norm_eps, with_scale=False) if config.use_v_norm else None
-        if self.k_eq_v and self.v_norm is None:
-            raise ValueError("attention_k_eq_v needs v_norm")
+        if self.kv_shared:
+            self.k_proj = self.v_proj = self.k_norm = self.v_norm = None
+        else:
+            self.k_proj = Linear(hidden, kv * d, bias=False)
+            self.v_proj = None if self.k_eq_v else Linear(hidden, kv * d, bias=False)
+            self.k_norm = RMSNorm(d, config.rms_norm_eps)
+            self.v_norm = RMSNorm(d, config.rms_norm_eps, with_scale=False) if config.use_v_norm else None
+            if self.k_eq_v and self.v_norm is None:
+                raise ValueError("attention_k_eq_v needs v_norm")
         self.register_buffer("inv_freq", rope_inv_freq(config.rope_of(layer), d), persistent=False)
+
+    def read_keys_of(self, source: "Attention") -> None:
+        """A KV-shared layer rebuilds K=V keys with its source's k_norm weight (held without registering
+        the source as a submodule: its weights stay the source's)."""
+        self.__dict__["_key_source"] = source
+
+    @property
+    def key_norm_weight(self) -> torch.Tensor:
+        return (self.k_norm if self.k_norm is not None else self.__dict__["_key_source"].k_norm).weight
 
     def rotated_pairs(self) -> int:
         """How many rotate-half pairs (i, i + D/2) RoPE turns: those of a non-zero frequency (the first)."""
@@ -189,7 +203,7 @@ class Attention(nn.Module):
     def keys_from_values(self, v: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
         """K=V layers: the rotated keys [B, KV, S, D] (float32) of stored values v at positions kpos.
         k_norm(raw) == v_norm(raw) * k_norm.weight, then RoPE."""
-        k = v.float() * self.k_norm.weight
+        k = v.float() * self.key_norm_weight
         r, half = self.rotated_pairs(), k.shape[-1] // 2
         k[..., :r], k[..., half:half + r] = self._rotate(k[..., :r], k[..., half:half + r], kpos, r)
         return k
@@ -198,7 +212,7 @@ class Attention(nn.Module):
         """K=V layers, for the native kernel: (k_norm weight, cos and sin [positions, r]) covering kpos."""
         r = self.rotated_pairs()
         cos, sin = _trig_table(self.inv_freq[:r].to(kpos.device), kpos)
-        return self.k_norm.weight, cos, sin
+        return self.key_norm_weight, cos, sin
 
     def keys_values(self, cache, layer: int, row: int, n: int):
         """Row `row`'s rotated K and V of this layer (number `layer` of `cache`) for positions below n:
@@ -220,7 +234,7 @@ class Attention(nn.Module):
         q there and only the r rotated pairs of each value are weighted and turned (a quarter of them
         under proportional RoPE)."""
         b, h, t, d = q.shape
-        w, r, half = self.k_norm.weight, self.rotated_pairs(), d // 2
+        w, r, half = self.key_norm_weight, self.rotated_pairs(), d // 2
         g = h // self.kv_heads
         q_plain = q * w
         q_plain[..., :r] = 0
@@ -242,7 +256,10 @@ class Attention(nn.Module):
                 sees_until: torch.Tensor | None = None) -> torch.Tensor:
         """x: [B, T, hidden]; qpos: [B, T] absolute positions (-1: padding); sees_until: see attention_mask."""
         b, t, _ = x.shape
-        q = rotate(self.q_norm(self.q_proj(x).view(b, t, self.heads, self.head_dim)), qpos, self.inv_freq)
+        q = self.queries(x, qpos)
+        if self.kv_shared:  # kv hands back what the source layer attended over in this call (decoder._Remembered)
+            out = self.over_cache(q, None, None, qpos, kv, sees_until)
+            return self.o_proj(out.to(x.dtype).transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
 
         raw_k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim)
         raw_v = raw_k if self.k_eq_v else self.v_proj(x).view(b, t, self.kv_heads, self.head_dim)
@@ -251,13 +268,19 @@ class Attention(nn.Module):
         out = self.over_cache(q, k, v, qpos, kv, sees_until)
         return self.o_proj(out.to(x.dtype).transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
 
+    def queries(self, x: torch.Tensor, qpos: torch.Tensor) -> torch.Tensor:
+        """The rotated queries [B, T, H, D] of x [B, T, hidden]."""
+        b, t, _ = x.shape
+        return rotate(self.q_norm(self.q_proj(x).view(b, t, self.heads, self.head_dim)), qpos, self.inv_freq)
+
     def over_cache(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor, qpos: torch.Tensor, kv: RowsView,
                    sees_until: torch.Tensor | None = None) -> torch.Tensor:
         """Stores k, v [B, T, KV, D] (k None on K=V layers: the values only) in the cache and attends the
         rotated queries q [B, T, H, D] over it -> [B, H, T, D] float32."""
         b, t = q.shape[:2]
         step = piece_slots(b, self.heads, t, self.kv_heads, self.head_dim)
-        pieces = kv.update(None if k is None else k.transpose(1, 2), v.transpose(1, 2), qpos, chunk=step)
+        pieces = kv.update(None if k is None else k.transpose(1, 2), None if v is None else v.transpose(1, 2), qpos,
+                           chunk=step)
         q = q.transpose(1, 2).float()
         scores_of = _built_on_first_call(lambda: self.value_scores(q)) if self.k_eq_v else None
         return attend(q, pieces, qpos, self.window, sees_until, self.scale, scores_of,

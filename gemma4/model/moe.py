@@ -51,9 +51,14 @@ class Experts(nn.Module):
 
     # Up to this many tokens (decode steps of a batch) the routed experts run as two native calls.
     FUSED_MAX_TOKENS = 4
+    # Under a memory budget (model/residency.py): told which experts run, to page them in ahead.
+    residency = None
+    residency_layer = 0
 
     def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x: [N, hidden]; experts, weights: [N, k]."""
+        if self.residency is not None:
+            self.residency.route(self.residency_layer, experts)
         if x.shape[0] <= self.FUSED_MAX_TOKENS:
             out = self._fused(x, experts, weights)
             if out is not None:

@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..config import VisionConfig
+from ..native import ops
 from .layers import RMSNorm, gelu_tanh
 
 CLIP_BOUNDS = ("input_min", "input_max", "output_min", "output_max")
@@ -36,7 +37,9 @@ class ClippableLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.clipped:
             x = torch.clamp(x, self.input_min.to(x.dtype), self.input_max.to(x.dtype))
-        y = F.linear(x, self.weight)
+        y = ops.bf16_linear(x, self.weight) if self.weight.dtype is torch.bfloat16 else None
+        if y is None:
+            y = F.linear(x, self.weight)
         if self.clipped:
             y = torch.clamp(y, self.output_min.to(y.dtype), self.output_max.to(y.dtype))
         return y
@@ -83,9 +86,11 @@ class VisionAttention(nn.Module):
         q = _rotate(self.q_norm(self.q_proj(x).view(n, self.heads, self.head_dim)), cos, sin)
         k = _rotate(self.k_norm(self.k_proj(x).view(n, self.kv_heads, self.head_dim)), cos, sin)
         v = self.v_norm(self.v_proj(x).view(n, self.kv_heads, self.head_dim))
+        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
         # q and k are RMS-normed: the scores take no 1/sqrt(d)
-        out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), scale=1.0,
-                                             enable_gqa=self.heads != self.kv_heads)
+        out = ops.engine_attention(q, k, v, scale=1.0)
+        if out is None:
+            out = F.scaled_dot_product_attention(q, k, v, scale=1.0, enable_gqa=self.heads != self.kv_heads)
         return self.o_proj(out.transpose(0, 1).reshape(n, self.heads * self.head_dim))
 
 
@@ -144,11 +149,12 @@ class VisionModel(nn.Module):
             self.register_buffer("std_scale", torch.ones(config.hidden_size))
         # the multimodal embedder: a weightless RMS norm, then the projection into the text model
         self.pre_projection_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, with_scale=False)
-        self.embedding_projection = nn.Linear(config.hidden_size, config.text_hidden_size, bias=False)
+        self.embedding_projection = ClippableLinear(config.hidden_size, config.text_hidden_size, clipped=False)
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embedding_projection.weight.dtype
+        """The tower's activations' dtype (its big matrices may be held in the matrix engine's bf16)."""
+        return self.patch_embedder.input_proj.weight.dtype
 
     @property
     def device(self) -> torch.device:
@@ -166,10 +172,11 @@ class VisionModel(nn.Module):
         if width * height != patches.shape[0] or width % k or height % k:
             raise ValueError(f"image patches: a {width}x{height} grid of {patches.shape[0]} patches cannot be pooled "
                              f"by {k}x{k}")
-        h = self.patch_embedder(patches, positions)
-        cos, sin = rope_2d(positions, cfg.head_dim, cfg.rope_theta, h.dtype)
-        for layer in self.layers:
-            h = layer(h, cos, sin)
+        with ops.prefill_products():  # an image's thousands of patches: many-row products
+            h = self.patch_embedder(patches, positions)
+            cos, sin = rope_2d(positions, cfg.head_dim, cfg.rope_theta, h.dtype)
+            for layer in self.layers:
+                h = layer(h, cos, sin)
 
         # Average k x k neighbourhoods; soft tokens come out row by row (x fastest). Scaling by
         # sqrt(hidden) and standardising are done in float32, as the reference does.
@@ -180,7 +187,8 @@ class VisionModel(nn.Module):
         if cfg.standardize:
             pooled = (pooled - self.std_bias.float()) * self.std_scale.float()
         pooled = pooled.to(h.dtype)
-        return self.embedding_projection(self.pre_projection_norm(pooled))
+        with ops.prefill_products():
+            return self.embedding_projection(self.pre_projection_norm(pooled))
 
 
 def load_vision(checkpoint, dtype: torch.dtype, device: torch.device) -> VisionModel:
@@ -197,6 +205,10 @@ def load_vision(checkpoint, dtype: torch.dtype, device: torch.device) -> VisionM
             raise ModelLoadError(f"{name}: clipping bounds in the checkpoint, but use_clipped_linears is off")
         raise ModelLoadError(f"{name}: unexpected vision tensor in checkpoint")
     state = {}
+    # Where many-row products run on the matrix engine (a float32 tower on a CPU with AMX), the projections are
+    # held in its bf16: half the memory, and no rounding of the weights per image.
+    engine_dtype = torch.bfloat16 if dtype is torch.float32 and ops.float_products_on_engine(device) else None
+    projections = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, ClippableLinear)}
     for name, shape in expected.items():
         if name not in available:
             raise ModelLoadError(f"{name}: missing from the vision checkpoint")
@@ -205,7 +217,8 @@ def load_vision(checkpoint, dtype: torch.dtype, device: torch.device) -> VisionM
             raise ModelLoadError(f"{name}: shape {list(got)} in checkpoint, expected {list(shape)}")
         # norms, clipping bounds and the standardisation stay float32: they are small and act in float32
         keep32 = name.endswith(("norm.weight", "std_bias", "std_scale", *CLIP_BOUNDS))
-        state[name] = checkpoint.tensor(name).to(device=device, dtype=torch.float32 if keep32 else dtype)
+        target = torch.float32 if keep32 else (engine_dtype or dtype) if name in projections else dtype
+        state[name] = checkpoint.tensor(name).to(device=device, dtype=target)
     model.load_state_dict(state, strict=True, assign=True)
     model.eval()
     model.requires_grad_(False)

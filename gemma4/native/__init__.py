@@ -87,20 +87,107 @@ def module_name(source_dir: Path = SOURCE_DIR) -> str:
     return f"gemma4_native_{h.hexdigest()[:12]}"
 
 
-def build(source_dir: Path = SOURCE_DIR, build_directory: str | None = None, verbose: bool = False):
-    """Compiles (or finds in torch's build cache) and imports the extension; raises on failure."""
-    from torch.utils.cpp_extension import load
+def build_root(environ=os.environ) -> Path:
+    """Where torch's cpp_extension keeps its builds (its own rule: $TORCH_EXTENSIONS_DIR, else the user cache's
+    torch_extensions/py<version>_<accelerator>)."""
+    if environ.get("TORCH_EXTENSIONS_DIR"):
+        return Path(environ["TORCH_EXTENSIONS_DIR"])
+    import torch
 
+    cache = environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    accel = (f"rocm{torch.version.hip.replace('.', '')}" if torch.version.hip else
+             f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu")
+    py = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+    return Path(os.path.realpath(os.path.join(cache, "torch_extensions"))) / f"{py}_{accel}"
+
+
+def kept_dir(environ=os.environ) -> Path:
+    """Where finished builds are kept under their names, out of torch's build folders (which any checkout of the
+    same sources may rebuild in place): $GEMMA4_CACHE/native/<torch version>, else under ~/.cache/gemma4."""
+    import torch
+
+    root = Path(environ.get("GEMMA4_CACHE") or Path.home() / ".cache" / "gemma4").expanduser()
+    return root / "native" / f"torch-{torch.__version__}"
+
+
+def _import_so(name: str, so: Path):
+    import importlib.machinery
+    import importlib.util
+
+    import torch  # noqa: F401  the extension links against the libraries torch loads
+
+    loader = importlib.machinery.ExtensionFileLoader(name, str(so))
+    module = importlib.util.module_from_spec(importlib.util.spec_from_file_location(name, so, loader=loader))
+    loader.exec_module(module)
+    sys.modules[name] = module
+    return module
+
+
+def _keep(name: str, folder: Path) -> Path | None:
+    """Copies a finished build (no build under way in its folder) to kept_dir(), atomically; its path or None."""
+    import shutil
+
+    so = folder / f"{name}.so"
+    if not so.is_file() or (folder / "lock").exists():  # torch holds `lock` while it builds
+        return None
+    kept = kept_dir() / so.name
+    try:
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        partial = kept.with_name(f"{so.name}.{os.getpid()}.partial")
+        shutil.copyfile(so, partial)
+        os.replace(partial, kept)
+    except OSError:
+        return None
+    return kept
+
+
+def prebuilt(name: str, build_directory: str | Path | None = None):
+    """The finished build of `name` imported directly, or None (not built, a build under way, or it does not
+    import). Its name is a hash of the sources and flags, so a finished build is the right one; this skips
+    cpp_extension's checks, which regenerate and re-run the build when another checkout of the same sources
+    loads it, and cost a noticeable part of a cold start even when nothing is rebuilt. The default place keeps
+    a copy of its own (kept_dir()), which no rebuild in torch's folder touches."""
+    if name in sys.modules:
+        return sys.modules[name]
+    candidates = []
+    if build_directory is None:
+        kept = kept_dir() / f"{name}.so"
+        candidates.append(kept if kept.is_file() else _keep(name, build_root() / name))
+    else:
+        folder = Path(build_directory)
+        if not (folder / "lock").exists():
+            candidates.append(folder / f"{name}.so")
+    for so in candidates:
+        if so is not None and so.is_file():
+            try:
+                return _import_so(name, so)
+            except (ImportError, OSError):  # a build for another torch, a damaged file: build through torch
+                return None
+    return None
+
+
+def build(source_dir: Path = SOURCE_DIR, build_directory: str | None = None, verbose: bool = False):
+    """Imports the finished build of these sources, else compiles it (or finds it through torch's build
+    cache) and imports it; raises on failure."""
     source_dir = Path(source_dir)
     files = sources(source_dir)
     if not files:
         raise FileNotFoundError(f"no C++ sources in {source_dir}")
+    name = module_name(source_dir)
+    module = prebuilt(name, build_directory)
+    if module is not None:
+        return module
+    from torch.utils.cpp_extension import load
+
     if build_directory is not None:
         os.makedirs(build_directory, exist_ok=True)
     # copies of the flags: load() appends to the lists it is given
-    return load(name=module_name(source_dir), sources=[str(p) for p in files], extra_cflags=list(CFLAGS),
+    module = load(name=name, sources=[str(p) for p in files], extra_cflags=list(CFLAGS),
                 extra_ldflags=list(LDFLAGS), extra_include_paths=[str(source_dir)], build_directory=build_directory,
                 verbose=verbose)
+    if build_directory is None:
+        _keep(name, build_root() / name)  # the next process imports it directly
+    return module
 
 
 def first_error(exc: BaseException) -> str:

@@ -28,21 +28,23 @@ class FusedLayer:
     # layer has a matrix the kernel does not take.
     _native_plan = None
 
-    def forward(self, h: torch.Tensor, qpos: torch.Tensor, kv, sees_until: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, qpos: torch.Tensor, kv, sees_until: torch.Tensor | None = None,
+                per_layer_input: torch.Tensor | None = None) -> torch.Tensor:
         plan = self._native(h)
         if plan is None:
-            return super().forward(h, qpos, kv, sees_until)
+            return super().forward(h, qpos, kv, sees_until, per_layer_input)
         kernel, attn_in, rope, attn_out, mlp = plan
-        q, k, v = kernel.attn_in(h, *attn_in, qpos, *rope)
+        if attn_in is None:  # a KV-shared layer (no K/V of its own): its queries on the module path
+            q, k, v = self.self_attn.queries(self.input_layernorm(h), qpos), None, None
+        else:
+            q, k, v = kernel.attn_in(h, *attn_in, qpos, *rope)
         a = self.self_attn.over_cache(q, k, v, qpos, kv, sees_until)
         h = kernel.attn_out(a, *attn_out, h)
         if self.moe:
             h = self.post_feedforward_layernorm(self._experts(h, kernel.mlp_block(h, *mlp, None)), residual=h)
         else:
             h = kernel.mlp_block(h, *mlp, h)
-        if self.layer_scalar is not None:
-            h = h * self.layer_scalar
-        return h
+        return self.finish(h, per_layer_input)  # the per-layer input (E2B/E4B) and the layer scalar
 
     def _native(self, h: torch.Tensor):
         """This layer's native plan (see _plan_native) where it applies to h: on the CPU in float32 with
@@ -67,13 +69,14 @@ class FusedLayer:
         kernel = compiled()
         a, m = self.self_attn, self.mlp
         norms = [self.input_layernorm, self.post_attention_layernorm, self.pre_feedforward_layernorm,
-                 self.post_feedforward_layernorm, a.q_norm, a.k_norm, *([a.v_norm] if a.v_norm else [])]
+                 self.post_feedforward_layernorm, a.q_norm, *[n for n in (a.k_norm, a.v_norm) if n is not None]]
         if kernel is None or not _takes(self) or len({n.eps for n in norms}) != 1:
             return False
         eps = self.input_layernorm.eps
-        attn_in = (self.input_layernorm.weight, eps, _packed(a.q_proj), _packed(a.k_proj),
-                   None if a.v_proj is None else _packed(a.v_proj), a.q_norm.weight, a.k_norm.weight,
-                   a.v_norm is not None)
+        # attn_in computes K and V too: a KV-shared layer, which has none, computes its queries apart
+        attn_in = None if a.kv_shared else (
+            self.input_layernorm.weight, eps, _packed(a.q_proj), _packed(a.k_proj),
+            None if a.v_proj is None else _packed(a.v_proj), a.q_norm.weight, a.k_norm.weight, a.v_norm is not None)
         rope = (a.inv_freq, a.heads, a.kv_heads, a.head_dim)
         attn_out = (_packed(a.o_proj), self.post_attention_layernorm.weight, eps)
         post = self.post_feedforward_layernorm_1 if self.moe else self.post_feedforward_layernorm

@@ -135,6 +135,39 @@ def engine_product(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
     return y.to(x.dtype).reshape(*lead, -1)
 
 
+def float_products_on_engine(device) -> bool:
+    """Whether a float32 part's many-row products (a vision tower's) go to the matrix engine, its matrices held in
+    bf16: on the CPU, in the default mode (GEMMA4_ACTIVATIONS=float keeps float32 as the reference), the engine here."""
+    return torch.device(device).type == "cpu" and activations() == "int8" and matrix_engine() is not None
+
+
+# Queries per block of engine_attention: a block's float32 scores over a few thousand keys stay in the core's L2.
+ENGINE_ATTENTION_QUERIES = 128
+
+
+def engine_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor | None:
+    """softmax(q k^T * scale) v, unmasked (an image's patches see each other), for q [H, T, D] and k, v [KV, S, D]
+    float32 -> [H, T, D] float32: the scores in float32 (their rounding would be multiplied by the logit's size),
+    the probabilities and the values rounded to bf16 for the matrix engine's P·V, float32 sums. None where it does
+    not apply (few queries, outside a prefill, not float32 on the CPU, no engine): then the caller uses torch."""
+    if not (q.is_cpu and q.dtype is torch.float32 and q.dim() == 3 and k.dim() == 3 and on_engine(q.shape[1])):
+        return None
+    heads, t, d = q.shape
+    group = heads // k.shape[0]
+    vt = v.transpose(1, 2).to(torch.bfloat16).contiguous()  # [KV, D, S]: the engine's right operand is [N, K]
+    mm = matrix_engine().mm_bf16_f32
+    out = q.new_empty(heads, t, d)
+    for h in range(heads):
+        kh = k[h // group]
+        for t0 in range(0, t, ENGINE_ATTENTION_QUERIES):
+            s = torch.matmul(q[h, t0:t0 + ENGINE_ATTENTION_QUERIES], kh.T)
+            if scale != 1.0:
+                s.mul_(scale)
+            p = torch.softmax(s, dim=-1).to(torch.bfloat16)
+            out[h, t0:t0 + ENGINE_ATTENTION_QUERIES] = mm(p, vt[h // group])
+    return out
+
+
 def grouped_product(x: torch.Tensor, w, ids: list[int], offsets: list[int]) -> torch.Tensor | None:
     """Rows offsets[g] .. offsets[g + 1] of x [P, K] times matrix ids[g] of the stacked w [E, N, K] -> [P, N], on
     the matrix engine in one call (a prefill's routed experts, their rows grouped by expert); None where it does

@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..engine import Engine
 from ..kv import PrefixStore
 from ..speculative import PromptLookup
-from . import anthropic_messages, openai_chat, openai_responses
+from . import anthropic_messages, openai_chat, openai_responses, tokens, webui
 from .backend import Backend
 from .errors import APIError, anthropic_error_body, error_body, validation_message
 from .metrics import Metrics
@@ -115,9 +115,9 @@ def create_app(model, *, model_name: str, api_key: str | None = None, max_batch:
     app.include_router(openai_chat.router(backend, guarded))
     app.include_router(openai_responses.router(backend, guarded, responses_kept))
     app.include_router(anthropic_messages.router(backend, guarded))
+    app.include_router(tokens.router(backend, guarded))
+    webui.mount(app)  # the chat page at /, open without the key (it holds none)
     return app
 
 
-def _model_card(backend: Backend) -> dict:
-    return {"id": backend.model_name, "object": "model", "created": backend.created, "owned_by": "gemma4",
-            "max_model_len": backend.model.config.max_position_embeddings}
+_model_card = tokens.model_card

@@ -7,6 +7,7 @@ outputs back as an async iterator; streaming and disconnects are handled the sam
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from typing import AsyncIterator, Callable
 
@@ -107,13 +108,47 @@ class Backend:
         return StreamingResponse(body(), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
+class Mailbox:
+    """Wakes the event loop for outputs the engine thread emits: one wake-up (a write to the loop's self-pipe)
+    per burst, however many requests got outputs in the step, rather than one per output."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.dirty: collections.deque = collections.deque()
+        self.scheduled = False
+
+    def post(self, outputs: "Outputs") -> None:  # on the engine thread
+        self.dirty.append(outputs)
+        if not self.scheduled:  # cleared by deliver() before it drains: a later post schedules anew
+            self.scheduled = True
+            self.loop.call_soon_threadsafe(self.deliver)
+
+    def deliver(self) -> None:  # on the loop
+        self.scheduled = False
+        while self.dirty:
+            self.dirty.popleft().ready.set()
+
+
+_mailboxes: dict[asyncio.AbstractEventLoop, Mailbox] = {}
+
+
+def mailbox(loop: asyncio.AbstractEventLoop) -> Mailbox:
+    box = _mailboxes.get(loop)
+    if box is None:
+        _mailboxes.clear()  # one loop serves at a time; a new one (tests) replaces the old
+        box = _mailboxes[loop] = Mailbox(loop)
+    return box
+
+
 class Outputs:
-    """The outputs of one HTTP request's engine requests, as an async iterator of (index, output)."""
+    """The outputs of one HTTP request's engine requests: an async iterator of (index, output), or of the
+    lists of them that arrived together (batches(): a step's outputs framed and written at once)."""
 
     def __init__(self, engine: Engine, metrics: Metrics):
         self.engine, self.metrics = engine, metrics
-        self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue = asyncio.Queue()
+        self.mailbox = mailbox(asyncio.get_running_loop())
+        self.pending: collections.deque = collections.deque()  # appended on the engine thread
+        self.ready = asyncio.Event()
         self.requests: list[EngineRequest] = []
         self.started = time.monotonic()
         self.first_seen: set[int] = set()
@@ -121,9 +156,11 @@ class Outputs:
 
     def emitter(self, index: int):
         self.open += 1
+        pending, post = self.pending, self.mailbox.post
 
         def emit(out: RequestOutput) -> None:  # on the engine thread
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, out))
+            pending.append((index, out))
+            post(self)
 
         return emit
 
@@ -131,18 +168,31 @@ class Outputs:
         return self._iterate()
 
     async def _iterate(self):
+        async for batch in self.batches():
+            for item in batch:
+                yield item
+
+    async def batches(self):
         while self.open:
-            index, out = await self.queue.get()
-            if index not in self.first_seen:
-                self.first_seen.add(index)
-                self.metrics.ttft.observe(time.monotonic() - self.started)
-            if out.token_id is not None:
-                self.metrics.generated_tokens.inc()
-            if out.finished:
-                self.open -= 1
-            if out.finish_reason == "error":
-                raise APIError(500, "the engine failed while generating", "server_error")
-            yield index, out
+            if not self.pending:
+                self.ready.clear()
+                if not self.pending:  # an output that came between the check and the clear is seen here
+                    await self.ready.wait()
+                continue
+            batch = []
+            while self.pending and self.open:
+                index, out = self.pending.popleft()
+                if index not in self.first_seen:
+                    self.first_seen.add(index)
+                    self.metrics.ttft.observe(time.monotonic() - self.started)
+                if out.token_id is not None:
+                    self.metrics.generated_tokens.inc()
+                if out.finished:
+                    self.open -= 1
+                if out.finish_reason == "error":
+                    raise APIError(500, "the engine failed while generating", "server_error")
+                batch.append((index, out))
+            yield batch
 
     def cancel(self) -> None:
         for r in self.requests:

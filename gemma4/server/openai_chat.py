@@ -53,9 +53,11 @@ def router(backend: Backend, dependencies: list) -> APIRouter:
         for state in states:
             for chunk in state.opening_chunks():
                 yield _event(_chunk(rid, kind, now, name, [chunk]))
-        async for index, out in outputs:
-            for chunk in states[index].push(out):
-                yield _event(_chunk(rid, kind, now, name, [chunk]))
+        async for batch in outputs.batches():  # what one engine step produced: one write
+            events = [_event(_chunk(rid, kind, now, name, [chunk])) for index, out in batch
+                      for chunk in states[index].push(out)]
+            if events:
+                yield b"".join(events)
         if include_usage:
             yield _event({**_chunk(rid, kind, now, name, []), "usage": _usage(states)})
         yield b"data: [DONE]\n\n"

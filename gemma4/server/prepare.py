@@ -48,7 +48,7 @@ MAX_REMOTE_IMAGE_BYTES = 20 * 1024 * 1024
 
 
 def _check_parts(messages: list[dict], fetch_remote: bool) -> None:
-    """Content parts a client may send: text and image_url. A data: URL is decoded later; an http(s) URL
+    """Content parts a client may send: text, image_url and input_audio. A data: URL is decoded later; an http(s) URL
     is fetched here only when the server allows it (a server fetching any URL it is given is a
     request-forgery hole), and never a local path."""
     for i, message in enumerate(messages):
@@ -62,9 +62,14 @@ def _check_parts(messages: list[dict], fetch_remote: bool) -> None:
                 if not isinstance(part.get("text"), str):
                     raise APIError(400, f"{where}.text: a text part needs a string", param=where)
                 continue
+            if kind == "input_audio":  # decoded later, with the other media
+                audio = part.get("input_audio")
+                if not isinstance(audio, dict) or not isinstance(audio.get("data"), str):
+                    raise APIError(400, f"{where}.input_audio.data: base64-encoded audio is needed", param=where)
+                continue
             if kind != "image_url":
-                raise APIError(400, f"{where}.type: {kind!r} parts are not accepted (use text or image_url)",
-                               param=where)
+                raise APIError(400, f"{where}.type: {kind!r} parts are not accepted (use text, image_url or "
+                                    "input_audio)", param=where)
             url = part.get("image_url")
             url = url.get("url") if isinstance(url, dict) else url
             if not isinstance(url, str):
@@ -129,7 +134,7 @@ def prepare_chat(model, body: ChatCompletionRequest, fetch_remote: bool = False)
             raise APIError(400, f"chat_template_kwargs: {key!r} is set by the server", param="chat_template_kwargs")
     try:
         prompt = model.chat_input(messages, tools=tools, enable_thinking=thinking, local_files=False, **kwargs)
-        soft = model.media_embeddings(prompt)  # images through the vision tower, here and not on the engine thread
+        soft = model.media_embeddings(prompt)  # media through their towers, here and not on the engine thread
     except ChatTemplateError as e:
         raise APIError(400, str(e), param="messages") from None
     except ValueError as e:

@@ -140,11 +140,12 @@ def drafter_for(path, target, max_draft: int = MAX_DRAFT, **load_kwargs):
 def target_shared_kv(decoder, cache, row: int, n: int = 2**62) -> dict[str, tuple[torch.Tensor, torch.Tensor,
                                                                                  torch.Tensor]]:
     """Layer type -> (k, v [1, KV, S, D], positions [1, S]) of the target's last layer of that type, for
-    the positions below n the row holds, in the target's dtype."""
+    the positions below n the row holds, in the target's dtype (an E-model's last layers keep no KV: the
+    layer that stores what they read)."""
     types = decoder.config.layer_types
     shared = {}
     for kind in set(types):
-        last = max(i for i, t in enumerate(types) if t == kind)
+        last = decoder.config.kv_source_layer(max(i for i, t in enumerate(types) if t == kind))
         k, v, pos = decoder.layers[last].self_attn.keys_values(cache, last, row, n)
         shared[kind] = (k[None].to(decoder.dtype), v[None].to(decoder.dtype), pos[None])
     return shared

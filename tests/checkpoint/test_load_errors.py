@@ -70,13 +70,20 @@ def test_unknown_model_type(ckpt):
     assert "model_type" in _one_line(e) and "llama" in str(e.value)
 
 
-@pytest.mark.parametrize("field,value", [("hidden_size_per_layer_input", 256), ("num_kv_shared_layers", 2),
+@pytest.mark.parametrize("field,value", [("hidden_size_per_layer_input", -1), ("num_kv_shared_layers", 99),
                                          ("use_bidirectional_attention", "all"), ("hidden_activation", "silu")])
 def test_unsupported_features_refused(ckpt, field, value):
     _edit_config(ckpt, **{field: value})
     with pytest.raises(ModelLoadError) as e:
         gemma4.load(ckpt)
     assert field in _one_line(e)
+
+
+def test_per_layer_embeddings_without_their_tensors(ckpt):
+    _edit_config(ckpt, hidden_size_per_layer_input=8)
+    with pytest.raises(ModelLoadError) as e:
+        gemma4.load(ckpt)
+    assert "per_layer_input_gate.weight: missing from checkpoint" in _one_line(e)
 
 
 def test_truncated_safetensors(ckpt):

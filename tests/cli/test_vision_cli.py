@@ -34,7 +34,7 @@ def test_run_with_images(tiny, images):
     soft = sum(p.soft_tokens for p in prompt.patches)
     assert len(prompt.patches) == len(images) and soft > 0
     # the images' soft tokens are in the prompt the CLI ran
-    assert f"{len(images)} images/frames as {soft} soft tokens; prompt of {len(prompt)} tokens" in r.stderr
+    assert f"{len(images)} images/frames/clips as {soft} soft tokens; prompt of {len(prompt)} tokens" in r.stderr
     reply = model.chat(_message(tiny, "describe", *images), max_tokens=4, temperature=0)
     assert r.stdout == reply.content + "\n"
 

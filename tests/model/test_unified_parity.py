@@ -13,7 +13,7 @@ import torch
 
 import gemma4
 from gemma4.images import from_pil
-from gemma4.waveform import Waveform
+from gemma4.audio_io import Audio
 from unified_reference import (SAMPLES_PER_TOKEN, UNIFIED_TOKEN_IDS, build_unified, mm_token_type_ids,
                                reference_audio_inputs, reference_audio_placeholder, reference_image_inputs)
 from vision_reference import picture
@@ -40,7 +40,7 @@ def _media_prompt(model, image=True, audio=True):
     """Text around an image (63 soft tokens, nine times the window of 7) and a clip of 150 samples."""
     img, wave = picture(50, 37, seed=1), _wave(150)
     text = "look " + ("<|image|> and " if image else "") + ("listen <|audio|>" if audio else "") + " then answer"
-    media = ([from_pil(img)] if image else []) + ([Waveform.from_array(wave)] if audio else [])
+    media = ([from_pil(img)] if image else []) + ([Audio.from_array(wave)] if audio else [])
     return model.multimodal_prompt(text, media), img, wave
 
 
@@ -62,7 +62,7 @@ def test_config_is_the_unified_decoder(unified):
     cfg = model.config
     assert cfg.model_type == "gemma4_unified" and not cfg.enable_moe_block
     assert cfg.use_bidirectional_attention == "vision" and cfg.bidirectional_vision_layers == "all"
-    assert cfg.vision_soft_token_ids == (UNIFIED_TOKEN_IDS["<|image|>"], UNIFIED_TOKEN_IDS["<|video|>"])
+    assert cfg.audio_token_id == UNIFIED_TOKEN_IDS["<|audio|>"]  # its runs stay causal (Decoder.forward)
 
 
 def test_text_logits_match_the_reference(unified):
@@ -74,7 +74,7 @@ def test_text_logits_match_the_reference(unified):
     assert (model.forward(ids, chunk=3) - expected).abs().max().item() <= TOL
 
 
-def test_image_embedder_and_logits_match_the_reference(unified):
+def test_image_embedder_and_logits_match_the_reference(unified, float_products):
     _, ref, model = unified
     prompt, img, _ = _media_prompt(model, audio=False)
     pixels, positions, counts = reference_image_inputs([img])
@@ -104,21 +104,20 @@ def test_audio_placement_and_logits_match_the_reference(unified):
     expected = _reference_logits(ref, prompt, wave=wave)
     assert (model.forward(prompt) - expected).abs().max().item() <= TOL
     # audio soft tokens attend causally: seeing them both ways (as images are) gives other logits
-    saved = model.config.vision_soft_token_ids
-    model.config.vision_soft_token_ids = ()
+    saved, model.config.audio_token_id = model.config.audio_token_id, None
     try:
         assert (model.forward(prompt) - expected).abs().max().item() > 1e-2
     finally:
-        model.config.vision_soft_token_ids = saved
+        model.config.audio_token_id = saved
 
 
-def test_image_and_audio_in_one_prompt(unified):
+def test_image_and_audio_in_one_prompt(unified, float_products):
     _, ref, model = unified
     prompt, img, wave = _media_prompt(model)
     assert (model.forward(prompt) - _reference_logits(ref, prompt, img, wave)).abs().max().item() <= TOL
 
 
-def test_greedy_tokens_and_cached_decode(unified):
+def test_greedy_tokens_and_cached_decode(unified, float_products):
     """24 greedy tokens as the reference's generate; our cached decode (ring of 7 slots wrapped several
     times) gives the logits a full forward over prompt + output gives."""
     _, ref, model = unified
@@ -156,14 +155,14 @@ def test_audio_parts_and_refusals(unified):
     prompt = model.chat_input(messages)
     assert prompt.ids.count(UNIFIED_TOKEN_IDS["<|audio|>"]) == prompt.patches[0].soft_tokens == -(-100 // 16)
     with pytest.raises(ValueError, match="16000 Hz"):
-        model.multimodal_prompt("<|audio|>", [Waveform.from_array(wave, 8000)])
+        model.multimodal_prompt("<|audio|>", [Audio.from_array(wave, 8000)])
     with pytest.raises(ValueError, match="NaN"):
-        Waveform.from_array(np.array([0.0, np.nan]))
+        model.chat_input([{"role": "user", "content": [{"type": "audio", "audio": np.array([0.0, np.nan])}]}])
     with pytest.raises(ValueError, match="placeholder"):
-        model.multimodal_prompt("<|image|>", [Waveform.from_array(wave)])
+        model.multimodal_prompt("<|image|>", [Audio.from_array(wave)])
     saved, model.audio_checkpoint = model.audio_checkpoint, None
     try:
-        with pytest.raises(ValueError, match="takes no audio"):
+        with pytest.raises(ValueError, match="no audio tower"):
             model.chat_input(messages)
     finally:
         model.audio_checkpoint = saved
@@ -183,3 +182,30 @@ def test_info_describes_it(unified, capsys):
     assert f"12x12 px patches -> 24 -> text, one soft token each (70 per image by default); " \
            f"{cli._count(image_params)} parameters" in out
     assert f"raw waveform: 16 samples (1 ms at 16000 Hz) per soft token; {cli._count(audio_params)} parameters" in out
+
+
+def test_chat_with_an_audio_file_answers_as_the_reference(unified, tmp_path):
+    """An audio part (a WAV file) goes through the audio loader at 16 kHz into waveform frames (no log-mel
+    tower): the prompt is the reference processor's and the greedy answer and its logprobs are the
+    reference's (bound TOL on log-softmaxed logits, as above)."""
+    import soundfile
+    from transformers.audio_utils import load_audio
+
+    _, ref, model = unified
+    soundfile.write(tmp_path / "a.wav", _wave(300, seed=5), 16000, subtype="FLOAT")
+    messages = [{"role": "user", "content": [{"type": "text", "text": "hear "},
+                                             {"type": "audio", "audio": str(tmp_path / "a.wav")}]}]
+    wave = load_audio(str(tmp_path / "a.wav"), sampling_rate=16000, backend="soundfile")  # the reference's loader
+    features, mask = reference_audio_inputs([wave])
+    text = model.chat_prompt([{"role": "user", "content": [{"type": "text", "text": "hear "}, {"type": "audio"}]}])
+    ids = torch.tensor([model.tokenizer.encode(text.replace("<|audio|>", reference_audio_placeholder(mask)),
+                                               add_special_tokens=False)])
+    assert model.chat_input(messages).ids == ids[0].tolist()
+    reply = model.chat(messages, max_tokens=6, temperature=0, ignore_eos=True, logprobs=0)
+    with torch.no_grad():
+        out = ref.generate(input_ids=ids, input_features=features, input_features_mask=mask,
+                           mm_token_type_ids=mm_token_type_ids(ids), max_new_tokens=6, do_sample=False,
+                           eos_token_id=None, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    assert [lp.token_id for lp in reply.logprobs] == out.sequences[0, ids.shape[1]:].tolist()
+    for lp, logits in zip(reply.logprobs, out.logits):
+        assert abs(lp.logprob - torch.log_softmax(logits[0], -1)[lp.token_id].item()) <= TOL

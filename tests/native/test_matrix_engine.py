@@ -187,3 +187,54 @@ def test_grouped_product_gives_each_group_its_own_matrix():
         rows = x[a:a + c].double()
         bound = (2 * BF16_UNIT + BF16_UNIT**2 + k * EPS32) * (rows.abs() @ wf.abs().T)
         assert ((got[a:a + c].double() - rows @ wf.T).abs() <= bound).all()
+
+
+# engine_attention rounds each probability and each value to bf16 for P·V (BF16_UNIT of each at most) and sums in
+# float32 (S keys: S * eps32); the scores are float32 as the reference's: each is off by at most
+# d * eps32 * scale * sum_i |q_i k_i|, which moves a probability by at most twice the row's largest such error,
+# relatively. So each output element sum_j p_j v_j moves by at most
+# (2 * BF16_UNIT + S * eps32 + 2 * max score error) * sum_j p_j |v_j|.
+@needs_engine
+def test_engine_attention_is_within_bf16_rounding_of_probabilities_and_values():
+    g = torch.Generator().manual_seed(8)
+    heads, t, d, scale = 4, 300, 72, 0.2
+    q, k, v = (torch.randn(heads, t, d, generator=g) for _ in range(3))
+    with ops.prefill_products():
+        got = ops.engine_attention(q, k, v, scale=scale)
+    p = torch.softmax(q.double() @ k.double().transpose(1, 2) * scale, dim=-1)
+    exact = p @ v.double()
+    score_err = (d * EPS32 * scale * (q.double().abs() @ k.double().abs().transpose(1, 2))).amax(-1, keepdim=True)
+    bound = (2 * BF16_UNIT + t * EPS32 + 2 * score_err) * (p @ v.double().abs())
+    assert got is not None and got.dtype == torch.float32
+    assert ((got.double() - exact).abs() <= bound).all()
+    assert ops.engine_attention(q[:, :8], k, v, 0.2) is None  # too few queries: torch's attention
+
+
+# The tower on the engine rounds only the inputs of its products to bf16, keeping the residual stream, norms and
+# softmax in float32; the reference run in bfloat16 rounds all of those too. So the engine's distance from the
+# float32 tower is at most the bf16 reference's (a wrong scale, layout or head mapping moves it by far more).
+@needs_engine
+def test_vision_tower_on_the_engine_is_closer_to_float32_than_a_bf16_tower(tmp_path, monkeypatch):
+    from gemma4.checkpoint.vision import HFVisionCheckpoint
+    from gemma4.images import preprocess
+    from gemma4.model.vision import load_vision
+    from vision_reference import MAX_SOFT_TOKENS, VISION, build_multimodal, picture
+
+    ref = build_multimodal(tmp_path, seed=3, name="dense_kv", bidirectional="vision")
+    from gemma4.images import Image
+
+    img = Image.from_array(np.asarray(picture(64, 48, seed=5).convert("RGB")))
+    p = preprocess(img, VISION["patch_size"], VISION["pooling_kernel_size"], MAX_SOFT_TOKENS)
+    assert p.pixel_values.shape[0] >= ops.MATRIX_ENGINE_MIN_ROWS
+    out = {}
+    for mode in ("float", "int8"):
+        monkeypatch.setattr(ops, "_activations", mode)
+        tower = load_vision(HFVisionCheckpoint(open_checkpoint(tmp_path)), torch.float32, torch.device("cpu"))
+        assert (tower.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16) == (mode == "int8")
+        out[mode] = tower.encode(p.pixel_values, p.positions)
+    monkeypatch.setattr(ops, "_activations", "float")
+    bf16 = load_vision(HFVisionCheckpoint(open_checkpoint(tmp_path)), torch.bfloat16, torch.device("cpu"))
+    ref_bf16 = bf16.encode(p.pixel_values, p.positions).float()
+    engine_err = (out["int8"] - out["float"]).norm()
+    bf16_err = (ref_bf16 - out["float"]).norm()
+    assert 0 < engine_err <= bf16_err, (engine_err.item(), bf16_err.item())

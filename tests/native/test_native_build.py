@@ -66,3 +66,34 @@ def test_module_name_follows_sources(tmp_path):
     assert [p.name for p in native.sources(src)] == [p.name for p in native.sources()]
     (src / "common.h").write_text((src / "common.h").read_text() + "\n// changed\n")
     assert native.module_name(src) != native.module_name()  # a header counts too
+
+
+def test_finished_build_is_imported_without_torch_build_checks():
+    """A finished build is found by its name and imported directly: cpp_extension.load is never called."""
+    env = {k: v for k, v in os.environ.items() if k != "GEMMA4_NO_NATIVE"}
+    if native.skip_reason(env) is not None:
+        pytest.skip(native.skip_reason(env))
+    name = native.module_name()
+    if not (native.kept_dir() / f"{name}.so").is_file() and not (native.build_root() / name / f"{name}.so").is_file():
+        pytest.skip("the kernels are not built yet (`make kernels`)")
+    code = ("import torch.utils.cpp_extension as c\n"
+            "def refuse(*a, **k):\n    raise AssertionError('cpp_extension.load was called')\n"
+            "c.load = refuse\n"
+            "import gemma4.native as n\nassert n.compiled() is not None\nprint(n.compiled().__file__)")
+    env["PYTHONPATH"] = str(ROOT)
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == str(native.kept_dir() / f"{name}.so")
+
+
+def test_build_under_way_or_damaged_is_not_imported(tmp_path, monkeypatch):
+    monkeypatch.setenv("GEMMA4_CACHE", str(tmp_path / "kept"))
+    name = "gemma4_native_000000000000"
+    folder = tmp_path / name
+    folder.mkdir()
+    assert native.prebuilt(name, folder) is None  # nothing built
+    (folder / f"{name}.so").write_bytes(b"\x7fELF not really")
+    assert native.prebuilt(name, folder) is None  # a damaged file: the build path takes over
+    (folder / "lock").write_text("")
+    assert native.prebuilt(name, folder) is None  # torch is building it
+    assert native._keep(name, folder) is None  # and it is not copied while it is

@@ -1,0 +1,172 @@
+"""The audio tower's weights: from an HF multimodal checkpoint (config.json audio_config + the
+model.audio_tower.* / model.embed_audio.* tensors) or from a llama.cpp mmproj GGUF (projector gemma4a,
+tensors a.* and mm.a.*, written beside the vision tower by `convert_hf_to_gguf.py --mmproj`).
+
+Both readers give an AudioConfig and tensors under our names (checkpoint/names.py), in our layout.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from ..audio_features import FeatureConfig
+from ..config import AudioConfig
+from ..errors import ModelLoadError
+from . import names
+
+MMPROJ_ARCH = "clip"
+PROJECTOR = "gemma4a"
+_SCALARS = ("input_min", "input_max", "output_min", "output_max")  # clipping bounds, 0-d tensors
+DEPTHWISE = "lconv1d.depthwise_conv1d.weight"
+
+
+class HFAudioCheckpoint:
+    """The audio tower inside an HF folder (a SafetensorsCheckpoint of a multimodal model)."""
+
+    def __init__(self, text_checkpoint):
+        from safetensors import safe_open
+
+        from .vision import _read_json
+
+        raw = text_checkpoint.raw_config
+        audio = raw.get("audio_config")
+        if not isinstance(audio, dict):
+            raise ModelLoadError(f"{text_checkpoint.folder}: config.json has no audio_config (a model without audio)")
+        processor = _read_json(text_checkpoint.folder / "processor_config.json")
+        self.config = AudioConfig.from_hf(audio, text_checkpoint.config.hidden_size, processor)
+        extractor = (processor or {}).get("feature_extractor")
+        if extractor is None:  # older saves keep the feature extractor in preprocessor_config.json
+            pre = _read_json(text_checkpoint.folder / "preprocessor_config.json") or {}
+            extractor = pre if "Gemma4Audio" in str(pre.get("feature_extractor_type", "")) else None
+        try:
+            self.features = FeatureConfig.from_dict(extractor)
+        except (TypeError, ValueError) as e:
+            raise ModelLoadError(f"processor_config.json: {e}") from None
+        if self.features.feature_size != self.config.feature_size:
+            raise ModelLoadError(f"feature_extractor.feature_size: {self.features.feature_size} mel bins, but the "
+                                 f"audio tower takes {self.config.feature_size}")
+        self._where: dict[str, tuple[Path, str]] = {}
+        for path in text_checkpoint.files:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    ours = names.audio_from_hf(key)
+                    if ours is not None:
+                        self._where.setdefault(ours, (path, key))
+                    elif key.startswith((names.HF_AUDIO_PREFIX, names.HF_AUDIO_EMBEDDER_PREFIX)):
+                        raise ModelLoadError(f"{key}: audio tensor not known")
+        if not self._where:
+            raise ModelLoadError(f"{text_checkpoint.folder}: audio_config is set but the checkpoint has no audio "
+                                 f"tower tensors ({names.HF_AUDIO_PREFIX}*)")
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        from safetensors import safe_open
+
+        path, key = self._where[name]
+        with safe_open(str(path), framework="pt") as f:
+            return tuple(f.get_slice(key).get_shape())
+
+    def tensor(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        path, key = self._where[name]
+        with safe_open(str(path), framework="pt") as f:
+            t = f.get_tensor(key)
+        if name.endswith(names.AUDIO_SOFTPLUS_FROM_HF):
+            t = F.softplus(t.float())
+        return t
+
+
+class MmprojAudioCheckpoint:
+    """A llama.cpp mmproj GGUF holding a gemma4a audio tower (usually beside a gemma4v vision tower)."""
+
+    def __init__(self, path: str | Path, text_hidden_size: int | None = None):
+        from .gguf_file import GGUFFile
+
+        self.path = Path(path).expanduser()
+        if not self.path.is_file():
+            raise ModelLoadError(f"{self.path}: no such mmproj file")
+        self.file = GGUFFile(self.path)
+        meta = self.metadata = self.file.metadata
+        if meta.get("general.architecture") != MMPROJ_ARCH:
+            raise ModelLoadError(f"{self.path.name}: general.architecture is {meta.get('general.architecture')!r}, "
+                                 f"not an mmproj file ({MMPROJ_ARCH!r})")
+        projector = meta.get("clip.audio.projector_type")
+        if projector is None:
+            raise ModelLoadError(f"{self.path.name}: the mmproj has no audio encoder")
+        if projector != PROJECTOR:
+            raise ModelLoadError(f"clip.audio.projector_type: {projector!r} is not supported (expected {PROJECTOR!r})")
+        self._gguf: dict[str, str] = {}
+        for gguf_name in self.file.tensors:
+            if gguf_name.startswith(("a.", "mm.a.")):
+                ours = names.audio_from_gguf(gguf_name)
+                if ours is None:
+                    raise ModelLoadError(f"{gguf_name}: tensor not known for the gemma4a projector")
+                self._gguf[ours] = gguf_name
+        self.config = self._config(text_hidden_size)
+        # llama.cpp fixes the features for gemma4a (16 kHz, 20 ms frames every 10 ms): the extractor's defaults
+        self.features = FeatureConfig(feature_size=self.config.feature_size)
+
+    def _need(self, key: str) -> Any:
+        value = self.metadata.get(key)
+        if value is None:
+            raise ModelLoadError(f"{key}: missing from the mmproj GGUF metadata")
+        return value
+
+    def _shape(self, gguf_name: str) -> tuple[int, ...]:
+        info = self.file.tensors.get(gguf_name)
+        if info is None:
+            raise ModelLoadError(f"{gguf_name}: missing from the mmproj GGUF")
+        return tuple(int(s) for s in info.shape)
+
+    def _config(self, text_hidden_size: int | None) -> AudioConfig:
+        projection = int(self._need("clip.audio.projection_dim"))
+        if text_hidden_size is not None and projection != text_hidden_size:
+            raise ModelLoadError(f"clip.audio.projection_dim: the mmproj projects audio to {projection}, but the "
+                                 f"text model's hidden size is {text_hidden_size} (an mmproj of another model?)")
+        hidden = int(self._need("clip.audio.embedding_length"))
+        # The converter writes no channel counts, kernel width or output width: the tensors tell them.
+        # The attention's chunk, context and cap are the reference's defaults, which llama.cpp fixes too.
+        return AudioConfig(
+            hidden_size=hidden,
+            num_hidden_layers=int(self._need("clip.audio.block_count")),
+            num_attention_heads=int(self._need("clip.audio.attention.head_count")),
+            subsampling_conv_channels=(self._shape("a.conv1d.0.weight")[0], self._shape("a.conv1d.1.weight")[0]),
+            output_proj_dims=self._shape("a.pre_encode.out.weight")[0],
+            text_hidden_size=projection,
+            conv_kernel_size=self._shape("a.blk.0.conv_dw.weight")[-1],
+            use_clipped_linears=any(n.startswith("a.") and n.endswith(".input_max") for n in self.file.tensors),
+            feature_size=int(self.metadata.get("clip.audio.num_mel_bins", 128)),
+        ).validate()
+
+    def names(self) -> list[str]:
+        return list(self._gguf)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        shape = self._shape(self._gguf[name])
+        if name.endswith(DEPTHWISE):
+            return (shape[0], 1, shape[1])
+        return () if name.endswith(_SCALARS) else shape
+
+    def tensor(self, name: str) -> torch.Tensor:
+        from gguf.quants import dequantize
+
+        gguf_name = self._gguf[name]
+        info = self.file.tensors[gguf_name]
+        try:
+            data = np.asarray(dequantize(self.file.raw(gguf_name), info.type), dtype=np.float32).reshape(info.shape)
+        except NotImplementedError:
+            raise ModelLoadError(f"{gguf_name}: tensor type {info.type.name} cannot be dequantised") from None
+        t = torch.from_numpy(data.copy())
+        if name.endswith(DEPTHWISE):
+            t = t[:, None, :]  # llama.cpp keeps the depthwise kernel as [channels, width]
+        elif name.endswith(_SCALARS):
+            t = t.reshape(())
+        return t

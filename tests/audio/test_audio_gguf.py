@@ -1,0 +1,88 @@
+"""The audio tower as llama.cpp ships it for GGUF users: the gemma4a part of an mmproj GGUF, written by
+llama.cpp's own `convert_hf_to_gguf.py --mmproj` from a tiny HF model."""
+
+import base64
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import gemma4
+from audio_reference import AUDIO_MARKS, BOA, EOA, build_audio_model, encoded_audio, sweep
+from gemma4.checkpoint import open_checkpoint
+from gemma4.checkpoint.audio import HFAudioCheckpoint, MmprojAudioCheckpoint
+from gemma4.checkpoint.gguf_writer import write_gguf
+from gemma4.errors import ModelLoadError
+from gemma4.model.audio import load_audio_tower
+from reference import tiny_vocab_metadata
+from vision_reference import MEDIA_TOKENS, TOKEN_IDS
+
+_SOURCES = [os.environ.get("LLAMA_CPP_DIR", ""), "/work/llsrc/llama_cpp_python-0.3.36/vendor/llama.cpp",
+            str(Path.home() / ".cache/gemma4-bench/llama-server-src/llama_cpp_python-0.3.36/vendor/llama.cpp")]
+LLAMA_CPP = next((Path(p) for p in _SOURCES if p and (Path(p) / "convert_hf_to_gguf.py").is_file()), None)
+pytestmark = pytest.mark.skipif(LLAMA_CPP is None, reason="llama.cpp source not found (set LLAMA_CPP_DIR to a "
+                                "llama.cpp tree with convert_hf_to_gguf.py)")
+
+
+def audio_vocab_metadata() -> dict:
+    """tiny_vocab_metadata with Gemma 4's media, turn and audio tokens at the ids the HF tokenizer gives them."""
+    meta = tiny_vocab_metadata()
+    tokens, types = list(meta["tokenizer.ggml.tokens"]), list(meta["tokenizer.ggml.token_type"])
+    for text, i in [*TOKEN_IDS.items(), *zip(AUDIO_MARKS, (BOA, EOA))]:
+        tokens[i], types[i] = text, 3
+    assert set(MEDIA_TOKENS) <= set(tokens)
+    return {**meta, "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("audio_gguf")
+    build_audio_model(d / "hf", seed=8)
+    proc = json.loads((d / "hf" / "processor_config.json").read_text())
+    proc["image_processor"].update(image_mean=[0.0] * 3, image_std=[1.0] * 3)  # the converter requires them
+    (d / "hf" / "processor_config.json").write_text(json.dumps(proc))
+    mmproj = d / "mmproj.gguf"
+    r = subprocess.run([sys.executable, str(LLAMA_CPP / "convert_hf_to_gguf.py"), str(d / "hf"), "--mmproj",
+                        "--outtype", "f32", "--outfile", str(mmproj)], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(LLAMA_CPP / "gguf-py")})
+    assert r.returncode == 0, r.stderr[-2000:]
+    text = write_gguf(open_checkpoint(d / "hf"), d / "text.gguf", "F32", audio_vocab_metadata())
+    return d, text, mmproj
+
+
+def test_mmproj_tower_equals_the_safetensors_tower(files):
+    d, _, mmproj = files
+    hf = HFAudioCheckpoint(open_checkpoint(d / "hf"))
+    ours = MmprojAudioCheckpoint(mmproj, hf.config.text_hidden_size)
+    assert ours.config == hf.config  # every number, from metadata and tensor shapes
+    a = load_audio_tower(ours, torch.float32, torch.device("cpu"))
+    b = load_audio_tower(hf, torch.float32, torch.device("cpu"))
+    x = torch.randn(61, 128)
+    assert torch.equal(a.encode(x), b.encode(x))  # F32 file: the same weights (softplus applied by both sides)
+
+
+def test_text_gguf_with_mmproj_hears_as_the_safetensors_model(files):
+    d, text, mmproj = files
+    from_gguf, from_hf = gemma4.load(text, mmproj=mmproj), gemma4.load(d / "hf")
+    wav = encoded_audio(sweep(0.9), 16000, "WAV", "PCM_16")
+    messages = [{"role": "user", "content": [
+        {"type": "input_audio", "input_audio": {"data": base64.b64encode(wav).decode(), "format": "wav"}},
+        {"type": "text", "text": "hi"}]}]
+    prompt = from_gguf.chat_input(messages)  # the GGUF's own vocabulary: the one prompt serves both models
+    n = prompt.patches[0].soft_tokens
+    assert prompt.ids[prompt.offsets[0] - 1] == BOA and prompt.ids[prompt.offsets[0] + n] == EOA
+    assert from_gguf.config.audio_token_id == TOKEN_IDS["<|audio|>"]  # found by its text in the GGUF vocabulary
+    # Both float32 with the same weights (F32 GGUF): only summation order may differ.
+    torch.testing.assert_close(from_gguf.forward(prompt), from_hf.forward(prompt), atol=1e-5, rtol=0)
+
+
+def test_mmproj_errors(files, tmp_path):
+    d, text, mmproj = files
+    with pytest.raises(ModelLoadError, match="projection_dim"):
+        MmprojAudioCheckpoint(mmproj, text_hidden_size=999)
+    with pytest.raises(ModelLoadError, match="not an mmproj"):
+        MmprojAudioCheckpoint(text)
