@@ -198,16 +198,25 @@ def _vision_checkpoint(checkpoint, mmproj):
             config.use_bidirectional_attention = None if config.hidden_size in (1536, 2560) else "vision"
         return vision
     raw = getattr(checkpoint, "raw_config", None) or {}
+    if config.model_type == "gemma4_unified":
+        from .checkpoint.unified import unified_media
+
+        return unified_media(checkpoint)[0]
     if config.architecture == "gemma4" and isinstance(raw.get("vision_config"), dict) and hasattr(checkpoint, "files"):
         return HFVisionCheckpoint(checkpoint)
     return None
 
 
 def _audio_checkpoint(checkpoint, mmproj):
-    """The audio tower's reader: the HF folder's own, or the mmproj's gemma4a part (None where neither has one)."""
+    """The audio tower's reader: the HF folder's own, or the mmproj's gemma4a part (None where neither has one);
+    for the unified model, its waveform embedder's (checkpoint/unified.py)."""
     from .checkpoint.audio import HFAudioCheckpoint, MmprojAudioCheckpoint
 
     config = checkpoint.config
+    if config.model_type == "gemma4_unified":
+        from .checkpoint.unified import unified_media
+
+        return unified_media(checkpoint)[1]
     if mmproj is not None:
         from .checkpoint.gguf_file import GGUFFile
 
@@ -239,7 +248,7 @@ class Model:
         self.checkpoint = checkpoint
         self.vision_checkpoint = vision  # a reader (checkpoint/vision.py); the tower is built on first use
         self._vision = None
-        self.audio_checkpoint = audio  # a reader (checkpoint/audio.py); the tower is built on first use
+        self.audio_checkpoint = audio  # a reader (checkpoint/audio.py, or unified.py's waveform embedder)
         self._audio = None
         self._encoded: dict = {}  # image digest -> embeddings, the last few (multimodal.encode)
 
@@ -301,9 +310,12 @@ class Model:
         """The vision tower (model/vision.py), built from its checkpoint the first time it is asked for."""
         if self._vision is None:
             self.check_vision()
+            from .config_unified import UnifiedVisionConfig
+            from .model.unified import load_embedder
             from .model.vision import load_vision
 
-            self._vision = load_vision(self.vision_checkpoint, self.decoder.dtype, self.decoder.device)
+            build = load_embedder if isinstance(self.vision_checkpoint.config, UnifiedVisionConfig) else load_vision
+            self._vision = build(self.vision_checkpoint, self.decoder.dtype, self.decoder.device)
         return self._vision
 
     def check_vision(self) -> None:
@@ -318,9 +330,13 @@ class Model:
         """The audio tower (model/audio.py), built from its checkpoint the first time it is asked for."""
         if self._audio is None:
             self.check_audio()
+            from .checkpoint.unified import WaveformAudioCheckpoint
             from .model.audio import load_audio_tower
+            from .model.unified import load_embedder
 
-            self._audio = load_audio_tower(self.audio_checkpoint, self.decoder.dtype, self.decoder.device)
+            unified = isinstance(self.audio_checkpoint, WaveformAudioCheckpoint)
+            self._audio = (load_embedder if unified else load_audio_tower)(self.audio_checkpoint, self.decoder.dtype,
+                                                                           self.decoder.device)
         return self._audio
 
     def check_audio(self) -> None:
@@ -343,8 +359,9 @@ class Model:
         """Prompt text with <|image|> / <|video|> / <|audio|> placeholders (as the chat template writes them)
         and the images / videos / audio clips for them, in order -> token ids with soft-token runs."""
         from .audio_features import FeatureExtractor
+        from .checkpoint.unified import WaveformAudioCheckpoint
         from .config import SUPPORTED_SOFT_TOKENS
-        from .multimodal import MediaTokens, expand
+        from .multimodal import MediaTokens, expand, waveform_frames
 
         self.check_media(media)
         sizes = {}
@@ -353,9 +370,13 @@ class Model:
             image_tokens = cfg.max_soft_tokens if image_tokens is None else int(image_tokens)
             if image_tokens not in SUPPORTED_SOFT_TOKENS:
                 raise ValueError(f"image_tokens: {image_tokens} is not one of {SUPPORTED_SOFT_TOKENS}")
-            sizes = dict(patch_size=cfg.patch_size, pooling_kernel_size=cfg.pooling_kernel_size,
+            sizes = dict(patch_size=cfg.preprocess_patch_size,
+                         pooling_kernel_size=cfg.preprocess_pooling,
                          image_soft_tokens=image_tokens, video_soft_tokens=cfg.video_max_soft_tokens)
-        if self.audio_checkpoint is not None:
+        if isinstance(self.audio_checkpoint, WaveformAudioCheckpoint):  # raw 16 kHz frames, no log-mel
+            a = self.audio_checkpoint.config
+            sizes["audio_frames"] = lambda clip: waveform_frames(clip, a.audio_samples_per_token, a.sampling_rate)
+        elif self.audio_checkpoint is not None:
             sizes.update(audio_extractor=FeatureExtractor(self.audio_checkpoint.features),
                          audio_seq_length=self.audio_checkpoint.config.audio_seq_length)
         tokens = MediaTokens.from_tokenizer(self.tokenizer, getattr(self.checkpoint, "raw_config", None))
@@ -366,11 +387,9 @@ class Model:
         their towers (media seen recently are not encoded again); [] for a text prompt."""
         if not _multimodal(prompt) or not prompt.patches:
             return []
-        from .multimodal import AudioClip, encode
+        from .multimodal import encode
 
-        clips = [isinstance(p, AudioClip) for p in prompt.patches]
-        return encode(prompt, self.vision if not all(clips) else None, self._encoded,
-                      audio=self.audio if any(clips) else None)
+        return encode(prompt, lambda: self.vision, self._encoded, audio=lambda: self.audio)
 
     # ---- logits -------------------------------------------------------------------------
     def forward(self, token_ids, chunk: int = PREFILL_CHUNK) -> torch.Tensor:

@@ -606,9 +606,10 @@ def cmd_info(args) -> int:
         print(f"store          {found.source}: {found.explicit}")
     if found.mmproj is not None:
         print(f"projector      {found.mmproj}")
-    print(f"architecture   {cfg.architecture}, {cfg.num_hidden_layers} layers ({cfg.num_hidden_layers - n_full} "
+    print(f"architecture   {cfg.model_type or cfg.architecture}, {cfg.num_hidden_layers} layers ({cfg.num_hidden_layers - n_full} "
           f"sliding, window {cfg.sliding_window}; {n_full} full), hidden {cfg.hidden_size}, "
           f"{cfg.num_attention_heads} heads")
+    _describe_unified(ckpt)
     if cfg.enable_moe_block:
         print(f"experts        {cfg.num_experts}, top-{cfg.top_k_experts}, width {cfg.moe_intermediate_size}; "
               f"dense MLP {cfg.intermediate_size}")
@@ -640,11 +641,28 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _describe_unified(ckpt) -> None:
+    """The unified model's (gemma4_unified) encoder-free image and waveform embedders."""
+    from gemma4.checkpoint.unified import unified_media
+
+    vision, audio = unified_media(ckpt)
+    if vision is not None:
+        v = vision.config
+        print(f"images         encoder-free: {v.model_patch_size}x{v.model_patch_size} px patches -> "
+              f"{v.mm_embed_dim} -> text, one soft token each ({v.max_soft_tokens} per image by default); "
+              f"{_count(v.parameter_count())} parameters")
+    if audio is not None:
+        a = audio.config
+        ms = 1000 * a.audio_samples_per_token // a.sampling_rate
+        print(f"audio          raw waveform: {a.audio_samples_per_token} samples ({ms} ms at {a.sampling_rate} Hz) "
+              f"per soft token; {_count(a.parameter_count())} parameters")
+
+
 def _print_audio_tower(ckpt) -> None:
     """The audio tower of an HF folder (a GGUF model's lives in its mmproj file)."""
     raw = getattr(ckpt, "raw_config", None) or {}
-    if not isinstance(raw.get("audio_config"), dict):
-        return
+    if not isinstance(raw.get("audio_config"), dict) or raw.get("model_type") == "gemma4_unified":
+        return  # (the unified model's audio_config is its waveform embedder's: _describe_unified)
     import torch
 
     from gemma4.config import AudioConfig

@@ -60,6 +60,10 @@ class ModelConfig:
     pad_token_id: int | None = 0
     # "vision": each image's soft tokens attend to one another both ways on sliding layers
     use_bidirectional_attention: str | None = None
+    # "sliding": image runs see one another on sliding layers, within the window (Gemma 4); "all": on every
+    # layer, across the window (the unified model: its reference ORs the image blocks into every mask)
+    bidirectional_vision_layers: str = "sliding"
+    model_type: str = ""  # config.json's: gemma4, gemma4_unified, ... (what `gemma4 info` names)
     # Per-layer embeddings (E2B/E4B): a second table of vocab_size_per_layer_input rows, each row one
     # slice of hidden_size_per_layer_input values per layer; 0 when the model has none.
     hidden_size_per_layer_input: int = 0
@@ -152,7 +156,8 @@ class ModelConfig:
         """From a config.json dict: Gemma4ForConditionalGeneration (text_config inside),
         Gemma4ForCausalLM, and their Gemma 3 counterparts."""
         model_type = raw.get("model_type")
-        if model_type in ("gemma4", "gemma3"):
+        top_type = model_type
+        if model_type in ("gemma4", "gemma4_unified", "gemma3"):
             text = raw.get("text_config")
             if not isinstance(text, Mapping):
                 raise ModelLoadError(f"text_config: missing in a {model_type} config.json")
@@ -163,11 +168,16 @@ class ModelConfig:
                     text[key] = raw[key]
             raw = text
             model_type = raw.get("model_type")
-        if model_type == "gemma4_text":
-            return _gemma4_from_hf(raw)
-        if model_type == "gemma3_text":
-            return _gemma3_from_hf(raw)
-        raise ModelLoadError(f"model_type: unsupported value {model_type!r} (expected gemma4, gemma4_text, gemma3 or gemma3_text)")
+        if model_type in GEMMA4_TEXT_DEFAULTS:
+            config = _gemma4_from_hf(raw, GEMMA4_TEXT_DEFAULTS[model_type])
+        elif model_type == "gemma3_text":
+            config = _gemma3_from_hf(raw)
+        else:
+            raise ModelLoadError(f"model_type: unsupported value {model_type!r} (expected gemma4, gemma4_unified, "
+                                 f"gemma4_text, gemma4_unified_text, gemma3 or gemma3_text)")
+        config.model_type = top_type
+        config.bidirectional_vision_layers = BIDIRECTIONAL_VISION_LAYERS.get(model_type, "sliding")
+        return config
 
     def validate(self) -> "ModelConfig":
         if len(self.layer_types) != self.num_hidden_layers:
@@ -269,7 +279,20 @@ def _common(raw: Mapping[str, Any]) -> dict[str, Any]:
     )
 
 
-def _gemma4_from_hf(raw: Mapping[str, Any]) -> ModelConfig:
+# The text decoders of the Gemma 4 family differ only in these defaults (transformers' Gemma4TextConfig and
+# Gemma4UnifiedTextConfig); a config.json that spells a field out wins.
+GEMMA4_TEXT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gemma4_text": dict(sliding_window=512, use_bidirectional_attention=None, max_position_embeddings=131_072),
+    "gemma4_unified_text": dict(sliding_window=1024, use_bidirectional_attention="vision",
+                                max_position_embeddings=262_144),
+}
+# ... and in how far image runs attend both ways (no config.json field: the reference's mask code differs)
+BIDIRECTIONAL_VISION_LAYERS = {"gemma4_text": "sliding", "gemma4_unified_text": "all"}
+
+
+def _gemma4_from_hf(raw: Mapping[str, Any], defaults: Mapping[str, Any] = GEMMA4_TEXT_DEFAULTS["gemma4_text"]
+                    ) -> ModelConfig:
+    raw = {**defaults, **raw}  # (an explicit null stays: use_bidirectional_attention null is causal)
     _refuse(raw, "use_bidirectional_attention", "vision", "bidirectional text attention (embedding models)")
     common = _common(raw)
     layer_types = _layer_types(raw, 6)
@@ -303,7 +326,7 @@ def _gemma4_from_hf(raw: Mapping[str, Any]) -> ModelConfig:
     return ModelConfig(
         architecture="gemma4",
         layer_types=layer_types,
-        sliding_window=int(raw.get("sliding_window") or 512),
+        sliding_window=int(raw.get("sliding_window") or defaults["sliding_window"]),
         rope=rope,
         layer_overrides=overrides,
         attention_k_eq_v=k_eq_v,
@@ -351,6 +374,9 @@ def _gemma3_from_hf(raw: Mapping[str, Any]) -> ModelConfig:
 
 # ---- the assistant (MTP drafter) ---------------------------------------------------------------
 
+# assistant model_type -> the model_type of its decoder (text_config)
+ASSISTANT_TEXT_TYPES = {"gemma4_assistant": "gemma4_text", "gemma4_unified_assistant": "gemma4_unified_text"}
+
 @dataclass
 class AssistantConfig:
     """A Gemma 4 assistant: a small decoder whose layers read a target's KV (none of their own), fed the
@@ -364,13 +390,16 @@ class AssistantConfig:
 
     @classmethod
     def from_hf(cls, raw: Mapping[str, Any]) -> "AssistantConfig":
-        """From an assistant's config.json (model_type gemma4_assistant, its decoder in text_config)."""
-        if raw.get("model_type") != "gemma4_assistant":
-            raise ModelLoadError(f"model_type: {raw.get('model_type')!r} is not a Gemma 4 assistant (gemma4_assistant)")
+        """From an assistant's config.json (model_type gemma4_assistant or gemma4_unified_assistant, its
+        decoder in text_config)."""
+        model_type = raw.get("model_type")
+        if model_type not in ASSISTANT_TEXT_TYPES:
+            raise ModelLoadError(f"model_type: {model_type!r} is not a Gemma 4 assistant "
+                                 f"({' or '.join(ASSISTANT_TEXT_TYPES)})")
         text = raw.get("text_config")
         if not isinstance(text, Mapping):
-            raise ModelLoadError("text_config: missing in a gemma4_assistant config.json")
-        text = dict(text, model_type="gemma4_text")
+            raise ModelLoadError(f"text_config: missing in a {model_type} config.json")
+        text = dict(text, model_type=ASSISTANT_TEXT_TYPES[model_type])
         shared = text.pop("num_kv_shared_layers", None)
         if shared not in (None, 0, text.get("num_hidden_layers")):
             raise ModelLoadError(f"text_config.num_kv_shared_layers: an assistant shares every layer's KV (got {shared})")
@@ -425,6 +454,15 @@ class VisionConfig:
     use_clipped_linears: bool = False  # every linear clamps its input and output to stored bounds
     max_soft_tokens: int = 280  # the image processor's default budget per image
     video_max_soft_tokens: int = 70  # the video processor's default budget per frame
+
+    @property
+    def preprocess_patch_size(self) -> int:
+        """The patch side images.preprocess cuts (and preprocess_pooling: k, soft tokens = patches / k^2)."""
+        return self.patch_size
+
+    @property
+    def preprocess_pooling(self) -> int:
+        return self.pooling_kernel_size
 
     @classmethod
     def from_hf(cls, raw: Mapping[str, Any], text_hidden_size: int, processor: Mapping[str, Any] | None = None

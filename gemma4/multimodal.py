@@ -10,6 +10,8 @@
    begin-of-audio, one soft token per 4 valid log-mel frames, end-of-audio; then the text is tokenized.
 3. `encode(prompt, vision, audio=...)`: the towers turn each block's patches or frames into N embeddings,
    which replace the soft tokens' embeddings in the decoder (engine: Sequence.soft).
+   The unified model has no audio tower: each clip becomes begin-of-audio, one soft token per frame
+   of raw samples (`waveform_frames`), end-of-audio; its embedder projects the frames.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from .audio_io import Audio, decode_audio, decode_base64_audio, load_audio
+from .audio_io import SAMPLING_RATE, Audio, decode_audio, decode_base64_audio, load_audio, resample
 from .errors import AudioError
 from .images import Image, Patches, decode_image, from_pil, image_from_url, load_image, preprocess
 from .video import Video, load_video, timestamp_text
@@ -95,13 +97,37 @@ def audio_clip(audio: Audio, extractor) -> AudioClip:
     return AudioClip(torch.from_numpy(np.ascontiguousarray(f.values[f.mask])), f.soft_tokens, digest)
 
 
+@dataclass(frozen=True)
+class Frames:
+    """One clip as the unified model's waveform embedder takes it: its 16 kHz samples cut into frames of
+    `audio_samples_per_token` (the last zero-padded), one soft token each, as transformers'
+    Gemma4UnifiedAudioFeatureExtractor cuts them."""
+
+    frames: torch.Tensor  # [N, samples per token] float32
+    soft_tokens: int
+    digest: str
+
+
+def waveform_frames(audio: Audio, samples_per_token: int, sampling_rate: int) -> Frames:
+    if audio.sampling_rate != sampling_rate:
+        raise AudioError(f"audio: the model takes {sampling_rate} Hz audio, this clip is {audio.sampling_rate} Hz "
+                         f"(resample it first)")
+    n = -(-audio.samples.size // samples_per_token)
+    if n == 0:
+        raise AudioError("audio: the clip has no samples")
+    padded = np.zeros(n * samples_per_token, dtype=np.float32)
+    padded[:audio.samples.size] = audio.samples
+    return Frames(torch.from_numpy(padded.reshape(n, samples_per_token)), n, f"{audio.digest}/f{samples_per_token}")
+
+
 @dataclass
 class MultimodalPrompt:
-    """Token ids with soft-token runs, and the preprocessed image of each run (a video gives one per frame)."""
+    """Token ids with soft-token runs, and the preprocessed image of each run (a video gives one per frame;
+    an audio clip its log-mel AudioClip, or for the unified model its waveform Frames)."""
 
     ids: list[int]
     offsets: list[int] = field(default_factory=list)  # where each run starts in ids
-    patches: list[Patches | AudioClip] = field(default_factory=list)  # an image or frame's patches, or a clip
+    patches: list[Patches | AudioClip | Frames] = field(default_factory=list)  # an image's patches, a clip
 
     @property
     def digests(self) -> list[str]:
@@ -160,13 +186,18 @@ def _audio_of(part: Mapping[str, Any], local_files: bool) -> Audio:
     value = part.get("audio", part.get("path"))
     if isinstance(value, Audio):
         return value
+    if isinstance(value, np.ndarray):  # samples, at 16 kHz unless the part names its sampling_rate
+        if not np.isfinite(value).all():
+            raise AudioError("audio: the samples have NaN or infinite values")
+        rate = int(part.get("sampling_rate", SAMPLING_RATE))
+        return Audio.from_array(resample(np.asarray(value, dtype=np.float32).reshape(-1), rate, SAMPLING_RATE))
     if isinstance(value, (bytes, bytearray)):
         return decode_audio(bytes(value))
     if isinstance(value, (str, Path)):
         if not local_files or str(value).startswith("data:"):
             return decode_base64_audio(str(value), "audio")
         return load_audio(value)
-    raise AudioError("audio part: expected an audio file, bytes, base64 data, or Audio")
+    raise AudioError("audio part: expected an audio file, bytes, base64 data, samples, or Audio")
 
 
 def collect_media(messages: list, local_files: bool = True) -> tuple[list, list[Image | Video | Audio]]:
@@ -219,9 +250,10 @@ def part_kinds(messages: list) -> set[str]:
 
 def expand(text: str, media: list[Image | Video | Audio], tokens: MediaTokens, tokenizer, *, patch_size: int = 0,
            pooling_kernel_size: int = 0, image_soft_tokens: int = 0, video_soft_tokens: int = 0,
-           audio_extractor=None, audio_seq_length: int = 750) -> MultimodalPrompt:
+           audio_extractor=None, audio_seq_length: int = 750, audio_frames=None) -> MultimodalPrompt:
     """Tokenize `text`, its media placeholders expanded as the reference processor expands them.
-    `audio_extractor` (audio_features.FeatureExtractor): the model's, where it takes audio."""
+    `audio_extractor` (audio_features.FeatureExtractor): the model's, where it takes audio through a tower;
+    `audio_frames(Audio) -> Frames`: the unified model's cut of a clip into waveform frames."""
     marks = [tokens.image, tokens.video] + ([tokens.audio] if tokens.audio else [])
     pieces = re.split("(" + "|".join(re.escape(m) for m in marks) + ")", text)
     placeholders = pieces[1::2]
@@ -229,15 +261,16 @@ def expand(text: str, media: list[Image | Video | Audio], tokens: MediaTokens, t
         raise ValueError(f"the prompt has {len(placeholders)} image/video/audio placeholders for {len(media)} "
                          f"images, videos and audio clips")
     expanded = [pieces[0]]
-    patches: list[Patches | AudioClip] = []
+    patches: list[Patches | AudioClip | Frames] = []
     for placeholder, item, after in zip(placeholders, media, pieces[2::2]):
         if placeholder == tokens.audio:
             if not isinstance(item, Audio):
                 raise ValueError("an image or video was given where the prompt has an audio placeholder")
-            if audio_extractor is None or tokens.boa is None or tokens.eoa is None:
+            takes = audio_extractor is not None or audio_frames is not None
+            if not takes or tokens.boa is None or tokens.eoa is None:
                 raise ValueError("this model takes no audio (no audio tower, or no audio tokens in its vocabulary)")
-            clip = audio_clip(item, audio_extractor)
-            if clip.soft_tokens > audio_seq_length:
+            clip = audio_frames(item) if audio_frames is not None else audio_clip(item, audio_extractor)
+            if audio_frames is None and clip.soft_tokens > audio_seq_length:
                 raise AudioError(f"audio: {clip.soft_tokens} soft tokens, more than the {audio_seq_length} a clip "
                                  f"may take")
             patches.append(clip)
@@ -284,16 +317,23 @@ def encode(prompt: MultimodalPrompt, vision, cache: dict | None = None, cache_si
     """(offset, [n, text hidden] embeddings) per soft-token run, through the vision tower (images, frames)
     or the audio tower (clips). Media repeated in the prompt are encoded once; `cache` (digest ->
     embeddings, the newest `cache_size` kept) carries them across prompts, so a conversation's earlier
-    media are not encoded again each turn."""
+    media are not encoded again each turn. `vision` and `audio`: the encoders, or callables
+    returning them (called only when a run needs one)."""
     done: dict[str, torch.Tensor] = {} if cache is None else cache
     out = []
     for offset, p in zip(prompt.offsets, prompt.patches):
         if p.digest in done:
             done[p.digest] = done.pop(p.digest)  # the newest again
         else:
-            done[p.digest] = (audio.encode(p.features) if isinstance(p, AudioClip)
-                              else vision.encode(p.pixel_values, p.positions))
+            done[p.digest] = (_encoder(audio).encode(p.frames) if isinstance(p, Frames)
+                              else _encoder(audio).encode(p.features) if isinstance(p, AudioClip)
+                              else _encoder(vision).encode(p.pixel_values, p.positions))
             while cache is not None and len(done) > cache_size:
                 done.pop(next(iter(done)))
         out.append((offset, done[p.digest]))
     return out
+
+
+def _encoder(given):
+    """An encoder, or the function that builds it (a tower is built only when a run needs it)."""
+    return given if hasattr(given, "encode") else given()

@@ -1,4 +1,5 @@
-"""Gemma 4 assistant checkpoints: an HF folder (config.json model_type gemma4_assistant + safetensors) or
+"""Gemma 4 assistant checkpoints: an HF folder (config.json model_type gemma4_assistant or
+gemma4_unified_assistant + safetensors) or
 a GGUF file (llama.cpp arch gemma4-assistant) -> AssistantConfig + named tensors.
 
 GGUF metadata has no field for the masked head's top-k; this project writes
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import AssistantConfig
+from ..config import ASSISTANT_TEXT_TYPES, AssistantConfig
 from ..errors import ModelLoadError
 from . import GGUF_MAGIC, names
 from .gguf import ROPE_FREQS, GGUFCheckpoint
@@ -49,7 +50,7 @@ def is_assistant(path: str | Path) -> bool:
         path = path.parent
     try:
         if path.is_dir():
-            return json.loads((path / "config.json").read_text()).get("model_type") == "gemma4_assistant"
+            return json.loads((path / "config.json").read_text()).get("model_type") in ASSISTANT_TEXT_TYPES
         if path.is_file():
             with open(path, "rb") as f:
                 if f.read(4) != GGUF_MAGIC:

@@ -201,3 +201,24 @@ def audio_to_hf(ours: str) -> str | None:
 
 def audio_from_gguf(gguf_name: str) -> str | None:
     return _translate(gguf_name, _A_GGUF)
+
+
+# ---- the unified model's (gemma4_unified) encoder-free embedders -----------------------------------
+# (our name in model/unified.py, HF name in a Gemma4UnifiedForConditionalGeneration checkpoint). llama.cpp
+# writes them into mmproj files of its own projector types (gemma4uv, gemma4ua), not read here.
+# The HF names are those of the published checkpoints (transformers renames them on load:
+# conversion_mapping.py "gemma4_unified"; its save_pretrained writes these back).
+UNIFIED_VISION_TENSORS: list[tuple[str, str]] = [
+    *[(f"{ln}.{p}", f"model.vision_embedder.{ln}.{p}") for ln in ("patch_ln1", "patch_ln2", "pos_norm", "patch_dense")
+      for p in ("weight", "bias")],
+    ("pos_embedding", "model.vision_embedder.pos_embedding"),
+    ("embedder.embedding_projection.weight", "model.embed_vision.embedding_projection.weight"),
+]
+WAVEFORM_AUDIO_TENSORS: list[tuple[str, str]] = [
+    ("embedder.embedding_projection.weight", "model.embed_audio.embedding_projection.weight"),
+]
+
+
+def unified_from_hf(hf_name: str, table: list[tuple[str, str]]) -> str | None:
+    """Our name of an HF tensor of one of the unified embedder tables above, or None."""
+    return next((ours for ours, hf in table if hf == hf_name), None)

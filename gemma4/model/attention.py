@@ -41,14 +41,18 @@ def attention_mask(qpos: torch.Tensor, kpos: torch.Tensor, window: int | None,
     """[B, T, S] booleans (True: attend) from absolute positions.
 
     A query at p sees keys p-window+1 .. p on sliding layers, 0 .. p on full ones. `sees_until` [B, T]
-    moves the upper bound past p (an image's soft tokens see the whole image). Slots at -1 are
-    empty; padding queries (-1) see nothing (their outputs are zeros, never used).
+    moves the upper bound past p (an image's soft tokens see the whole image). As [B, T, 2] (from,
+    until), it also lets the query see keys from..until whatever the window (the unified model: an
+    image's tokens see one another across a window). Slots at -1 are empty; padding queries (-1) see
+    nothing (their outputs are zeros, never used).
     """
     q = qpos[:, :, None]
     k = kpos[:, None, :]
-    allowed = (k >= 0) & (k <= (q if sees_until is None else sees_until[:, :, None]))
+    span = sees_until is not None and sees_until.dim() == 3
+    until = q if sees_until is None else (sees_until[..., 1] if span else sees_until)[:, :, None]
+    allowed = (k >= 0) & (k <= until)
     if window is not None:
-        allowed &= k > q - window
+        allowed &= (k > q - window) | (k >= sees_until[..., 0][:, :, None]) if span else k > q - window
     return allowed
 
 
@@ -86,7 +90,8 @@ def attend(q: torch.Tensor, pieces, qpos: torch.Tensor, window: int | None, sees
     """
     b, h, t, d = q.shape
     qf = q.float()
-    whole = pieces.paged() if hasattr(pieces, "paged") else None
+    native = sees_until is None or sees_until.dim() == 2  # the kernel takes no (from, until) spans
+    whole = pieces.paged() if hasattr(pieces, "paged") and native else None
     if whole is not None:  # a paged pool read in place by the native kernel (decode), no gathering
         k, v, blocks, kpos = whole
         if (k is not None or rebuild_of is not None) and small_attention(qf, v):
@@ -101,7 +106,7 @@ def attend(q: torch.Tensor, pieces, qpos: torch.Tensor, window: int | None, sees
         first = (keys_of(first[1], first[2]), first[1].float(), first[2])  # K=V: rebuild this piece's keys
     if second is None and first[0] is not None:  # the whole context in one piece, keys stored
         k, v, kpos = first
-        out = attend_small(qf, k, v, qpos, kpos, window, sees_until, scale)
+        out = attend_small(qf, k, v, qpos, kpos, window, sees_until, scale) if native else None
         if out is not None:
             return out
         allowed = attention_mask(qpos, kpos, window, sees_until)
@@ -112,8 +117,16 @@ def attend(q: torch.Tensor, pieces, qpos: torch.Tensor, window: int | None, sees
             causal = _is_causal(allowed)
             return F.scaled_dot_product_attention(qf, k.float(), v.float(), attn_mask=None if causal else allowed[:, None],
                                                   is_causal=causal, scale=scale, enable_gqa=k.shape[1] != h)
+    return _attend_torch(qf, itertools.chain([first], [] if second is None else [second], pieces), qpos, window,
+                         sees_until, scale, scores_of)
+
+
+def _attend_torch(qf: torch.Tensor, pieces, qpos: torch.Tensor, window: int | None, sees_until: torch.Tensor | None,
+                  scale: float, scores_of) -> torch.Tensor:
+    """attend's running softmax over the pieces, in torch."""
+    b, h, t, d = qf.shape
     m = l = acc = None
-    for k, v, kpos in itertools.chain([first], [] if second is None else [second], pieces):
+    for k, v, kpos in pieces:
         kv = v.shape[1]
         g = h // kv
         vf = v.float()

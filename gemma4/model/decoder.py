@@ -115,21 +115,22 @@ class Decoder(nn.Module):
 
         embeds [B, T, hidden] replace the token embeddings where embeds_mask [B, T] is set: image soft
         tokens, already in the model's space (not scaled). With use_bidirectional_attention "vision",
-        each run of them attends to itself both ways on sliding layers; a call must hold whole runs.
+        each run of image or video soft tokens attends to itself both ways on sliding layers (audio runs
+        stay causal); a call must hold whole runs.
         """
         config = self.config
-        sees_until = None
+        sees = [None] * len(self.layers)  # per layer: how far a query sees (attention_mask's sees_until)
         if embeds_mask is not None:
-            both_ways = embeds_mask  # image runs; audio runs attend causally, as the reference's mask says
-            if config.audio_token_id is not None:
-                both_ways = embeds_mask & (ids != config.audio_token_id)
+            if config.use_bidirectional_attention == "vision":
+                both_ways = embeds_mask  # image runs; audio runs attend causally, as the reference's mask says
+                if config.audio_token_id is not None:
+                    both_ways = embeds_mask & (ids != config.audio_token_id)
+                sees = self._vision_sees(positions, both_ways)
             ids = ids.masked_fill(embeds_mask, config.pad_token_id or 0)  # soft tokens take the pad token's rows
         # The scale is rounded to the weight dtype first, as the reference does.
         h = self.embed_tokens(ids) * torch.tensor(config.embed_scale, dtype=self.dtype)
         if embeds_mask is not None:
             h = torch.where(embeds_mask[..., None], embeds.to(h.dtype), h)
-            if config.use_bidirectional_attention == "vision":
-                sees_until = run_ends(positions, both_ways)
         per_layer = self.per_layer_inputs(ids, h) if config.hidden_size_per_layer_input else None
         kvs = list(cache.layers)
         for i, layer in enumerate(self.layers):
@@ -139,9 +140,18 @@ class Decoder(nn.Module):
                 kv = kvs[source]
             elif config.num_kv_shared_layers:
                 kv = kvs[i] = _Remembered(kv)
-            h = layer(h, positions, kv, sees_until if config.is_sliding(i) else None,
+            h = layer(h, positions, kv, sees[i],
                       None if per_layer is None else per_layer[:, :, i])
         return self.norm(h)
+
+    def _vision_sees(self, positions: torch.Tensor, runs: torch.Tensor) -> list:
+        """Gemma 4: a run's tokens see to its end on sliding layers (the window still applies); the unified
+        model: they see the whole run on every layer, across the window ((from, until) on sliding layers)."""
+        starts, ends = run_bounds(positions, runs)
+        if self.config.bidirectional_vision_layers == "all":
+            span = torch.stack([starts, ends], dim=-1)
+            return [span if self.config.is_sliding(i) else ends for i in range(len(self.layers))]
+        return [ends if self.config.is_sliding(i) else None for i in range(len(self.layers))]
 
     def per_layer_inputs(self, ids: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """[B, T, layers, hidden_size_per_layer_input]: each layer's slice of the token's row of the
@@ -179,11 +189,15 @@ class _Remembered:
         return self.pieces
 
 
-def run_ends(positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[B, T]: for a position inside a run of set mask entries, the position of the run's last entry;
-    elsewhere the position itself."""
+def run_bounds(positions: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """([B, T], [B, T]): for a position inside a run of set mask entries, the positions of the run's first
+    and last entries; elsewhere the position itself, twice."""
     t = mask.shape[1]
     index = torch.arange(t, device=mask.device).expand_as(mask)
-    is_last = mask & ~torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], dim=1)
+    none = torch.zeros_like(mask[:, :1])
+    is_last = mask & ~torch.cat([mask[:, 1:], none], dim=1)
+    is_first = mask & ~torch.cat([none, mask[:, :-1]], dim=1)
     nearest_last = torch.where(is_last, index, t).flip(1).cummin(1).values.flip(1)
-    return positions.gather(1, torch.where(mask, nearest_last, index))
+    nearest_first = torch.where(is_first, index, -1).cummax(1).values
+    return (positions.gather(1, torch.where(mask, nearest_first, index)),
+            positions.gather(1, torch.where(mask, nearest_last, index)))

@@ -271,7 +271,7 @@ def test_native_fused_layers_carry_the_per_layer_inputs(tmp_path):
     assert [plan[1] is None for plan in plans] == [decoder.config.kv_shared(i) for i in range(7)]
 
 
-def test_image_soft_tokens_in_an_e_model(tmp_path):
+def test_image_soft_tokens_in_an_e_model(tmp_path, float_products):
     """Images in a PLE model (the audio worker's soft tokens go the same way): the soft positions take the pad
     token's row of the per-layer table, and their embeddings feed the per-layer projection, as the reference
     (Gemma4ForConditionalGeneration) combines them."""

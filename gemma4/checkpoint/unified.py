@@ -1,0 +1,88 @@
+"""The unified model's (gemma4_unified) image and audio embedders inside its HF folder: config.json's
+vision_config / audio_config and the model.embed_vision.* / model.embed_audio.* tensors, under our names
+(names.UNIFIED_VISION_TENSORS, names.WAVEFORM_AUDIO_TENSORS)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..config_unified import UnifiedVisionConfig, WaveformAudioConfig
+from ..errors import ModelLoadError
+from . import names
+
+
+class _EmbedderCheckpoint:
+    what = ""
+
+    def __init__(self, text_checkpoint, config, table: list[tuple[str, str]]):
+        from safetensors import safe_open
+
+        self.config = config
+        self._where: dict[str, tuple[Path, str]] = {}
+        for path in text_checkpoint.files:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    ours = names.unified_from_hf(key, table)
+                    if ours is not None:
+                        self._where.setdefault(ours, (path, key))
+        if not self._where:
+            raise ModelLoadError(f"{text_checkpoint.folder}: config.json describes the {self.what}, but the "
+                                 f"checkpoint has none of its tensors ({table[0][1]}, ...)")
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        from safetensors import safe_open
+
+        path, key = self._where[name]
+        with safe_open(str(path), framework="pt") as f:
+            return tuple(f.get_slice(key).get_shape())
+
+    def tensor(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        path, key = self._where[name]
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor(key)
+
+
+class UnifiedVisionCheckpoint(_EmbedderCheckpoint):
+    what = "unified vision embedder"
+
+    def __init__(self, text_checkpoint):
+        processor = _read_json(text_checkpoint.folder / "processor_config.json")
+        config = UnifiedVisionConfig.from_hf(text_checkpoint.raw_config["vision_config"],
+                                             text_checkpoint.config.hidden_size, processor)
+        super().__init__(text_checkpoint, config, names.UNIFIED_VISION_TENSORS)
+
+
+class WaveformAudioCheckpoint(_EmbedderCheckpoint):
+    what = "waveform audio embedder"
+
+    def __init__(self, text_checkpoint):
+        config = WaveformAudioConfig.from_hf(text_checkpoint.raw_config["audio_config"],
+                                             text_checkpoint.config.hidden_size)
+        super().__init__(text_checkpoint, config, names.WAVEFORM_AUDIO_TENSORS)
+
+
+def unified_media(text_checkpoint) -> tuple[UnifiedVisionCheckpoint | None, WaveformAudioCheckpoint | None]:
+    """The embedders a gemma4_unified folder declares (None for one its config.json leaves out)."""
+    raw = getattr(text_checkpoint, "raw_config", None) or {}
+    if raw.get("model_type") != "gemma4_unified" or not hasattr(text_checkpoint, "files"):
+        return None, None
+    vision = UnifiedVisionCheckpoint(text_checkpoint) if isinstance(raw.get("vision_config"), dict) else None
+    audio = WaveformAudioCheckpoint(text_checkpoint) if isinstance(raw.get("audio_config"), dict) else None
+    return vision, audio
+
+
+def _read_json(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{path}: not valid JSON ({e})") from None
