@@ -606,7 +606,10 @@ def cmd_info(args) -> int:
         print(f"store          {found.source}: {found.explicit}")
     if found.mmproj is not None:
         print(f"projector      {found.mmproj}")
-    print(f"architecture   {cfg.model_type or cfg.architecture}, {cfg.num_hidden_layers} layers ({cfg.num_hidden_layers - n_full} "
+    kind = cfg.model_type
+    label = cfg.architecture if not kind or kind in (cfg.architecture, f"{cfg.architecture}_text") else \
+        f"{cfg.architecture} ({kind})"
+    print(f"architecture   {label}, {cfg.num_hidden_layers} layers ({cfg.num_hidden_layers - n_full} "
           f"sliding, window {cfg.sliding_window}; {n_full} full), hidden {cfg.hidden_size}, "
           f"{cfg.num_attention_heads} heads")
     _describe_unified(ckpt)

@@ -92,6 +92,8 @@ def find(spec: str | None = None, pull: bool = False, note: Callable[[str], None
     if path.exists():
         return StoredModel(path.stem if path.suffix == ".gguf" else path.name, path,
                            "hf" if path.is_dir() else "gguf", 0, "path")
+    if spec.startswith(("/", "./", "../", "~")):  # written as a path: no store holds it under that name
+        raise ModelLoadError(f"{path}: no such file or folder")
     scheme = next((s for s in _EXPLICIT if spec.startswith(s)), None)
     if scheme is not None:
         found = _one(spec, _EXPLICIT[scheme](spec[len(scheme):]))

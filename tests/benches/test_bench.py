@@ -99,9 +99,9 @@ def test_runner_smoke(tiny, tmp_path):
     assert 0 < c.weights["active_bytes"] < c.weights["total_bytes"]
 
 
-def test_vision_bench_tower_round_trips_through_mmproj(tmp_path):
+def test_vision_bench_tower_round_trips_through_mmproj(tmp_path, float_products):
     """bench/vision.py's random tower has every tensor the tower needs, and the mmproj it writes (the file
-    both engines read) gives them back."""
+    both engines read) gives them back (float32 as written: the float32 mode keeps the tower's own dtype)."""
     import vision
     from gemma4.checkpoint.vision import MmprojCheckpoint, write_mmproj
     from gemma4.config import VisionConfig

@@ -35,7 +35,7 @@ def test_run_chat_mode_uses_the_turn_format(tiny_gguf):
     (["run"], "no prompt"),
     (["run", "   "], "empty"),
     (["run", "--top-p", "0", "x"], "top_p"),
-    (["run", "-m", "/no/such/model", "x"], "not found"),
+    (["run", "-m", "/no/such/model", "x"], "no such file or folder"),
     (["run", "-n", "0", "x"], "max_tokens"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, words):

@@ -178,7 +178,7 @@ def test_info_describes_it(unified, capsys):
     image_params = sum(p.numel() for p in ref.model.embed_vision.parameters())
     audio_params = sum(p.numel() for p in ref.model.embed_audio.parameters())
     assert model.config.parameter_counts() == (text_params, text_params)  # dense: all active
-    assert "gemma4_unified, 6 layers (5 sliding, window 7; 1 full), hidden 44" in out
+    assert "(gemma4_unified), 6 layers (5 sliding, window 7; 1 full), hidden 44" in out
     assert f"12x12 px patches -> 24 -> text, one soft token each (70 per image by default); " \
            f"{cli._count(image_params)} parameters" in out
     assert f"raw waveform: 16 samples (1 ms at 16000 Hz) per soft token; {cli._count(audio_params)} parameters" in out
