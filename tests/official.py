@@ -1,6 +1,7 @@
-"""The real Gemma 4 vocabulary and the official Gemma 4 chat template, for the tests of the chat format.
+"""The real Gemma 4 vocabulary and the official Gemma 4 chat template, for the tests of the chat format, and
+llama.cpp's HF-to-GGUF converter, which writes the mmproj files the audio tests read.
 
-Both ship in the llama-cpp-python sdist on PyPI (llama.cpp vendors them under models/). They are fetched
+All ship in the llama-cpp-python sdist on PyPI (llama.cpp vendors them). They are fetched
 once with pip, the few files taken out of the tarball into $GEMMA4_TEST_CACHE (default
 ~/.cache/gemma4-test), and never committed. `python tests/official.py` fetches them (the Makefile's test
 target runs it); tests get them through the conftest fixtures, which skip with the reason when the fetch
@@ -17,7 +18,8 @@ import tempfile
 from pathlib import Path
 
 VERSION = "0.3.36"
-_MODELS = f"llama_cpp_python-{VERSION}/vendor/llama.cpp/models/"
+_LLAMA = f"llama_cpp_python-{VERSION}/vendor/llama.cpp/"
+_MODELS = _LLAMA + "models/"
 # cache name -> path inside the sdist
 FILES = {
     "gemma4-vocab.gguf": _MODELS + "ggml-vocab-gemma-4.gguf",
@@ -25,6 +27,11 @@ FILES = {
     "gemma4-vocab.out": _MODELS + "ggml-vocab-gemma-4.gguf.out",  # and the ids llama.cpp gives them
     "gemma4-31b-it.jinja": _MODELS + "templates/google-gemma-4-31B-it.jinja",
 }
+
+
+# llama.cpp's converter (convert_hf_to_gguf.py with its conversion/ package and gguf-py/), kept as a tree
+CONVERTER = "llama.cpp"
+_CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
 
 
 class Unavailable(RuntimeError):
@@ -35,9 +42,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("GEMMA4_TEST_CACHE") or Path.home() / ".cache" / "gemma4-test") / f"llama-cpp-{VERSION}"
 
 
+def converter_dir() -> Path:
+    """The cached llama.cpp tree holding convert_hf_to_gguf.py (after ensure())."""
+    return cache_dir() / CONVERTER
+
+
 def _cached() -> dict[str, Path] | None:
     paths = {name: cache_dir() / name for name in FILES}
-    return paths if all(p.is_file() for p in paths.values()) else None
+    ready = all(p.is_file() for p in paths.values()) and (converter_dir() / "convert_hf_to_gguf.py").is_file()
+    return paths if ready else None
 
 
 def ensure() -> dict[str, Path]:
@@ -63,6 +76,19 @@ def ensure() -> dict[str, Path]:
                 partial = Path(tmp) / name
                 partial.write_bytes(source.read())
                 partial.replace(folder / name)  # atomic: a reader sees the whole file or none
+            tree = Path(tmp) / CONVERTER
+            for member in tar.getmembers():
+                inside = member.name[len(_LLAMA):] if member.name.startswith(_LLAMA) else None
+                if inside and (member.isfile() or member.isdir()) and inside.startswith(_CONVERTER_PARTS):
+                    member.name = inside
+                    tar.extract(member, tree, filter="data")
+            if not (tree / "convert_hf_to_gguf.py").is_file():
+                raise Unavailable(f"llama-cpp-python {VERSION} sdist: no convert_hf_to_gguf.py")
+            if converter_dir().exists():
+                import shutil
+
+                shutil.rmtree(converter_dir())
+            tree.replace(converter_dir())
     paths = _cached()
     assert paths is not None
     return paths

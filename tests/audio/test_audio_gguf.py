@@ -18,14 +18,15 @@ from gemma4.checkpoint.audio import HFAudioCheckpoint, MmprojAudioCheckpoint
 from gemma4.checkpoint.gguf_writer import write_gguf
 from gemma4.errors import ModelLoadError
 from gemma4.model.audio import load_audio_tower
+import official
 from reference import tiny_vocab_metadata
 from vision_reference import MEDIA_TOKENS, TOKEN_IDS
 
-_SOURCES = [os.environ.get("LLAMA_CPP_DIR", ""), "/work/llsrc/llama_cpp_python-0.3.36/vendor/llama.cpp",
-            str(Path.home() / ".cache/gemma4-bench/llama-server-src/llama_cpp_python-0.3.36/vendor/llama.cpp")]
+# LLAMA_CPP_DIR, else the converter make test's preparation (tests/official.py) keeps from the llama-cpp-python sdist
+_SOURCES = [os.environ.get("LLAMA_CPP_DIR", ""), str(official.converter_dir())]
 LLAMA_CPP = next((Path(p) for p in _SOURCES if p and (Path(p) / "convert_hf_to_gguf.py").is_file()), None)
-pytestmark = pytest.mark.skipif(LLAMA_CPP is None, reason="llama.cpp source not found (set LLAMA_CPP_DIR to a "
-                                "llama.cpp tree with convert_hf_to_gguf.py)")
+pytestmark = pytest.mark.skipif(LLAMA_CPP is None, reason="llama.cpp's converter not found (make official fetches it; "
+                                "or set LLAMA_CPP_DIR to a llama.cpp tree with convert_hf_to_gguf.py)")
 
 
 def audio_vocab_metadata() -> dict:
