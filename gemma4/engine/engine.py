@@ -115,6 +115,13 @@ class Engine:
         self._thread.start()
         return self
 
+    def run_here(self) -> None:
+        """The step loop on the calling thread until stop() (from another thread). The server steps on the thread
+        that loaded the model: with OpenMP (libgomp) on few CPUs, a second thread's parallel regions run markedly
+        slower while the loading thread's team lives (its workers are woken instead of spinning)."""
+        self._thread = None
+        self._loop()
+
     def stop(self) -> None:
         with self.scheduler.lock:
             self._stop = True

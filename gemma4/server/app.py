@@ -44,12 +44,14 @@ def create_app(model, *, model_name: str, api_key: str | None = None, max_batch:
 
         # The grammar engine's view of the vocabulary takes a second or two to build: not on a request.
         await run_in_threadpool(vocabulary_of, model.tokenizer)
-        engine.start()
+        if app.state.engine_thread:  # else serve() steps the engine on its own thread (Engine.run_here)
+            engine.start()
         yield
         engine.stop()
 
     app = FastAPI(title="gemma4", lifespan=lifespan)
     app.state.engine = engine
+    app.state.engine_thread = True
     app.state.metrics = metrics
 
     # ---- errors: Anthropic's shape under /v1/messages, OpenAI's everywhere else ------------

@@ -9,11 +9,12 @@ sys.path.insert(0, str(BENCH))
 
 import soak  # noqa: E402
 
-# A refused over-context request carries a ~200 KB body; one kept per request would pass this after 40
-# of them, which is what a flood of FLOOD requests sends (the four refused kinds take turns). The first
-# flood warms the allocator and the tokenizer (measured: +40 MiB once, then 0-6 MiB per flood).
-FLOOD_GROWTH = 8 * 2**20
-FLOOD = 160
+# A refused over-context request carries a ~200 KB body; one kept per request would grow the server by
+# ~15.6 MiB over the 80 of them a flood of FLOOD requests sends (the four refused kinds take turns). The first
+# flood warms the allocator and the tokenizer (measured: +40 MiB once, then 0-9 MiB per later flood of 160,
+# the allocator's own noise), so 12 MiB sits between the noise and one leaked body per request.
+FLOOD_GROWTH = 12 * 2**20
+FLOOD = 320
 
 
 def test_soak_probes_unchanged_no_5xx_no_hang_no_growth():
