@@ -18,6 +18,7 @@ from ..audio_features import FeatureConfig
 from ..config import AudioConfig
 from ..errors import ModelLoadError
 from . import names
+from .hf_parts import HFPart
 
 MMPROJ_ARCH = "clip"
 PROJECTOR = "gemma4a"
@@ -25,12 +26,10 @@ _SCALARS = ("input_min", "input_max", "output_min", "output_max")  # clipping bo
 DEPTHWISE = "lconv1d.depthwise_conv1d.weight"
 
 
-class HFAudioCheckpoint:
+class HFAudioCheckpoint(HFPart):
     """The audio tower inside an HF folder (a SafetensorsCheckpoint of a multimodal model)."""
 
     def __init__(self, text_checkpoint):
-        from safetensors import safe_open
-
         from .vision import _read_json
 
         raw = text_checkpoint.raw_config
@@ -50,35 +49,14 @@ class HFAudioCheckpoint:
         if self.features.feature_size != self.config.feature_size:
             raise ModelLoadError(f"feature_extractor.feature_size: {self.features.feature_size} mel bins, but the "
                                  f"audio tower takes {self.config.feature_size}")
-        self._where: dict[str, tuple[Path, str]] = {}
-        for path in text_checkpoint.files:
-            with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
-                    ours = names.audio_from_hf(key)
-                    if ours is not None:
-                        self._where.setdefault(ours, (path, key))
-                    elif key.startswith((names.HF_AUDIO_PREFIX, names.HF_AUDIO_EMBEDDER_PREFIX)):
-                        raise ModelLoadError(f"{key}: audio tensor not known")
-        if not self._where:
+        super().__init__(text_checkpoint.files, names.audio_from_hf,
+                         lambda key: key.startswith((names.HF_AUDIO_PREFIX, names.HF_AUDIO_EMBEDDER_PREFIX)), "audio")
+        if not self.names():
             raise ModelLoadError(f"{text_checkpoint.folder}: audio_config is set but the checkpoint has no audio "
                                  f"tower tensors ({names.HF_AUDIO_PREFIX}*)")
 
-    def names(self) -> list[str]:
-        return list(self._where)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        from safetensors import safe_open
-
-        path, key = self._where[name]
-        with safe_open(str(path), framework="pt") as f:
-            return tuple(f.get_slice(key).get_shape())
-
     def tensor(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        path, key = self._where[name]
-        with safe_open(str(path), framework="pt") as f:
-            t = f.get_tensor(key)
+        t = super().tensor(name)
         if name.endswith(names.AUDIO_SOFTPLUS_FROM_HF):
             t = F.softplus(t.float())
         return t

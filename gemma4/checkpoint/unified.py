@@ -7,47 +7,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from ..config_unified import UnifiedVisionConfig, WaveformAudioConfig
 from ..errors import ModelLoadError
 from . import names
+from .hf_parts import HFPart
 
 
-class _EmbedderCheckpoint:
+class _EmbedderCheckpoint(HFPart):
     what = ""
 
     def __init__(self, text_checkpoint, config, table: list[tuple[str, str]]):
-        from safetensors import safe_open
-
         self.config = config
-        self._where: dict[str, tuple[Path, str]] = {}
-        for path in text_checkpoint.files:
-            with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
-                    ours = names.unified_from_hf(key, table)
-                    if ours is not None:
-                        self._where.setdefault(ours, (path, key))
-        if not self._where:
+        super().__init__(text_checkpoint.files, lambda key: names.unified_from_hf(key, table))
+        if not self.names():
             raise ModelLoadError(f"{text_checkpoint.folder}: config.json describes the {self.what}, but the "
                                  f"checkpoint has none of its tensors ({table[0][1]}, ...)")
-
-    def names(self) -> list[str]:
-        return list(self._where)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        from safetensors import safe_open
-
-        path, key = self._where[name]
-        with safe_open(str(path), framework="pt") as f:
-            return tuple(f.get_slice(key).get_shape())
-
-    def tensor(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        path, key = self._where[name]
-        with safe_open(str(path), framework="pt") as f:
-            return f.get_tensor(key)
 
 
 class UnifiedVisionCheckpoint(_EmbedderCheckpoint):

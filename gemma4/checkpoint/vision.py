@@ -18,6 +18,7 @@ import torch
 from ..config import VisionConfig
 from ..errors import ModelLoadError
 from . import names
+from .hf_parts import HFPart
 
 PATCH_EMBD = "patch_embedder.input_proj.weight"
 MMPROJ_ARCH = "clip"
@@ -36,45 +37,20 @@ def _linear_to_conv(w: torch.Tensor, patch: int) -> torch.Tensor:
     return w.reshape(w.shape[0], patch, patch, 3).permute(0, 3, 1, 2).contiguous()
 
 
-class HFVisionCheckpoint:
+class HFVisionCheckpoint(HFPart):
     """The vision tower inside an HF folder (a SafetensorsCheckpoint of a multimodal model)."""
 
     def __init__(self, text_checkpoint):
-        from safetensors import safe_open
-
         raw = text_checkpoint.raw_config
         vision = raw.get("vision_config")
         if not isinstance(vision, dict):
             raise ModelLoadError(f"{text_checkpoint.folder}: config.json has no vision_config (a text-only model)")
         processor = _read_json(text_checkpoint.folder / "processor_config.json")
         self.config = VisionConfig.from_hf(vision, text_checkpoint.config.hidden_size, processor)
-        self._where: dict[str, tuple[Path, str]] = {}
-        for path in text_checkpoint.files:
-            with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
-                    ours = names.vision_from_hf(key)
-                    if ours is not None:
-                        self._where.setdefault(ours, (path, key))
-        if not self._where:
+        super().__init__(text_checkpoint.files, names.vision_from_hf)
+        if not self.names():
             raise ModelLoadError(f"{text_checkpoint.folder}: vision_config is set but the checkpoint has no "
                                  f"vision tower tensors ({names.HF_VISION_PREFIX}*)")
-
-    def names(self) -> list[str]:
-        return list(self._where)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        from safetensors import safe_open
-
-        path, key = self._where[name]
-        with safe_open(str(path), framework="pt") as f:
-            return tuple(f.get_slice(key).get_shape())
-
-    def tensor(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        path, key = self._where[name]
-        with safe_open(str(path), framework="pt") as f:
-            return f.get_tensor(key)
 
 
 class MmprojCheckpoint:

@@ -1,0 +1,46 @@
+"""A part of an HF checkpoint folder (a vision tower, an audio tower, an embedder) read as a checkpoint of its own:
+its tensors found under our names across the folder's safetensors files, read on demand."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..errors import ModelLoadError
+
+
+class HFPart:
+    def __init__(self, files: list[Path], ours: Callable[[str], str | None],
+                 unknown: Callable[[str], bool] | None = None, kind: str = ""):
+        """ours(key): our name of an HF tensor key, None where the key is not this part's; unknown(key): a key
+        that belongs to the part by its prefix but has no name here (refused: "<key>: <kind> tensor not known")."""
+        from safetensors import safe_open
+
+        self._where: dict[str, tuple[Path, str]] = {}
+        for path in files:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    name = ours(key)
+                    if name is not None:
+                        self._where.setdefault(name, (path, key))
+                    elif unknown is not None and unknown(key):
+                        raise ModelLoadError(f"{key}: {kind + ' ' if kind else ''}tensor not known")
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        from safetensors import safe_open
+
+        path, key = self._where[name]
+        with safe_open(str(path), framework="pt") as f:
+            return tuple(f.get_slice(key).get_shape())
+
+    def tensor(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        path, key = self._where[name]
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor(key)
