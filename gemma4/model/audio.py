@@ -27,7 +27,7 @@ from torch.nn import functional as F
 
 from ..config import AudioConfig
 from .layers import RMSNorm
-from .vision import CLIP_BOUNDS, ClippableLinear
+from .vision import CLIP_BOUNDS, ClippableLinear, clip_refusal
 
 NORM_EPS = 1e-6  # the conformer's own norms take the reference's default eps, not the config's
 
@@ -234,29 +234,17 @@ class AudioModel(nn.Module):
 
 def load_audio_tower(checkpoint, dtype: torch.dtype, device: torch.device) -> AudioModel:
     """Build the tower from an audio checkpoint reader (checkpoint/audio.py), checking every name and shape."""
-    from ..errors import ModelLoadError
+    from .towers import load_checked
 
     config = checkpoint.config
     with torch.device("meta"):
         model = AudioModel(config)
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    available = set(checkpoint.names())
-    for name in sorted(available - set(expected)):
-        if name.endswith(CLIP_BOUNDS) and not config.use_clipped_linears:
-            raise ModelLoadError(f"{name}: clipping bounds in the checkpoint, but use_clipped_linears is off")
-        raise ModelLoadError(f"{name}: unexpected audio tensor in checkpoint")
-    state = {}
-    for name, shape in expected.items():
-        if name not in available:
-            raise ModelLoadError(f"{name}: missing from the audio checkpoint")
-        got = tuple(checkpoint.shape(name))
-        if got != shape:
-            raise ModelLoadError(f"{name}: shape {list(got)} in checkpoint, expected {list(shape)}")
+
+    def dtype_of(name: str) -> torch.dtype:
         # norms, scales and clipping bounds stay float32: they are small and act in float32
-        keep32 = name.endswith(("norm.weight", "dim_scale", *CLIP_BOUNDS))
-        state[name] = checkpoint.tensor(name).to(device=device, dtype=torch.float32 if keep32 else dtype)
-    model.load_state_dict(state, strict=True, assign=True)
+        return torch.float32 if name.endswith(("norm.weight", "dim_scale", *CLIP_BOUNDS)) else dtype
+
+    load_checked(model, checkpoint, device, dtype_of, unexpected="audio tensor in checkpoint",
+                 missing="audio checkpoint", refuse=clip_refusal(config))
     model.positions = relative_positions(config).to(device)  # a function of the config, not stored
-    model.eval()
-    model.requires_grad_(False)
     return model

@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from ..config_unified import UnifiedVisionConfig, WaveformAudioConfig
-from ..errors import ModelLoadError
 from .layers import RMSNorm
 
 
@@ -80,21 +79,10 @@ class WaveformAudioEmbedder(nn.Module):
 
 def load_embedder(checkpoint, dtype: torch.dtype, device: torch.device) -> nn.Module:
     """An embedder built from its reader (checkpoint/unified.py), every name and shape checked."""
+    from .towers import load_checked
+
     kind = UnifiedVisionEmbedder if isinstance(checkpoint.config, UnifiedVisionConfig) else WaveformAudioEmbedder
     with torch.device("meta"):
         model = kind(checkpoint.config)
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    for name in sorted(set(checkpoint.names()) - set(expected)):
-        raise ModelLoadError(f"{name}: unexpected tensor of the {checkpoint.what}")
-    state = {}
-    for name, shape in expected.items():
-        if name not in checkpoint.names():
-            raise ModelLoadError(f"{name}: missing from the {checkpoint.what}")
-        got = tuple(checkpoint.shape(name))
-        if got != shape:
-            raise ModelLoadError(f"{name}: shape {list(got)} in checkpoint, expected {list(shape)}")
-        state[name] = checkpoint.tensor(name).to(device=device, dtype=dtype)
-    model.load_state_dict(state, strict=True, assign=True)
-    model.eval()
-    model.requires_grad_(False)
-    return model
+    return load_checked(model, checkpoint, device, lambda name: dtype, unexpected=f"tensor of the {checkpoint.what}",
+                        missing=checkpoint.what)

@@ -191,35 +191,32 @@ class VisionModel(nn.Module):
             return self.embedding_projection(self.pre_projection_norm(pooled))
 
 
+def clip_refusal(config):
+    """A tower's refusal of clipping bounds in a checkpoint whose config does not clip (towers.load_checked)."""
+    def refuse(name: str) -> str | None:
+        if name.endswith(CLIP_BOUNDS) and not config.use_clipped_linears:
+            return f"{name}: clipping bounds in the checkpoint, but use_clipped_linears is off"
+        return None
+    return refuse
+
+
 def load_vision(checkpoint, dtype: torch.dtype, device: torch.device) -> VisionModel:
     """Build the tower from a vision checkpoint reader (checkpoint/vision.py), checking every name and shape."""
-    from ..errors import ModelLoadError
+    from .towers import load_checked
 
     config = checkpoint.config
     with torch.device("meta"):
         model = VisionModel(config)
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    available = set(checkpoint.names())
-    for name in sorted(available - set(expected)):
-        if name.endswith(CLIP_BOUNDS) and not config.use_clipped_linears:
-            raise ModelLoadError(f"{name}: clipping bounds in the checkpoint, but use_clipped_linears is off")
-        raise ModelLoadError(f"{name}: unexpected vision tensor in checkpoint")
-    state = {}
     # Where many-row products run on the matrix engine (a float32 tower on a CPU with AMX), the projections are
     # held in its bf16: half the memory, and no rounding of the weights per image.
     engine_dtype = torch.bfloat16 if dtype is torch.float32 and ops.float_products_on_engine(device) else None
     projections = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, ClippableLinear)}
-    for name, shape in expected.items():
-        if name not in available:
-            raise ModelLoadError(f"{name}: missing from the vision checkpoint")
-        got = tuple(checkpoint.shape(name))
-        if got != shape:
-            raise ModelLoadError(f"{name}: shape {list(got)} in checkpoint, expected {list(shape)}")
+
+    def dtype_of(name: str) -> torch.dtype:
         # norms, clipping bounds and the standardisation stay float32: they are small and act in float32
-        keep32 = name.endswith(("norm.weight", "std_bias", "std_scale", *CLIP_BOUNDS))
-        target = torch.float32 if keep32 else (engine_dtype or dtype) if name in projections else dtype
-        state[name] = checkpoint.tensor(name).to(device=device, dtype=target)
-    model.load_state_dict(state, strict=True, assign=True)
-    model.eval()
-    model.requires_grad_(False)
-    return model
+        if name.endswith(("norm.weight", "std_bias", "std_scale", *CLIP_BOUNDS)):
+            return torch.float32
+        return (engine_dtype or dtype) if name in projections else dtype
+
+    return load_checked(model, checkpoint, device, dtype_of, unexpected="vision tensor in checkpoint",
+                        missing="vision checkpoint", refuse=clip_refusal(config))
