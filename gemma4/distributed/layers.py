@@ -23,8 +23,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..model.layers import gelu_tanh
 from ..model.moe import Experts
-from ..native.ops import expert_matmul, matrix_engine, on_engine
-from ..quant.modules import matmul
+from ..native.ops import expert_matmul
 from .comm import all_reduce, gather_last
 
 
@@ -96,40 +95,7 @@ class LocalExperts(Experts):
                 if y is not None:
                     return out.index_add_(0, tokens, y.to(out.dtype))
         hit, counts = torch.unique_consecutive(ids, return_counts=True)
-        if on_engine(experts.numel()):
-            grouped = self._engine_grouped(x, tokens, hit.tolist(), counts.tolist(), pair_weights, out)
-            if grouped is not None:
-                return grouped
-        start = 0
-        for e, count in zip(hit.tolist(), counts.tolist()):
-            rows = tokens[start:start + count]
-            gate, up = matmul(x[rows], self.gate_up_proj[e]).chunk(2, dim=-1)
-            y = matmul(gelu_tanh(gate) * up, self.down_proj[e])
-            out.index_add_(0, rows, (y * pair_weights[start:start + count, None]).to(out.dtype))
-            start += count
-        return out
-
-
-    def _engine_grouped(self, x, tokens, hit, counts, pair_weights, out):
-        """Experts._grouped's two grouped products on the matrix engine, however few of the pairs are here."""
-        offsets = [0]
-        for c in counts:
-            offsets.append(offsets[-1] + c)
-        gate_up = _engine_product(x[tokens], self.gate_up_proj, hit, offsets)
-        if gate_up is None:
-            return None
-        gate, up = gate_up.chunk(2, dim=-1)
-        y = _engine_product(gelu_tanh(gate) * up, self.down_proj, hit, offsets)
-        return out.index_add_(0, tokens, (y * pair_weights[:, None]).to(out.dtype))
-
-
-def _engine_product(x: torch.Tensor, w, ids: list[int], offsets: list[int]) -> torch.Tensor | None:
-    """native.ops.grouped_product without its row-count rule (the caller applied it to the whole batch)."""
-    w = getattr(w, "qweight", w)
-    if not (x.is_cpu and x.dtype is torch.float32 and getattr(w, "int8_layout", False)):
-        return None
-    return matrix_engine().engine_mm_grouped(x.to(torch.bfloat16).contiguous(), w.q, w.scale, w.zero, w.bits,
-                                             w.group, w.sub, ids, offsets)
+        return self._by_expert(x, tokens, hit.tolist(), counts.tolist(), pair_weights, out, rows=experts.numel())
 
 
 def _with_experts(config: ModelConfig, count: int) -> ModelConfig:

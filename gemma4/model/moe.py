@@ -69,32 +69,37 @@ class Experts(nn.Module):
         hit, counts = torch.unique_consecutive(flat[order], return_counts=True)
         flat_weights = weights.reshape(-1)
         out = torch.zeros_like(x)
-        grouped = self._grouped(x, order // k, hit.tolist(), counts.tolist(), flat_weights[order], out)
+        return self._by_expert(x, order // k, hit.tolist(), counts.tolist(), flat_weights[order], out)
+
+    def _by_expert(self, x: torch.Tensor, tokens: torch.Tensor, hit: list[int], counts: list[int],
+                   pair_weights: torch.Tensor, out: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+        """The (token, expert) pairs sorted by expert (counts[i] pairs for expert hit[i]) into out: the grouped
+        products where they apply (rows: as _grouped), else a loop over the experts hit, never all of them."""
+        grouped = self._grouped(x, tokens, hit, counts, pair_weights, out, rows)
         if grouped is not None:
             return grouped
         start = 0
-        for e, count in zip(hit.tolist(), counts.tolist()):  # the experts hit, never all of them
-            picks = order[start:start + count]
-            start += count
-            tokens = picks // k
-            gate, up = matmul(x[tokens], self.gate_up_proj[e]).chunk(2, dim=-1)
+        for e, count in zip(hit, counts):
+            picked = tokens[start:start + count]
+            gate, up = matmul(x[picked], self.gate_up_proj[e]).chunk(2, dim=-1)
             y = matmul(gelu_tanh(gate) * up, self.down_proj[e])
-            out.index_add_(0, tokens, (y * flat_weights[picks, None]).to(out.dtype))
+            out.index_add_(0, picked, (y * pair_weights[start:start + count, None]).to(out.dtype))
+            start += count
         return out
 
     def _grouped(self, x: torch.Tensor, tokens: torch.Tensor, hit: list[int], counts: list[int],
-                 pair_weights: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
+                 pair_weights: torch.Tensor, out: torch.Tensor, rows: int | None = None) -> torch.Tensor | None:
         """Every expert hit in two grouped calls (a prefill on the matrix engine): the (token, expert) pairs sorted
         by expert, gate_up for all, the activation, down for all, the weighted sum into out; None where the
-        grouped product does not apply."""
+        grouped product does not apply (rows: the pair count its rule judges, default these pairs')."""
         offsets = [0]
         for c in counts:
             offsets.append(offsets[-1] + c)
-        gate_up = grouped_product(x[tokens], self.gate_up_proj, hit, offsets)
+        gate_up = grouped_product(x[tokens], self.gate_up_proj, hit, offsets, rows)
         if gate_up is None:
             return None
         gate, up = gate_up.chunk(2, dim=-1)
-        y = grouped_product(gelu_tanh(gate) * up, self.down_proj, hit, offsets)
+        y = grouped_product(gelu_tanh(gate) * up, self.down_proj, hit, offsets, rows)
         return out.index_add_(0, tokens, (y * pair_weights[:, None]).to(out.dtype))
 
     def _fused(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor | None:

@@ -168,12 +168,15 @@ def engine_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     return out
 
 
-def grouped_product(x: torch.Tensor, w, ids: list[int], offsets: list[int]) -> torch.Tensor | None:
+def grouped_product(x: torch.Tensor, w, ids: list[int], offsets: list[int],
+                    rows: int | None = None) -> torch.Tensor | None:
     """Rows offsets[g] .. offsets[g + 1] of x [P, K] times matrix ids[g] of the stacked w [E, N, K] -> [P, N], on
     the matrix engine in one call (a prefill's routed experts, their rows grouped by expert); None where it does
-    not apply (then the caller multiplies expert by expert). w: a QuantWeight or a module holding one."""
+    not apply (then the caller multiplies expert by expert). w: a QuantWeight or a module holding one. rows: the
+    row count the engine's rule judges (default P; an expert-parallel rank passes the whole batch's)."""
     w = getattr(w, "qweight", w)
-    if not (x.is_cpu and x.dtype is torch.float32 and getattr(w, "int8_layout", False) and on_engine(x.shape[0])):
+    rows = x.shape[0] if rows is None else rows
+    if not (x.is_cpu and x.dtype is torch.float32 and getattr(w, "int8_layout", False) and on_engine(rows)):
         return None
     xb = x.to(torch.bfloat16).contiguous()
     return matrix_engine().engine_mm_grouped(xb, w.q, w.scale, w.zero, w.bits, w.group, w.sub, ids, offsets)
