@@ -57,19 +57,30 @@ def models_of(repo: str) -> list[StoredModel]:
     return folder_models(snap, repo, "hf", SCHEME + repo) if snap is not None else []
 
 
-def find(name: str) -> list[StoredModel]:
-    """The cached models ORG/NAME[:QUANT] names (several when it leaves the quant open)."""
+def find_in(name: str, models_of) -> list[StoredModel]:
+    """The models ORG/NAME[:QUANT] names among models_of(ORG/NAME) (several when it leaves the quant open): the
+    hub cache's, and LM Studio's folder, which spells its models as the hub does."""
     parts = split_name(name)
     return select(models_of(parts[0]), parts[1]) if parts else []
 
 
-def find_explicit(rest: str) -> list[StoredModel]:
-    """hf://ORG/NAME/FILE (one file of the snapshot) or hf://ORG/NAME[:QUANT]."""
+def explicit_in(rest: str, scheme: str, models_of) -> list[StoredModel]:
+    """SCHEME ORG/NAME/FILE (one file of the repository) or SCHEME ORG/NAME[:QUANT], `rest` following the scheme."""
     org, _, tail = rest.partition("/")
     repo_name, _, file = tail.partition("/")
     if not file:
-        return find(rest)
-    return [m for m in models_of(f"{org}/{repo_name}") if m.explicit == f"{SCHEME}{org}/{repo_name}/{file}"]
+        return find_in(rest, models_of)
+    return [m for m in models_of(f"{org}/{repo_name}") if m.explicit == f"{scheme}{org}/{repo_name}/{file}"]
+
+
+def find(name: str) -> list[StoredModel]:
+    """The cached models ORG/NAME[:QUANT] names."""
+    return find_in(name, models_of)
+
+
+def find_explicit(rest: str) -> list[StoredModel]:
+    """hf://ORG/NAME/FILE (one file of the snapshot) or hf://ORG/NAME[:QUANT]."""
+    return explicit_in(rest, SCHEME, models_of)
 
 
 def entries() -> list[StoredModel]:

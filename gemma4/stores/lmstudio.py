@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from . import hub
-from .files import StoredModel, folder_models, select
+from .files import StoredModel, folder_models
 
 SCHEME = "lmstudio://"
 
@@ -55,17 +55,12 @@ def _models(name: str) -> list[StoredModel]:
 
 def find(name: str) -> list[StoredModel]:
     """ORG/NAME[:QUANT] (spelled as on the hub, where LM Studio downloads from)."""
-    parts = hub.split_name(name)
-    return select(_models(parts[0]), parts[1]) if parts else []
+    return hub.find_in(name, _models)
 
 
 def find_explicit(rest: str) -> list[StoredModel]:
     """lmstudio://ORG/NAME/FILE or lmstudio://ORG/NAME[:QUANT]."""
-    org, _, tail = rest.partition("/")
-    name, _, file = tail.partition("/")
-    if not file:
-        return find(rest)
-    return [m for m in _models(f"{org}/{name}") if m.explicit == f"{SCHEME}{org}/{name}/{file}"]
+    return hub.explicit_in(rest, SCHEME, _models)
 
 
 def entries() -> list[StoredModel]:
