@@ -42,7 +42,7 @@ VOCAB = 4096  # the embedding does not touch the KV; a small one keeps memory fo
 
 
 def config(layers: int):
-    from gemma4.config import ModelConfig
+    from gemma4.config.text import ModelConfig
 
     types = ["full_attention" if (i + 1) % 6 == 0 or i == layers - 1 else "sliding_attention" for i in range(layers)]
     return ModelConfig.from_hf(dict(

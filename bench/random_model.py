@@ -57,7 +57,7 @@ def hf_config(layers: int, vocab_size: int, tiny: bool = False, bos: int = 2, eo
 
 def tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     """Our tensor name -> shape, from the engine's Decoder built on the meta device."""
-    from gemma4.config import ModelConfig
+    from gemma4.config.text import ModelConfig
     from gemma4.model.decoder import Decoder
 
     with torch.device("meta"):

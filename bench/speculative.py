@@ -134,7 +134,7 @@ def _break_even_alpha(ratio: float, k: int) -> float | None:
 def real_assistant(dtype: torch.dtype):
     """A random assistant in the shape of the 26B-A4B's (4 layers: 3 sliding + 1 full, width 1024, MLP 8192,
     16 query heads over the target's KV, a full-vocabulary head tied to its own 262144 x 1024 table)."""
-    from gemma4.config import AssistantConfig
+    from gemma4.config.assistant import AssistantConfig
     from gemma4.model.assistant import Assistant
 
     text = dict(model_type="gemma4_text", vocab_size=262144, hidden_size=1024, intermediate_size=8192,

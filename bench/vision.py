@@ -39,7 +39,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 from prepare import cache_dir, ensure_llama_cpp, log, shape_model  # noqa: E402
-from gemma4.config import VisionConfig  # noqa: E402
+from gemma4.config.vision import VisionConfig  # noqa: E402
 
 TEXT_HIDDEN = 2816
 SEED = 0

@@ -17,7 +17,7 @@ _HOMES = {"load": "api", "Model": "api", "Completion": "api", "ModelConfig": "co
 
 if TYPE_CHECKING:
     from .api import Completion, Model, load
-    from .config import ModelConfig
+    from .config.text import ModelConfig
     from .errors import ModelLoadError
     from .sampling import SamplingParams
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence as Seq
 import torch
 
 from .checkpoint import open_checkpoint
-from .config import ModelConfig
+from .config.text import ModelConfig
 from .engine import PREFILL_CHUNK, Engine, Request, StepOutput, TokenLogprob, prefill, soft_embeds
 from .errors import ModelLoadError
 from .model.load import build_decoder
@@ -310,7 +310,7 @@ class Model:
         """The vision tower (model/vision.py), built from its checkpoint the first time it is asked for."""
         if self._vision is None:
             self.check_vision()
-            from .config_unified import UnifiedVisionConfig
+            from .config.unified import UnifiedVisionConfig
             from .model.unified import load_embedder
             from .model.vision import load_vision
 
@@ -360,7 +360,7 @@ class Model:
         and the images / videos / audio clips for them, in order -> token ids with soft-token runs."""
         from .audio_features import FeatureExtractor
         from .checkpoint.unified import WaveformAudioCheckpoint
-        from .config import SUPPORTED_SOFT_TOKENS
+        from .config.vision import SUPPORTED_SOFT_TOKENS
         from .multimodal import MediaTokens, expand, waveform_frames
 
         self.check_media(media)

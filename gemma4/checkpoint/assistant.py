@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import ASSISTANT_TEXT_TYPES, AssistantConfig
+from ..config.assistant import ASSISTANT_TEXT_TYPES, AssistantConfig
 from ..errors import ModelLoadError
 from . import GGUF_MAGIC, names
 from .gguf import ROPE_FREQS, GGUFCheckpoint

@@ -15,7 +15,7 @@ import torch
 from torch.nn import functional as F
 
 from ..audio_features import FeatureConfig
-from ..config import AudioConfig
+from ..config.audio import AudioConfig
 from ..errors import ModelLoadError
 from . import names
 from .hf_parts import HFPart

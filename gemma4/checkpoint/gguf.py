@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import FULL, SLIDING, ModelConfig
+from ..config.common import FULL, SLIDING
+from ..config.text import ModelConfig
 from ..errors import ModelLoadError
 from . import names
 from .gguf_file import GGUFFile

@@ -17,7 +17,8 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from ..config import AssistantConfig, ModelConfig
+from ..config.assistant import AssistantConfig
+from ..config.text import ModelConfig
 from . import names
 
 # The unrotated RoPE pairs of full layers, marked for llama.cpp by a huge frequency divisor.

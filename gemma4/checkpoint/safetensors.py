@@ -12,7 +12,7 @@ from typing import Iterator
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..config import ModelConfig
+from ..config.text import ModelConfig
 from ..errors import ModelLoadError
 from . import names
 

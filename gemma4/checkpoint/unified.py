@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..config_unified import UnifiedVisionConfig, WaveformAudioConfig
+from ..config.unified import UnifiedVisionConfig, WaveformAudioConfig
 from ..errors import ModelLoadError
 from . import names
 from .hf_parts import HFPart

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import VisionConfig
+from ..config.vision import VisionConfig
 from ..errors import ModelLoadError
 from . import names
 from .hf_parts import HFPart

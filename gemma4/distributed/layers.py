@@ -20,7 +20,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from ..config import ModelConfig
+from ..config.text import ModelConfig
 from ..model.layers import gelu_tanh
 from ..model.moe import Experts
 from ..native.ops import expert_matmul

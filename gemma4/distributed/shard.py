@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import ModelConfig
+from ..config.text import ModelConfig
 from ..model.decoder import Decoder
 from ..model.load import build_decoder
 from ..model.moe import Router

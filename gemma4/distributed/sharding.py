@@ -20,7 +20,7 @@ import dataclasses
 import re
 
 
-from ..config import ModelConfig
+from ..config.text import ModelConfig
 from ..quant.formats import QuantWeight
 
 

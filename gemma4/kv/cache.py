@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import ModelConfig
+from ..config.text import ModelConfig
 from .codec import kv_bytes_per_token
 from .paged import BLOCK_TOKENS, BlockTable, PagedKV
 from .prefix import Snapshot

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import ModelConfig
+from ..config.text import ModelConfig
 
 KV_DTYPES = ("float", "int8")
 INT8_GROUP = 32  # elements sharing one scale, as llama.cpp's q8_0 blocks

@@ -26,7 +26,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..config import FULL, AssistantConfig, ModelConfig
+from ..config.assistant import AssistantConfig
+from ..config.common import FULL
+from ..config.text import ModelConfig
 from ..errors import ModelLoadError
 from .layers import GatedMLP, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
 

@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..kv import RowsView
-from ..config import ModelConfig
+from ..config.text import ModelConfig
 from ..native.ops import attend_small, small_attention
 from ..quant.modules import Linear
 from .layers import RMSNorm, rope_inv_freq, rotate

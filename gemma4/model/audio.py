@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..config import AudioConfig
+from ..config.audio import AudioConfig
 from .layers import RMSNorm
 from .vision import CLIP_BOUNDS, ClippableLinear, clip_refusal
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..kv import KVCache
-from ..config import ModelConfig
+from ..config.text import ModelConfig
 from ..quant.modules import Embedding, Linear
 from .attention import Attention
 from .layers import GatedMLP, RMSNorm, gelu_tanh

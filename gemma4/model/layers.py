@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..config import RopeSpec
+from ..config.common import RopeSpec
 from ..native.ops import rms_norm, rope
 from ..quant.modules import Linear
 

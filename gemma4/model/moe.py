@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import ModelConfig
+from ..config.text import ModelConfig
 from ..native.ops import expert_matmul, grouped_product
 from ..quant.modules import matmul
 from .layers import RMSNorm, gelu_tanh

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config_unified import UnifiedVisionConfig, WaveformAudioConfig
+from ..config.unified import UnifiedVisionConfig, WaveformAudioConfig
 from .layers import RMSNorm
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..config import VisionConfig
+from ..config.vision import VisionConfig
 from ..native import ops
 from .layers import RMSNorm, gelu_tanh
 

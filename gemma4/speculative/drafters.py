@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..checkpoint.assistant import is_assistant, open_assistant
-from ..config import SLIDING
+from ..config.common import SLIDING
 from ..engine.runner import prefill
 from ..errors import ModelLoadError
 from ..model.assistant import Assistant, build_assistant

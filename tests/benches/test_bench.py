@@ -104,7 +104,7 @@ def test_vision_bench_tower_round_trips_through_mmproj(tmp_path, float_products)
     both engines read) gives them back (float32 as written: the float32 mode keeps the tower's own dtype)."""
     import vision
     from gemma4.checkpoint.vision import MmprojCheckpoint, write_mmproj
-    from gemma4.config import VisionConfig
+    from gemma4.config.vision import VisionConfig
     from gemma4.model.vision import load_vision
 
     cfg = VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,

@@ -4,7 +4,7 @@ of the whole matrix exactly (a cut must not move a block's scale to the wrong co
 import pytest
 import torch
 
-from gemma4.config import ModelConfig
+from gemma4.config.text import ModelConfig
 from gemma4.distributed.sharding import Plan, split
 from gemma4.quant import formats
 from reference import gemma4_text_config

@@ -238,7 +238,7 @@ def test_native_attention_rebuilds_k_eq_v_keys_from_the_values():
 def test_native_rope_equals_the_torch_ops(monkeypatch):
     """The one-pass RoPE against rope_cos_sin + apply_rope: the same float32 angles, cos/sin from two
     libraries (each within an ulp), at positions up to 256K, with proportional RoPE's zero frequencies."""
-    from gemma4.config import RopeSpec
+    from gemma4.config.common import RopeSpec
     from gemma4.model.layers import rope_inv_freq, rotate
     import gemma4.native
 

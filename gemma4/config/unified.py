@@ -3,7 +3,7 @@
 The unified model has no vision tower and no audio tower: an image's merged pixel patches and an audio
 clip's raw waveform frames are projected straight into the text model (transformers'
 Gemma4UnifiedVisionEmbedder and Gemma4UnifiedMultimodalEmbedder). Its text decoder is a Gemma 4 one
-(config.py: GEMMA4_TEXT_DEFAULTS["gemma4_unified_text"]).
+(text_hf.py: GEMMA4_TEXT_DEFAULTS["gemma4_unified_text"]).
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from .config import SUPPORTED_SOFT_TOKENS
-from .errors import ModelLoadError
+from ..errors import ModelLoadError
+from .vision import SUPPORTED_SOFT_TOKENS
 
 WAVEFORM_SAMPLING_RATE = 16_000  # the feature extractor's: a soft token is 640 samples, 40 ms
 
