@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.nn import functional as F
 
@@ -19,10 +18,9 @@ from ..config.audio import AudioConfig
 from ..errors import ModelLoadError
 from . import names
 from .hf_parts import HFPart
+from .mmproj import AUDIO_PREFIXES, MmprojTower
 
-MMPROJ_ARCH = "clip"
 PROJECTOR = "gemma4a"
-_SCALARS = ("input_min", "input_max", "output_min", "output_max")  # clipping bounds, 0-d tensors
 DEPTHWISE = "lconv1d.depthwise_conv1d.weight"
 
 
@@ -62,53 +60,31 @@ class HFAudioCheckpoint(HFPart):
         return t
 
 
-class MmprojAudioCheckpoint:
+class MmprojAudioCheckpoint(MmprojTower):
     """A llama.cpp mmproj GGUF holding a gemma4a audio tower (usually beside a gemma4v vision tower)."""
 
-    def __init__(self, path: str | Path, text_hidden_size: int | None = None):
-        from .gguf_file import GGUFFile
+    tower = "audio"
+    projector = PROJECTOR
 
-        self.path = Path(path).expanduser()
-        if not self.path.is_file():
-            raise ModelLoadError(f"{self.path}: no such mmproj file")
-        self.file = GGUFFile(self.path)
-        meta = self.metadata = self.file.metadata
-        if meta.get("general.architecture") != MMPROJ_ARCH:
-            raise ModelLoadError(f"{self.path.name}: general.architecture is {meta.get('general.architecture')!r}, "
-                                 f"not an mmproj file ({MMPROJ_ARCH!r})")
-        projector = meta.get("clip.audio.projector_type")
-        if projector is None:
-            raise ModelLoadError(f"{self.path.name}: the mmproj has no audio encoder")
-        if projector != PROJECTOR:
-            raise ModelLoadError(f"clip.audio.projector_type: {projector!r} is not supported (expected {PROJECTOR!r})")
-        self._gguf: dict[str, str] = {}
-        for gguf_name in self.file.tensors:
-            if gguf_name.startswith(("a.", "mm.a.")):
-                ours = names.audio_from_gguf(gguf_name)
-                if ours is None:
-                    raise ModelLoadError(f"{gguf_name}: tensor not known for the gemma4a projector")
-                self._gguf[ours] = gguf_name
-        self.config = self._config(text_hidden_size)
+    def __init__(self, path: str | Path, text_hidden_size: int | None = None):
+        super().__init__(path, text_hidden_size)
         # llama.cpp fixes the features for gemma4a (16 kHz, 20 ms frames every 10 ms): the extractor's defaults
         self.features = FeatureConfig(feature_size=self.config.feature_size)
 
-    def _need(self, key: str) -> Any:
-        value = self.metadata.get(key)
-        if value is None:
-            raise ModelLoadError(f"{key}: missing from the mmproj GGUF metadata")
-        return value
+    def _projector_type(self) -> Any:
+        projector = self.metadata.get("clip.audio.projector_type")
+        if projector is None:
+            raise ModelLoadError(f"{self.path.name}: the mmproj has no audio encoder")
+        return projector
 
-    def _shape(self, gguf_name: str) -> tuple[int, ...]:
-        info = self.file.tensors.get(gguf_name)
-        if info is None:
-            raise ModelLoadError(f"{gguf_name}: missing from the mmproj GGUF")
-        return tuple(int(s) for s in info.shape)
+    def _holds(self, gguf_name: str) -> bool:
+        return gguf_name.startswith(AUDIO_PREFIXES)
+
+    def _from_gguf(self, gguf_name: str) -> str | None:
+        return names.audio_from_gguf(gguf_name)
 
     def _config(self, text_hidden_size: int | None) -> AudioConfig:
-        projection = int(self._need("clip.audio.projection_dim"))
-        if text_hidden_size is not None and projection != text_hidden_size:
-            raise ModelLoadError(f"clip.audio.projection_dim: the mmproj projects audio to {projection}, but the "
-                                 f"text model's hidden size is {text_hidden_size} (an mmproj of another model?)")
+        projection = self._projection(text_hidden_size, "audio ")
         hidden = int(self._need("clip.audio.embedding_length"))
         # The converter writes no channel counts, kernel width or output width: the tensors tell them.
         # The attention's chunk, context and cap are the reference's defaults, which llama.cpp fixes too.
@@ -124,27 +100,9 @@ class MmprojAudioCheckpoint:
             feature_size=int(self.metadata.get("clip.audio.num_mel_bins", 128)),
         ).validate()
 
-    def names(self) -> list[str]:
-        return list(self._gguf)
+    def _our_shape(self, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return (shape[0], 1, shape[1]) if name.endswith(DEPTHWISE) else shape
 
-    def shape(self, name: str) -> tuple[int, ...]:
-        shape = self._shape(self._gguf[name])
-        if name.endswith(DEPTHWISE):
-            return (shape[0], 1, shape[1])
-        return () if name.endswith(_SCALARS) else shape
-
-    def tensor(self, name: str) -> torch.Tensor:
-        from gguf.quants import dequantize
-
-        gguf_name = self._gguf[name]
-        info = self.file.tensors[gguf_name]
-        try:
-            data = np.asarray(dequantize(self.file.raw(gguf_name), info.type), dtype=np.float32).reshape(info.shape)
-        except NotImplementedError:
-            raise ModelLoadError(f"{gguf_name}: tensor type {info.type.name} cannot be dequantised") from None
-        t = torch.from_numpy(data.copy())
-        if name.endswith(DEPTHWISE):
-            t = t[:, None, :]  # llama.cpp keeps the depthwise kernel as [channels, width]
-        elif name.endswith(_SCALARS):
-            t = t.reshape(())
-        return t
+    def _to_ours(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        # llama.cpp keeps the depthwise kernel as [channels, width]
+        return t[:, None, :] if name.endswith(DEPTHWISE) else t

@@ -175,14 +175,7 @@ class GGUFCheckpoint:
         return sum(t.n_bytes for t in self._tensors.values())
 
     def tensor_data(self, gguf_name: str) -> np.ndarray:
-        from gguf.quants import dequantize
-
-        t = self._tensors[gguf_name]
-        try:
-            data = dequantize(self.file.raw(gguf_name), t.type)
-        except NotImplementedError:
-            raise ModelLoadError(f"{gguf_name}: tensor type {t.type.name} cannot be dequantised") from None
-        return np.asarray(data, dtype=np.float32).reshape(t.shape)
+        return self.file.dequantized(gguf_name)
 
     def prepare_quantized(self, names) -> None:
         """Map the converted forms of these tensors (our names) from the cache, converting them there

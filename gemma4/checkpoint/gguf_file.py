@@ -149,3 +149,14 @@ class GGUFFile:
             return data.view(np.float16).reshape(info.shape)
         block, size = GGML_QUANT_SIZES[info.type]
         return data.reshape(*info.shape[:-1], info.shape[-1] // block * size)
+
+    def dequantized(self, name: str) -> np.ndarray:
+        """The tensor in float32, in its shape (a block type the `gguf` package cannot decode is refused)."""
+        from gguf.quants import dequantize
+
+        info = self.tensors[name]
+        try:
+            data = dequantize(self.raw(name), info.type)
+        except NotImplementedError:
+            raise ModelLoadError(f"{name}: tensor type {info.type.name} cannot be dequantised") from None
+        return np.asarray(data, dtype=np.float32).reshape(info.shape)

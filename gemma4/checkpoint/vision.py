@@ -19,12 +19,11 @@ from ..config.vision import VisionConfig
 from ..errors import ModelLoadError
 from . import names
 from .hf_parts import HFPart
+from .mmproj import AUDIO_PREFIXES, MMPROJ_ARCH, MmprojTower
 
 PATCH_EMBD = "patch_embedder.input_proj.weight"
-MMPROJ_ARCH = "clip"
 PROJECTOR = "gemma4v"
 LLAMACPP_ROPE_THETA = 100.0  # llama.cpp fixes it for gemma4v; the GGUF has no key for it
-_SCALARS = ("input_min", "input_max", "output_min", "output_max")  # clipping bounds, 0-d tensors
 
 
 def _conv_to_linear(w: torch.Tensor) -> torch.Tensor:
@@ -53,45 +52,25 @@ class HFVisionCheckpoint(HFPart):
                                  f"vision tower tensors ({names.HF_VISION_PREFIX}*)")
 
 
-class MmprojCheckpoint:
-    """A llama.cpp mmproj GGUF holding a gemma4v vision tower."""
+class MmprojCheckpoint(MmprojTower):
+    """A llama.cpp mmproj GGUF holding a gemma4v vision tower (an audio tower beside it is ignored)."""
 
-    def __init__(self, path: str | Path, text_hidden_size: int | None = None):
-        from .gguf_file import GGUFFile
+    tower = "vision"
+    projector = PROJECTOR
 
-        self.path = Path(path).expanduser()
-        if not self.path.is_file():
-            raise ModelLoadError(f"{self.path}: no such mmproj file")
-        self.file = GGUFFile(self.path)
-        meta = self.metadata = self.file.metadata
-        if meta.get("general.architecture") != MMPROJ_ARCH:
-            raise ModelLoadError(f"{self.path.name}: general.architecture is {meta.get('general.architecture')!r}, "
-                                 f"not an mmproj file ({MMPROJ_ARCH!r})")
-        projector = meta.get("clip.vision.projector_type") or meta.get("clip.projector_type")
-        if projector != PROJECTOR:
-            raise ModelLoadError(f"clip.vision.projector_type: {projector!r} is not supported (expected {PROJECTOR!r})")
-        self._gguf: dict[str, str] = {}
-        for gguf_name in self.file.tensors:
-            ours = names.vision_from_gguf(gguf_name)
-            if ours is not None:
-                self._gguf[ours] = gguf_name
-            elif not gguf_name.startswith(("a.", "mm.a.")):  # an audio tower beside it is ignored
-                raise ModelLoadError(f"{gguf_name}: tensor not known for the gemma4v projector")
-        self.config = self._config(text_hidden_size)
+    def _projector_type(self) -> Any:
+        return self.metadata.get("clip.vision.projector_type") or self.metadata.get("clip.projector_type")
 
-    def _need(self, key: str) -> Any:
-        value = self.metadata.get(key)
-        if value is None:
-            raise ModelLoadError(f"{key}: missing from the mmproj GGUF metadata")
-        return value
+    def _holds(self, gguf_name: str) -> bool:
+        return not gguf_name.startswith(AUDIO_PREFIXES)
+
+    def _from_gguf(self, gguf_name: str) -> str | None:
+        return names.vision_from_gguf(gguf_name)
 
     def _config(self, text_hidden_size: int | None) -> VisionConfig:
         hidden = int(self._need("clip.vision.embedding_length"))
         heads = int(self._need("clip.vision.attention.head_count"))
-        projection = int(self._need("clip.vision.projection_dim"))
-        if text_hidden_size is not None and projection != text_hidden_size:
-            raise ModelLoadError(f"clip.vision.projection_dim: the mmproj projects to {projection}, but the text "
-                                 f"model's hidden size is {text_hidden_size} (an mmproj of another model?)")
+        projection = self._projection(text_hidden_size)
         tensors = self.file.tensors
         for needed in ("v.position_embd.weight", "v.blk.0.attn_q_norm.weight", "v.blk.0.attn_k.weight"):
             if needed not in tensors:
@@ -116,30 +95,11 @@ class MmprojCheckpoint:
             use_clipped_linears=any(n.endswith(".input_max") for n in tensors),
         ).validate()
 
-    def names(self) -> list[str]:
-        return list(self._gguf)
+    def _our_shape(self, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return (shape[0], int(np.prod(shape[1:]))) if name == PATCH_EMBD else shape
 
-    def shape(self, name: str) -> tuple[int, ...]:
-        shape = self.file.tensors[self._gguf[name]].shape
-        if name == PATCH_EMBD:
-            return (shape[0], int(np.prod(shape[1:])))
-        return () if name.endswith(_SCALARS) else shape
-
-    def tensor(self, name: str) -> torch.Tensor:
-        from gguf.quants import dequantize
-
-        gguf_name = self._gguf[name]
-        info = self.file.tensors[gguf_name]
-        try:
-            data = np.asarray(dequantize(self.file.raw(gguf_name), info.type), dtype=np.float32).reshape(info.shape)
-        except NotImplementedError:
-            raise ModelLoadError(f"{gguf_name}: tensor type {info.type.name} cannot be dequantised") from None
-        t = torch.from_numpy(data.copy())
-        if name == PATCH_EMBD:
-            t = _conv_to_linear(t)
-        elif name.endswith(_SCALARS):
-            t = t.reshape(())  # the converter stores the clipping bounds as 1-element tensors
-        return t
+    def _to_ours(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        return _conv_to_linear(t) if name == PATCH_EMBD else t
 
 
 def write_mmproj(checkpoint, path: str | Path, qtype: str = "F32") -> Path:
