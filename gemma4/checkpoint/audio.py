@@ -17,7 +17,7 @@ from ..audio_features import FeatureConfig
 from ..config.audio import AudioConfig
 from ..errors import ModelLoadError
 from . import names
-from .hf_parts import HFPart
+from .hf_parts import HFPart, read_json
 from .mmproj import AUDIO_PREFIXES, MmprojTower
 
 PROJECTOR = "gemma4a"
@@ -28,17 +28,15 @@ class HFAudioCheckpoint(HFPart):
     """The audio tower inside an HF folder (a SafetensorsCheckpoint of a multimodal model)."""
 
     def __init__(self, text_checkpoint):
-        from .vision import _read_json
-
         raw = text_checkpoint.raw_config
         audio = raw.get("audio_config")
         if not isinstance(audio, dict):
             raise ModelLoadError(f"{text_checkpoint.folder}: config.json has no audio_config (a model without audio)")
-        processor = _read_json(text_checkpoint.folder / "processor_config.json")
+        processor = read_json(text_checkpoint.folder / "processor_config.json")
         self.config = AudioConfig.from_hf(audio, text_checkpoint.config.hidden_size, processor)
         extractor = (processor or {}).get("feature_extractor")
         if extractor is None:  # older saves keep the feature extractor in preprocessor_config.json
-            pre = _read_json(text_checkpoint.folder / "preprocessor_config.json") or {}
+            pre = read_json(text_checkpoint.folder / "preprocessor_config.json") or {}
             extractor = pre if "Gemma4Audio" in str(pre.get("feature_extractor_type", "")) else None
         try:
             self.features = FeatureConfig.from_dict(extractor)

@@ -3,6 +3,7 @@ its tensors found under our names across the folder's safetensors files, read on
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -44,3 +45,13 @@ class HFPart:
         path, key = self._where[name]
         with safe_open(str(path), framework="pt") as f:
             return f.get_tensor(key)
+
+
+def read_json(path: Path) -> dict | None:
+    """A JSON file beside the checkpoint (processor_config.json, ...), None where the folder has none."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{path}: not valid JSON ({e})") from None

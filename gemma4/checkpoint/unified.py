@@ -4,13 +4,10 @@ vision_config / audio_config and the model.embed_vision.* / model.embed_audio.* 
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from ..config.unified import UnifiedVisionConfig, WaveformAudioConfig
 from ..errors import ModelLoadError
 from . import names
-from .hf_parts import HFPart
+from .hf_parts import HFPart, read_json
 
 
 class _EmbedderCheckpoint(HFPart):
@@ -28,7 +25,7 @@ class UnifiedVisionCheckpoint(_EmbedderCheckpoint):
     what = "unified vision embedder"
 
     def __init__(self, text_checkpoint):
-        processor = _read_json(text_checkpoint.folder / "processor_config.json")
+        processor = read_json(text_checkpoint.folder / "processor_config.json")
         config = UnifiedVisionConfig.from_hf(text_checkpoint.raw_config["vision_config"],
                                              text_checkpoint.config.hidden_size, processor)
         super().__init__(text_checkpoint, config, names.UNIFIED_VISION_TENSORS)
@@ -51,12 +48,3 @@ def unified_media(text_checkpoint) -> tuple[UnifiedVisionCheckpoint | None, Wave
     vision = UnifiedVisionCheckpoint(text_checkpoint) if isinstance(raw.get("vision_config"), dict) else None
     audio = WaveformAudioCheckpoint(text_checkpoint) if isinstance(raw.get("audio_config"), dict) else None
     return vision, audio
-
-
-def _read_json(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{path}: not valid JSON ({e})") from None

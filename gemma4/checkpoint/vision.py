@@ -8,7 +8,6 @@ Gemma 4 (projector type gemma4v), so a GGUF text model can be paired with its to
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import torch
 from ..config.vision import VisionConfig
 from ..errors import ModelLoadError
 from . import names
-from .hf_parts import HFPart
+from .hf_parts import HFPart, read_json
 from .mmproj import AUDIO_PREFIXES, MMPROJ_ARCH, MmprojTower
 
 PATCH_EMBD = "patch_embedder.input_proj.weight"
@@ -44,7 +43,7 @@ class HFVisionCheckpoint(HFPart):
         vision = raw.get("vision_config")
         if not isinstance(vision, dict):
             raise ModelLoadError(f"{text_checkpoint.folder}: config.json has no vision_config (a text-only model)")
-        processor = _read_json(text_checkpoint.folder / "processor_config.json")
+        processor = read_json(text_checkpoint.folder / "processor_config.json")
         self.config = VisionConfig.from_hf(vision, text_checkpoint.config.hidden_size, processor)
         super().__init__(text_checkpoint.files, names.vision_from_hf)
         if not self.names():
@@ -163,12 +162,3 @@ def write_mmproj(checkpoint, path: str | Path, qtype: str = "F32") -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
-
-
-def _read_json(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{path}: not valid JSON ({e})") from None
