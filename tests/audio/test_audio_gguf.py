@@ -2,11 +2,6 @@
 llama.cpp's own `convert_hf_to_gguf.py --mmproj` from a tiny HF model."""
 
 import base64
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,40 +13,19 @@ from gemma4.checkpoint.audio import HFAudioCheckpoint, MmprojAudioCheckpoint
 from gemma4.checkpoint.gguf_writer import write_gguf
 from gemma4.errors import ModelLoadError
 from gemma4.model.audio import load_audio_tower
-import official
-from reference import tiny_vocab_metadata
-from vision_reference import MEDIA_TOKENS, TOKEN_IDS
+from gguf_media import convert_mmproj, media_vocab_metadata, needs_converter
+from vision_reference import TOKEN_IDS
 
-# LLAMA_CPP_DIR, else the converter make test's preparation (tests/official.py) keeps from the llama-cpp-python sdist
-_SOURCES = [os.environ.get("LLAMA_CPP_DIR", ""), str(official.converter_dir())]
-LLAMA_CPP = next((Path(p) for p in _SOURCES if p and (Path(p) / "convert_hf_to_gguf.py").is_file()), None)
-pytestmark = pytest.mark.skipif(LLAMA_CPP is None, reason="llama.cpp's converter not found (make official fetches it; "
-                                "or set LLAMA_CPP_DIR to a llama.cpp tree with convert_hf_to_gguf.py)")
-
-
-def audio_vocab_metadata() -> dict:
-    """tiny_vocab_metadata with Gemma 4's media, turn and audio tokens at the ids the HF tokenizer gives them."""
-    meta = tiny_vocab_metadata()
-    tokens, types = list(meta["tokenizer.ggml.tokens"]), list(meta["tokenizer.ggml.token_type"])
-    for text, i in [*TOKEN_IDS.items(), *zip(AUDIO_MARKS, (BOA, EOA))]:
-        tokens[i], types[i] = text, 3
-    assert set(MEDIA_TOKENS) <= set(tokens)
-    return {**meta, "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types}
+pytestmark = needs_converter
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("audio_gguf")
     build_audio_model(d / "hf", seed=8)
-    proc = json.loads((d / "hf" / "processor_config.json").read_text())
-    proc["image_processor"].update(image_mean=[0.0] * 3, image_std=[1.0] * 3)  # the converter requires them
-    (d / "hf" / "processor_config.json").write_text(json.dumps(proc))
-    mmproj = d / "mmproj.gguf"
-    r = subprocess.run([sys.executable, str(LLAMA_CPP / "convert_hf_to_gguf.py"), str(d / "hf"), "--mmproj",
-                        "--outtype", "f32", "--outfile", str(mmproj)], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "PYTHONPATH": str(LLAMA_CPP / "gguf-py")})
-    assert r.returncode == 0, r.stderr[-2000:]
-    text = write_gguf(open_checkpoint(d / "hf"), d / "text.gguf", "F32", audio_vocab_metadata())
+    mmproj = convert_mmproj(d / "hf", d / "mmproj.gguf")
+    text = write_gguf(open_checkpoint(d / "hf"), d / "text.gguf", "F32",
+                      media_vocab_metadata(dict(zip(AUDIO_MARKS, (BOA, EOA)))))
     return d, text, mmproj
 
 

@@ -7,21 +7,14 @@ import torch
 
 import gemma4
 from gemma4 import store
-from gemma4.checkpoint import open_checkpoint
-from gemma4.checkpoint.gguf_writer import write_gguf
-from gemma4.checkpoint.vision import HFVisionCheckpoint, write_mmproj
+from gguf_media import vision_gguf_pair
 from reference import tiny_vocab_metadata
 from store_layouts import hub_repo, lmstudio_model, ollama_model
-from vision_reference import build_multimodal
 
 
 @pytest.fixture(scope="module")
 def vision_files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("store-vision")
-    build_multimodal(d / "hf", seed=5, bidirectional="vision")
-    ckpt = open_checkpoint(d / "hf")
-    return write_gguf(ckpt, d / "text.gguf", "F32", tiny_vocab_metadata()), write_mmproj(HFVisionCheckpoint(ckpt),
-                                                                                        d / "mmproj.gguf")
+    return vision_gguf_pair(tmp_path_factory.mktemp("store-vision"), tiny_vocab_metadata())
 
 
 @pytest.fixture()

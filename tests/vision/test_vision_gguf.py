@@ -1,10 +1,6 @@
 """The vision tower as llama.cpp ships it for GGUF users: an mmproj GGUF beside the text GGUF."""
 
 import base64
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,34 +9,17 @@ import torch
 import gemma4
 from gemma4.checkpoint import open_checkpoint
 from gemma4.checkpoint.gguf_file import GGUFFile
-from gemma4.checkpoint.gguf_writer import write_gguf
 from gemma4.checkpoint.vision import HFVisionCheckpoint, MmprojCheckpoint, write_mmproj
 from gemma4.errors import ModelLoadError
 from gemma4.model.vision import load_vision
-from reference import tiny_vocab_metadata
-from vision_reference import MEDIA_TOKENS, TOKEN_IDS, build_multimodal, encoded, picture
-
-LLAMA_CPP = Path(os.environ.get("LLAMA_CPP_DIR", "/work/llsrc/llama_cpp_python-0.3.36/vendor/llama.cpp"))
-
-
-def media_vocab_metadata() -> dict:
-    """tiny_vocab_metadata with Gemma 4's media and turn tokens at the ids the HF tokenizer gives them
-    (259..268: byte tokens 0xFD-0xFF, never in UTF-8 text, and a few word pieces make room)."""
-    meta = tiny_vocab_metadata()
-    tokens, types = list(meta["tokenizer.ggml.tokens"]), list(meta["tokenizer.ggml.token_type"])
-    for text in MEDIA_TOKENS:
-        tokens[TOKEN_IDS[text]], types[TOKEN_IDS[text]] = text, 3
-    return {**meta, "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types}
+from gguf_media import convert_mmproj, needs_converter, vision_gguf_pair
+from vision_reference import TOKEN_IDS, encoded, picture
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("mmproj")
-    build_multimodal(d / "hf", seed=5, bidirectional="vision")
-    ckpt = open_checkpoint(d / "hf")
-    text = write_gguf(ckpt, d / "text.gguf", "F32", media_vocab_metadata())
-    mmproj = write_mmproj(HFVisionCheckpoint(ckpt), d / "mmproj.gguf")
-    return d, text, mmproj
+    return d, *vision_gguf_pair(d)
 
 
 def _messages():
@@ -96,22 +75,12 @@ def test_mmproj_errors(files, tmp_path):
         gemma4.load(text, mmproj=tmp_path / "missing.gguf")
 
 
-@pytest.mark.skipif(not (LLAMA_CPP / "convert_hf_to_gguf.py").is_file(), reason="llama.cpp source not found "
-                    "(set LLAMA_CPP_DIR)")
+@needs_converter
 def test_llamacpp_converter_writes_what_we_write(files, tmp_path):
     """llama.cpp's own `convert_hf_to_gguf.py --mmproj`: same tensors and numbers as write_mmproj, and
     our reader loads its file into the same tower."""
-    import json
-
     d, _, ours = files
-    proc = json.loads((d / "hf" / "processor_config.json").read_text())
-    proc["image_processor"].update(image_mean=[0.0] * 3, image_std=[1.0] * 3)  # the converter requires them
-    (d / "hf" / "processor_config.json").write_text(json.dumps(proc))
-    out = tmp_path / "mmproj-llamacpp.gguf"
-    r = subprocess.run([sys.executable, str(LLAMA_CPP / "convert_hf_to_gguf.py"), str(d / "hf"), "--mmproj",
-                        "--outtype", "f32", "--outfile", str(out)], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "PYTHONPATH": str(LLAMA_CPP / "gguf-py")})
-    assert r.returncode == 0, r.stderr[-2000:]
+    out = convert_mmproj(d / "hf", tmp_path / "mmproj-llamacpp.gguf")
     theirs, mine = GGUFFile(out), GGUFFile(ours)
     assert set(theirs.tensors) == set(mine.tensors)
     for name, info in theirs.tensors.items():
