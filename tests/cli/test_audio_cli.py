@@ -4,8 +4,7 @@ import pytest
 
 import gemma4
 from audio_reference import build_audio_model, encoded_audio, sweep
-from commands import cli
-from gemma4.audio_io import load_audio
+from commands import assert_chat_saw_media, assert_refused, assert_run_answers, cli, media_message
 from vision_reference import build_multimodal, encoded, picture
 
 
@@ -20,21 +19,10 @@ def tiny(tmp_path_factory):
     return d
 
 
-def _message(d, text, *clips):
-    return [{"role": "user", "content": [{"type": "audio", "audio": load_audio(d / c)} for c in clips]
-             + [{"type": "text", "text": text}]}]
-
-
 def test_run_with_audio(tiny):
     r = cli("run", "-m", str(tiny / "model"), "--audio", str(tiny / "a.flac"), "--audio", str(tiny / "b.mp3"),
             "--temperature", "0", "-n", "4", "transcribe")
-    assert r.returncode == 0, r.stderr
-    model = gemma4.load(tiny / "model")
-    prompt = model.chat_input(_message(tiny, "transcribe", "a.flac", "b.mp3"))
-    soft = sum(p.soft_tokens for p in prompt.patches)
-    assert f"2 images/frames/clips as {soft} soft tokens; prompt of {len(prompt)} tokens" in r.stderr
-    reply = model.chat(_message(tiny, "transcribe", "a.flac", "b.mp3"), max_tokens=4, temperature=0)
-    assert r.stdout == reply.content + "\n"
+    assert_run_answers(r, gemma4.load(tiny / "model"), media_message(tiny, "transcribe", "a.flac", "b.mp3"), 4)
 
 
 @pytest.mark.parametrize("args,words", [
@@ -42,15 +30,12 @@ def test_run_with_audio(tiny):
     (["--audio", "{d}/a.flac", "--raw"], "drop --raw"),
 ])
 def test_bad_audio_is_one_line_and_exit_2(tiny, args, words):
-    r = cli("run", "-m", str(tiny / "model"), *[a.format(d=tiny) for a in args], "x")
-    assert r.returncode == 2, r.stderr
-    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and words in r.stderr, r.stderr
+    assert_refused(cli("run", "-m", str(tiny / "model"), *[a.format(d=tiny) for a in args], "x"), words)
 
 
 def test_a_model_without_audio_refuses_it(tiny):
     build_multimodal(tiny / "vision_only", seed=1)
-    r = cli("run", "-m", str(tiny / "vision_only"), "--audio", str(tiny / "b.mp3"), "x")
-    assert r.returncode == 2 and "no audio tower" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert_refused(cli("run", "-m", str(tiny / "vision_only"), "--audio", str(tiny / "b.mp3"), "x"), "no audio tower")
 
 
 def test_chat_audio_command(tiny):
@@ -58,15 +43,7 @@ def test_chat_audio_command(tiny):
             input=f"/audio {tiny / 'a.flac'}\n/image {tiny / 'a.png'}\nwhat now\n/audio {tiny / 'missing.wav'}\n")
     assert r.returncode == 0, r.stderr
     assert "(2 attached to your next message)" in r.stderr and "no such audio file" in r.stderr
-    model = gemma4.load(tiny / "model")
-    from gemma4.images import load_image
-
-    content = [{"type": "audio", "audio": load_audio(tiny / "a.flac")}, {"type": "image", "image": load_image(tiny / "a.png")},
-               {"type": "text", "text": "what now"}]
-    with_media = model.chat([{"role": "user", "content": content}], max_tokens=6, temperature=0)
-    without = model.chat([{"role": "user", "content": "what now"}], max_tokens=6, temperature=0)
-    assert with_media.content != without.content  # so the next check tells the two apart
-    assert with_media.content in r.stdout
+    assert_chat_saw_media(r.stdout, gemma4.load(tiny / "model"), media_message(tiny, "what now", "a.flac", "a.png"), 6)
 
 
 def test_info_describes_the_audio_tower(tiny):

@@ -3,9 +3,8 @@
 import pytest
 
 import gemma4
-from gemma4.images import load_image
 from reference import build_gemma4
-from commands import cli
+from commands import assert_chat_saw_media, assert_refused, assert_run_answers, cli, media_message
 from vision_reference import build_multimodal, encoded, picture
 
 
@@ -19,31 +18,18 @@ def tiny(tmp_path_factory):
     return d
 
 
-def _message(d, text, *images):
-    return [{"role": "user", "content": [{"type": "image", "image": load_image(d / i)} for i in images]
-             + [{"type": "text", "text": text}]}]
-
-
 @pytest.mark.parametrize("images", [["a.png"], ["a.png", "b.webp"]])
 def test_run_with_images(tiny, images):
     args = [a for i in images for a in ("--image", str(tiny / i))]
     r = cli("run", "-m", str(tiny / "model"), *args, "--temperature", "0", "-n", "4", "describe")
-    assert r.returncode == 0, r.stderr
-    model = gemma4.load(tiny / "model")
-    prompt = model.chat_input(_message(tiny, "describe", *images))
-    soft = sum(p.soft_tokens for p in prompt.patches)
-    assert len(prompt.patches) == len(images) and soft > 0
-    # the images' soft tokens are in the prompt the CLI ran
-    assert f"{len(images)} images/frames/clips as {soft} soft tokens; prompt of {len(prompt)} tokens" in r.stderr
-    reply = model.chat(_message(tiny, "describe", *images), max_tokens=4, temperature=0)
-    assert r.stdout == reply.content + "\n"
+    assert_run_answers(r, gemma4.load(tiny / "model"), media_message(tiny, "describe", *images), 4)
 
 
 def test_image_token_budget_flag(tiny):
     r = cli("run", "-m", str(tiny / "model"), "--image", str(tiny / "a.png"), "--image-tokens", "140", "-n", "1", "x")
     assert r.returncode == 0, r.stderr
     model = gemma4.load(tiny / "model")
-    prompt = model.chat_input(_message(tiny, "x", "a.png"), image_tokens=140)
+    prompt = model.chat_input(media_message(tiny, "x", "a.png"), image_tokens=140)
     assert f"prompt of {len(prompt)} tokens" in r.stderr
 
 
@@ -55,15 +41,12 @@ def test_image_token_budget_flag(tiny):
     (["--video", "{d}/nothing"], "no such video file"),
 ])
 def test_bad_images_are_one_line_and_exit_2(tiny, args, words):
-    r = cli("run", "-m", str(tiny / "model"), *[a.format(d=tiny) for a in args], "describe")
-    assert r.returncode == 2, r.stderr
-    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and words in r.stderr, r.stderr
+    assert_refused(cli("run", "-m", str(tiny / "model"), *[a.format(d=tiny) for a in args], "describe"), words)
 
 
 def test_a_text_only_model_refuses_images(tiny):
     build_gemma4(tiny / "text", "dense_kv")
-    r = cli("run", "-m", str(tiny / "text"), "--image", str(tiny / "a.png"), "describe")
-    assert r.returncode == 2 and "no vision tower" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert_refused(cli("run", "-m", str(tiny / "text"), "--image", str(tiny / "a.png"), "describe"), "no vision tower")
 
 
 def test_chat_image_command(tiny):
@@ -71,11 +54,7 @@ def test_chat_image_command(tiny):
             input=f"/image {tiny / 'a.png'}\ndescribe\n/image {tiny / 'missing.png'}\n")
     assert r.returncode == 0, r.stderr
     assert "(1 attached to your next message)" in r.stderr and "no such image file" in r.stderr
-    model = gemma4.load(tiny / "model")
-    with_image = model.chat(_message(tiny, "describe", "a.png"), max_tokens=6, temperature=0)
-    without = model.chat([{"role": "user", "content": "describe"}], max_tokens=6, temperature=0)
-    assert with_image.content != without.content  # so the next check tells the two apart
-    assert with_image.content in r.stdout
+    assert_chat_saw_media(r.stdout, gemma4.load(tiny / "model"), media_message(tiny, "describe", "a.png"), 6)
 
 
 
@@ -93,8 +72,8 @@ def test_prompt_cache_keeps_the_images(tiny, tmp_path):
         r = cli("run", "-m", str(tiny / "model"), "--image", str(tiny / image), "--prompt-cache", str(cache),
                 "--temperature", "0", "-n", "4", question)
         assert r.returncode == 0, r.stderr
-        assert r.stdout == model.chat(_message(tiny, question, image), max_tokens=4, temperature=0).content + "\n"
-        prompt = model.chat_input(_message(tiny, question, image))
+        assert r.stdout == model.chat(media_message(tiny, question, image), max_tokens=4, temperature=0).content + "\n"
+        prompt = model.chat_input(media_message(tiny, question, image))
         return r.stderr, prompt.offsets[0], prompt.offsets[0] + prompt.patches[0].soft_tokens
 
     err, _, end = run("a.png", "describe")
