@@ -17,7 +17,7 @@ from ..audio_features import FeatureConfig
 from ..config.audio import AudioConfig
 from ..errors import ModelLoadError
 from . import names
-from .hf_parts import HFPart, read_json
+from .hf_parts import HFPart, read_json, tower_config
 from .mmproj import AUDIO_PREFIXES, MmprojTower
 
 PROJECTOR = "gemma4a"
@@ -28,11 +28,7 @@ class HFAudioCheckpoint(HFPart):
     """The audio tower inside an HF folder (a SafetensorsCheckpoint of a multimodal model)."""
 
     def __init__(self, text_checkpoint):
-        raw = text_checkpoint.raw_config
-        audio = raw.get("audio_config")
-        if not isinstance(audio, dict):
-            raise ModelLoadError(f"{text_checkpoint.folder}: config.json has no audio_config (a model without audio)")
-        processor = read_json(text_checkpoint.folder / "processor_config.json")
+        audio, processor = tower_config(text_checkpoint, "audio_config", "a model without audio")
         self.config = AudioConfig.from_hf(audio, text_checkpoint.config.hidden_size, processor)
         extractor = (processor or {}).get("feature_extractor")
         if extractor is None:  # older saves keep the feature extractor in preprocessor_config.json
@@ -46,9 +42,8 @@ class HFAudioCheckpoint(HFPart):
             raise ModelLoadError(f"feature_extractor.feature_size: {self.features.feature_size} mel bins, but the "
                                  f"audio tower takes {self.config.feature_size}")
         super().__init__(text_checkpoint.files, names.audio_from_hf,
-                         lambda key: key.startswith((names.HF_AUDIO_PREFIX, names.HF_AUDIO_EMBEDDER_PREFIX)), "audio")
-        if not self.names():
-            raise ModelLoadError(f"{text_checkpoint.folder}: audio_config is set but the checkpoint has no audio "
+                         lambda key: key.startswith((names.HF_AUDIO_PREFIX, names.HF_AUDIO_EMBEDDER_PREFIX)), "audio",
+                         missing=f"{text_checkpoint.folder}: audio_config is set but the checkpoint has no audio "
                                  f"tower tensors ({names.HF_AUDIO_PREFIX}*)")
 
     def tensor(self, name: str) -> torch.Tensor:

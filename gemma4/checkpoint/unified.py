@@ -5,7 +5,6 @@ vision_config / audio_config and the model.embed_vision.* / model.embed_audio.* 
 from __future__ import annotations
 
 from ..config.unified import UnifiedVisionConfig, WaveformAudioConfig
-from ..errors import ModelLoadError
 from . import names
 from .hf_parts import HFPart, read_json
 
@@ -15,9 +14,8 @@ class _EmbedderCheckpoint(HFPart):
 
     def __init__(self, text_checkpoint, config, table: list[tuple[str, str]]):
         self.config = config
-        super().__init__(text_checkpoint.files, lambda key: names.unified_from_hf(key, table))
-        if not self.names():
-            raise ModelLoadError(f"{text_checkpoint.folder}: config.json describes the {self.what}, but the "
+        super().__init__(text_checkpoint.files, lambda key: names.unified_from_hf(key, table),
+                         missing=f"{text_checkpoint.folder}: config.json describes the {self.what}, but the "
                                  f"checkpoint has none of its tensors ({table[0][1]}, ...)")
 
 

@@ -17,7 +17,7 @@ import torch
 from ..config.vision import VisionConfig
 from ..errors import ModelLoadError
 from . import names
-from .hf_parts import HFPart, read_json
+from .hf_parts import HFPart, tower_config
 from .mmproj import AUDIO_PREFIXES, MMPROJ_ARCH, MmprojTower
 
 PATCH_EMBD = "patch_embedder.input_proj.weight"
@@ -39,16 +39,11 @@ class HFVisionCheckpoint(HFPart):
     """The vision tower inside an HF folder (a SafetensorsCheckpoint of a multimodal model)."""
 
     def __init__(self, text_checkpoint):
-        raw = text_checkpoint.raw_config
-        vision = raw.get("vision_config")
-        if not isinstance(vision, dict):
-            raise ModelLoadError(f"{text_checkpoint.folder}: config.json has no vision_config (a text-only model)")
-        processor = read_json(text_checkpoint.folder / "processor_config.json")
+        vision, processor = tower_config(text_checkpoint, "vision_config", "a text-only model")
         self.config = VisionConfig.from_hf(vision, text_checkpoint.config.hidden_size, processor)
-        super().__init__(text_checkpoint.files, names.vision_from_hf)
-        if not self.names():
-            raise ModelLoadError(f"{text_checkpoint.folder}: vision_config is set but the checkpoint has no "
-                                 f"vision tower tensors ({names.HF_VISION_PREFIX}*)")
+        super().__init__(text_checkpoint.files, names.vision_from_hf,
+                         missing=f"{text_checkpoint.folder}: vision_config is set but the checkpoint has no vision "
+                                 f"tower tensors ({names.HF_VISION_PREFIX}*)")
 
 
 class MmprojCheckpoint(MmprojTower):

@@ -103,3 +103,23 @@ def test_not_a_model(tmp_path):
     with pytest.raises(ModelLoadError) as e:
         gemma4.load(tmp_path / "empty")
     assert "config.json" in _one_line(e)
+
+
+@pytest.mark.parametrize("section,tower", [("vision_config", "vision"), ("audio_config", "audio")])
+def test_a_tower_config_json_describes_without_its_tensors(ckpt, section, tower):
+    _edit_config(ckpt, **{section: {}})
+    with pytest.raises(ModelLoadError) as e:
+        gemma4.load(ckpt)
+    assert f"{section} is set but the checkpoint has no {tower} tower tensors" in _one_line(e)
+
+
+def test_a_tower_reader_on_a_model_without_the_tower(ckpt):
+    from gemma4.checkpoint import open_checkpoint
+    from gemma4.checkpoint.audio import HFAudioCheckpoint
+    from gemma4.checkpoint.vision import HFVisionCheckpoint
+
+    for reader, words in ((HFVisionCheckpoint, "no vision_config (a text-only model)"),
+                          (HFAudioCheckpoint, "no audio_config (a model without audio)")):
+        with pytest.raises(ModelLoadError) as e:
+            reader(open_checkpoint(ckpt))
+        assert words in _one_line(e)
