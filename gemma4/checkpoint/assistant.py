@@ -17,7 +17,7 @@ import torch
 from ..config.assistant import ASSISTANT_TEXT_TYPES, AssistantConfig
 from ..errors import ModelLoadError
 from . import GGUF_MAGIC, names
-from .gguf import ROPE_FREQS, GGUFCheckpoint
+from .gguf import GGUFCheckpoint
 from .gguf_file import GGUFFile
 from .safetensors import SafetensorsCheckpoint
 
@@ -62,58 +62,31 @@ def is_assistant(path: str | Path) -> bool:
 
 
 class HFAssistantCheckpoint(SafetensorsCheckpoint):
-    def __init__(self, folder: str | Path):
-        self.folder = Path(folder)
-        config_path = self.folder / "config.json"
-        if not config_path.is_file():
-            raise ModelLoadError(f"{self.folder}: no config.json (not an HF checkpoint folder)")
-        try:
-            self.raw_config = json.loads(config_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ModelLoadError(f"{config_path}: not valid JSON ({e})") from None
-        self.config = AssistantConfig.from_hf(self.raw_config)
-        self._files = self._shards()
-        self._where = {}
-        for path in self._files:
-            for key in self._open(path).keys():
-                ours = _hf_name(key)
-                if ours is not None:
-                    self._where.setdefault(ours, (path, key))
+    """An assistant's HF folder: the text reader's files and tensors, the assistant's config and names."""
 
-    def tensor(self, name: str) -> torch.Tensor:
-        path, key = self._where[name]
-        try:
-            return self._open(path).get_tensor(key)
-        except (OSError, RuntimeError) as e:
-            raise ModelLoadError(f"{name}: cannot read from {path.name} ({e})") from None
+    def _config(self, raw: dict) -> AssistantConfig:
+        return AssistantConfig.from_hf(raw)
 
+    @staticmethod
+    def _our_name(key: str) -> str | None:
+        if key in names.ASSISTANT_TOP_LEVEL or key == "lm_head.weight":
+            return key
+        if key.startswith("model."):
+            return key[len("model."):]
+        return None
 
-def _hf_name(key: str) -> str | None:
-    if key in names.ASSISTANT_TOP_LEVEL or key == "lm_head.weight":
-        return key
-    if key.startswith("model."):
-        return key[len("model."):]
-    return None
+    def _as_ours(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        return t  # a Gemma 4 decoder: its norms are stored as used
 
 
 class GGUFAssistantCheckpoint(GGUFCheckpoint):
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.file = GGUFFile(self.path)
-        self.metadata = self.file.metadata
-        arch = self.metadata.get("general.architecture")
+    """An assistant's GGUF: the text reader's file and tensors, the assistant's architecture and config."""
+
+    def _check_architecture(self, arch) -> None:
         if arch != GGUF_ARCH:
             raise ModelLoadError(f"general.architecture: {arch!r} is not a Gemma 4 assistant ({GGUF_ARCH})")
-        self.architecture = arch
-        self._tensors = self.file.tensors
-        self._ours = {}
-        for gguf_name in self._tensors:
-            if gguf_name == ROPE_FREQS:
-                continue
-            ours = names.from_gguf(gguf_name)
-            if ours is None:
-                raise ModelLoadError(f"{gguf_name}: tensor not known for architecture {arch}")
-            self._ours[ours] = gguf_name
+
+    def _configure(self) -> None:
         text = self._hf_config()  # the decoder's fields, as for gemma4
         text.pop("num_kv_shared_layers", None)
         centroids = self._tensors.get(names.to_gguf("masked_embedding.centroids.weight"))

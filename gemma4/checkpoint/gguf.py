@@ -29,10 +29,8 @@ class GGUFCheckpoint:
         self.path = Path(path)
         self.file = GGUFFile(self.path)
         self.metadata = self.file.metadata
-        arch = self.metadata.get("general.architecture")
-        if arch not in ARCHITECTURES:
-            raise ModelLoadError(f"general.architecture: unsupported {arch!r} (supported: {', '.join(ARCHITECTURES)})")
-        self.architecture = arch
+        arch = self.architecture = self.metadata.get("general.architecture")
+        self._check_architecture(arch)
         self._tensors = self.file.tensors
         self._converted = None  # the mapped cache entry (prepare_quantized)
         self._ours: dict[str, str] = {}
@@ -43,6 +41,14 @@ class GGUFCheckpoint:
             if ours is None:
                 raise ModelLoadError(f"{gguf_name}: tensor not known for architecture {arch}")
             self._ours[ours] = gguf_name
+        self._configure()
+
+    def _check_architecture(self, arch: Any) -> None:
+        if arch not in ARCHITECTURES:
+            raise ModelLoadError(f"general.architecture: unsupported {arch!r} (supported: {', '.join(ARCHITECTURES)})")
+
+    def _configure(self) -> None:
+        """raw_config (the config.json fields the metadata stands for) and config."""
         self.raw_config = self._hf_config()
         self.config = ModelConfig.from_hf(self.raw_config)
 

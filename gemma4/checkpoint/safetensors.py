@@ -27,14 +27,21 @@ class SafetensorsCheckpoint:
             self.raw_config = json.loads(config_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ModelLoadError(f"{config_path}: not valid JSON ({e})") from None
-        self.config = ModelConfig.from_hf(self.raw_config)
+        self.config = self._config(self.raw_config)
         self._files = self._shards()
         self._where: dict[str, tuple[Path, str]] = {}  # our name -> (file, name in file)
         for path in self._files:
             for key in self._open(path).keys():
-                ours = _strip_prefix(key)
+                ours = self._our_name(key)
                 if ours is not None:
                     self._where.setdefault(ours, (path, key))
+
+    def _config(self, raw: dict):
+        return ModelConfig.from_hf(raw)
+
+    @staticmethod
+    def _our_name(key: str) -> str | None:
+        return _strip_prefix(key)
 
     def _shards(self) -> list[Path]:
         index = self.folder / "model.safetensors.index.json"
@@ -87,6 +94,9 @@ class SafetensorsCheckpoint:
             t = self._open(path).get_tensor(key)
         except (SafetensorError, OSError, RuntimeError) as e:
             raise ModelLoadError(f"{name}: cannot read from {path.name} ({e})") from None
+        return self._as_ours(name, t)
+
+    def _as_ours(self, name: str, t: torch.Tensor) -> torch.Tensor:
         if self.config.architecture == "gemma3" and names.is_norm(name):
             t = t.float() + 1.0  # Gemma 3 norms multiply by (1 + w)
         return t
