@@ -17,6 +17,7 @@ import official
 from gemma4.checkpoint import open_checkpoint
 from gemma4.checkpoint.gguf_writer import write_gguf
 from gemma4.checkpoint.vision import HFVisionCheckpoint, write_mmproj
+from gemma4.errors import ModelLoadError
 from reference import tiny_vocab_metadata
 from vision_reference import MEDIA_TOKENS, TOKEN_IDS, build_multimodal
 
@@ -58,3 +59,12 @@ def vision_gguf_pair(d: Path, metadata: dict | None = None) -> tuple[Path, Path]
     ckpt = open_checkpoint(d / "hf")
     text = write_gguf(ckpt, d / "text.gguf", "F32", metadata or media_vocab_metadata())
     return text, write_mmproj(HFVisionCheckpoint(ckpt), d / "mmproj.gguf")
+
+
+def assert_mmproj_refusals(reader, mmproj: Path, text: Path) -> None:
+    """An mmproj tower reader refuses a tower that projects to another width than the text model's, and a
+    GGUF that is no mmproj."""
+    with pytest.raises(ModelLoadError, match="projection_dim"):
+        reader(mmproj, text_hidden_size=999)
+    with pytest.raises(ModelLoadError, match="not an mmproj"):
+        reader(text)
