@@ -278,20 +278,25 @@ def test_bad_checkpoints(pair, tmp_path):
         open_assistant(tmp_path / "nowhere")
 
 
-def test_greedy_with_the_assistant_is_token_identical(pair):
+def assert_assistant_keeps_greedy(model, assistant_path, prompt: list[int]) -> None:
     """The assistant drafting in the speculative loop (chosen by drafter_for, as --draft-model does):
     greedy output equals plain greedy output, across the sliding window and ring wraps."""
     from gemma4 import speculative
 
-    _, target_path, _, assistant_path, _ = pair
-    model = gemma4.load(target_path)
     drafter = speculative.drafter_for(assistant_path, model)
     assert isinstance(drafter, AssistantDrafter)
-    prompt = _prompt(9, seed=5).tolist()
     n = 4 * model.config.sliding_window + 3
     want = model.generate(prompt, max_tokens=n, temperature=0, ignore_eos=True)
     got = model.generate(prompt, max_tokens=n, temperature=0, ignore_eos=True, speculative=3, drafter=drafter)
     assert got.token_ids == want.token_ids
     assert got.drafted_tokens > 0
+
+
+def test_greedy_with_the_assistant_is_token_identical(pair):
+    from gemma4 import speculative
+
+    _, target_path, _, assistant_path, _ = pair
+    model = gemma4.load(target_path)
+    assert_assistant_keeps_greedy(model, assistant_path, _prompt(9, seed=5).tolist())
     # a target folder given as --draft-model is a draft model, not an assistant
     assert not isinstance(speculative.drafter_for(target_path, model), AssistantDrafter)

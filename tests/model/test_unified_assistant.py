@@ -5,10 +5,9 @@ import pytest
 import torch
 
 import gemma4
-from gemma4 import speculative
 from gemma4.checkpoint.assistant import is_assistant, open_assistant
-from gemma4.speculative.drafters import AssistantDrafter, load_drafter
-from test_assistant import DraftContext, _reference_drafts
+from gemma4.speculative.drafters import load_drafter
+from test_assistant import DraftContext, _reference_drafts, assert_assistant_keeps_greedy
 from unified_reference import build_unified, build_unified_assistant, mark_unified_producers
 
 
@@ -53,12 +52,4 @@ def test_drafts_match_the_reference_candidate_generator(pair, length):
 
 def test_greedy_with_the_unified_assistant_is_token_identical(pair):
     target_path, _, assistant_path, _ = pair
-    model = gemma4.load(target_path, progress=False)
-    drafter = speculative.drafter_for(assistant_path, model)  # as --draft-model chooses it
-    assert isinstance(drafter, AssistantDrafter)
-    prompt = _ids(9, seed=5).tolist()
-    n = 4 * model.config.sliding_window + 3
-    want = model.generate(prompt, max_tokens=n, temperature=0, ignore_eos=True)
-    got = model.generate(prompt, max_tokens=n, temperature=0, ignore_eos=True, speculative=3, drafter=drafter)
-    assert got.token_ids == want.token_ids
-    assert got.drafted_tokens > 0
+    assert_assistant_keeps_greedy(gemma4.load(target_path, progress=False), assistant_path, _ids(9, seed=5).tolist())
