@@ -5,7 +5,8 @@ directly; K-quants need llama.cpp's quantiser. As llama.cpp does, 1-D tensors st
 whose rows are not a whole number of blocks falls back to F16.
 
 Tensors are streamed: their table is written first, then each tensor is read, encoded a slab of rows at
-a time and written before the next is read, so a model far larger than memory converts in little of it.
+a time and each slab written before the next is encoded, so a model (or a single table) far larger than
+memory converts in little of it.
 """
 
 from __future__ import annotations
@@ -112,27 +113,44 @@ def _nbytes(shape: tuple[int, ...], qtype) -> int:
     return int(np.prod(quant_shape_to_byte_shape(shape, qtype)))
 
 
-def _encode(tensor: torch.Tensor, qtype) -> np.ndarray:
-    """`tensor` in GGML type `qtype` (from _storage_type), one row per leading index; rows are blocks
-    on their own, so encoding slab by slab gives the same bytes as encoding the whole."""
+def _slabs(tensor: torch.Tensor, qtype):
+    """`tensor` in GGML type `qtype` (from _storage_type), a slab of rows at a time (one row per leading
+    index); rows are blocks on their own, so the slabs' bytes are the whole tensor's."""
     import gguf
 
     Q = gguf.GGMLQuantizationType
     rows = tensor.reshape(-1, tensor.shape[-1]) if tensor.dim() > 1 else tensor.reshape(1, -1)
     step = max(1, SLAB_ELEMENTS // max(1, rows.shape[1]))
-    out = None
     for start in range(0, rows.shape[0], step):
         part = rows[start:start + step].float().numpy()
         if qtype == Q.F32:
-            enc = part
+            yield part
         elif qtype == Q.F16:
-            enc = part.astype(np.float16)
+            yield part.astype(np.float16)
         else:
-            enc = gguf.quants.quantize(part, qtype)
-        if out is None:
-            out = np.empty((rows.shape[0], enc.shape[1]), dtype=enc.dtype)
-        out[start:start + len(part)] = enc
-    return out
+            yield gguf.quants.quantize(part, qtype)
+
+
+def _encode(tensor: torch.Tensor, qtype) -> np.ndarray:
+    """`tensor` in GGML type `qtype`, one row per leading index, in memory."""
+    return np.concatenate(list(_slabs(tensor, qtype)))
+
+
+class _Streamed:
+    """A tensor's GGML bytes, encoded slab by slab while they are written: GGUFWriter.write_tensor_data
+    asks only for .nbytes and .tofile, so a table larger than memory (E2B's per-layer embeddings: 4.7 GB
+    in BF16) never sits in it whole."""
+
+    def __init__(self, tensor: torch.Tensor, qtype, nbytes: int):
+        self.tensor, self.qtype, self.nbytes = tensor, qtype, nbytes
+
+    def tofile(self, f) -> None:
+        written = 0
+        for enc in _slabs(self.tensor, self.qtype):
+            enc.tofile(f)
+            written += enc.nbytes
+        if written != self.nbytes:
+            raise ValueError(f"internal: {written} bytes encoded, {self.nbytes} announced")
 
 
 def write_gguf(checkpoint, path: str | Path, qtype: str = "F32",
@@ -157,22 +175,23 @@ def write_gguf(checkpoint, path: str | Path, qtype: str = "F32",
         for key, value in (tokenizer_metadata or {}).items():
             _add_any(w, key, value)
         freqs = _rope_freqs(cfg)
-        plan: list[tuple[str | None, Any]] = []  # (our name, or None for rope_freqs; storage type)
+        plan: list[tuple[str | None, Any, int]] = []  # (our name, or None for rope_freqs; storage type; bytes)
         if freqs is not None:
             w.add_tensor_info("rope_freqs.weight", freqs.shape, freqs.dtype, freqs.nbytes)
-            plan.append((None, gguf.GGMLQuantizationType.F32))
+            plan.append((None, gguf.GGMLQuantizationType.F32, freqs.nbytes))
         for name in checkpoint.names():
             if name == "lm_head.weight" and cfg.tie_word_embeddings:
                 continue
             shape = tuple(checkpoint.shape(name))
             stype = _storage_type(shape, qt)
-            w.add_tensor_info(names.to_gguf(name), shape, np.dtype(np.float32), _nbytes(shape, stype), raw_dtype=stype)
-            plan.append((name, stype))
+            nbytes = _nbytes(shape, stype)
+            w.add_tensor_info(names.to_gguf(name), shape, np.dtype(np.float32), nbytes, raw_dtype=stype)
+            plan.append((name, stype, nbytes))
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        for name, stype in plan:
-            w.write_tensor_data(freqs if name is None else _encode(checkpoint.tensor(name), stype))
+        for name, stype, nbytes in plan:
+            w.write_tensor_data(freqs if name is None else _Streamed(checkpoint.tensor(name), stype, nbytes))
         w.close()
         os.replace(partial, path)
     finally:
