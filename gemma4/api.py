@@ -191,6 +191,13 @@ def _vision_checkpoint(checkpoint, mmproj):
     if mmproj is not None:
         if config.architecture != "gemma4":
             raise ModelLoadError(f"mmproj: a {config.architecture} model takes no Gemma 4 vision tower")
+        from .checkpoint import unified_mmproj
+
+        if unified_mmproj.projector_types(mmproj)[0] == unified_mmproj.VISION_PROJECTOR:
+            # the 12B unified model's: its image runs see one another both ways on every layer (the reference's
+            # mask; llama.cpp's gemma4 graph keeps them to the sliding layers)
+            config.use_bidirectional_attention, config.bidirectional_vision_layers = "vision", "all"
+            return unified_mmproj.MmprojUnifiedVisionCheckpoint(mmproj, config.hidden_size)
         vision = MmprojCheckpoint(mmproj, config.hidden_size)
         if getattr(checkpoint, "metadata", None) is not None:
             # A GGUF does not say how image tokens attend; llama.cpp's rule: both ways, except on the
@@ -218,11 +225,12 @@ def _audio_checkpoint(checkpoint, mmproj):
 
         return unified_media(checkpoint)[1]
     if mmproj is not None:
-        from .checkpoint.gguf_file import GGUFFile
+        from .checkpoint import unified_mmproj
 
-        if config.architecture == "gemma4" and GGUFFile(mmproj).metadata.get("clip.audio.projector_type"):
-            return MmprojAudioCheckpoint(mmproj, config.hidden_size)
-        return None
+        projector = unified_mmproj.projector_types(mmproj)[1] if config.architecture == "gemma4" else None
+        if projector == unified_mmproj.AUDIO_PROJECTOR:
+            return unified_mmproj.MmprojWaveformAudioCheckpoint(mmproj, config.hidden_size)
+        return MmprojAudioCheckpoint(mmproj, config.hidden_size) if projector else None
     raw = getattr(checkpoint, "raw_config", None) or {}
     if config.architecture == "gemma4" and isinstance(raw.get("audio_config"), dict) and hasattr(checkpoint, "files"):
         return HFAudioCheckpoint(checkpoint)
@@ -330,11 +338,11 @@ class Model:
         """The audio tower (model/audio.py), built from its checkpoint the first time it is asked for."""
         if self._audio is None:
             self.check_audio()
-            from .checkpoint.unified import WaveformAudioCheckpoint
+            from .config.unified import WaveformAudioConfig
             from .model.audio import load_audio_tower
             from .model.unified import load_embedder
 
-            unified = isinstance(self.audio_checkpoint, WaveformAudioCheckpoint)
+            unified = isinstance(self.audio_checkpoint.config, WaveformAudioConfig)  # (HF folder or mmproj)
             self._audio = (load_embedder if unified else load_audio_tower)(self.audio_checkpoint, self.decoder.dtype,
                                                                            self.decoder.device)
         return self._audio
@@ -359,7 +367,7 @@ class Model:
         """Prompt text with <|image|> / <|video|> / <|audio|> placeholders (as the chat template writes them)
         and the images / videos / audio clips for them, in order -> token ids with soft-token runs."""
         from .audio_features import FeatureExtractor
-        from .checkpoint.unified import WaveformAudioCheckpoint
+        from .config.unified import WaveformAudioConfig
         from .config.vision import SUPPORTED_SOFT_TOKENS
         from .multimodal import MediaTokens, expand, waveform_frames
 
@@ -373,7 +381,8 @@ class Model:
             sizes = dict(patch_size=cfg.preprocess_patch_size,
                          pooling_kernel_size=cfg.preprocess_pooling,
                          image_soft_tokens=image_tokens, video_soft_tokens=cfg.video_max_soft_tokens)
-        if isinstance(self.audio_checkpoint, WaveformAudioCheckpoint):  # raw 16 kHz frames, no log-mel
+        if self.audio_checkpoint is not None and isinstance(self.audio_checkpoint.config, WaveformAudioConfig):
+            # raw 16 kHz frames, no log-mel
             a = self.audio_checkpoint.config
             sizes["audio_frames"] = lambda clip: waveform_frames(clip, a.audio_samples_per_token, a.sampling_rate)
         elif self.audio_checkpoint is not None:

@@ -205,7 +205,7 @@ def audio_from_gguf(gguf_name: str) -> str | None:
 
 # ---- the unified model's (gemma4_unified) encoder-free embedders -----------------------------------
 # (our name in model/unified.py, HF name in a Gemma4UnifiedForConditionalGeneration checkpoint). llama.cpp
-# writes them into mmproj files of its own projector types (gemma4uv, gemma4ua), not read here.
+# writes them into mmproj files of its own projector types (gemma4uv, gemma4ua): their names below.
 # The HF names are those of the published checkpoints (transformers renames them on load:
 # conversion_mapping.py "gemma4_unified"; its save_pretrained writes these back).
 UNIFIED_VISION_TENSORS: list[tuple[str, str]] = [
@@ -217,6 +217,18 @@ UNIFIED_VISION_TENSORS: list[tuple[str, str]] = [
 WAVEFORM_AUDIO_TENSORS: list[tuple[str, str]] = [
     ("embedder.embedding_projection.weight", "model.embed_audio.embedding_projection.weight"),
 ]
+
+
+# our name -> llama.cpp's in an mmproj (convert_hf_to_gguf.py, Gemma4UnifiedVisionAudioModel: pos_norm becomes
+# the third patch norm; tools/mtmd/clip.cpp loads them for PROJECTOR_TYPE_GEMMA4UV / GEMMA4UA)
+UNIFIED_VISION_GGUF: dict[str, str] = {
+    **{f"{ln}.{p}": f"v.patch_norm.{i}.{p}" for i, ln in ((1, "patch_ln1"), (2, "patch_ln2"), (3, "pos_norm"))
+       for p in ("weight", "bias")},
+    "patch_dense.weight": "v.patch_embd.weight", "patch_dense.bias": "v.patch_embd.bias",
+    "pos_embedding": "v.position_embd.weight",
+    "embedder.embedding_projection.weight": "mm.input_projection.weight",
+}
+WAVEFORM_AUDIO_GGUF: dict[str, str] = {"embedder.embedding_projection.weight": "mm.a.input_projection.weight"}
 
 
 def unified_from_hf(hf_name: str, table: list[tuple[str, str]]) -> str | None:
