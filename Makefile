@@ -47,7 +47,8 @@ test: kernels official browser
 
 # Prepares once (llama-cpp-python, the random 26B-A4B-shape model: ~20 minutes for 6 layers), caches it
 # under $GEMMA4_BENCH_CACHE (default ~/.cache/gemma4-bench), then measures; BENCH_ARGS="--layers 1" etc.
-# bench/speculative.py: prompt lookup on the embedded model, a verify step's cost on the 26B-A4B shape
+# bench/speculative.py: prompt lookup on the embedded model, a verify step's cost on the 26B-A4B shape, the E2B
+# shape drafting for it (prepared once: a 9 GB HF folder and a 3 GB Q4_K_M GGUF, ~12 minutes)
 # bench/long_context.py: KV bytes and peak memory at 8K-128K, time to first token on a cached document
 # bench/soak.py: the server under mixed load for 90 s, greedy probes before and after, RSS (bench/SOAK.md)
 # bench/speculative_exact.py: greedy speculation token-identical to plain greedy (exits 1 if not)

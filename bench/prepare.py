@@ -8,7 +8,9 @@
 - a random-weight Gemma 4 in the real 26B-A4B shape (bench/random_model.py): an HF folder (config.json,
   bf16 safetensors, tokenizer.json: the embedded model's 262144-token vocabulary) and its GGUF twins,
   Q8_0 written by gemma4's own GGUF writer and Q4_K_M by llama.cpp's quantiser from a BF16 GGUF
-  (removed afterwards unless --keep-bf16).
+  (removed afterwards unless --keep-bf16);
+- with --shape e2b, the same for the E2B shape (per-layer embeddings, KV-shared layers): the draft model
+  of bench/speculative.py, on the same vocabulary as the 26B-A4B shape.
 
 Everything lives under $GEMMA4_BENCH_CACHE (default ~/.cache/gemma4-bench), one folder per shape and
 layer count. Each step is skipped when its output exists; outputs appear only once complete, so an
@@ -164,8 +166,12 @@ class ShapeModel:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def shape_name(layers: int, tiny: bool) -> str:
-    return f"{'tiny' if tiny else 'gemma4-26b-a4b-shape'}-L{layers}"
+SHAPES = tuple(random_model.SHAPES)
+
+
+def shape_name(layers: int, tiny: bool, shape: str = "26b-a4b") -> str:
+    kind = "" if shape == "26b-a4b" else f"-{shape}"
+    return f"{'tiny' + kind if tiny else f'gemma4-{shape}-shape'}-L{layers}"
 
 
 def _step(model: ShapeModel, what: str, out: Path, make) -> Path:
@@ -181,8 +187,9 @@ def _step(model: ShapeModel, what: str, out: Path, make) -> Path:
 
 
 def shape_model(layers: int = 6, formats=FORMATS, tiny: bool = False, cache: Path | None = None,
-                keep_bf16: bool = False) -> ShapeModel:
-    """The random 26B-A4B-shape model with `layers` layers: HF folder and GGUF files in `formats`."""
+                keep_bf16: bool = False, shape: str = "26b-a4b") -> ShapeModel:
+    """The random model of `shape` (26b-a4b or e2b) with `layers` layers: HF folder and GGUF files in
+    `formats`."""
     from gemma4.checkpoint import open_checkpoint
     from gemma4.checkpoint.gguf_writer import write_gguf
 
@@ -190,9 +197,13 @@ def shape_model(layers: int = 6, formats=FORMATS, tiny: bool = False, cache: Pat
     unknown = set(formats) - set(FORMATS)
     if unknown:
         raise ValueError(f"formats: unknown {sorted(unknown)} (known: {', '.join(FORMATS)})")
-    name = shape_name(layers, tiny)
+    if shape not in SHAPES:
+        raise ValueError(f"shape: unknown {shape!r} (known: {', '.join(SHAPES)})")
+    name = shape_name(layers, tiny, shape)
     folder = cache / name
     spec = {"version": FORMAT_VERSION, "layers": layers, "tiny": tiny, "seed": SEED}
+    if shape != "26b-a4b":  # (the 26B-A4B's spec predates shapes: its cached folders stay valid)
+        spec["shape"] = shape
     spec_path = folder / "spec.json"
     if folder.exists() and (not spec_path.is_file() or json.loads(spec_path.read_text()) != spec):
         log(f"{name}: cached files are from another recipe, rebuilding")
@@ -206,7 +217,7 @@ def shape_model(layers: int = 6, formats=FORMATS, tiny: bool = False, cache: Pat
     def hf():
         special = write_tokenizer_files(model.hf, meta)
         random_model.write_hf_folder(model.hf, layers, len(meta["tokenizer.ggml.tokens"]), special, tiny=tiny,
-                                     seed=SEED)
+                                     seed=SEED, shape=shape)
 
     _step(model, "HF folder (bf16 safetensors)", model.hf / "config.json", hf)
 
@@ -233,7 +244,8 @@ def shape_model(layers: int = 6, formats=FORMATS, tiny: bool = False, cache: Pat
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--layers", type=int, default=6, help="layers of the 26B-A4B shape (default 6: 5 sliding + 1 full)")
+    ap.add_argument("--shape", default="26b-a4b", choices=SHAPES, help="26b-a4b (default) or e2b")
+    ap.add_argument("--layers", type=int, default=6, help="layers of the shape (default 6; the real E2B has 35)")
     ap.add_argument("--formats", default=",".join(FORMATS), help="GGUF formats of the shape model")
     ap.add_argument("--tiny", action="store_true", help="tiny widths (smoke runs)")
     ap.add_argument("--no-install", action="store_true", help="do not build llama-cpp-python when it is missing")
@@ -243,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     ensure_llama_cpp(install=not args.no_install)
     log(f"embedded model: {embedded_gguf()}")
     formats = [f for f in args.formats.split(",") if f]
-    m = shape_model(args.layers, formats, tiny=args.tiny, keep_bf16=args.keep_bf16)
+    m = shape_model(args.layers, formats, tiny=args.tiny, keep_bf16=args.keep_bf16, shape=args.shape)
     log(f"{m.name}: ready in {m.folder} ({time.perf_counter() - t:.0f} s)")
 
 
