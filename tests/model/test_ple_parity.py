@@ -240,6 +240,24 @@ def test_parameter_counts_and_info(ple, tmp_path, capsys):
     assert f"parameters     {total / 1e3:.2f}K total" in out
 
 
+def test_info_kv_counts_only_the_layers_that_store_it(ple, tmp_path, capsys):
+    """`gemma4 info`'s KV at a context of an E-model GGUF: what a bf16 cache allocates (its rings without their
+    positions, a context's worth of its pool), where the KV-shared layers allocate nothing."""
+    from gemma4 import cli
+    from gemma4.kv import KVBudget, KVCache
+
+    path, _, model = ple["ple_shared"]
+    cfg = model.config
+    f = write_gguf(open_checkpoint(path), tmp_path / "e.gguf", "F32", tiny_vocab_metadata())
+    ctx = 300
+    assert cli.main(["info", str(f), "--ctx", str(ctx)]) == 0
+    bf16 = KVCache(cfg, dtype=torch.bfloat16)  # one row, no tail: the rings info counts
+    assert all(layer.nbytes() == 0 for i, layer in enumerate(bf16.layers) if cfg.kv_shared(i))
+    positions = sum(layer.pos.numel() * layer.pos.element_size() for layer in bf16.layers if layer.ring)
+    kv = bf16.ring_nbytes() - positions + ctx * KVBudget(10**12, bf16).per_token
+    assert f"KV at {ctx:>6}   {kv / 1024:.1f} KiB (bf16)" in capsys.readouterr().out
+
+
 def test_native_fused_layers_carry_the_per_layer_inputs(tmp_path):
     """Quantised E-model layers: the fused native layers (a shared layer's queries on the module path, as it
     has no K/V of its own) give the module path's bits, prefill and decode."""
