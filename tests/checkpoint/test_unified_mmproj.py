@@ -76,3 +76,22 @@ def test_mmproj_errors(files):
     with pytest.raises(ModelLoadError, match="'gemma4uv' is not supported"):
         MmprojCheckpoint(mmproj)  # the vision tower's reader (gemma4v) does not take the unified embedder
 
+
+def test_info_of_the_12b_gguf(files, capsys):
+    """`gemma4 info` on the unified model's text GGUF: its parameters (dense: all active) and KV at a context as the
+    safetensors model's decoder has and a bf16 cache allocates."""
+    from gemma4 import cli
+    from gemma4.kv import KVBudget, KVCache
+
+    d, text, _ = files
+    cfg = open_checkpoint(d / "hf").config
+    hf_decoder = gemma4.load(d / "hf", progress=False).decoder
+    total = sum(p.numel() for p in hf_decoder.parameters())
+    assert cli.main(["info", str(text), "--ctx", "64"]) == 0
+    out = capsys.readouterr().out
+    assert f"parameters     {cli._count(total)} total, {cli._count(total)} active per token" in out
+    bf16 = KVCache(cfg, dtype=torch.bfloat16)  # one row, no tail: the rings info counts, without their positions
+    positions = sum(layer.pos.numel() * layer.pos.element_size() for layer in bf16.layers if layer.ring)
+    kv = bf16.ring_nbytes() - positions + 64 * KVBudget(10**12, bf16).per_token
+    assert f"KV at     64   {kv / 1024:.1f} KiB (bf16)" in out
+    assert "per-layer emb" not in out and "shared KV" not in out  # the 12B has neither
