@@ -161,6 +161,9 @@ def section(args) -> str:
         "Speed-up (tokens per second with drafting over without) at 30 target layers, at an assumed per-token "
         "acceptance a (random weights make a measured one meaningless): a round yields (1 - a^(k+1)) / (1 - a) "
         "tokens for the cost of the draft round plus the verify step.", "", *speed_rows, "",
+        f"One E2B draft token costs {step_draft / one30:.2f} of a 30-layer target decode step: drafting pays only "
+        "where the acceptance passes the break-even column, and each draft's cost is of the same order as the "
+        "verify step it saves.", "",
         f"End to end (`--draft-model` path, drafters.drafter_for): 24 greedy tokens with the E2B drafting, K = 4: "
         f"{'the same as without drafting' if same else '**different from those without drafting**'} "
         f"({got.drafted_tokens} drafted, {got.accepted_tokens} accepted: random weights agree by chance only)."])
