@@ -237,7 +237,7 @@ def test_parameter_counts_and_info(ple, tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"per-layer emb  {VOCAB} x 7 x 6 = {VOCAB * 42 / 1e3:.2f}K parameters" in out
     assert "shared KV      the last 3 layers read earlier layers' KV (layers 4-6; they store none); their MLP 56" in out
-    assert f"parameters     {total / 1e3:.2f}K total" in out
+    assert f"parameters     {cli._count(total)} total, {cli._count(active)} active per token" in out
 
 
 def test_info_kv_counts_only_the_layers_that_store_it(ple, tmp_path, capsys):
