@@ -150,9 +150,9 @@ def engine_product(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
 # block) cost in proportion to rows x N x K, ~170-210 G MAC/s per thread for int8 weights, ~130-170 for int4 (each
 # tile of 16 weight rows unpacked, an offset term per block); the bf16 way dequantises the matrix once per call
 # and then multiplies at MKL's AMX bf16 rate, 250-330 G MAC/s at 512 rows. Measured on the 26B-A4B shapes (experts'
-# gate_up and down, the dense MLP, q; bench/int8_tiles.py, one thread, CPU time, load average ~12): int8 weights
-# (Q8_0, Q5_0) on the tiles are 2.7x faster at 16 rows, 1.3-1.9x at 64, even at 128-192, 1.3-1.6x slower at 512;
-# Q4_K's meet at ~32 rows (1.3x faster at 16, 1.3x slower at 64).
+# gate_up and down, the dense MLP, q; bench/int8_tiles.py, one thread, CPU time, load average ~11): int8 weights
+# (Q8_0, Q5_0) on the tiles are 2.4-2.7x faster at 16 rows, 1.2-1.7x at 32-64, ~1.1x at 128, even at 160-192,
+# 1.3-1.6x slower at 512; Q4_K's are 1.4-1.8x faster at 16 rows, ~1.1x at 32, even at 48, slower from 64.
 INT8_TILES_MAX_ROWS = {8: 160, 4: 40}  # by the weights' bits
 
 _tiles = None  # the compiled module where the int8 tile products run here, False where not; decided on first use

