@@ -9,7 +9,8 @@ sources and flags, so a changed source rebuilds and two versions never share a b
 - GGUF K-quant blocks to our layouts at load (gguf_blocks.cpp);
 - many-row products on the matrix engine: dequantised to bf16 once per call, multiplied on AMX tiles by MKL's
   bf16 GEMM with float32 sums and output (matrix_engine.cpp; AVX-512 functions compiled for that target and
-  called only where the CPU has it, isa.py).
+  called only where the CPU has it, isa.py), or kept int8 on AMX int8 tiles with the int8 kernels' activations
+  (amx_products.cpp, built where the host has AMX).
 
 compiled() is the module or None: GEMMA4_NO_NATIVE=1 or a CPU without AVX2/FMA take the plain torch path
 quietly; a failed build says so on stderr, once per process, and takes it too. `python -m gemma4.native`
@@ -37,14 +38,18 @@ LDFLAGS = ["-fopenmp"]
 def host_cflags() -> list[str]:
     """The build targets the CPU it runs on (it is compiled there, on first use): the integer dot products take
     VNNI's one-instruction form where the CPU has AVX-VNNI or AVX-512 VNNI (the same integers as AVX2's
-    maddubs + madd). The flags are part of the build's name, so another CPU gets a build of its own."""
-    from .isa import has
+    maddubs + madd), and the AMX int8 tile products (amx_products.cpp, their functions compiled for that target)
+    are built where the CPU has AMX. The flags are part of the build's name, so another CPU gets a build of its own."""
+    from .isa import AMX_INT8_FLAGS, has
 
+    flags = []
     if has("avx_vnni"):
-        return ["-mavxvnni", "-DGEMMA4_VNNI_AVX"]
-    if has("avx512_vnni", "avx512vl"):
-        return ["-mavx512vnni", "-mavx512vl", "-DGEMMA4_VNNI_AVX512"]
-    return []
+        flags = ["-mavxvnni", "-DGEMMA4_VNNI_AVX"]
+    elif has("avx512_vnni", "avx512vl"):
+        flags = ["-mavx512vnni", "-mavx512vl", "-DGEMMA4_VNNI_AVX512"]
+    if has(*AMX_INT8_FLAGS):
+        flags.append("-DGEMMA4_AMX")
+    return flags
 
 
 CFLAGS = BASE_CFLAGS + host_cflags()

@@ -54,7 +54,8 @@ class FusedLayer:
         if self._native_plan is None:
             self._native_plan = self._plan_native()
         rows = h.numel() // h.shape[-1]
-        if self._native_plan and rows >= ops.MIN_BLAS_ROWS and any(  # prefill: the modules pick per matrix
+        # prefill (BLAS's rows, or the matrix engine's from MATRIX_ENGINE_MIN_ROWS): the modules pick per matrix
+        if self._native_plan and (rows >= ops.MIN_BLAS_ROWS or ops.on_engine(rows)) and any(
                 ops.blas_first(x.qweight, rows) for x in _dense_linears(self)):
             return None
         return self._native_plan or None

@@ -2,7 +2,7 @@
 
 The kernels are chosen per machine from these (ops.py holds the rules): AVX2 + FMA for the packed-weight
 products (the baseline the native build needs), AVX-512 with BF16 for dequantising into the matrix engine's
-format, AMX (bf16 tiles) for many-row products. GEMMA4_MATRIX_ENGINE=off turns the matrix engine off (to
+format, AMX (bf16 tiles, or int8 tiles with the int8 kernels' activations) for many-row products. GEMMA4_MATRIX_ENGINE=off turns the matrix engine off (to
 compare with the path beside it).
 """
 
@@ -19,6 +19,8 @@ _NAMES = {"avx2": "AVX2", "fma": "FMA", "f16c": "F16C", "avx512f": "AVX-512F", "
 
 # The matrix engine dequantises with AVX-512 (BW, BF16) and multiplies on AMX bf16 tiles.
 MATRIX_ENGINE_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_tile", "amx_bf16")
+# The int8 tile products (amx_products.cpp) rescale their sums with AVX-512 and multiply on AMX int8 tiles.
+AMX_INT8_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "amx_tile", "amx_int8")
 
 
 @functools.cache
@@ -38,9 +40,18 @@ def has(*flags: str) -> bool:
     return all(f in cpu_flags() for f in flags)
 
 
+def matrix_engine_mode() -> str:
+    """GEMMA4_MATRIX_ENGINE: "on" (the default: each product's way by the measured rule), "off", "bf16" (quantised
+    weights only dequantised to bf16) or "int8" (on int8 tiles wherever the layout allows): the last two compare."""
+    mode = os.environ.get("GEMMA4_MATRIX_ENGINE", "on")
+    if mode not in ("on", "off", "bf16", "int8"):
+        raise ValueError(f"GEMMA4_MATRIX_ENGINE: {mode!r} is none of on, off, bf16, int8")
+    return mode
+
+
 def matrix_engine_wanted() -> bool:
     """Whether the CPU has what the matrix-engine path needs and it is not turned off (GEMMA4_MATRIX_ENGINE=off)."""
-    return has(*MATRIX_ENGINE_FLAGS) and os.environ.get("GEMMA4_MATRIX_ENGINE", "on") != "off"
+    return has(*MATRIX_ENGINE_FLAGS) and matrix_engine_mode() != "off"
 
 
 def describe() -> str:
@@ -52,6 +63,7 @@ def kernel_plan() -> str:
     """Which products the kernels run where, on this CPU (without building them): one line for `gemma4 info`."""
     if not has("avx2", "fma"):
         return "plain torch (this CPU lacks AVX2/FMA)"
-    prefill = ("matrix engine (AVX-512 BF16 dequantisation, AMX bf16 GEMM)" if matrix_engine_wanted()
+    tiles = " or AMX int8 tiles" if has(*AMX_INT8_FLAGS) and matrix_engine_mode() != "bf16" else ""
+    prefill = (f"matrix engine (AVX-512 BF16 dequantisation, AMX bf16 GEMM{tiles})" if matrix_engine_wanted()
                else "int8-activation AVX2 kernels")
     return f"decode: int8-activation AVX2 kernels; prefill: {prefill}"

@@ -12,10 +12,13 @@ On the CPU the AVX2 extension (csrc/) reads the packed weights directly:
   dequantise + BLAS at prefill too (4 rows share each decoded weight block). The cost in quality
   is bounded in tests/native/test_quant.py: half an activation step per block, and on the embedded model a
   KL from float activations well under llama.cpp's own.
-- many rows of a prefill (its chunks, an expert's share of one; prefill_products()) on a CPU with a matrix engine (AMX): the matrix dequantised
-  to bf16 once per product, the rows rounded to bf16, an AMX GEMM summing in float32 (matrix_engine.cpp). The
-  activations keep 8 significant bits per element instead of an int8 step per block of 32; the weights are
-  rounded to bf16 (8 bits) — bounded with the int8 path's in tests/native/test_matrix_engine.py.
+- many rows of a prefill (its chunks, an expert's share of one; prefill_products()) on a CPU with a matrix engine (AMX): either
+  the int8 path's very integers on AMX int8 tiles, the weights as held (amx_products.cpp; the float rescale
+  per block in another order than the row kernels', bounded in tests/native/test_int8_tiles.py), or the matrix
+  dequantised to bf16 once per product, the rows rounded to bf16, an AMX GEMM summing in float32
+  (matrix_engine.cpp): the activations keep 8 significant bits per element instead of an int8 step per block of
+  32; the weights are rounded to bf16 (8 bits) — bounded with the int8 path's in tests/native/test_matrix_engine.py.
+  on_int8_tiles() picks between the two by the rows each matrix serves.
 - float activations (GEMMA4_ACTIVATIONS=float): float32 times the widened weights, the exact product
   with the dequantised matrix up to summation order; the reference for the above.
 - routed experts in one call (only the experts named are read), RMSNorm with the residual add, RoPE
@@ -127,12 +130,61 @@ def matrix_engine():
 
 
 def engine_product(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
-    """x [..., K] @ dequantize(w).T on the matrix engine: w dequantised to bf16 (its exact bf16 rounding), x
-    rounded to bf16, float32 sums and output, in x's dtype."""
+    """x [..., K] @ dequantize(w).T on the matrix engine, in x's dtype: on int8 tiles where on_int8_tiles says so
+    (x rounded to int8 per block of 32 as the int8 kernels round it), else w dequantised to bf16 (its exact bf16
+    rounding) and x rounded to bf16, float32 sums and output."""
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
-    y = matrix_engine().engine_mm_grouped(x2, w.q, w.scale, w.zero, w.bits, w.group, w.sub, [0], [0, x2.shape[0]])
+    x2 = x.reshape(-1, x.shape[-1])
+    rows = x2.shape[0]
+    if on_int8_tiles(w, rows):
+        y = int8_tiles().amx_mm_grouped(x2.float().contiguous(), w.q, w.scale, w.zero, w.bits, w.group, w.sub,
+                                        [0], [0, rows])
+    else:
+        y = matrix_engine().engine_mm_grouped(x2.to(torch.bfloat16).contiguous(), w.q, w.scale, w.zero, w.bits,
+                                              w.group, w.sub, [0], [0, rows])
     return y.to(x.dtype).reshape(*lead, -1)
+
+
+# The matrix engine's two ways with quantised weights, chosen per product by the rows each matrix serves: AMX int8
+# tiles (amx_products.cpp: the weights read as held, the rows rounded to int8 per block of 32, a float rescale per
+# block) cost in proportion to rows x N x K, ~170-210 G MAC/s per thread for int8 weights, ~130-170 for int4 (each
+# tile of 16 weight rows unpacked, an offset term per block); the bf16 way dequantises the matrix once per call
+# and then multiplies at MKL's AMX bf16 rate, 250-330 G MAC/s at 512 rows. Measured on the 26B-A4B shapes (experts'
+# gate_up and down, the dense MLP, q; bench/int8_tiles.py, one thread, CPU time, load average ~11): int8 weights
+# (Q8_0, Q5_0) on the tiles are 2.4-2.7x faster at 16 rows, 1.2-1.7x at 32-64, ~1.1x at 128, even at 160-192,
+# 1.3-1.6x slower at 512; Q4_K's are 1.4-1.8x faster at 16 rows, ~1.1x at 32, even at 48, slower from 64.
+INT8_TILES_MAX_ROWS = {8: 160, 4: 40}  # by the weights' bits
+
+_tiles = None  # the compiled module where the int8 tile products run here, False where not; decided on first use
+
+
+def int8_tiles():
+    """The compiled module where many-row products may take AMX int8 tiles: a CPU with AMX int8 (isa.py), the
+    kernels built with them and the tile registers granted, the engine not restricted to bf16
+    (GEMMA4_MATRIX_ENGINE=bf16); else None."""
+    global _tiles
+    if _tiles is None:
+        from .isa import AMX_INT8_FLAGS, has, matrix_engine_mode
+
+        kernel = matrix_engine()
+        _tiles = (kernel if kernel is not None and has(*AMX_INT8_FLAGS) and matrix_engine_mode() != "bf16"
+                  and kernel.amx_int8_ready() else False)
+    return _tiles or None
+
+
+def tiles_take(w) -> bool:
+    """Whether the int8 tile products take this weight's layout: int8 or int4 in groups of 32, or Q4_K's."""
+    return w.int8_layout and (w.bits, w.group) in ((8, 32), (4, 32), (4, 256))
+
+
+def on_int8_tiles(w, rows: int) -> bool:
+    """Whether a matrix-engine product whose matrices each serve `rows` rows takes the int8 tiles: the layout, the
+    tiles here, and few enough rows for the bf16 way's dequantisation not to pay (GEMMA4_MATRIX_ENGINE=int8: any)."""
+    if not tiles_take(w) or int8_tiles() is None:
+        return False
+    from .isa import matrix_engine_mode
+
+    return rows <= INT8_TILES_MAX_ROWS[w.bits] or matrix_engine_mode() == "int8"
 
 
 def float_products_on_engine(device) -> bool:
@@ -178,6 +230,8 @@ def grouped_product(x: torch.Tensor, w, ids: list[int], offsets: list[int],
     rows = x.shape[0] if rows is None else rows
     if not (x.is_cpu and x.dtype is torch.float32 and getattr(w, "int8_layout", False) and on_engine(rows)):
         return None
+    if on_int8_tiles(w, x.shape[0] / max(len(ids), 1)):  # the rows each expert's matrix serves, on average
+        return int8_tiles().amx_mm_grouped(x.contiguous(), w.q, w.scale, w.zero, w.bits, w.group, w.sub, ids, offsets)
     xb = x.to(torch.bfloat16).contiguous()
     return matrix_engine().engine_mm_grouped(xb, w.q, w.scale, w.zero, w.bits, w.group, w.sub, ids, offsets)
 

@@ -48,6 +48,16 @@ def _layouts() -> dict[str, QuantWeight]:
 LAYOUTS = _layouts()
 
 
+@pytest.fixture
+def bf16_way(monkeypatch):
+    """Quantised products on the engine take its bf16 way (GEMMA4_MATRIX_ENGINE=bf16), not the int8 tiles
+    (tests/native/test_int8_tiles.py); the choice is made again after the test."""
+    monkeypatch.setenv("GEMMA4_MATRIX_ENGINE", "bf16")
+    monkeypatch.setattr(ops, "_tiles", None)
+    yield
+    ops._tiles = None
+
+
 @needs_kernels
 @pytest.mark.parametrize("version", ["plain", pytest.param("avx512", marks=needs_avx512_bf16)])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -79,7 +89,7 @@ def test_engine_gemm_sums_in_float32(rows):
 
 @needs_engine
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_a_prefills_many_rows_go_to_the_engine_within_bf16_rounding(layout):
+def test_a_prefills_many_rows_go_to_the_engine_within_bf16_rounding(layout, bf16_way):
     """In a prefill, from MATRIX_ENGINE_MIN_ROWS rows on, a product is the engine's: x rounded to bf16 times
     the matrix's exact bf16 dequantisation. Against the float64 product of the float activations and the exact
     float weights, each term x*w moves by at most 2^-8 + 2^-8 + 2^-16 of |x*w| (the two roundings), and the
@@ -98,7 +108,7 @@ def test_a_prefills_many_rows_go_to_the_engine_within_bf16_rounding(layout):
 
 
 @needs_engine
-def test_decode_and_verify_steps_keep_the_row_by_row_kernel():
+def test_decode_and_verify_steps_keep_the_row_by_row_kernel(bf16_way):
     """Outside a prefill (decode, a speculative verify step of many rows) and below MATRIX_ENGINE_MIN_ROWS, the
     int8-activation kernel runs: each row gives the same bits alone as beside any others."""
     w = LAYOUTS["q8_0"]
@@ -169,7 +179,7 @@ def test_info_names_the_cpu_extensions_and_the_kernels_chosen(monkeypatch):
 
 
 @needs_engine
-def test_grouped_product_gives_each_group_its_own_matrix():
+def test_grouped_product_gives_each_group_its_own_matrix(bf16_way):
     """Rows grouped by expert, each group times its expert's matrix (ids in any order, groups of any size,
     tiles of the matrix spread over threads): within the same bf16 bound as one product."""
     g = torch.Generator().manual_seed(9)

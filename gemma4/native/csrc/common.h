@@ -84,6 +84,10 @@ struct Weight {
     }
 };
 
+// Rows of x [M, K] rounded to int8 per block of 32 (XQ), the blocks' scales XD and XD x their sums XS [M, K/32];
+// pair4: int4's paired block order (quant_products.cpp, where the layout is described).
+void quantize_rows(const float* X, int64_t M, int64_t K, int8_t* XQ, float* XD, float* XS, bool pair4 = false);
+
 // x [..., K] times each of several matrices [N_i, K] -> [..., N_i], x quantised once (quant_products.cpp).
 std::vector<torch::Tensor> qmm_many(const torch::Tensor& x_in, const std::vector<Weight>& ws);
 
@@ -110,6 +114,11 @@ torch::Tensor engine_mm_grouped(torch::Tensor xb, torch::Tensor q, torch::Tensor
                                 c10::optional<torch::Tensor> zero_opt, int64_t bits, int64_t group,
                                 c10::optional<torch::Tensor> sub_opt, std::vector<int64_t> ids,
                                 std::vector<int64_t> offsets);
+// amx_products.cpp
+bool amx_int8_ready();
+torch::Tensor amx_mm_grouped(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10::optional<torch::Tensor> zero_opt,
+                             int64_t bits, int64_t group, c10::optional<torch::Tensor> sub_opt, std::vector<int64_t> ids,
+                             std::vector<int64_t> offsets);
 // attention.cpp
 torch::Tensor attend_small(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor qpos, torch::Tensor kpos,
                            int64_t window, c10::optional<torch::Tensor> sees_until, double scale,

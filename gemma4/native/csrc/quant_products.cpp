@@ -90,7 +90,7 @@ static void pair_blocks(int8_t* row, int64_t B) {
     }
 }
 
-static void quantize_rows(const float* X, int64_t M, int64_t K, int8_t* XQ, float* XD, float* XS, bool pair4 = false) {
+void quantize_rows(const float* X, int64_t M, int64_t K, int8_t* XQ, float* XD, float* XS, bool pair4) {
     const int64_t B = K / 32;
     const __m256 signbit = _mm256_set1_ps(-0.0f);
     const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
