@@ -61,3 +61,21 @@ def test_gguf_constants_read_alone_are_the_package_s():
             "assert dequantize(half, gguf_file.GGMLQuantizationType.F16).tolist() == [1.5, -2.0]")
     assert "yaml" in loaded_after(code)  # the whole package, once asked for
 
+
+def test_collector_paused_while_loading_then_back_on(tiny_gguf, monkeypatch):
+    import gc
+
+    import gemma4
+    from gemma4.cli import main
+
+    real, seen = gemma4.load, []
+
+    def load(*args, **kwargs):
+        seen.append(gc.isenabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gemma4, "load", load)
+    assert main(["run", "-m", str(tiny_gguf), "-n", "1", "--raw", "Hi"]) == 0
+    assert seen == [False] and gc.isenabled()
+    assert main(["run", "-m", str(tiny_gguf), "-n", "1", "--temp", "-1", "Hi"]) == 2  # fails before loading
+    assert gc.isenabled()
