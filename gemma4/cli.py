@@ -717,6 +717,7 @@ def main(argv: list[str] | None = None) -> int:
     # whose other ranks never return from loading.
     args.gc_paused = (args.command in ("run", "chat", "serve") and gc.isenabled()
                       and getattr(args, "tensor_parallel", 1) == 1 and getattr(args, "expert_parallel", 1) == 1)
+    args.own_process = argv is None  # the process's own command line (not a caller's list): it ends with it
     if args.gc_paused:
         gc.disable()
     try:
@@ -739,11 +740,18 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     finally:
         _resume_gc(args)
+        if args.own_process:
+            gc.freeze()  # the interpreter's collections at exit would walk it all (~0.4 s after torch) to free nothing
 
 
 def _resume_gc(args) -> None:
+    """The collector back on after loading. In the command's own process what start-up made lives as long as the
+    process, so it is frozen first: later collections (a server's, a chat's) skip it. (Not for a caller's
+    main(list): a model it drops later may need the collector to be freed.)"""
     if getattr(args, "gc_paused", False):
         args.gc_paused = False
+        if args.own_process:
+            gc.freeze()
         gc.enable()
 
 

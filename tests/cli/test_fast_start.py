@@ -75,7 +75,18 @@ def test_collector_paused_while_loading_then_back_on(tiny_gguf, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(gemma4, "load", load)
+    frozen = gc.get_freeze_count()
     assert main(["run", "-m", str(tiny_gguf), "-n", "1", "--raw", "Hi"]) == 0
     assert seen == [False] and gc.isenabled()
     assert main(["run", "-m", str(tiny_gguf), "-n", "1", "--temp", "-1", "Hi"]) == 2  # fails before loading
     assert gc.isenabled()
+    assert gc.get_freeze_count() == frozen  # a caller's objects are left to the collector
+
+
+def test_own_process_freezes_what_start_up_made(tiny_gguf):
+    """As the command line's own process, the objects made by start-up are frozen: the collections of the rest
+    of the process, and the interpreter's at exit, skip them."""
+    code = ("import gc, sys\nfrom gemma4.cli import main\n"
+            f"sys.argv = ['gemma4', 'run', '-m', {str(tiny_gguf)!r}, '-n', '1', '--raw', 'Hi']\n"
+            "assert main() == 0 and gc.isenabled() and gc.get_freeze_count() > 10000")
+    assert loaded_after(code) == ["torch"]
