@@ -45,7 +45,9 @@ def test_public_names_still_import():
 
 
 def test_plain_run_loads_only_what_it_needs(tiny_gguf):
-    code = f"from gemma4.cli import main\nassert main(['run', '-m', {str(tiny_gguf)!r}, '-n', '2', '--raw', 'Hi']) == 0"
+    code = (f"from gemma4.cli import main\nassert main(['run', '-m', {str(tiny_gguf)!r}, '-n', '2', '--raw', 'Hi']) == 0\n"
+            "from gemma4.checkpoint import names\n"  # nor compiles the vision and audio tensor-name patterns
+            "assert all(t._compiled is None for t in (names._V_HF, names._V_GGUF, names._A_HF, names._A_GGUF))")
     assert loaded_after(code) == ["torch"]
 
 
