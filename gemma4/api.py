@@ -20,7 +20,7 @@ from .engine import PREFILL_CHUNK, Engine, Request, StepOutput, TokenLogprob, pr
 from .errors import ModelLoadError
 from .model.load import build_decoder
 from .sampling import SamplingParams
-from .speculative import MAX_DRAFT, PromptLookup
+from .speculative.verify import MAX_DRAFT
 
 if TYPE_CHECKING:
     from .multimodal import MultimodalPrompt
@@ -455,6 +455,8 @@ class Model:
         if logprobs is not None and (not isinstance(logprobs, int) or logprobs < 0):
             raise ValueError(f"logprobs: the number of most likely tokens to report (0 or more), got {logprobs!r}")
         if speculative and drafter is None:
+            from .speculative import PromptLookup
+
             drafter = PromptLookup()
         requests = []
         limit = self.config.max_position_embeddings

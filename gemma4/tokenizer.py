@@ -93,48 +93,26 @@ class Tokenizer:
     def from_gguf_metadata(cls, meta: Mapping[str, Any], cache=None) -> "Tokenizer":
         """The tokenizer a GGUF file describes, from its metadata (key -> value, as gguf's
         ReaderField.contents() gives them). cache(kind, build): a derived value of this file, kept across
-        processes (filecache.cached bound to the file), for the merges that take seconds to derive."""
-        kind = meta.get("tokenizer.ggml.model")
-        tokens = list(meta.get("tokenizer.ggml.tokens") or ())
-        if not tokens:
-            raise ValueError("GGUF metadata: empty or missing vocabulary (tokenizer.ggml.tokens)")
-        types = list(meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens))
-        if len(types) != len(tokens):
-            raise ValueError(f"GGUF metadata: {len(types)} token types for {len(tokens)} tokens")
-        tokens = _unique(tokens)
+        processes (filecache.cached bound to the file): here the parts the tokenizer is built from (the
+        vocabulary made unique, its merges, its special tokens), which take seconds to derive."""
+        if cache is None:
+            return cls._from_parts(_gguf_parts(meta))
+        return cls._from_parts(cache(CACHE_KIND, lambda: _gguf_parts(meta)))
 
-        def special_id(key: str, default: int | None) -> int | None:
-            value = meta.get(f"tokenizer.ggml.{key}", default)
-            return int(value) if value is not None and 0 <= int(value) < len(tokens) else None
-
-        add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", True))
-        whole_newline_runs = False
-        if kind == "llama":
-            scores = list(meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens))
-            unk = special_id("unknown_token_id", 0)
-            derive = lambda: _merges_from_scores(tokens, scores, types)  # noqa: E731
-            merges = [tuple(m) for m in cache("merges", derive)] if cache is not None else derive()
-            backend = _sentencepiece_bpe(tokens, merges, unk_id=unk,
-                                         add_space_prefix=bool(meta.get("tokenizer.ggml.add_space_prefix", True)))
-            bos, eos = special_id("bos_token_id", 1), special_id("eos_token_id", 2)
-        elif kind == "gemma4":
-            unk = special_id("unknown_token_id", None)
-            backend = _sentencepiece_bpe(tokens, _merges_from_list(meta), unk_id=unk, add_space_prefix=False,
-                                         split_newlines=True)
-            bos, eos = special_id("bos_token_id", None), special_id("eos_token_id", None)
-            add_bos = True  # as llama.cpp: the file may say otherwise, but a prompt must start with <bos>
-            # the runs are cut out before special tokens are matched: safe while none holds a newline
-            whole_newline_runs = not any("\n" in t and t.strip("\n")
-                                         for t, ty in zip(tokens, types) if ty in (CONTROL, UNKNOWN, USER_DEFINED))
-        elif kind == "gpt2":
-            backend = _byte_level_bpe(tokens, _merges_from_list(meta), meta.get("tokenizer.ggml.pre"))
-            bos, eos = special_id("bos_token_id", None), special_id("eos_token_id", None)
-            add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
+    @classmethod
+    def _from_parts(cls, parts: dict) -> "Tokenizer":
+        tokens = parts["tokens"]
+        vocab = dict(zip(tokens, range(len(tokens))))
+        if parts["model"] == "sentencepiece":
+            backend = _sentencepiece_bpe(vocab, parts["merges"], unk=parts["unk"],
+                                         add_space_prefix=parts["add_space_prefix"],
+                                         split_newlines=parts["split_newlines"])
         else:
-            raise ValueError(f"GGUF metadata: tokenizer model {kind!r} is not supported (llama, gemma4, gpt2)")
-        _add_special_tokens(backend, tokens, types)
-        return cls(backend, bos_token_id=bos, eos_token_id=eos, pad_token_id=special_id("padding_token_id", None),
-                   add_bos=add_bos, whole_newline_runs=whole_newline_runs)
+            backend = _byte_level_bpe(vocab, parts["merges"], parts["pre"])
+        backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in parts["special"]])
+        backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in parts["user"]])
+        return cls(backend, bos_token_id=parts["bos"], eos_token_id=parts["eos"], pad_token_id=parts["pad"],
+                   add_bos=parts["add_bos"], whole_newline_runs=parts["whole_newline_runs"])
 
     # ---- text <-> ids -----------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -238,11 +216,67 @@ class StreamDecoder:
         return text[len(shown):]
 
 
+# ---- the parts a GGUF vocabulary gives ----------------------------------------------------------
+CACHE_KIND = "tokenizer-parts-1"  # the cache entry's name: renamed when what _gguf_parts returns changes
+
+
+def _gguf_parts(meta: Mapping[str, Any]) -> dict:
+    """What the tokenizer is built from, as plain data (a cache entry holds it): the vocabulary made unique,
+    the merges (sharing the vocabulary's strings, so that the entry stores each once), the model's options,
+    the special and user-defined tokens, and the facts the Tokenizer keeps."""
+    kind = meta.get("tokenizer.ggml.model")
+    tokens = list(meta.get("tokenizer.ggml.tokens") or ())
+    if not tokens:
+        raise ValueError("GGUF metadata: empty or missing vocabulary (tokenizer.ggml.tokens)")
+    types = list(meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens))
+    if len(types) != len(tokens):
+        raise ValueError(f"GGUF metadata: {len(types)} token types for {len(tokens)} tokens")
+    tokens = _unique(tokens)
+
+    def special_id(key: str, default: int | None) -> int | None:
+        value = meta.get(f"tokenizer.ggml.{key}", default)
+        return int(value) if value is not None and 0 <= int(value) < len(tokens) else None
+
+    def unk_of(unk_id: int | None) -> str | None:
+        return tokens[unk_id] if unk_id is not None else None
+
+    parts: dict[str, Any] = dict(model="sentencepiece", add_space_prefix=False, split_newlines=False, pre=None,
+                                 unk=None, add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", True)),
+                                 whole_newline_runs=False)
+    if kind == "llama":
+        scores = list(meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens))
+        parts.update(merges=_merges_from_scores(tokens, scores, types), unk=unk_of(special_id("unknown_token_id", 0)),
+                     add_space_prefix=bool(meta.get("tokenizer.ggml.add_space_prefix", True)),
+                     bos=special_id("bos_token_id", 1), eos=special_id("eos_token_id", 2))
+    elif kind == "gemma4":
+        # add_bos as llama.cpp: the file may say otherwise, but a prompt must start with <bos>.
+        # The newline runs are cut out before special tokens are matched: safe while none holds a newline.
+        parts.update(merges=_merges_from_list(meta), unk=unk_of(special_id("unknown_token_id", None)),
+                     split_newlines=True, bos=special_id("bos_token_id", None),
+                     eos=special_id("eos_token_id", None), add_bos=True,
+                     whole_newline_runs=not any("\n" in t and t.strip("\n") for t, ty in zip(tokens, types)
+                                                if ty in (CONTROL, UNKNOWN, USER_DEFINED)))
+    elif kind == "gpt2":
+        pre = meta.get("tokenizer.ggml.pre")
+        if pre not in _BYTE_LEVEL_SPLITS:
+            raise ValueError(f"GGUF metadata: pre-tokenizer {pre!r} of a gpt2 vocabulary is not supported "
+                             f"({', '.join(_BYTE_LEVEL_SPLITS)})")
+        parts.update(model="byte_level", merges=_merges_from_list(meta), pre=pre, bos=special_id("bos_token_id", None),
+                     eos=special_id("eos_token_id", None),
+                     add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)))
+    else:
+        raise ValueError(f"GGUF metadata: tokenizer model {kind!r} is not supported (llama, gemma4, gpt2)")
+    same = dict(zip(tokens, tokens))
+    parts["merges"] = [(same.get(a, a), same.get(b, b)) for a, b in parts["merges"]]
+    parts.update(tokens=tokens, pad=special_id("padding_token_id", None),
+                 special=[t for t, ty in zip(tokens, types) if ty in (CONTROL, UNKNOWN)],
+                 user=[t for t, ty in zip(tokens, types) if ty == USER_DEFINED])
+    return parts
+
+
 # ---- building the backend -------------------------------------------------------------------
-def _sentencepiece_bpe(tokens: list[str], merges: list[tuple[str, str]], *, unk_id: int | None,
+def _sentencepiece_bpe(vocab: dict[str, int], merges: list[tuple[str, str]], *, unk: str | None,
                        add_space_prefix: bool, split_newlines: bool = False) -> Backend:
-    vocab = {t: i for i, t in enumerate(tokens)}
-    unk = tokens[unk_id] if unk_id is not None else None
     backend = Backend(models.BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
     steps = [normalizers.Prepend(SPACE)] if add_space_prefix else []
     backend.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", SPACE)])
@@ -253,11 +287,7 @@ def _sentencepiece_bpe(tokens: list[str], merges: list[tuple[str, str]], *, unk_
     return backend
 
 
-def _byte_level_bpe(tokens: list[str], merges: list[tuple[str, str]], pre: str | None) -> Backend:
-    if pre not in _BYTE_LEVEL_SPLITS:
-        raise ValueError(f"GGUF metadata: pre-tokenizer {pre!r} of a gpt2 vocabulary is not supported "
-                         f"({', '.join(_BYTE_LEVEL_SPLITS)})")
-    vocab = {t: i for i, t in enumerate(tokens)}
+def _byte_level_bpe(vocab: dict[str, int], merges: list[tuple[str, str]], pre: str) -> Backend:
     backend = Backend(models.BPE(vocab, merges, ignore_merges=pre in _IGNORE_MERGES))
     split = _BYTE_LEVEL_SPLITS[pre]
     if split is None:
@@ -298,15 +328,6 @@ def _merges_from_list(meta: Mapping[str, Any]) -> list[tuple[str, str]]:
         if cut > 0:
             out.append((merge[:cut], merge[cut + 1:]))
     return out
-
-
-def _add_special_tokens(backend: Backend, tokens: list[str], types: list[int]) -> None:
-    """Control (and unknown) tokens as special added tokens, user-defined ones as plain added tokens:
-    both are then matched whole in the raw text, before normalization."""
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                for t, ty in zip(tokens, types) if ty in (CONTROL, UNKNOWN)])
-    backend.add_tokens([AddedToken(t, special=False, normalized=False)
-                        for t, ty in zip(tokens, types) if ty == USER_DEFINED])
 
 
 def _unique(tokens: list[str]) -> list[str]:

@@ -71,18 +71,20 @@ def test_unwritable_cache_only_costs_time(tmp_path, monkeypatch):
 
 
 def test_cached_tokenizer_is_the_same():
-    """The embedded model's score-driven vocabulary: its merges come from the cache the second time."""
+    """The embedded model's score-driven vocabulary: its parts come from the cache the second time."""
     from gemma4.checkpoint import open_checkpoint
     from gemma4.store import embedded_path
 
     ckpt = open_checkpoint(embedded_path())
     from gemma4.tokenizer import Tokenizer
 
+    from gemma4.tokenizer import CACHE_KIND
+
     plain = Tokenizer.from_gguf_metadata(ckpt.metadata)
     first = ckpt.load_tokenizer()
-    second = ckpt.load_tokenizer()
-    entry, _ = filecache.entry_path("merges", ckpt.path)
+    entry, _ = filecache.entry_path(CACHE_KIND, ckpt.path)
     assert entry.is_file()
+    second = ckpt.load_tokenizer()
     text = "Hello world!\n\n  Indented code: def f(x): return x ** 2  # ünïcödé, 日本語, emoji 🙂"
     assert plain.encode(text) == first.encode(text) == second.encode(text)
     assert second.decode(second.encode(text)) == plain.decode(plain.encode(text))
@@ -116,3 +118,47 @@ def test_gguf_header_through_the_cache_is_the_file_s():
     assert [(t.name, t.type, t.offset) for t in second.tensors.values()] == \
         [(t.name, t.type, t.offset) for t in first.tensors.values()]
     assert len(second.tensors) == len(infos)
+
+
+def _vocab_gguf(path, words: list[str]) -> None:
+    """A GGUF holding only a small SentencePiece vocabulary (no tensors)."""
+    import gguf
+
+    tokens = ["<pad>", "<eos>", "<bos>", "<unk>", *words, *(f"<0x{b:02X}>" for b in range(256))]
+    w = gguf.GGUFWriter(str(path), "gemma3")
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * 4 + [-float(i) for i in range(len(words))] + [0.0] * 256)
+    w.add_token_types([3] * 4 + [1] * len(words) + [6] * 256)
+    w.add_bos_token_id(2)
+    w.add_eos_token_id(1)
+    w.add_unk_token_id(3)
+    w.add_add_space_prefix(False)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_tokenizer_of_another_file_version_misses(tmp_path, cache_dir):
+    """The file rewritten with another vocabulary of the same size: the tokenizer is built from the new one."""
+    from gemma4.checkpoint.gguf_file import GGUFFile
+    from gemma4.tokenizer import CACHE_KIND, Tokenizer
+
+    def load(path):  # as GGUFCheckpoint.load_tokenizer
+        return Tokenizer.from_gguf_metadata(GGUFFile(path).metadata,
+                                            cache=lambda kind, build: filecache.cached(kind, path, build))
+
+    f = tmp_path / "vocab.gguf"
+    _vocab_gguf(f, ["\u2581", "H", "i", "Hi", "\u2581Hi"])
+    old = load(f)
+    assert old.encode(" Hi", add_special_tokens=False) == [old.token_to_id("\u2581Hi")]
+    assert filecache.entry_path(CACHE_KIND, f)[0].is_file()
+    size, mtime = f.stat().st_size, f.stat().st_mtime_ns
+    _vocab_gguf(f, ["\u2581", "H", "o", "Ho", "\u2581Ho"])
+    os.utime(f, ns=(mtime + 10**9, mtime + 10**9))
+    assert f.stat().st_size == size
+    new = load(f)
+    assert new.token_to_id("\u2581Hi") is None and new.token_to_id("\u2581Ho") == 8
+    assert new.encode(" Ho", add_special_tokens=False) == [8]
+    assert load(f).encode(" Ho", add_special_tokens=False) == [8]  # and the new entry is read back

@@ -13,10 +13,10 @@ import warnings
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType as T
 
 from ..native import compiled
 from ..quant.formats import QuantWeight, pack6, quantize_int8
+from .gguf_file import GGMLQuantizationType as T
 
 LOSSLESS = (T.Q4_0, T.Q4_1, T.Q4_K, T.Q8_0, T.Q5_0, T.Q5_1, T.Q6_K)
 

@@ -7,15 +7,41 @@ which takes ~16 s on a 262K-token vocabulary; walking it directly takes well und
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from ..errors import ModelLoadError
+
+
+def _gguf_constants():
+    """gguf.constants without the rest of the gguf package: the package's __init__ imports its writer, its
+    quantisers and, through its model-card reader, PyYAML (~0.1 s of a cold start), none of which reading a
+    file needs. The module goes into sys.modules under its own name, so a later `import gguf` shares it."""
+    name = "gguf.constants"
+    spec = None if name in sys.modules or "gguf" in sys.modules else importlib.util.find_spec("gguf")
+    if spec is None or not spec.submodule_search_locations:
+        return importlib.import_module(name)
+    spec = importlib.util.spec_from_file_location(name, Path(spec.submodule_search_locations[0]) / "constants.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+_constants = _gguf_constants()
+GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType = (_constants.GGML_QUANT_SIZES, _constants.GGMLQuantizationType,
+                                                         _constants.GGUFValueType)
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -152,9 +178,11 @@ class GGUFFile:
 
     def dequantized(self, name: str) -> np.ndarray:
         """The tensor in float32, in its shape (a block type the `gguf` package cannot decode is refused)."""
+        info = self.tensors[name]
+        if info.type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):  # raw() has them as floats already
+            return np.asarray(self.raw(name), dtype=np.float32).reshape(info.shape)
         from gguf.quants import dequantize
 
-        info = self.tensors[name]
         try:
             data = dequantize(self.raw(name), info.type)
         except NotImplementedError:

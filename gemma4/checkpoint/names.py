@@ -64,16 +64,29 @@ def _pattern(template: str) -> re.Pattern:
     return re.compile("^" + re.escape(template).replace(re.escape("{i}"), r"(\d+)") + "$")
 
 
-_OURS = [(_pattern(ours), gguf) for ours, gguf in TENSORS]
-_GGUF = [(_pattern(gguf), ours) for ours, gguf in TENSORS]
+class _Table:
+    """(template, target) name pairs, their patterns compiled on first use: a text model's load never needs the
+    vision and audio tables (~400 patterns, a noticeable part of the import)."""
+
+    def __init__(self, pairs):
+        self._pairs, self._compiled = list(pairs), None
+
+    def translate(self, name: str) -> str | None:
+        if self._compiled is None:
+            self._compiled = [(_pattern(a), b) for a, b in self._pairs]
+        for pattern, target in self._compiled:
+            m = pattern.match(name)
+            if m:
+                return target.replace("{i}", m.group(1)) if m.groups() else target
+        return None
 
 
-def _translate(name: str, table) -> str | None:
-    for pattern, target in table:
-        m = pattern.match(name)
-        if m:
-            return target.replace("{i}", m.group(1)) if m.groups() else target
-    return None
+_OURS = _Table((ours, gguf) for ours, gguf in TENSORS)
+_GGUF = _Table((gguf, ours) for ours, gguf in TENSORS)
+
+
+def _translate(name: str, table: _Table) -> str | None:
+    return table.translate(name)
 
 
 def to_gguf(ours: str) -> str | None:
@@ -122,10 +135,10 @@ VISION_TENSORS: list[tuple[str, str, str]] = [
       for bound in ("input_min", "input_max", "output_min", "output_max")],
 ]
 
-_V_OURS_HF = [(_pattern(o), h) for o, h, _ in VISION_TENSORS]
-_V_HF = [(_pattern(h), o) for o, h, _ in VISION_TENSORS]
-_V_OURS_GGUF = [(_pattern(o), g) for o, _, g in VISION_TENSORS]
-_V_GGUF = [(_pattern(g), o) for o, _, g in VISION_TENSORS]
+_V_OURS_HF = _Table((o, h) for o, h, _ in VISION_TENSORS)
+_V_HF = _Table((h, o) for o, h, _ in VISION_TENSORS)
+_V_OURS_GGUF = _Table((o, g) for o, _, g in VISION_TENSORS)
+_V_GGUF = _Table((g, o) for o, _, g in VISION_TENSORS)
 
 
 def vision_from_hf(hf_name: str) -> str | None:
@@ -186,9 +199,9 @@ AUDIO_TENSORS: list[tuple[str, str, str]] = [
       for ours, gguf in _AUDIO_LINEARS for bound in ("input_min", "input_max", "output_min", "output_max")],
 ]
 
-_A_HF = [(_pattern(h), o) for o, h, _ in AUDIO_TENSORS]
-_A_OURS_HF = [(_pattern(o), h) for o, h, _ in AUDIO_TENSORS]
-_A_GGUF = [(_pattern(g), o) for o, _, g in AUDIO_TENSORS]
+_A_HF = _Table((h, o) for o, h, _ in AUDIO_TENSORS)
+_A_OURS_HF = _Table((o, h) for o, h, _ in AUDIO_TENSORS)
+_A_GGUF = _Table((g, o) for o, _, g in AUDIO_TENSORS)
 
 
 def audio_from_hf(hf_name: str) -> str | None:

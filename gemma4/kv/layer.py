@@ -13,9 +13,21 @@ for consecutive ones, or an index tensor.
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 
 from .codec import Codec
+
+
+def zeros(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    """torch.zeros, filled by one serial memset on the CPU: torch fills a tensor of this size in a parallel region,
+    whose other thread a busy machine schedules late (~15 ms a tensor; a cache makes dozens of them)."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    t = torch.empty(shape, dtype=dtype)
+    ctypes.memset(t.data_ptr(), 0, t.numel() * t.element_size())
+    return t
 
 
 def row_list(rows, batch: int) -> list[int]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..native.ops import put_tokens
-from .layer import LayerKV, row_list
+from .layer import LayerKV, row_list, zeros
 
 BLOCK_TOKENS = 256  # tokens of a pool block, and of a block the prefix store hashes
 ONE_TOKEN_ROWS = 8  # a write of one token to at most this many rows takes the per-slot path (decode)
@@ -92,7 +92,7 @@ class PagedKV(LayerKV):
         self._allocate(table.num_blocks)
 
     def _allocate(self, blocks: int) -> None:
-        self.data = {n: torch.zeros((blocks, self.kv_heads, self.table.block, last), dtype=dt, device=self.device)
+        self.data = {n: zeros((blocks, self.kv_heads, self.table.block, last), dt, self.device)
                      for name in self.names for n, (last, dt) in self.codec.shapes(name, self.head_dim).items()}
 
     def _sync(self) -> None:
@@ -105,7 +105,7 @@ class PagedKV(LayerKV):
             self._allocate(want)
             return
         for n, t in self.data.items():
-            extra = torch.zeros((want - have, *t.shape[1:]), dtype=t.dtype, device=t.device)
+            extra = zeros((want - have, *t.shape[1:]), t.dtype, t.device)
             self.data[n] = torch.cat([t, extra])
 
     def nbytes(self) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..native.ops import ATTENTION_CHUNK, put_tokens
-from .layer import LayerKV, row_list, rows_of
+from .layer import LayerKV, row_list, rows_of, zeros
 
 
 def ring_slots(window: int, tail: int) -> int:
@@ -35,7 +35,7 @@ class RingKV(LayerKV):
         self.window = capacity if window is None else window  # keys a query sees: p - window + 1 .. p
         super().__init__(head_dim, keys, dtype, kv_dtype)
         self.data = {  # every tensor [B, KV, slots, D or D / group]
-            n: torch.zeros((batch, kv_heads, capacity, last), dtype=dt, device=device)
+            n: zeros((batch, kv_heads, capacity, last), dt, device)
             for name in self.names for n, (last, dt) in self.codec.shapes(name, head_dim).items()}
         self.pos = torch.full((batch, capacity), -1, dtype=torch.long, device=device)
 

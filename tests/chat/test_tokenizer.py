@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import marshal
 from pathlib import Path
 
 import pytest
@@ -40,14 +41,30 @@ def metadata(gguf_path) -> dict:
     return GGUFFile(gguf_path).metadata
 
 
-@pytest.fixture(scope="module")
-def gemma3(metadata) -> Tokenizer:
-    return Tokenizer.from_gguf_metadata(metadata)
+def _from_the_cache(meta) -> Tokenizer:
+    """The tokenizer as a second load builds it: from the parts a cache entry gives back (marshalled, as
+    filecache keeps them), nothing derived again."""
+    kept = {}
+
+    def first(kind, build):
+        kept[kind] = marshal.dumps(build())
+        return marshal.loads(kept[kind])
+
+    Tokenizer.from_gguf_metadata(meta, cache=first)
+    return Tokenizer.from_gguf_metadata(meta, cache=lambda kind, build: marshal.loads(kept[kind]))
 
 
-@pytest.fixture(scope="module")
-def gemma4_style(metadata) -> Tokenizer:
-    return Tokenizer.from_gguf_metadata(_record_script().gemma4_style_metadata(metadata))
+BUILDS = {"built": Tokenizer.from_gguf_metadata, "from the cache": _from_the_cache}
+
+
+@pytest.fixture(scope="module", params=list(BUILDS))
+def gemma3(metadata, request) -> Tokenizer:
+    return BUILDS[request.param](metadata)
+
+
+@pytest.fixture(scope="module", params=list(BUILDS))
+def gemma4_style(metadata, request) -> Tokenizer:
+    return BUILDS[request.param](_record_script().gemma4_style_metadata(metadata))
 
 
 def _case_id(case: dict) -> str:
@@ -334,6 +351,23 @@ def test_gemma4_vocabulary_matches_llamacpp(official_files, gemma4_tokenizer):
     for text, ids in _llamacpp_gemma4_cases(official_files):
         assert gemma4_tokenizer.encode(text, add_special_tokens=False) == ids, repr(text)
         assert gemma4_tokenizer.decode(ids) == text
+
+
+def test_gemma4_vocabulary_from_the_file_cache_matches_llamacpp(official_files, tmp_path, monkeypatch):
+    """Built through filecache, as load() does: the second build reads the entry back, and gives llama.cpp's ids."""
+    from gemma4 import filecache
+    from gemma4.tokenizer import CACHE_KIND
+
+    monkeypatch.setenv("GEMMA4_CACHE", str(tmp_path))
+    path = official_files["gemma4-vocab.gguf"]
+    meta = GGUFFile(path).metadata
+    Tokenizer.from_gguf_metadata(meta, cache=lambda kind, build: filecache.cached(kind, path, build))
+    assert filecache.entry_path(CACHE_KIND, path)[0].is_file()
+    cached = Tokenizer.from_gguf_metadata(meta, cache=lambda kind, build: filecache.cached(kind, path, lambda: 1 / 0))
+    for text, ids in _llamacpp_gemma4_cases(official_files):
+        assert cached.encode(text, add_special_tokens=False) == ids, repr(text)
+        assert cached.decode(ids) == text
+    assert cached.special_token_ids == Tokenizer.from_gguf_metadata(meta).special_token_ids
 
 
 def test_gemma4_chat_markers_are_single_tokens(official_template, gemma4_tokenizer):

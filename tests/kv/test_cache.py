@@ -102,3 +102,15 @@ def test_ring_chunk_joins_the_slots_its_queries_see_in_position_order():
         for j in range(3):
             assert torch.equal(pv[b, :, j], stored[b][int(ppos[b, j])])
     assert torch.equal(pv[:, :, 3:], chunk)
+
+
+def test_layer_stores_start_zeroed_whatever_the_allocator_held():
+    """A new cache's tensors are zeros even where the allocator hands back memory a freed tensor filled."""
+    from gemma4.kv.layer import zeros
+
+    for dtype in (torch.float32, torch.bfloat16, torch.int8):
+        junk = torch.full((3, 2, 64, 96), 7, dtype=dtype)
+        del junk  # its block goes back to the allocator, 7s and all
+        z = zeros((3, 2, 64, 96), dtype, "cpu")
+        assert z.dtype == dtype and z.shape == (3, 2, 64, 96) and z.is_contiguous()
+        assert torch.equal(z, torch.zeros_like(z))
