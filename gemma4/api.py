@@ -184,6 +184,12 @@ def _prepare_kernels(decoder) -> None:
         compiled()
 
 
+def media_readers(checkpoint, mmproj=None):
+    """The readers of a model's image and audio parts (None where it has none): its HF folder's own, else the
+    mmproj file's (a llama.cpp projector of either kind)."""
+    return _vision_checkpoint(checkpoint, mmproj), _audio_checkpoint(checkpoint, mmproj)
+
+
 def _vision_checkpoint(checkpoint, mmproj):
     from .checkpoint.vision import HFVisionCheckpoint, MmprojCheckpoint
 

@@ -130,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("model", nargs="?", help="GGUF file, HF folder or store name (default: the embedded model)")
     info.add_argument("--ctx", type=int, default=None, help="context length for the KV estimate (default: 8192 "
                                                             "and the model's maximum)")
+    info.add_argument("--mmproj", metavar="FILE", help="a GGUF model's image/audio projector to describe with it "
+                                                      "(default: the one its store keeps beside it)")
 
     sub.add_parser("list", help="models on disk: ours, Ollama's, the Hugging Face cache's, LM Studio's")
 
@@ -578,117 +580,21 @@ def _model_id(spec: str) -> str:
     return path.stem if path.suffix == ".gguf" else path.name or spec
 
 
-def _human(n: float, unit: str = "B") -> str:
-    for prefix in ("", "Ki", "Mi", "Gi", "Ti"):
-        if abs(n) < 1024 or prefix == "Ti":
-            return f"{n:.1f} {prefix}{unit}" if prefix else f"{int(n)} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def _count(n: int) -> str:
-    for suffix, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= size:
-            return f"{n / size:.2f}{suffix}"
-    return str(n)
-
-
 def cmd_info(args) -> int:
-    from gemma4 import store
-    from gemma4.kv import kv_bytes_per_token, ring_slots
-    from gemma4.checkpoint import open_checkpoint
+    from gemma4.info import describe
 
-    found = store.find(args.model)
-    path = found.path
-    ckpt = open_checkpoint(path)
-    cfg = ckpt.config
-    total, active = cfg.parameter_counts()
-    n_full = sum(1 for t in cfg.layer_types if t == "full_attention")
-    print(f"model          {path}")
-    if found.source not in ("path", "embedded"):
-        print(f"store          {found.source}: {found.explicit}")
-    if found.mmproj is not None:
-        print(f"projector      {found.mmproj}")
-    kind = cfg.model_type
-    label = cfg.architecture if not kind or kind in (cfg.architecture, f"{cfg.architecture}_text") else \
-        f"{cfg.architecture} ({kind})"
-    print(f"architecture   {label}, {cfg.num_hidden_layers} layers ({cfg.num_hidden_layers - n_full} "
-          f"sliding, window {cfg.sliding_window}; {n_full} full), hidden {cfg.hidden_size}, "
-          f"{cfg.num_attention_heads} heads")
-    _describe_unified(ckpt)
-    if cfg.enable_moe_block:
-        print(f"experts        {cfg.num_experts}, top-{cfg.top_k_experts}, width {cfg.moe_intermediate_size}; "
-              f"dense MLP {cfg.intermediate_size}")
-    if cfg.hidden_size_per_layer_input:
-        table = cfg.vocab_size_per_layer_input * cfg.per_layer_input_size
-        print(f"per-layer emb  {cfg.vocab_size_per_layer_input} x {cfg.num_hidden_layers} x "
-              f"{cfg.hidden_size_per_layer_input} = {_count(table)} parameters (a row per token: total, not active)")
-    if cfg.num_kv_shared_layers:
-        print(f"shared KV      the last {cfg.num_kv_shared_layers} layers read earlier layers' KV (layers "
-              f"{cfg.first_kv_shared_layer}-{cfg.num_hidden_layers - 1}; they store none)"
-              + (f"; their MLP {cfg.intermediate_size_of(cfg.num_hidden_layers - 1)} wide" if cfg.use_double_wide_mlp
-                 else ""))
-    print(f"parameters     {_count(total)} total, {_count(active)} active per token")
-    print(f"context        {cfg.max_position_embeddings} tokens; vocabulary {cfg.vocab_size}")
-    weights = ckpt.weight_bytes()
-    print(f"tensor types   {', '.join(f'{k} x{v}' for k, v in sorted(ckpt.tensor_types().items()))}")
-    print(f"weights        {_human(weights)} on disk")
-    print(f"chat template  {'yes' if ckpt.chat_template() else 'none (base model: raw completion)'}")
-    _print_audio_tower(ckpt)
-    from gemma4.native import isa
-
-    print(f"CPU            {isa.describe()}")
-    print(f"kernels        {isa.kernel_plan()}")
-    contexts = [args.ctx] if args.ctx else sorted({min(8192, cfg.max_position_embeddings), cfg.max_position_embeddings})
-    for ctx in contexts:
-        kv = sum(kv_bytes_per_token(cfg, i) * (ring_slots(cfg.sliding_window, 0) if cfg.is_sliding(i) else ctx)
-                 for i in range(cfg.num_hidden_layers))
-        print(f"KV at {ctx:>6}   {_human(kv)} (bf16); weights + KV {_human(weights + kv)}")
-    return 0
-
-
-def _describe_unified(ckpt) -> None:
-    """The unified model's (gemma4_unified) encoder-free image and waveform embedders."""
-    from gemma4.checkpoint.unified import unified_media
-
-    vision, audio = unified_media(ckpt)
-    if vision is not None:
-        v = vision.config
-        print(f"images         encoder-free: {v.model_patch_size}x{v.model_patch_size} px patches -> "
-              f"{v.mm_embed_dim} -> text, one soft token each ({v.max_soft_tokens} per image by default); "
-              f"{_count(v.parameter_count())} parameters")
-    if audio is not None:
-        a = audio.config
-        ms = 1000 * a.audio_samples_per_token // a.sampling_rate
-        print(f"audio          raw waveform: {a.audio_samples_per_token} samples ({ms} ms at {a.sampling_rate} Hz) "
-              f"per soft token; {_count(a.parameter_count())} parameters")
-
-
-def _print_audio_tower(ckpt) -> None:
-    """The audio tower of an HF folder (a GGUF model's lives in its mmproj file)."""
-    raw = getattr(ckpt, "raw_config", None) or {}
-    if not isinstance(raw.get("audio_config"), dict) or raw.get("model_type") == "gemma4_unified":
-        return  # (the unified model's audio_config is its waveform embedder's: _describe_unified)
-    import torch
-
-    from gemma4.config import AudioConfig
-    from gemma4.model.audio import AudioModel
-
-    a = AudioConfig.from_hf(raw["audio_config"], ckpt.config.hidden_size)
-    with torch.device("meta"):
-        n = sum(p.numel() for p in AudioModel(a).parameters())
-    print(f"audio tower    {a.num_hidden_layers} conformer layers, hidden {a.hidden_size}, {_count(n)} parameters; "
-          f"clips up to 30 s, one soft token per 40 ms")
+    return describe(args.model, ctx=args.ctx, mmproj=getattr(args, "mmproj", None))
 
 
 def cmd_list(args) -> int:
     from gemma4 import store
+    from gemma4.info import human
 
     print(f"{store.EMBEDDED_NAME:<24} embedded default (Gemma 3 270M, Q4_K_M GGUF)")
     models = store.list_models()
     for m in models:
         vision = " +mmproj" if m.mmproj else ""
-        print(f"{m.name:<24} {m.source:<8} {m.kind:<4} {_human(m.size):>10}  {m.path}{vision}")
+        print(f"{m.name:<24} {m.source:<8} {m.kind:<4} {human(m.size):>10}  {m.path}{vision}")
     if not models:
         print(f"(no models in {store.store_dir()}, Ollama's store, the Hugging Face cache or LM Studio's folder: "
               f"`gemma4 pull ORG/NAME` fetches one)")

@@ -57,3 +57,28 @@ def test_text_gguf_with_mmproj_hears_as_the_safetensors_model(files):
 def test_mmproj_errors(files):
     _, text, mmproj = files
     assert_mmproj_refusals(MmprojAudioCheckpoint, mmproj, text)
+
+
+def test_info_describes_the_towers_alike(files, capsys):
+    """`gemma4 info` of the text GGUF with its mmproj prints the image and audio towers the HF folder's info prints
+    (but the image budget: the folder's processor_config.json has its own, an mmproj none), the audio tower's
+    parameters being our AudioModel's."""
+    import re
+
+    from gemma4 import cli
+    from gemma4.info import count
+    from gemma4.model.audio import AudioModel
+
+    d, text, mmproj = files
+
+    def towers(*args):
+        assert cli.main(["info", *args, "--ctx", "64"]) == 0
+        return [re.sub(r"\(\d+ soft tokens per image by default\)", "", line)
+                for line in capsys.readouterr().out.splitlines() if line.startswith(("images", "audio"))]
+
+    hf = towers(str(d / "hf"))
+    assert towers(str(text), "--mmproj", str(mmproj)) == hf and len(hf) == 2
+    config = HFAudioCheckpoint(open_checkpoint(d / "hf")).config
+    with torch.device("meta"):
+        n = sum(p.numel() for p in AudioModel(config).parameters())
+    assert f"{count(n)} parameters" in hf[1]

@@ -17,6 +17,7 @@ from gemma4.checkpoint.vision import MmprojCheckpoint
 from gemma4.errors import ModelLoadError
 from gemma4.images import from_pil
 from gemma4.model.unified import load_embedder
+from gemma4.info import count
 from gguf_media import assert_mmproj_refusals, convert_mmproj, media_vocab_metadata, needs_converter
 from unified_reference import AUDIO_TOKENS, UNIFIED_TOKEN_IDS, build_unified
 from vision_reference import picture
@@ -89,9 +90,27 @@ def test_info_of_the_12b_gguf(files, capsys):
     total = sum(p.numel() for p in hf_decoder.parameters())
     assert cli.main(["info", str(text), "--ctx", "64"]) == 0
     out = capsys.readouterr().out
-    assert f"parameters     {cli._count(total)} total, {cli._count(total)} active per token" in out
+    assert f"parameters     {count(total)} total, {count(total)} active per token" in out
     bf16 = KVCache(cfg, dtype=torch.bfloat16)  # one row, no tail: the rings info counts, without their positions
     positions = sum(layer.pos.numel() * layer.pos.element_size() for layer in bf16.layers if layer.ring)
     kv = bf16.ring_nbytes() - positions + 64 * KVBudget(10**12, bf16).per_token
     assert f"KV at     64   {kv / 1024:.1f} KiB (bf16)" in out
     assert "per-layer emb" not in out and "shared KV" not in out  # the 12B has neither
+
+
+def test_info_describes_the_mmproj_parts(files, capsys):
+    """`gemma4 info TEXT.gguf --mmproj FILE`: the image and waveform embedders read from llama.cpp's projector, with
+    the parameters of the safetensors model's embedders."""
+    from gemma4 import cli
+
+    d, text, mmproj = files
+    vision, audio = unified_media(open_checkpoint(d / "hf"))
+    assert cli.main(["info", str(text), "--mmproj", str(mmproj), "--ctx", "64"]) == 0
+    out = capsys.readouterr().out
+    assert f"projector      {mmproj}" in out
+    assert f"{count(vision.config.parameter_count())} parameters" in out.split("images")[1].splitlines()[0]
+    samples = vision and audio.config.audio_samples_per_token
+    assert (f"raw waveform: {samples} samples" in out
+            and f"{count(audio.config.parameter_count())} parameters" in out.split("audio   ")[1].splitlines()[0])
+    assert cli.main(["info", str(text), "--ctx", "64"]) == 0  # without it: the text model alone
+    assert "images" not in capsys.readouterr().out

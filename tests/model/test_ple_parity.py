@@ -18,6 +18,7 @@ from gemma4.engine import prefill, resume_points
 from gemma4.engine.prompt_cache import PromptCache
 from gemma4.kv import files as prompt_cache
 from gemma4.kv import kv_bytes_per_token
+from gemma4.info import count
 from reference import PLE_CONFIGS, VOCAB, build_gemma4, tiny_vocab_metadata
 
 TOL = 1e-4
@@ -237,7 +238,7 @@ def test_parameter_counts_and_info(ple, tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"per-layer emb  {VOCAB} x 7 x 6 = {VOCAB * 42 / 1e3:.2f}K parameters" in out
     assert "shared KV      the last 3 layers read earlier layers' KV (layers 4-6; they store none); their MLP 56" in out
-    assert f"parameters     {cli._count(total)} total, {cli._count(active)} active per token" in out
+    assert f"parameters     {count(total)} total, {count(active)} active per token" in out
 
 
 def test_info_kv_counts_only_the_layers_that_store_it(ple, tmp_path, capsys):

@@ -14,6 +14,7 @@ import torch
 import gemma4
 from gemma4.images import from_pil
 from gemma4.audio_io import Audio
+from gemma4.info import count
 from unified_reference import (SAMPLES_PER_TOKEN, UNIFIED_TOKEN_IDS, build_unified, mm_token_type_ids,
                                reference_audio_inputs, reference_audio_placeholder, reference_image_inputs)
 from vision_reference import picture
@@ -180,8 +181,8 @@ def test_info_describes_it(unified, capsys):
     assert model.config.parameter_counts() == (text_params, text_params)  # dense: all active
     assert "(gemma4_unified), 6 layers (5 sliding, window 7; 1 full), hidden 44" in out
     assert f"12x12 px patches -> 24 -> text, one soft token each (70 per image by default); " \
-           f"{cli._count(image_params)} parameters" in out
-    assert f"raw waveform: 16 samples (1 ms at 16000 Hz) per soft token; {cli._count(audio_params)} parameters" in out
+           f"{count(image_params)} parameters" in out
+    assert f"raw waveform: 16 samples (1 ms at 16000 Hz) per soft token; {count(audio_params)} parameters" in out
 
 
 def test_chat_with_an_audio_file_answers_as_the_reference(unified, tmp_path):
