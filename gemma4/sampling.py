@@ -92,10 +92,20 @@ def distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return torch.softmax(process_logits(logits.float(), params), dim=-1)
 
 
+def greedy_token(logits: torch.Tensor) -> int:
+    """The index of the largest of logits [V], as torch.argmax gives it (the first of equal ones; the first NaN
+    where there is one). On the CPU through numpy, whose vectorised reduction takes ~1/10 of torch.argmax's
+    time over a 262K vocabulary (several ms of every 8-row decode step)."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 1 \
+            and not logits.requires_grad:
+        return int(logits.numpy().argmax())
+    return int(torch.argmax(logits))
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """One token id from float32 logits [V]."""
     if params.greedy:
-        return int(torch.argmax(logits))
+        return greedy_token(logits)
     return int(torch.multinomial(distribution(logits, params), 1, generator=generator))
 
 

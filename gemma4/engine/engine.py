@@ -271,15 +271,15 @@ class Engine:
     def _draft(self, r: Running) -> tuple[int, int, list[int], torch.Tensor | None]:
         """(last token, its position, drafts, draft probabilities) of one sequence's next step."""
         seq = r.seq
-        tokens = seq.prompt_ids + seq.output_ids
+        last = len(seq.prompt_ids) + len(seq.output_ids) - 1
         state = seq.speculation
-        drafts, q = [], None
-        if state is not None and r.hidden is not None and not r.request.cancelled:
-            k = min(state.k.k, self._draft_room, seq.params.max_tokens - len(seq.output_ids) - 1)
-            ctx = spec.DraftContext(tokens, len(tokens) - 1, r.hidden, self.model.decoder, self.runner.cache, r.row,
-                                    seq.params)
-            drafts, q = spec.propose(self._drafter(r.request), ctx, k)
-        return tokens[-1], len(tokens) - 1, drafts, q
+        if state is None or r.hidden is None or r.request.cancelled:  # no copy of the whole context per step
+            return (seq.output_ids or seq.prompt_ids)[-1], last, [], None
+        tokens = seq.prompt_ids + seq.output_ids
+        k = min(state.k.k, self._draft_room, seq.params.max_tokens - len(seq.output_ids) - 1)
+        ctx = spec.DraftContext(tokens, last, r.hidden, self.model.decoder, self.runner.cache, r.row, seq.params)
+        drafts, q = spec.propose(self._drafter(r.request), ctx, k)
+        return tokens[-1], last, drafts, q
 
     def _verify(self, r: Running, logits: torch.Tensor, position: int, drafts: list[int], q, hidden) -> int:
         """Accept a sequence's drafts against the target's logits [n + 1, V]; returns the tokens emitted."""

@@ -160,7 +160,10 @@ class Scheduler:
         return next((r for r in self.running if not r.decoding), None)
 
     def decoding(self) -> list[Running]:
-        return [r for r in self.running if r.decoding and r.seq.output_ids and not r.seq.finished]
+        """The sequences generating, in row order: consecutive rows are a slice of the cache (views) rather than
+        an index (a copy of every ring per layer and step), and a row's bits do not depend on its place."""
+        return sorted((r for r in self.running if r.decoding and r.seq.output_ids and not r.seq.finished),
+                      key=lambda r: r.row)
 
     # ---- prefix reuse ------------------------------------------------------------------------
     def _reuse_prefix(self, r: Running) -> None:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from ..sampling import SamplingParams, apply_penalties, distribution
+from ..sampling import SamplingParams, apply_penalties, distribution, greedy_token
 
 if TYPE_CHECKING:
     from ..kv import KVCache
@@ -118,6 +118,10 @@ def verify_batch(rows: list[tuple[int, int, list[int]] | None], pad_id: int, dev
     """ids and positions [B, T] of one verify forward: per row (last token, its position, drafts), right
     padded at position -1 (not written, outputs ignored); None: a row that takes no part."""
     width = max((1 + len(r[2]) for r in rows if r is not None), default=1)
+    if width == 1:  # a plain decode step: one token per row, two tensors built from lists
+        ids = torch.tensor([[pad_id if r is None else r[0]] for r in rows], dtype=torch.long)
+        pos = torch.tensor([[-1 if r is None else r[1]] for r in rows], dtype=torch.long)
+        return ids.to(device), pos.to(device)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     pos = torch.full((len(rows), width), -1, dtype=torch.long)
     for b, r in enumerate(rows):
@@ -132,6 +136,8 @@ def verify_batch(rows: list[tuple[int, int, list[int]] | None], pad_id: int, dev
 
 def verify_logits(decoder, hidden: torch.Tensor, pos: torch.Tensor) -> list[torch.Tensor]:
     """Per row, the target's logits [n, V] at its n real (not padding) positions, through one head call."""
+    if pos.shape[1] == 1 and pos.shape[0] and bool(pos.min() >= 0):  # a plain decode step: every row one position
+        return list(decoder.logits(hidden[:, 0]).split(1))
     valid = pos >= 0
     flat = decoder.logits(hidden[valid])
     return list(flat.split(valid.sum(dim=1).tolist()))
@@ -147,7 +153,7 @@ def accept(logits: torch.Tensor, drafts: list[int], q: torch.Tensor | None, para
     for i in range(len(drafts) + 1):
         row = apply_penalties(logits[i], output_ids + out, params)
         if params.greedy:
-            token = int(torch.argmax(row))
+            token = greedy_token(row)
             out.append(token)
             if i == len(drafts) or token != drafts[i]:
                 return out

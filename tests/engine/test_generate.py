@@ -125,3 +125,22 @@ def test_bad_generate_input(gemma4_models):
         model.generate([5, 6], max_tokens=10**6)
     with pytest.raises(ValueError, match="empty"):
         model.generate([[]])
+
+
+def test_greedy_token_is_torch_argmax():
+    """greedy_token (numpy's argmax on the CPU) picks what torch.argmax picks: the first of equal maxima, the
+    first NaN, index 0 of a row of -inf; on rows of a batch's logits (views) too."""
+    from gemma4.sampling import greedy_token
+
+    g = torch.Generator().manual_seed(0)
+    cases = [torch.randn(262144, generator=g), torch.full((1000,), float("-inf")), torch.zeros(77)]
+    tied = torch.randn(5000, generator=g)
+    tied[[17, 4000]] = 9.0
+    nan = torch.randn(5000, generator=g)
+    nan[[300, 20]] = float("nan")
+    inf = torch.randn(5000, generator=g)
+    inf[[9, 7]] = float("inf")
+    batch = torch.randn(8, 3, 4096, generator=g)
+    cases += [tied, nan, inf, *batch[:, 1], batch[2, :, ::3]]
+    for x in cases:
+        assert greedy_token(x) == int(torch.argmax(x))

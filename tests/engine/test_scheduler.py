@@ -102,3 +102,28 @@ def test_logprobs_and_penalties(model):
     plain = model.generate(prompt, max_tokens=20, temperature=0, ignore_eos=True).token_ids
     # A random model repeats itself greedily; a strong frequency penalty makes repeats rarer.
     assert len(set(pen.token_ids)) > len(set(plain))
+
+
+def test_rows_decode_in_row_order(model):
+    """A request that takes a freed row decodes in that row's place, so consecutive rows are one slice of the
+    cache (views, not copies); its tokens are still its tokens alone."""
+    eng = Engine(model, max_batch=3)
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    first = [Request(_prompt(3, s), params) for s in range(3)]
+    for r in first:
+        eng.submit(r)
+    while len(eng.scheduler.decoding()) < 3:
+        eng.step()
+    late = Request(_prompt(5, 7), SamplingParams(max_tokens=6, temperature=0, ignore_eos=True), Collector())
+    eng.cancel(first[0])
+    eng.submit(late)
+    seen = 0
+    while not late.emit.done.is_set():
+        eng.step()
+        decoding = eng.scheduler.decoding()
+        if len(decoding) == 3:
+            assert [r.row for r in decoding] == [0, 1, 2] and decoding[0].request is late
+            seen += 1
+    assert seen
+    assert late.emit.token_ids == model.generate(late.prompt_ids, max_tokens=6, temperature=0,
+                                                 ignore_eos=True).token_ids
