@@ -169,9 +169,11 @@ def engine_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
 
 
 # A prefill chunk's attention goes to the matrix engine (prefill_attention.cpp: bf16 GEMMs for the scores and P.V,
-# float32 sums and softmax) from this many query rows per KV head (heads of a group x queries); decode and verify
-# steps (at most MAX_SMALL_ATTENTION_ROWS) keep attend_small, whose rows give the same bits however many run.
-ENGINE_ATTENTION_MIN_ROWS = 256
+# float32 sums and softmax) from this many query rows per KV head (heads of a group x queries): every chunk that
+# attend_small (at most 64 rows) does not take. Measured on the 26B-A4B shape (2 threads, a loaded Xeon): a sliding
+# layer over ~1K keys 1.8x torch's fused attention at 64 rows, 2.9x at 256; a full layer over 4K keys 2.5-5.5x from
+# 128 to 1024 rows. Decode and verify steps (outside prefill_products) keep attend_small in any case.
+ENGINE_ATTENTION_MIN_ROWS = 65
 # The scores' operands q and k each as two bf16 parts (hi + lo: 16 significant bits) summed over three bf16 GEMMs
 # (3; 2 where the keys are stored in bf16, exact), or each rounded once to bf16 (1): at Gemma's attention scale 1 a
 # long context's scores are tens, and a single rounding moved a tiny model's logits by a mean KL of 0.003.
