@@ -6,8 +6,8 @@ MODEL: a GGUF (default: bench/prepare.py's 26B-A4B-shape Q4_K_M file, 2 layers).
 the context minus one chunk with random keys and values (attention's cost does not depend on them; a real
 prefill of 16K tokens takes minutes), then the last chunk runs, the best of --rounds, inside
 prefill_products() as a prefill's chunks do. Prints milliseconds per part: each layer's attention
-(sliding / full: its cache write and read, scores, softmax and P.V), within it the full layers' reads of
-the pool (gathers), the MoE block (router and experts), and the rest (projections, norms, dense MLP, head).
+(sliding / full: its cache write and read, scores, softmax and P.V), the MoE block (router and experts),
+and the rest (projections, norms, dense MLP, head).
 """
 
 from __future__ import annotations
@@ -42,15 +42,17 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--float-attention", action="store_true", help="attention on the float32 path (the engine's off)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     import prepare
 
     import gemma4
-    from gemma4.kv.paged import PagedKV
     from gemma4.native import isa, ops
 
+    if args.float_attention:
+        ops.ENGINE_ATTENTION_MIN_ROWS = float("inf")
     path = args.model or str(prepare.cache_dir() / "gemma4-26b-a4b-shape-L2" / "model-Q4_K_M.gguf")
     model = gemma4.load(path, progress=False)
     dec = model.decoder
@@ -63,7 +65,6 @@ def main(argv=None) -> int:
         if layer.moe:
             layer.router.forward = timed(table, "moe router", layer.router.forward)
             layer.experts.forward = timed(table, "moe experts", layer.experts.forward)
-    PagedKV.gather = timed(table, "  of which full layers' pool reads (gather)", PagedKV.gather)
 
     g = torch.Generator().manual_seed(1)
     filled = args.context - args.chunk
@@ -90,7 +91,7 @@ def main(argv=None) -> int:
     total, parts = best
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"{Path(path).name}: one {args.chunk}-token chunk at context {args.context}, {args.threads} threads, "
-          f"best of {args.rounds}; load {load}; ISA {isa.describe()}")
+          f"best of {args.rounds}, attention {'float32' if args.float_attention else 'engine'}; load {load}; ISA {isa.describe()}")
     attention = sum(v for k, v in parts.items() if k.startswith("attention"))
     moe = sum(v for k, v in parts.items() if k.startswith("moe"))
     print(f"| part | ms | share |\n|---|---|---|")

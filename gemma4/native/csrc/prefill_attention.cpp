@@ -22,7 +22,9 @@ GemmBf16 gemm_bf16() {
 }
 constexpr int ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112;
 
-constexpr int64_t ITEM_ROWS = 512;  // query rows (heads of a group x queries) per work item
+// Query rows (heads of a group x queries) per work item at most: each item rebuilds and rounds every key tile it
+// reads, so items are made as few as the threads allow (a KV head's queries split only to give every thread work).
+constexpr int64_t ITEM_ROWS = 4096;
 constexpr int64_t TILE_KEYS = 512;  // keys per tile (a multiple of 16)
 
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
@@ -182,7 +184,9 @@ torch::Tensor prefill_attention(torch::Tensor q, c10::optional<torch::Tensor> k_
     // product, is left out).
     const bool exact_keys = bf16 && !rebuild;
     const int64_t W = terms == 1 ? D : exact_keys ? 2 * D : 3 * D;
-    const int64_t G = H / KV, TQ = std::max<int64_t>(1, std::min<int64_t>(T, ITEM_ROWS / G)), NT = (T + TQ - 1) / TQ;
+    const int64_t G = H / KV, threads = at::get_num_threads();
+    const int64_t parts = std::max((T * G + ITEM_ROWS - 1) / ITEM_ROWS, (threads + B * KV - 1) / (B * KV));
+    const int64_t TQ = std::max<int64_t>(1, (T + parts - 1) / parts), NT = (T + TQ - 1) / TQ;
     auto out = torch::zeros({B, H, T, D}, q.options());
     float* O = out.data_ptr<float>();
     const float NEG = -std::numeric_limits<float>::infinity();
