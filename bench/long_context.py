@@ -11,7 +11,9 @@ Figures are per layer and extrapolated to the real 30 layers (25 sliding, 5 full
 - llama.cpp's KV buffers for the same shape (llama-cpp-python, verbose), when a GGUF of it is found
   ($GEMMA4_BENCH_CACHE or ~/.cache/gemma4-bench/gemma4-26b-a4b-shape-L6/model-Q8_0.gguf);
 - time to first token of a second question on a cached document against the first, through the
-  engine's automatic prefix reuse (bench/api_prefix_reuse.py: the same through the Python API).
+  engine's automatic prefix reuse (bench/api_prefix_reuse.py: the same through the Python API);
+  on the shape's Q4_K_M file where bench/prepare.py made it, the first per layer and times 30, and
+  llama.cpp's on the same file and ids in the same run.
 
     python -m bench.long_context [--contexts 8192,32768,131072] [--ttft-context 32768] [--layers 2]
 
@@ -152,8 +154,16 @@ def llama_cpp_kv(context: int) -> dict | None:
                 swa_full="full-size SWA" in r.stderr)
 
 
+def shape_gguf(layers: int) -> Path | None:
+    """bench/prepare.py's Q4_K_M file of the 26B-A4B shape at this depth, where it was prepared."""
+    root = Path(os.environ.get("GEMMA4_BENCH_CACHE") or Path.home() / ".cache" / "gemma4-bench")
+    path = root / f"gemma4-26b-a4b-shape-L{layers}" / "model-Q4_K_M.gguf"
+    return path if path.exists() else None
+
+
 def ttft(context: int, layers: int, question: int = 32) -> dict:
-    """Time to first token of two questions on one document through the engine's thread (prefix reuse)."""
+    """Time to first token of two questions on one document through the engine's thread (prefix reuse), on the
+    shape's Q4_K_M file where prepared (else random float32 weights), and llama.cpp's on the same file and ids."""
     from gemma4.kv import PrefixStore
     from gemma4.sampling import SamplingParams
     from gemma4.engine import Engine, Request
@@ -162,7 +172,13 @@ def ttft(context: int, layers: int, question: int = 32) -> dict:
         def __init__(self, decoder):
             self.decoder, self.tokenizer, self.eos_token_ids = decoder, None, {1}
 
-    model = Model(random_decoder(layers, torch.float32))  # bf16 matmuls are slow on this CPU
+    gguf = shape_gguf(layers)
+    if gguf is not None:
+        import gemma4
+
+        model = Model(gemma4.load(str(gguf), progress=False).decoder)
+    else:
+        model = Model(random_decoder(layers, torch.float32))
     g = torch.Generator().manual_seed(2)
     doc = torch.randint(3, VOCAB, (context,), generator=g).tolist()
     store = PrefixStore(max_bytes=8 * 2**30)
@@ -178,8 +194,23 @@ def ttft(context: int, layers: int, question: int = 32) -> dict:
             times.append(time.perf_counter() - t0)
     finally:
         sched.stop()
+    q = torch.randint(3, VOCAB, (question,), generator=torch.Generator().manual_seed(3)).tolist()
+    print(f"[long_context] TTFT {context}: ours first {times[0]:.2f} s, second {times[1]:.3f} s", file=sys.stderr,
+          flush=True)
     return dict(context=context, layers=layers, first_s=times[0], second_s=times[1], speedup=times[0] / times[1],
-                reused_tokens=sched.stats.prefix_reused_tokens)
+                reused_tokens=sched.stats.prefix_reused_tokens, model=gguf.name if gguf else "random float32",
+                llama_s=llama_ttft(gguf, doc + q) if gguf else None)
+
+
+def llama_ttft(path: Path, ids: list[int]) -> float | None:
+    """llama.cpp's time to first token (the prompt's prefill and its last logits) in a process of its own."""
+    code = ("import json, sys, time\nfrom llama_cpp import Llama\nids = json.loads(sys.stdin.read())\n"
+            f"llm = Llama(model_path={str(path)!r}, n_ctx=len(ids) + 16, n_batch={CHUNK}, n_ubatch={CHUNK}, "
+            "n_threads=2, n_threads_batch=2, verbose=False)\n"
+            "t = time.perf_counter(); llm.eval(ids); print(time.perf_counter() - t)\n")
+    r = subprocess.run([sys.executable, "-c", code], input=json.dumps(ids), capture_output=True, text=True,
+                       timeout=7200)
+    return float(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else None
 
 
 def rows(contexts=(8192, 32768, 131072), layers: int = 2, ttft_context: int = 8192, llama: bool = True) -> list[dict]:
@@ -224,9 +255,17 @@ def _table(rs: list[dict]) -> str:
     for r in rs:
         if r["kind"] == "ttft":
             lines.append("")
-            lines.append(f"TTFT, {r['context']}-token document + 32-token question, {r['layers']} layers: first "
+            lines.append(f"TTFT, {r['context']}-token document + 32-token question, {r['layers']} layers "
+                         f"({r.get('model', 'random float32')}): first "
                          f"{r['first_s']:.2f} s, second (prefix reused, {r['reused_tokens']} tokens) {r['second_s']:.3f} s"
                          f" -> {r['speedup']:.0f}x")
+            per = r["first_s"] / r["layers"]
+            line = f"  first, per layer {per:.1f} s, x30 layers {30 * per / 60:.1f} min"
+            if r.get("llama_s"):
+                lp = r["llama_s"] / r["layers"]
+                line += (f"; llama.cpp {r['llama_s']:.2f} s, per layer {lp:.1f} s, x30 layers {30 * lp / 60:.1f} min"
+                         f" -> ours {r['llama_s'] / r['first_s']:.2f}x llama.cpp's speed")
+            lines.append(line)
     return "\n".join(lines)
 
 

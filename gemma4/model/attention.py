@@ -20,7 +20,7 @@ from torch.nn import functional as F
 
 from ..kv import RowsView
 from ..config.text import ModelConfig
-from ..native.ops import attend_small, small_attention
+from ..native.ops import attend_small, engine_attends, prefill_attention, small_attention
 from ..quant.modules import Linear
 from .layers import RMSNorm, rope_inv_freq, rotate
 
@@ -99,9 +99,22 @@ def attend(q: torch.Tensor, pieces, qpos: torch.Tensor, window: int | None, sees
             out = attend_small(qf, k, v, qpos, kpos, window, sees_until, scale, blocks, rebuild)
             if out is not None:
                 return out
+        if (k is not None or rebuild_of is not None) and engine_attends(qf, v, sees_until):
+            # a prefill chunk: the matrix engine, the pool read in place
+            out = prefill_attention(qf, k, v, qpos, kpos, window, sees_until, scale, blocks,
+                                    None if k is not None else rebuild_of(kpos))
+            if out is not None:
+                return out
     pieces = iter(pieces)
     first = next(pieces)
     second = next(pieces, None)
+    if (second is None and native and (first[0] is not None or rebuild_of is not None)
+            and engine_attends(qf, first[1], sees_until)):  # a prefill chunk over a ring's one piece
+        k, v, kpos = first
+        out = prefill_attention(qf, k, v, qpos, kpos, window, sees_until, scale, None,
+                                None if k is not None else rebuild_of(kpos))
+        if out is not None:
+            return out
     if second is None and first[0] is None and keys_of is not None and small_attention(qf, first[1]):
         first = (keys_of(first[1], first[2]), first[1].float(), first[2])  # K=V: rebuild this piece's keys
     if second is None and first[0] is not None:  # the whole context in one piece, keys stored

@@ -220,6 +220,45 @@ def engine_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     return out
 
 
+# A prefill chunk's attention goes to the matrix engine (prefill_attention.cpp: bf16 GEMMs for the scores and P.V,
+# float32 sums and softmax) from this many query rows per KV head (heads of a group x queries): every chunk that
+# attend_small (at most 64 rows) does not take. Measured on the 26B-A4B shape (2 threads, a loaded Xeon): a sliding
+# layer over ~1K keys 1.8x torch's fused attention at 64 rows, 2.9x at 256; a full layer over 4K keys 2.5-5.5x from
+# 128 to 1024 rows. Decode and verify steps (outside prefill_products) keep attend_small in any case.
+ENGINE_ATTENTION_MIN_ROWS = 65
+# The scores' operands q and k each as two bf16 parts (hi + lo: 16 significant bits) summed over three bf16 GEMMs
+# (3; 2 where the keys are stored in bf16, exact), or each rounded once to bf16 (1): at Gemma's attention scale 1 a
+# long context's scores are tens, and a single rounding moved a tiny model's logits by a mean KL of 0.003.
+ENGINE_ATTENTION_SCORE_TERMS = 3
+
+
+def engine_attends(q: torch.Tensor, v: torch.Tensor, sees_until: torch.Tensor | None = None) -> bool:
+    """Whether prefill_attention takes queries q [B, H, T, D] over values v [B, KV, S, D] (or a pool [n, KV, BS, D]):
+    in a prefill (prefill_products), int8 activations (GEMMA4_ACTIVATIONS=float keeps the float32 reference), the
+    matrix engine here, enough rows, float32 or bf16 values, no (from, until) spans."""
+    b, h, t, d = q.shape
+    rows = (h // v.shape[1]) * t
+    return (q.is_cpu and q.dtype == torch.float32 and d % 16 == 0 and v.dtype in (torch.float32, torch.bfloat16)
+            and (sees_until is None or sees_until.dim() == 2) and rows >= ENGINE_ATTENTION_MIN_ROWS
+            and on_engine(rows))
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor, qpos: torch.Tensor, kpos: torch.Tensor,
+                      window: int | None, sees_until: torch.Tensor | None, scale: float,
+                      blocks: torch.Tensor | None = None, rebuild=None) -> torch.Tensor | None:
+    """attend_small's attention (same arguments, same masks) for a prefill chunk's many queries, on the matrix engine:
+    q and each tile of keys rounded to bf16 for the scores, the probabilities and values to bf16 for P.V, float32
+    sums, running softmax in float32 (the error is bounded in tests/native/test_prefill_attention.py). Key tiles no
+    query sees are skipped; the cache is read in place, a tile at a time. None where engine_attends says no."""
+    if k is None and rebuild is None:
+        return None
+    if (k is not None and k.dtype != v.dtype) or not engine_attends(q, v, sees_until):
+        return None
+    w, cos, sin = rebuild if rebuild is not None else (None, None, None)
+    return matrix_engine().prefill_attention(q, k, v, qpos, kpos, window or 0, sees_until, scale, blocks, w, cos, sin,
+                                             ENGINE_ATTENTION_SCORE_TERMS)
+
+
 def grouped_product(x: torch.Tensor, w, ids: list[int], offsets: list[int],
                     rows: int | None = None) -> torch.Tensor | None:
     """Rows offsets[g] .. offsets[g + 1] of x [P, K] times matrix ids[g] of the stacked w [E, N, K] -> [P, N], on

@@ -15,6 +15,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("amx_int8_ready", &amx_int8_ready, "amx_int8_ready");
     m.def("amx_mm_grouped", torch::wrap_pybind_function(amx_mm_grouped), "amx_mm_grouped");
     m.def("attend_small", torch::wrap_pybind_function(attend_small), "attend_small");
+    m.def("prefill_attention", torch::wrap_pybind_function(prefill_attention), "prefill_attention");
     m.def("rope", torch::wrap_pybind_function(rope), "rope");
     m.def("attn_in", torch::wrap_pybind_function(attn_in), "attn_in");
     m.def("attn_out", torch::wrap_pybind_function(attn_out), "attn_out");

@@ -124,6 +124,13 @@ torch::Tensor attend_small(torch::Tensor q, torch::Tensor k, torch::Tensor v, to
                            int64_t window, c10::optional<torch::Tensor> sees_until, double scale,
                            c10::optional<torch::Tensor> blocks, c10::optional<torch::Tensor> key_weight,
                            c10::optional<torch::Tensor> key_cos, c10::optional<torch::Tensor> key_sin);
+// prefill_attention.cpp
+torch::Tensor prefill_attention(torch::Tensor q, c10::optional<torch::Tensor> k_opt, torch::Tensor v,
+                                torch::Tensor qpos, torch::Tensor kpos, int64_t window,
+                                c10::optional<torch::Tensor> sees_until, double scale,
+                                c10::optional<torch::Tensor> blocks, c10::optional<torch::Tensor> key_weight,
+                                c10::optional<torch::Tensor> key_cos, c10::optional<torch::Tensor> key_sin,
+                                int64_t terms);
 // rope_norms.cpp
 torch::Tensor rope(torch::Tensor x, torch::Tensor positions, torch::Tensor inv_freq);
 torch::Tensor rms_norm(torch::Tensor x, c10::optional<torch::Tensor> weight, double eps,
