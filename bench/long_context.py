@@ -64,6 +64,9 @@ def random_decoder(layers: int, dtype=torch.bfloat16):
     with torch.device("meta"):
         dec = Decoder(config(layers))
     dec = dec.to_empty(device="cpu").to(dtype)
+    for name, p in dec.named_parameters():  # as gemma4.load holds them (model/load.py): norms stay float32
+        if name.endswith("norm.weight"):
+            p.data = p.data.float()
     with torch.no_grad():
         for name, p in dec.named_parameters():
             if p.dim() >= 2:

@@ -106,10 +106,7 @@ def load(path: str | Path | StoredModel | None = None, dtype="float32", device="
     budget = _max_memory(max_memory)
     checkpoint = open_checkpoint(found.path)
     tokenizer = checkpoint.load_tokenizer()  # before the weights: a missing tokenizer fails fast
-    vision = _vision_checkpoint(checkpoint, mmproj)  # before the weights too: a bad mmproj fails fast
-    if vision is None and mmproj is None and found.mmproj is not None:
-        vision = _store_projector(checkpoint, found)
-    audio = _audio_checkpoint(checkpoint, mmproj)
+    vision, audio = media_readers(checkpoint, mmproj, found.mmproj)  # before the weights: a bad mmproj fails fast
     if tensor_parallel != 1 or expert_parallel != 1:
         if budget is not None:
             raise ValueError("max_memory: not with a model split over ranks (each rank holds its share already)")
@@ -139,13 +136,13 @@ def _found(path):
     return find(None if path is None else str(path))
 
 
-def _store_projector(checkpoint, found):
-    """The projector a store keeps beside the model, where it is a vision tower this engine reads (a gemma4v
-    mmproj; another family's is not): else the model loads without one."""
+def _store_projector(checkpoint, path):
+    """The readers of a projector a store keeps beside the model, where it is one this engine reads (gemma4v /
+    gemma4a, the 12B's gemma4uv / gemma4ua; another family's is not): else (None, None)."""
     try:
-        return _vision_checkpoint(checkpoint, found.mmproj)
+        return _vision_checkpoint(checkpoint, path), _audio_checkpoint(checkpoint, path)
     except ModelLoadError:
-        return None
+        return None, None
 
 
 def _engine_options(kv_cache: str, kv_budget, prefix_cache_bytes, max_batch: int) -> dict:
@@ -184,10 +181,16 @@ def _prepare_kernels(decoder) -> None:
         compiled()
 
 
-def media_readers(checkpoint, mmproj=None):
-    """The readers of a model's image and audio parts (None where it has none): its HF folder's own, else the
-    mmproj file's (a llama.cpp projector of either kind)."""
-    return _vision_checkpoint(checkpoint, mmproj), _audio_checkpoint(checkpoint, mmproj)
+def media_readers(checkpoint, mmproj=None, store_mmproj=None):
+    """The readers of a model's image and audio parts (None where it has none): its HF folder's own, else those of
+    the mmproj file given (a bad one is an error), else of the one its store keeps beside it (skipped where this
+    engine does not read it)."""
+    vision, audio = _vision_checkpoint(checkpoint, mmproj), _audio_checkpoint(checkpoint, mmproj)
+    if mmproj is None and store_mmproj is not None:
+        from_store = _store_projector(checkpoint, store_mmproj)
+        vision = vision if vision is not None else from_store[0]
+        audio = audio if audio is not None else from_store[1]
+    return vision, audio
 
 
 def _vision_checkpoint(checkpoint, mmproj):

@@ -28,14 +28,13 @@ def describe(spec: str | None, ctx: int | None = None, mmproj: str | None = None
     path = found.path
     ckpt = open_checkpoint(path)
     cfg = ckpt.config
-    mmproj = mmproj if mmproj is not None else found.mmproj
     total, active = cfg.parameter_counts()
     n_full = sum(1 for t in cfg.layer_types if t == "full_attention")
     print(f"model          {path}")
     if found.source not in ("path", "embedded"):
         print(f"store          {found.source}: {found.explicit}")
-    if mmproj is not None:
-        print(f"projector      {mmproj}")
+    if mmproj is not None or found.mmproj is not None:
+        print(f"projector      {mmproj if mmproj is not None else found.mmproj}")
     kind = cfg.model_type
     label = cfg.architecture if not kind or kind in (cfg.architecture, f"{cfg.architecture}_text") else \
         f"{cfg.architecture} ({kind})"
@@ -60,7 +59,7 @@ def describe(spec: str | None, ctx: int | None = None, mmproj: str | None = None
     print(f"tensor types   {', '.join(f'{k} x{v}' for k, v in sorted(ckpt.tensor_types().items()))}")
     print(f"weights        {human(weights)} on disk")
     print(f"chat template  {'yes' if ckpt.chat_template() else 'none (base model: raw completion)'}")
-    _media(ckpt, mmproj)
+    _media(ckpt, mmproj, found.mmproj)
     from gemma4.native import isa
 
     print(f"CPU            {isa.describe()}")
@@ -82,7 +81,7 @@ def _parameters(model_class, config) -> int:
         return sum(p.numel() for p in model_class(config).parameters())
 
 
-def _media(ckpt, mmproj) -> None:
+def _media(ckpt, mmproj, store_mmproj) -> None:
     """The image and audio parts, from the model's folder or its mmproj file (the readers gemma4.load takes)."""
     from gemma4.api import media_readers
     from gemma4.config import AudioConfig, VisionConfig
@@ -90,7 +89,7 @@ def _media(ckpt, mmproj) -> None:
     from gemma4.model.audio import AudioModel
     from gemma4.model.vision import VisionModel
 
-    vision, audio = media_readers(ckpt, mmproj)
+    vision, audio = media_readers(ckpt, mmproj, store_mmproj)
     if vision is not None:
         v = vision.config
         if isinstance(v, UnifiedVisionConfig):

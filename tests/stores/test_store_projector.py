@@ -7,7 +7,7 @@ import torch
 
 import gemma4
 from gemma4 import store
-from gguf_media import vision_gguf_pair
+from gguf_media import needs_converter, vision_gguf_pair
 from reference import tiny_vocab_metadata
 from store_layouts import hub_repo, lmstudio_model, ollama_model
 
@@ -48,3 +48,28 @@ def test_a_projector_this_engine_does_not_read_is_left_out(stores, tmp_path, mon
     model = gemma4.load("g4v:other")
     with pytest.raises(ValueError, match="no vision tower"):
         model.check_vision()
+
+
+@needs_converter
+def test_the_stores_projector_brings_the_audio_tower(tmp_path, monkeypatch):
+    """An E-model's mmproj kept beside it in a store (its gemma4a part): the model hears as with --mmproj."""
+    import base64
+
+    from audio_reference import AUDIO_MARKS, BOA, EOA, build_audio_model, encoded_audio, sweep
+    from gemma4.checkpoint import open_checkpoint
+    from gemma4.checkpoint.gguf_writer import write_gguf
+    from gguf_media import convert_mmproj, media_vocab_metadata
+    build_audio_model(tmp_path / "hf", seed=8)
+    mmproj = convert_mmproj(tmp_path / "hf", tmp_path / "mmproj.gguf")
+    text = write_gguf(open_checkpoint(tmp_path / "hf"), tmp_path / "text.gguf", "F32",
+                      media_vocab_metadata(dict(zip(AUDIO_MARKS, (BOA, EOA)))))
+    ollama_model(tmp_path / "ollama", "g4a:tiny", text, projector=mmproj)
+    monkeypatch.setenv("OLLAMA_MODELS", str(tmp_path / "ollama"))
+    monkeypatch.setenv("GEMMA4_MODELS", str(tmp_path / "own"))
+    by_name, by_flag = gemma4.load("g4a:tiny"), gemma4.load(text, mmproj=mmproj)
+    wav = encoded_audio(sweep(0.9), 16000, "WAV", "PCM_16")
+    messages = [{"role": "user", "content": [
+        {"type": "input_audio", "input_audio": {"data": base64.b64encode(wav).decode(), "format": "wav"}},
+        {"type": "text", "text": "hi"}]}]
+    prompt = by_name.chat_input(messages)  # refused ("no audio tower") where the store's projector is not read
+    assert torch.equal(by_name.forward(prompt), by_flag.forward(prompt))
