@@ -17,6 +17,7 @@ Then an end-to-end check: greedy generation with the E2B drafting gives the targ
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -63,7 +64,7 @@ def section(args) -> str:
     import gemma4
     from gemma4.engine import prefill
     from gemma4.speculative import DraftContext, drafter_for
-    from speculative import _median, log
+    from prepare import log
 
     target_path, tfmt = _path(args.layers, "26b-a4b")
     draft_path, dfmt = _path(args.draft_layers, "e2b")
@@ -122,23 +123,23 @@ def section(args) -> str:
     scale = REAL_TARGET_LAYERS / args.layers
 
     def cost(n: int, layers_scale: float = 1.0) -> float:
-        return _median(head[n]) + _median(body[n]) * layers_scale
+        return statistics.median(head[n]) + statistics.median(body[n]) * layers_scale
 
     one, one30 = cost(1), cost(1, scale)
     rows = ["| k drafted | E2B draft round ms | target verify (k+1) ms | round, × a decode step | "
             "round at 30 layers, × | break-even a (30 layers) |", "|---|---|---|---|---|---|",
-            f"| 0 (plain decode) | — | {one * 1e3:.1f} (body {_median(body[1]) * 1e3:.1f} + head "
-            f"{_median(head[1]) * 1e3:.1f}) | 1.00 | 1.00 | — |"]
+            f"| 0 (plain decode) | — | {one * 1e3:.1f} (body {statistics.median(body[1]) * 1e3:.1f} + head "
+            f"{statistics.median(head[1]) * 1e3:.1f}) | 1.00 | 1.00 | — |"]
     speed_rows = ["| k | " + " | ".join(f"a = {a}" for a in ASSUMED_ACCEPTANCE) + " |",
                   "|---|" + "---|" * len(ASSUMED_ACCEPTANCE)]
     for k in args.ks:
-        d, v, v30 = _median(drafts[k]), cost(k + 1), cost(k + 1, scale)
+        d, v, v30 = statistics.median(drafts[k]), cost(k + 1), cost(k + 1, scale)
         be = _break_even(k, d, v30, one30)
         rows.append(f"| {k} | {d * 1e3:.1f} | {v * 1e3:.1f} | {(d + v) / one:.2f} | {(d + v30) / one30:.2f} | "
                     f"{'never' if be is None else f'{be:.2f}'} |")
         speed_rows.append(f"| {k} | " + " | ".join(f"{speed_up(a, k, d, v30, one30):.2f}"
                                                    for a in ASSUMED_ACCEPTANCE) + " |")
-    step_draft = _median(drafts[args.ks[0]]) / args.ks[0]
+    step_draft = statistics.median(drafts[args.ks[0]]) / args.ks[0]
 
     # End to end: greedy tokens with the E2B drafting are the target's own (random weights: drafts are
     # mostly rejected, which the check covers as well as acceptance)
