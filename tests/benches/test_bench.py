@@ -26,7 +26,7 @@ def tiny(tmp_path_factory):
     return prepare.shape_model(LAYERS, formats=("Q8_0",), tiny=True, cache=cache), cache
 
 
-def test_prepared_folder_is_what_transformers_expects(tiny):
+def test_prepared_folder_is_what_transformers_expects(tiny, float_products):
     from transformers import Gemma4ForCausalLM
 
     model, _ = tiny

@@ -39,7 +39,7 @@ def test_real_e2b_numbers():
     assert cfg.intermediate_size_of(14) == 6144 and cfg.intermediate_size_of(15) == 12288
 
 
-def test_prepared_e2b_is_what_transformers_expects(shapes):
+def test_prepared_e2b_is_what_transformers_expects(shapes, float_products):
     from transformers import Gemma4ForCausalLM
 
     e2b, _ = shapes

@@ -54,7 +54,7 @@ def _run(engine, prompt, n, speculative=0):
 
 
 @pytest.mark.parametrize("split", SPLITS)
-def test_a_split_model_gives_one_process_logits_and_tokens(tiny, one, split):
+def test_a_split_model_gives_one_process_logits_and_tokens(tiny, one, split, float_products):
     model = gemma4.load(tiny, progress=False, **SPLITS[split])
     try:
         ids = _ids(40, 1)  # 5 windows

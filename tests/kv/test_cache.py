@@ -12,7 +12,7 @@ from reference import VOCAB
 
 @pytest.mark.parametrize("name", ["moe_kv", "dense_kv_off", "dense_kv"])
 @pytest.mark.parametrize("prompt_len", [1, 5, 13])
-def test_decode_steps_match_full_forward(gemma4_models, name, prompt_len):
+def test_decode_steps_match_full_forward(gemma4_models, name, prompt_len, float_products):
     path, _ = gemma4_models[name]
     model = gemma4.load(path)
     window = model.config.sliding_window

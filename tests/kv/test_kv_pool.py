@@ -31,7 +31,7 @@ def _cache(model, **kw):
 # Blocks of 4: a pool that grows, the rows' blocks interleaved (gathered for attention). Blocks of 64: the
 # native kernel reads the pool in place at decode, K=V keys rebuilt inside it.
 @pytest.mark.parametrize("kv_dtype,block", [("float", 4), ("int8", 4), ("float", 64)])
-def test_rows_of_different_lengths_in_one_pool_equal_plain_forwards(model, kv_dtype, block):
+def test_rows_of_different_lengths_in_one_pool_equal_plain_forwards(model, kv_dtype, block, float_products):
     dec = model.decoder
     lengths, steps = [9, 23, 14], 6
     seqs = [_ids(n + steps, 10 + i) for i, n in enumerate(lengths)]

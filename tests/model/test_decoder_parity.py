@@ -21,7 +21,7 @@ def _prompt(n, seed=0):
 
 
 @pytest.mark.parametrize("name", list(GEMMA4_CONFIGS))
-def test_logits_match_reference(gemma4_models, name):
+def test_logits_match_reference(gemma4_models, name, float_products):
     path, ref = gemma4_models[name]
     model = gemma4.load(path)
     ids = _prompt(45)  # several times the sliding window of every config
@@ -49,7 +49,7 @@ def test_greedy_tokens_match_reference(gemma4_models, name):
     assert got.finish_reason == "length"
 
 
-def test_multimodal_layout_and_shards(tmp_path):
+def test_multimodal_layout_and_shards(tmp_path, float_products):
     """Gemma4ForConditionalGeneration (text_config, model.language_model. prefix), sharded."""
     ref = build_gemma4(tmp_path, "moe_kv", seed=5, multimodal=True, shard="20KB")
     assert (tmp_path / "model.safetensors.index.json").exists()

@@ -52,7 +52,7 @@ def _exact(ref, **inputs):
 
 
 @pytest.mark.parametrize("name", list(PLE_CONFIGS))
-def test_logits_match_reference(ple, name):
+def test_logits_match_reference(ple, name, float_products):
     _, ref, model = ple[name]
     ids = _ids(45)  # several times every config's sliding window
     expected, bound = _exact(ref, input_ids=ids[None])
@@ -73,7 +73,7 @@ def test_greedy_tokens_match_reference(ple, name):
 
 
 @pytest.mark.parametrize("name", ["ple_shared", "ple_shared_keqv"])
-def test_cached_decode_equals_a_full_forward(ple, name):
+def test_cached_decode_equals_a_full_forward(ple, name, float_products):
     """Decode steps over the rings' wraps: the shared layers read their source's ring and pool at each step."""
     model = ple[name][2]
     dec = model.decoder
