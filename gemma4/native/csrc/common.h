@@ -148,3 +148,10 @@ void put_tokens(std::vector<torch::Tensor> dsts, std::vector<torch::Tensor> srcs
 // gguf_blocks.cpp
 std::vector<torch::Tensor> gguf_q4_k(torch::Tensor raw, int64_t k);
 std::vector<torch::Tensor> gguf_q6_k(torch::Tensor raw, int64_t k);
+
+// MKL's bf16 x bf16 -> float32 GEMM (cblas_gemm_bf16bf16f32), as torch's CPU library exports it: looked up once in
+// matrix_engine.cpp (absent: nullptr); the CBLAS enum values it takes.
+using GemmBf16 = void (*)(int, int, int, int, int, int, float, const uint16_t*, int, const uint16_t*, int, float,
+                          float*, int);
+GemmBf16 gemm_bf16();
+constexpr int CBLAS_ROW_MAJOR = 101, CBLAS_NO_TRANS = 111, CBLAS_TRANS = 112;

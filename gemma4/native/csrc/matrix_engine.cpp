@@ -160,16 +160,12 @@ bool has_avx512_bf16() {
     return yes;
 }
 
-// MKL's bf16 x bf16 -> float32 GEMM, as torch's CPU library exports it; looked up once (absent: nullptr).
-using GemmBf16 = void (*)(int, int, int, int, int, int, float, const uint16_t*, int, const uint16_t*, int, float,
-                          float*, int);
+}  // namespace
+
 GemmBf16 gemm_bf16() {
     static const GemmBf16 f = (GemmBf16)dlsym(RTLD_DEFAULT, "cblas_gemm_bf16bf16f32");
     return f;
 }
-constexpr int ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112;
-
-}  // namespace
 
 // The quantised matrix [N, K] as bf16 (QuantWeight.dequantize(bfloat16)'s bits); plain=true forces the plain
 // version (tests compare the two).
@@ -206,7 +202,7 @@ torch::Tensor mm_bf16_f32(torch::Tensor x, torch::Tensor w) {
     auto out = torch::empty({M, N}, x.options().dtype(torch::kFloat));
     if (M == 0 || N == 0) return out;
     if (K == 0) return out.zero_();
-    gemm(ROW_MAJOR, NO_TRANS, TRANS, (int)M, (int)N, (int)K, 1.0f, (const uint16_t*)x.data_ptr(), (int)x.stride(0),
+    gemm(CBLAS_ROW_MAJOR, CBLAS_NO_TRANS, CBLAS_TRANS, (int)M, (int)N, (int)K, 1.0f, (const uint16_t*)x.data_ptr(), (int)x.stride(0),
          (const uint16_t*)w.data_ptr(), (int)w.stride(0), 0.0f, out.data_ptr<float>(), (int)N);
     return out;
 }
@@ -259,7 +255,7 @@ torch::Tensor engine_mm_grouped(torch::Tensor xb, torch::Tensor q, torch::Tensor
                 if (wide) dequant_row_avx512(ws[g], K, n0 + n, tile.data() + n * K);
                 else dequant_row_plain(ws[g], K, n0 + n, tile.data() + n * K);
             }
-            gemm(ROW_MAJOR, NO_TRANS, TRANS, (int)rows, (int)nb, (int)K, 1.0f, X + m0 * K, (int)K, tile.data(), (int)K,
+            gemm(CBLAS_ROW_MAJOR, CBLAS_NO_TRANS, CBLAS_TRANS, (int)rows, (int)nb, (int)K, 1.0f, X + m0 * K, (int)K, tile.data(), (int)K,
                  0.0f, O + m0 * N + n0, (int)N);
         }
     });

@@ -9,18 +9,10 @@
 // attend_small.
 #include "common.h"
 
-#include <dlfcn.h>
 #include <limits>
 
 namespace {
 
-using GemmBf16 = void (*)(int, int, int, int, int, int, float, const uint16_t*, int, const uint16_t*, int, float,
-                          float*, int);
-GemmBf16 gemm_bf16() {
-    static const GemmBf16 f = (GemmBf16)dlsym(RTLD_DEFAULT, "cblas_gemm_bf16bf16f32");
-    return f;
-}
-constexpr int ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112;
 
 // Query rows (heads of a group x queries) per work item at most: each item rebuilds and rounds every key tile it
 // reads, so items are made as few as the threads allow (a KV head's queries split only to give every thread work).
@@ -256,7 +248,7 @@ torch::Tensor prefill_attention(torch::Tensor q, c10::optional<torch::Tensor> k_
                         split_row(tmp.data(), D, vr, nullptr);
                     }
                 }
-                gemm(ROW_MAJOR, NO_TRANS, TRANS, (int)M, (int)np, (int)W, (float)scale, qb.data(), (int)W, kt.data(),
+                gemm(CBLAS_ROW_MAJOR, CBLAS_NO_TRANS, CBLAS_TRANS, (int)M, (int)np, (int)W, (float)scale, qb.data(), (int)W, kt.data(),
                      (int)W, 0.0f, sc.data(), (int)np);
                 if (!whole) {
                     for (int64_t i = 0; i < tq; ++i) {
@@ -273,7 +265,7 @@ torch::Tensor prefill_attention(torch::Tensor q, c10::optional<torch::Tensor> k_
                     const float corr = softmax_row(sc.data() + r * np, np, m[r], l[r], pb.data() + r * np);
                     if (corr != 1.0f) scale_row(acc.data() + r * D, D, corr);
                 }
-                gemm(ROW_MAJOR, NO_TRANS, NO_TRANS, (int)M, (int)D, (int)np, 1.0f, pb.data(), (int)np, vt.data(), (int)D,
+                gemm(CBLAS_ROW_MAJOR, CBLAS_NO_TRANS, CBLAS_NO_TRANS, (int)M, (int)D, (int)np, 1.0f, pb.data(), (int)np, vt.data(), (int)D,
                      1.0f, acc.data(), (int)D);
             }
             for (int64_t j = 0; j < G; ++j)
