@@ -97,6 +97,17 @@ def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def fill_synthetic(cache, filled: int, dtype, g: torch.Generator) -> None:
+    """Random K/V for positions below `filled` in every layer of cache (memory and time do not depend on the values)."""
+    for start in range(0, filled, 4096):
+        end = min(filled, start + 4096)
+        pos = torch.arange(start, end)[None]
+        for layer in cache.layers:
+            shape = (1, layer.v.shape[1], end - start, layer.v.shape[3])
+            k = torch.randn(shape, generator=g).to(dtype) if layer.k is not None else None
+            layer.write(k, torch.randn(shape, generator=g).to(dtype), pos)
+
+
 def memory_child(context: int, layers: int) -> dict:
     """One context in this process (peak RSS is per process): fill, last chunk, one decode step."""
     dec = random_decoder(layers)
@@ -105,14 +116,8 @@ def memory_child(context: int, layers: int) -> dict:
     with torch.inference_mode():
         cache = dec.new_cache(batch=1, capacity=context + 3)  # + the decode steps
         filled = context - CHUNK
-        g = torch.Generator().manual_seed(1)
-        for start in range(0, filled, 4096):  # synthetic KV: memory does not depend on the values
-            end = min(filled, start + 4096)
-            pos = torch.arange(start, end)[None]
-            for layer in cache.layers:
-                shape = (1, layer.v.shape[1], end - start, layer.v.shape[3])
-                k = torch.randn(shape, generator=g).to(dec.dtype) if layer.k is not None else None
-                layer.write(k, torch.randn(shape, generator=g).to(dec.dtype), pos)
+        g = torch.Generator().manual_seed(1)  # the fill, then the last chunk's ids
+        fill_synthetic(cache, filled, dec.dtype, g)
         pool_tokens = cache.table.num_blocks * cache.table.block  # what the full layers' pools hold
         kv = {i: cache.layers[i].nbytes() / (1 if cfg.is_sliding(i) else pool_tokens) for i in range(layers)}
         filled_rss = _rss_mib()

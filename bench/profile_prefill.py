@@ -24,6 +24,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from long_context import fill_synthetic  # noqa: E402
+
 
 def timed(table: dict, key: str, fn):
     def call(*args, **kwargs):
@@ -72,13 +74,7 @@ def main(argv=None) -> int:
     with torch.inference_mode():
         for _ in range(args.rounds):
             cache = dec.new_cache(batch=1, capacity=args.context)
-            for start in range(0, filled, 4096):  # synthetic KV, as bench/long_context.py fills it
-                end = min(filled, start + 4096)
-                pos = torch.arange(start, end)[None]
-                for layer in cache.layers:
-                    shape = (1, layer.v.shape[1], end - start, layer.v.shape[3])
-                    k = torch.randn(shape, generator=g).to(dec.dtype) if layer.k is not None else None
-                    layer.write(k, torch.randn(shape, generator=g).to(dec.dtype), pos)
+            fill_synthetic(cache, filled, dec.dtype, g)
             ids = torch.randint(10, 1000, (1, args.chunk), generator=g)
             table.clear()
             t = time.perf_counter()
