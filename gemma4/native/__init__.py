@@ -65,7 +65,12 @@ def compiled():
     if _module is None:
         with _lock:
             if _module is None:
-                _module = _load() or False
+                module = _load()
+                if module is not None:  # the row kernels GEMMA4_ROW_KERNELS names (isa.py), chosen once
+                    from .isa import row_kernels
+
+                    module.set_row_kernels(row_kernels())
+                _module = module or False
     return _module or None
 
 

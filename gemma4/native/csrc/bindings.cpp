@@ -7,6 +7,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("qmm_experts", torch::wrap_pybind_function(qmm_experts), "qmm_experts");
     m.def("quantize_activations", torch::wrap_pybind_function(quantize_activations), "quantize_activations");
     m.def("rms_norm", torch::wrap_pybind_function(rms_norm), "rms_norm");
+    m.def("set_row_kernels", &set_row_kernels, "set_row_kernels");
+    m.def("row_kernels", &row_kernels, "row_kernels");
     m.def("bf16mm", torch::wrap_pybind_function(bf16mm), "bf16mm");
     m.def("dequantize_bf16", torch::wrap_pybind_function(dequantize_bf16), "dequantize_bf16");
     m.def("matrix_engine_gemm", &matrix_engine_gemm, "matrix_engine_gemm");

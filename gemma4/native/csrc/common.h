@@ -69,6 +69,18 @@ static inline void check_layout(const char* what, int64_t K, int64_t bits, int64
 
 constexpr int64_t ROW_TILE = 4;  // rows of x per weight row: 4 x 2 FMA chains fit the 16 registers (8 spilled)
 
+// The row kernels on 512-bit registers (row_products_avx512.cpp), the same bits as quant_products.cpp's 256-bit
+// ones: g_rows_wide says they are chosen (set_row_kernels); dot_rows_wide runs MR (<= row_tile()) activation rows
+// against weight row n, false where that layout and MR keep the 256-bit kernel.
+struct Weight;
+extern bool g_rows_wide;
+// sum_i a[i] * b[i]: a row's offsets (float32 or f16) times the activations' block sums (quant_products.cpp)
+float dot_scales(const float* a, const float* b, int64_t n);
+float dot_scales(const uint16_t* a, const float* b, int64_t n);
+int64_t row_tile();
+bool dot_rows_wide(const Weight& w, int64_t n, const int8_t* xq, const float* xd, const float* xs, const int16_t* x16,
+                   int64_t K, int MR, float* o, int64_t ostride);
+
 // One matrix of a product: its packed rows, scales and layout (check_layout's).
 struct Weight {
     const uint8_t* Q;
@@ -105,6 +117,9 @@ torch::Tensor qmm_experts(torch::Tensor x, torch::Tensor q, torch::Tensor scale,
                           c10::optional<torch::Tensor> weights, int64_t topk);
 torch::Tensor quantize_activations(torch::Tensor x);
 torch::Tensor bf16mm(torch::Tensor x, torch::Tensor w);
+// row_products_avx512.cpp: which int8-activation row kernels run, "avx2" (256-bit) or "avx512"
+std::string set_row_kernels(std::string name);
+std::string row_kernels();
 // matrix_engine.cpp
 torch::Tensor dequantize_bf16(torch::Tensor q, torch::Tensor scale, c10::optional<torch::Tensor> zero_opt, int64_t bits,
                               int64_t group, c10::optional<torch::Tensor> sub_opt, bool plain);

@@ -164,7 +164,7 @@ static inline __m256 scale8(const float* s) { return _mm256_loadu_ps(s); }
 static inline __m256 scale8(const uint16_t* s) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)s)); }
 
 template <typename ST>
-static inline float dot_scales(const ST* a, const float* b, int64_t n) {
+static inline float dot_scales_of(const ST* a, const float* b, int64_t n) {
     __m256 acc = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(scale8(a + i), _mm256_loadu_ps(b + i), acc);
@@ -172,6 +172,10 @@ static inline float dot_scales(const ST* a, const float* b, int64_t n) {
     for (; i < n; ++i) s += scale_at(a, i) * b[i];
     return s;
 }
+// One compiled copy, which the 512-bit row kernels call too: inlined into each, the compiler rounded its scalar
+// tail differently in the two (one ulp apart).
+__attribute__((noinline)) float dot_scales(const float* a, const float* b, int64_t n) { return dot_scales_of(a, b, n); }
+__attribute__((noinline)) float dot_scales(const uint16_t* a, const float* b, int64_t n) { return dot_scales_of(a, b, n); }
 
 template <int BITS, bool G16, typename ST>
 static inline __m256 block_scale(const ST* sr, int64_t b) {
@@ -437,6 +441,9 @@ static inline void dot_rows(const Weight& w, const Activations& a, int64_t n, in
     const int8_t* xq_t = (w.bits == 4 ? a.paired_q : a.plain_q) + m0 * K;
     const float* xd_t = a.d + m0 * B;
     const float* xs_t = a.s + m0 * B;
+    if (g_rows_wide && dot_rows_wide(w, n, xq_t, xd_t, xs_t, w.bits == 6 ? a.x16.data() + m0 * (K / 16) : nullptr, K, MR,
+                                     o, ostride))
+        return;
     const uint8_t* qr = w.Q + n * w.row_bytes;
     const float* sr = w.sc.f32 ? w.sc.f32 + n * G : nullptr;
     const float* zr = w.sc.z32 ? w.sc.z32 + n * G : nullptr;
@@ -454,8 +461,9 @@ static inline void dot_rows(const Weight& w, const Activations& a, int64_t n, in
 
 // Output rows n0 .. n1 of x @ w^T into O [M, ostride] (column n of O is row n of w).
 static void product_rows(const Weight& w, const Activations& a, int64_t n0, int64_t n1, float* O, int64_t ostride) {
-    for (int64_t m0 = 0; m0 < a.M; m0 += ROW_TILE) {
-        const int MR = (int)std::min<int64_t>(ROW_TILE, a.M - m0);
+    const int64_t tile = row_tile();
+    for (int64_t m0 = 0; m0 < a.M; m0 += tile) {
+        const int MR = (int)std::min<int64_t>(tile, a.M - m0);
         for (int64_t n = n0; n < n1; ++n) dot_rows(w, a, n, m0, MR, O + m0 * ostride + n, ostride);
     }
 }
