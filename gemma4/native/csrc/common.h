@@ -78,8 +78,9 @@ extern bool g_rows_wide;
 float dot_scales(const float* a, const float* b, int64_t n);
 float dot_scales(const uint16_t* a, const float* b, int64_t n);
 int64_t row_tile();
-bool dot_rows_wide(const Weight& w, int64_t n, const int8_t* xq, const float* xd, const float* xs, const int16_t* x16,
-                   int64_t K, int MR, float* o, int64_t ostride);
+// xd8: the activations' block scales, each 8 times ([M, B, 8]; for int8 weights).
+bool dot_rows_wide(const Weight& w, int64_t n, const int8_t* xq, const float* xd, const float* xd8, const float* xs,
+                   const int16_t* x16, int64_t K, int MR, float* o, int64_t ostride);
 
 // One matrix of a product: its packed rows, scales and layout (check_layout's).
 struct Weight {

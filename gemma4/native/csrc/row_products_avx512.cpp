@@ -70,9 +70,10 @@ inline __m128 scales_of_two(const uint16_t* s, int64_t b) {
     return _mm_cvtph_ps(_mm_cvtsi32_si128(two));
 }
 
+// XD8: each activation block's scale 8 times ([M, B, 8]), so that one load gives a pair of blocks' lanes.
 template <bool G16, int MR, typename ST>
 void row_dot8(const uint8_t* qr, const ST* sr, const ST* zr, int64_t B, const int8_t* XQ, const float* XD,
-              const float* XS, int64_t K, float* out, int64_t ostride) {
+              const float* XD8, const float* XS, int64_t K, float* out, int64_t ostride) {
     // lane i of the product: (scale x xd) of its block (G16: of its 16), as the 256-bit kernel's block_scale * xd
     const __m512i spread = G16 ? _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3)
                                : _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
@@ -85,13 +86,11 @@ void row_dot8(const uint8_t* qr, const ST* sr, const ST* zr, int64_t B, const in
         const __m512i w = _mm512_loadu_si512(qr + b * 32);
         const __m512i aw = _mm512_abs_epi8(w);
         const __mmask64 neg = _mm512_movepi8_mask(w);
-        const __m128 ws = scales_of_two<G16>(sr, b);
+        const __m512 ws = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(scales_of_two<G16>(sr, b)));
         for (int r = 0; r < MR; ++r) {
             const __m512i x = _mm512_loadu_si512(XQ + r * K + b * 32);
             const __m512i p = _mm512_dpbusd_epi32(zero, aw, _mm512_mask_sub_epi8(x, neg, zero, x));
-            __m128 xd = _mm_castpd_ps(_mm_load_sd((const double*)(XD + r * B + b)));
-            if (G16) xd = _mm_unpacklo_ps(xd, xd);
-            const __m512 d = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_mul_ps(ws, xd)));
+            const __m512 d = _mm512_mul_ps(ws, _mm512_loadu_ps(XD8 + (r * B + b) * 8));
             acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), d, acc[r]);
         }
     }
@@ -169,7 +168,6 @@ void row_dot4k(const uint8_t* qr, const float* dr, const float* zr, const int8_t
     constexpr int P = (MR + 1) / 2;
     __m512 acc[P];
     for (int i = 0; i < P; ++i) acc[i] = _mm512_setzero_ps();
-    const __m512i pick = _mm512_set1_epi16(0x0100);  // bytes 0, 1 of each 32-bit lane: its sc
     const __m512i m15 = _mm512_set1_epi8(15);
     for (int64_t s = 0; s < B / 8; ++s) {
         prefetch_ahead(qr + s * 128);
@@ -189,13 +187,15 @@ void row_dot4k(const uint8_t* qr, const float* dr, const float* zr, const int8_t
             const __m512i lanes = _mm512_setr_epi32(2 * p, 2 * p, 2 * p, 2 * p, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1,
                                                     8 + 2 * p, 8 + 2 * p, 8 + 2 * p, 8 + 2 * p,
                                                     9 + 2 * p, 9 + 2 * p, 9 + 2 * p, 9 + 2 * p);
-            const __m512i sc = _mm512_shuffle_epi8(_mm512_permutexvar_epi32(lanes, s16), pick);
+            // sc as float: each lane's sum of 8 products times its sc is an integer under 2^24 (15 * 127 * 8 * 63),
+            // so the float product of the two is the 256-bit kernel's integer madd, exactly
+            const __m512 sc = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(_mm512_permutexvar_epi32(lanes, s16), 16), 16));
             for (int i = 0; i < P; ++i) {
                 const int8_t* x0 = XQ + row_of(i, 0, MR) * K + b * 32;
                 const int8_t* x1 = XQ + row_of(i, 1, MR) * K + b * 32;
-                const __m512i ps = _mm512_add_epi16(_mm512_maddubs_epi16(lo, two256(x0, x1)),
-                                                    _mm512_maddubs_epi16(hi, two256(x0 + 32, x1 + 32)));
-                const __m512 f = _mm512_cvtepi32_ps(_mm512_madd_epi16(ps, sc));
+                const __m512i sum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, two256(x0, x1)),
+                                                        hi, two256(x0 + 32, x1 + 32));
+                const __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(sum), sc);
                 acc[i] = _mm512_fmadd_ps(f, _mm512_permutexvar_ps(lanes, dx[i]), acc[i]);
             }
         }
@@ -206,14 +206,16 @@ void row_dot4k(const uint8_t* qr, const float* dr, const float* zr, const int8_t
 template <int MR>
 inline void six_block(__m512i code, int j, __m512i s16, const __m512* dx, int64_t b, const int8_t* XQ, int64_t K,
                       __m512* acc) {
-    const __m512i pick = _mm512_broadcast_i64x4(_mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1,
-                                                                 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3));
-    const __m512i sc = _mm512_shuffle_epi8(_mm512_permutexvar_epi32(_mm512_set1_epi32(j), s16), pick);
+    // lanes 0-3 of each half: sub-scale 2j (the low 16 bits of s16's lane j), lanes 4-7: 2j + 1 (the high 16), as
+    // float: a lane's sum of 4 products times it is an integer under 2^24 (63 * 127 * 4 * 128), so the float
+    // product is the 256-bit kernel's integer madd, exactly
+    const __m512i up = _mm512_setr_epi32(16, 16, 16, 16, 0, 0, 0, 0, 16, 16, 16, 16, 0, 0, 0, 0);
+    const __m512 sc = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_sllv_epi32(_mm512_permutexvar_epi32(_mm512_set1_epi32(j), s16), up), 16));
     const __m512i lane = _mm512_setr_epi32(j, j, j, j, j, j, j, j, 8 + j, 8 + j, 8 + j, 8 + j, 8 + j, 8 + j, 8 + j, 8 + j);
     for (int i = 0; i < (MR + 1) / 2; ++i) {
         const __m512i xv = two256(XQ + row_of(i, 0, MR) * K + b * 32, XQ + row_of(i, 1, MR) * K + b * 32);
-        const __m512i p = _mm512_madd_epi16(_mm512_maddubs_epi16(code, xv), sc);
-        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(lane, dx[i]), acc[i]);
+        const __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), code, xv)), sc);
+        acc[i] = _mm512_fmadd_ps(f, _mm512_permutexvar_ps(lane, dx[i]), acc[i]);
     }
 }
 
@@ -269,8 +271,8 @@ void row_dot6(const uint8_t* qr, const float* dr, const int8_t* sub, int64_t B, 
 
 }  // namespace
 
-bool dot_rows_wide(const Weight& w, int64_t n, const int8_t* xq, const float* xd, const float* xs, const int16_t* x16,
-                   int64_t K, int MR, float* o, int64_t ostride) {
+bool dot_rows_wide(const Weight& w, int64_t n, const int8_t* xq, const float* xd, const float* xd8, const float* xs,
+                   const int16_t* x16, int64_t K, int MR, float* o, int64_t ostride) {
     const int64_t B = K / 32, G = w.G;
     const uint8_t* qr = w.Q + n * w.row_bytes;
     const float* sr = w.sc.f32 ? w.sc.f32 + n * G : nullptr;
@@ -278,8 +280,8 @@ bool dot_rows_wide(const Weight& w, int64_t n, const int8_t* xq, const float* xd
     if (w.sc.f16) {
         const uint16_t* srh = w.sc.f16 + n * G;
         const uint16_t* zrh = w.sc.z16 ? w.sc.z16 + n * G : nullptr;
-#define F16_32(M) row_dot8<false, M>(qr, srh, zrh, B, xq, xd, xs, K, o, ostride)
-#define F16_16(M) row_dot8<true, M>(qr, srh, zrh, B, xq, xd, xs, K, o, ostride)
+#define F16_32(M) row_dot8<false, M>(qr, srh, zrh, B, xq, xd, xd8, xs, K, o, ostride)
+#define F16_16(M) row_dot8<true, M>(qr, srh, zrh, B, xq, xd, xd8, xs, K, o, ostride)
         if (w.group == 32) { BY_ROWS(MR, F16_32) } else { BY_ROWS(MR, F16_16) }
         return true;
     }
@@ -289,8 +291,8 @@ bool dot_rows_wide(const Weight& w, int64_t n, const int8_t* xq, const float* xd
 #define SIX(M) row_dot6<M>(qr, sr, sub, B, xq, xd, x16, K, o, ostride)
 #define FOURK(M) row_dot4k<M>(qr, sr, zr, sub, B, xq, xd, xs, K, o, ostride)
 #define FOUR(M) row_dot4<M>(qr, sr, zr, B, xq, xd, xs, K, o, ostride)
-#define F32_32(M) row_dot8<false, M>(qr, sr, zr, B, xq, xd, xs, K, o, ostride)
-#define F32_16(M) row_dot8<true, M>(qr, sr, zr, B, xq, xd, xs, K, o, ostride)
+#define F32_32(M) row_dot8<false, M>(qr, sr, zr, B, xq, xd, xd8, xs, K, o, ostride)
+#define F32_16(M) row_dot8<true, M>(qr, sr, zr, B, xq, xd, xd8, xs, K, o, ostride)
     if (w.bits == 6) { BY_ROWS(MR, SIX) }
     else if (w.bits == 4 && w.group == 256) { BY_ROWS(MR, FOURK) }
     else if (w.bits == 4) { BY_ROWS(MR, FOUR) }
