@@ -20,7 +20,8 @@ _NAMES = {"avx2": "AVX2", "fma": "FMA", "f16c": "F16C", "avx512f": "AVX-512F", "
 
 # The matrix engine dequantises with AVX-512 (BW, BF16) and multiplies on AMX bf16 tiles.
 MATRIX_ENGINE_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_tile", "amx_bf16")
-# The int8-activation row kernels on 512-bit registers (row_products_avx512.cpp: decode, verify and few-row steps).
+# The int8-activation row kernel for int8 weights on 512-bit registers (row_products_avx512.cpp: decode, verify and
+# few-row steps).
 WIDE_ROWS_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")
 # The int8 tile products (amx_products.cpp) rescale their sums with AVX-512 and multiply on AMX int8 tiles.
 AMX_INT8_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "amx_tile", "amx_int8")
@@ -53,8 +54,9 @@ def matrix_engine_mode() -> str:
 
 
 def row_kernels() -> str:
-    """GEMMA4_ROW_KERNELS: the int8-activation row kernels to run, "avx512" (512-bit VNNI: the default where the CPU
-    has WIDE_ROWS_FLAGS) or "avx2" (the 256-bit ones other CPUs run; forced here to compare: they give the same bits)."""
+    """GEMMA4_ROW_KERNELS: the int8-activation row kernels to run, "avx512" (512-bit VNNI for int8 weights, the others
+    256-bit: the default where the CPU has WIDE_ROWS_FLAGS) or "avx2" (the 256-bit ones other CPUs run; forced here to
+    compare: they give the same bits)."""
     mode = os.environ.get("GEMMA4_ROW_KERNELS", "auto")
     if mode not in ("auto", "avx2", "avx512"):
         raise ValueError(f"GEMMA4_ROW_KERNELS: {mode!r} is none of auto, avx2, avx512")
@@ -80,7 +82,8 @@ def kernel_plan() -> str:
     if not has("avx2", "fma"):
         return "plain torch (this CPU lacks AVX2/FMA)"
     tiles = " or AMX int8 tiles" if has(*AMX_INT8_FLAGS) and matrix_engine_mode() != "bf16" else ""
-    rows = "int8-activation AVX-512 VNNI kernels" if row_kernels() == "avx512" else "int8-activation AVX2 kernels"
+    rows = ("int8-activation AVX2 kernels (AVX-512 VNNI for int8 weights)" if row_kernels() == "avx512"
+            else "int8-activation AVX2 kernels")
     prefill = (f"matrix engine (AVX-512 BF16 dequantisation, AMX bf16 GEMM{tiles})" if matrix_engine_wanted()
                else rows)
     return f"decode: {rows}; prefill: {prefill}"

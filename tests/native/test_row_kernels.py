@@ -1,6 +1,7 @@
-"""The int8-activation row kernels on 512-bit registers (row_products_avx512.cpp) against the 256-bit ones they stand
-beside: the same bits for every weight layout, row count, block count and output count, in one-matrix products and
-routed experts; and the switch that chooses them (GEMMA4_ROW_KERNELS, isa.py).
+"""The int8-activation row kernel for int8 weights on 512-bit registers (row_products_avx512.cpp) against the 256-bit
+one it stands beside: the same bits for every int8 layout, row count, block count and output count, in one-matrix
+products and routed experts; the layouts that keep their 256-bit kernels (int4, Q4_K, Q6_K) untouched by the switch;
+and the switch that chooses (GEMMA4_ROW_KERNELS, isa.py).
 
 The comparisons are skipped by name where the CPU lacks AVX-512 VNNI (isa.py reads the CPU); the switch's checks
 run everywhere."""
@@ -115,8 +116,7 @@ def test_wide_row_kernels_give_routed_experts_the_256_bit_bits(kernel, layout):
 
 @needs_wide
 def test_a_rows_product_does_not_depend_on_the_rows_beside_it_on_the_wide_kernels(kernel):
-    """Verify == decode on the 512-bit kernels: a row in a tile of 8 (two rows to a register for Q4_K and Q6_K) gives
-    what it gives alone (one row: the 256-bit kernel for those two)."""
+    """Verify == decode on the 512-bit kernels: a row in a tile of 8 gives what it gives alone."""
     kernel.set_row_kernels("avx512")
     g = torch.Generator().manual_seed(8)
     for name, w in _layouts(40, 512, g).items():

@@ -409,7 +409,6 @@ static void rows_dot4k(int MR, const uint8_t* qr, const float* dr, const float* 
 struct Activations {
     torch::Tensor xq, xp, xd, xs;
     std::vector<int16_t> x16;
-    std::vector<float> xd8;
     int64_t M, K, B;
     Activations(const torch::Tensor& x, bool plain, bool paired, bool sums) : M(x.size(0)), K(x.size(1)), B(x.size(1) / 32) {
         xq = torch::empty({M, K}, x.options().dtype(torch::kInt8));
@@ -423,11 +422,6 @@ struct Activations {
             xp = xq;
         }
         if (sums) x16 = sums16(xq.data_ptr<int8_t>(), M, K);
-        if (plain && g_rows_wide) {  // the 512-bit int8 kernel's scales, a pair of blocks' lanes to a load
-            xd8.resize(M * B * 8);
-            const float* src = xd.data_ptr<float>();
-            for (int64_t i = 0; i < M * B; ++i) std::fill_n(xd8.data() + 8 * i, 8, src[i]);
-        }
         plain_q = xq.data_ptr<int8_t>();
         paired_q = paired ? xp.data_ptr<int8_t>() : nullptr;
         d = xd.data_ptr<float>();
@@ -447,10 +441,7 @@ static inline void dot_rows(const Weight& w, const Activations& a, int64_t n, in
     const int8_t* xq_t = (w.bits == 4 ? a.paired_q : a.plain_q) + m0 * K;
     const float* xd_t = a.d + m0 * B;
     const float* xs_t = a.s + m0 * B;
-    if (g_rows_wide && (MR > 1 || (w.bits != 6 && w.group != 256)) &&  // Q4_K, Q6_K: pairs of rows
-        dot_rows_wide(w, n, xq_t, xd_t, a.xd8.empty() ? nullptr : a.xd8.data() + m0 * B * 8, xs_t,
-                      w.bits == 6 ? a.x16.data() + m0 * (K / 16) : nullptr, K, MR, o, ostride))
-        return;
+    if (g_rows_wide && w.bits == 8 && dot_rows_wide(w, n, xq_t, xd_t, xs_t, K, MR, o, ostride)) return;
     const uint8_t* qr = w.Q + n * w.row_bytes;
     const float* sr = w.sc.f32 ? w.sc.f32 + n * G : nullptr;
     const float* zr = w.sc.z32 ? w.sc.z32 + n * G : nullptr;
@@ -468,7 +459,7 @@ static inline void dot_rows(const Weight& w, const Activations& a, int64_t n, in
 
 // Output rows n0 .. n1 of x @ w^T into O [M, ostride] (column n of O is row n of w).
 static void product_rows(const Weight& w, const Activations& a, int64_t n0, int64_t n1, float* O, int64_t ostride) {
-    const int64_t tile = row_tile();
+    const int64_t tile = row_tile(w);
     for (int64_t m0 = 0; m0 < a.M; m0 += tile) {
         const int MR = (int)std::min<int64_t>(tile, a.M - m0);
         for (int64_t n = n0; n < n1; ++n) dot_rows(w, a, n, m0, MR, O + m0 * ostride + n, ostride);
