@@ -1,7 +1,6 @@
-"""The int8-activation row kernel for int8 weights on 512-bit registers (row_products_avx512.cpp) against the 256-bit
-one it stands beside: the same bits for every int8 layout, row count, block count and output count, in one-matrix
-products and routed experts; the layouts that keep their 256-bit kernels (int4, Q4_K, Q6_K) untouched by the switch;
-and the switch that chooses (GEMMA4_ROW_KERNELS, isa.py).
+"""The row kernels compiled for AVX-512 (row_products_avx512.cpp: int8 weights on 512-bit registers, Q4_K and Q6_K in
+tiles of 8 rows) against the 256-bit ones they stand beside: the same bits for every layout, row count, block count
+and output count, in one-matrix products and routed experts; and the switch that chooses (GEMMA4_ROW_KERNELS, isa.py).
 
 The comparisons are skipped by name where the CPU lacks AVX-512 VNNI (isa.py reads the CPU); the switch's checks
 run everywhere."""

@@ -69,14 +69,15 @@ static inline void check_layout(const char* what, int64_t K, int64_t bits, int64
 
 constexpr int64_t ROW_TILE = 4;  // rows of x per weight row: 4 x 2 FMA chains fit the 16 registers (8 spilled)
 
-// The int8-weight row kernel on 512-bit registers (row_products_avx512.cpp), the same bits as quant_products.cpp's
-// 256-bit one: g_rows_wide says it is chosen (set_row_kernels); dot_rows_wide runs MR (<= row_tile(w)) activation
-// rows against weight row n, false where the weight keeps the 256-bit kernels (int4, int6).
+// The row kernels compiled for AVX-512 (row_products_avx512.cpp), the same bits as quant_products.cpp's 256-bit ones:
+// g_rows_wide says they are chosen (set_row_kernels); dot_rows_wide runs MR (<= row_tile(w)) activation rows against
+// weight row n (int8: on 512-bit registers; Q4_K, Q6_K: tiles of more than ROW_TILE rows), false where the weight
+// keeps quant_products.cpp's kernels. x16: int6's activation sums per 16.
 struct Weight;
 extern bool g_rows_wide;
 int64_t row_tile(const Weight& w);
-bool dot_rows_wide(const Weight& w, int64_t n, const int8_t* xq, const float* xd, const float* xs, int64_t K, int MR,
-                   float* o, int64_t ostride);
+bool dot_rows_wide(const Weight& w, int64_t n, const int8_t* xq, const float* xd, const float* xs, const int16_t* x16,
+                   int64_t K, int MR, float* o, int64_t ostride);
 // sum_i a[i] * b[i]: a row's offsets (float32 or f16) times the activations' block sums (quant_products.cpp)
 float dot_scales(const float* a, const float* b, int64_t n);
 float dot_scales(const uint16_t* a, const float* b, int64_t n);

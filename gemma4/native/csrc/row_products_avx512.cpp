@@ -5,13 +5,16 @@
 // register holding the two 256-bit chains (even and odd blocks), added and reduced at the end as the 256-bit kernel
 // adds and reduces them. int4 and the K-quants (Q4_K, Q6_K) keep their 256-bit kernels: 512-bit versions with the
 // same bits (pairs of blocks, or two rows, in the halves) measured 0.8-1.1x of them on this Xeon (their nibble
-// unpacking and half-register inserts eat what the wider products save).
+// unpacking and half-register inserts eat what the wider products save). The K-quants' 256-bit kernels are compiled
+// here too, for this target, where its 32 registers take tiles of 8 rows (each weight block unpacked once per 8).
 #include "common.h"
 
 bool g_rows_wide = false;
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
+
+#include "k_quant_rows.h"  // compiled here for this target: 32 registers hold 8 rows' chains
 
 namespace {
 
@@ -103,13 +106,31 @@ void row_dot8(const uint8_t* qr, const ST* sr, const ST* zr, int64_t B, const in
         default: CALL(8); break;                            \
     }
 
+// MR 5 .. 8 (the K-quants' 256-bit kernels: up to 4 rows, quant_products.cpp's instances serve)
+#define BY_MORE_ROWS(MR, CALL)                              \
+    switch (MR) {                                           \
+        case 5: CALL(5); break;                             \
+        case 6: CALL(6); break;                             \
+        case 7: CALL(7); break;                             \
+        default: CALL(8); break;                            \
+    }
+
 }  // namespace
 
-bool dot_rows_wide(const Weight& w, int64_t n, const int8_t* xq, const float* xd, const float* xs,
+bool dot_rows_wide(const Weight& w, int64_t n, const int8_t* xq, const float* xd, const float* xs, const int16_t* x16,
                    int64_t K, int MR, float* o, int64_t ostride) {
-    if (w.bits != 8) return false;
     const int64_t B = K / 32, G = w.G;
     const uint8_t* qr = w.Q + n * w.row_bytes;
+    if (w.bits == 6 || (w.bits == 4 && w.group == 256)) {
+        if (MR <= ROW_TILE) return false;
+        const float* dr = w.sc.f32 + n * G;
+        const int8_t* sub = w.SUB + n * (K / 16);
+#define SIX(M) row_dot6<M>(qr, dr, sub, B, xq, xd, x16, K, o, ostride)
+#define FOURK(M) row_dot4k<M>(qr, dr, w.sc.z32 + n * G, sub, B, xq, xd, xs, K, o, ostride)
+        if (w.bits == 6) { BY_MORE_ROWS(MR, SIX) } else { BY_MORE_ROWS(MR, FOURK) }
+        return true;
+    }
+    if (w.bits != 8) return false;
     if (w.sc.f16) {
         const uint16_t* sr = w.sc.f16 + n * G;
         const uint16_t* zr = w.sc.z16 ? w.sc.z16 + n * G : nullptr;
@@ -128,7 +149,7 @@ bool dot_rows_wide(const Weight& w, int64_t n, const int8_t* xq, const float* xd
 
 #pragma GCC pop_options
 
-int64_t row_tile(const Weight& w) { return g_rows_wide && w.bits == 8 ? WIDE_MR : ROW_TILE; }
+int64_t row_tile(const Weight& w) { return g_rows_wide && (w.bits != 4 || w.group == 256) ? WIDE_MR : ROW_TILE; }
 
 static bool cpu_has_wide() {
     __builtin_cpu_init();
