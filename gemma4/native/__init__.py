@@ -2,8 +2,9 @@
 first use by torch.utils.cpp_extension and cached in torch's build cache under a name tagged by a hash of the
 sources and flags, so a changed source rebuilds and two versions never share a build.
 
-- products with quantised weights read as packed (int8 activations summed in integers, or float ones), bf16
-  products, routed experts in one call (quant_products.cpp);
+- products with quantised weights read as packed, int8 activations summed in integers, routed experts in one call
+  (quant_products.cpp; the 512-bit forms where the CPU has AVX-512 VNNI, row_products_avx512.cpp), and float
+  activations against packed or bf16 weights (float_products.cpp);
 - attention of a few queries over the cache as it is stored (attention.cpp), RoPE and RMSNorm (rope_norms.cpp),
   a decoder layer's dense parts in three calls (fused_layer.cpp), decode's cache writes (cache_writes.cpp);
 - GGUF K-quant blocks to our layouts at load (gguf_blocks.cpp);

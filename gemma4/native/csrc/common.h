@@ -108,16 +108,17 @@ std::vector<torch::Tensor> qmm_many(const torch::Tensor& x_in, const std::vector
 using QW = std::tuple<torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>, int64_t, int64_t, c10::optional<torch::Tensor>>;
 
 // ---- the exported functions (bindings.cpp), each described where it is defined ----
-// quant_products.cpp
+// float_products.cpp
 torch::Tensor qmm(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10::optional<torch::Tensor> zero_opt,
                   int64_t bits, int64_t group);
+torch::Tensor bf16mm(torch::Tensor x, torch::Tensor w);
+// quant_products.cpp
 torch::Tensor qmm_q8(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10::optional<torch::Tensor> zero_opt,
                      int64_t bits, int64_t group, c10::optional<torch::Tensor> sub_opt);
 torch::Tensor qmm_experts(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10::optional<torch::Tensor> zero_opt,
                           int64_t bits, int64_t group, c10::optional<torch::Tensor> sub_opt, torch::Tensor ids,
                           c10::optional<torch::Tensor> weights, int64_t topk);
 torch::Tensor quantize_activations(torch::Tensor x);
-torch::Tensor bf16mm(torch::Tensor x, torch::Tensor w);
 // row_products_avx512.cpp: which int8-activation row kernels run, "avx2" (256-bit) or "avx512"
 std::string set_row_kernels(std::string name);
 std::string row_kernels();
