@@ -95,12 +95,13 @@ class Experts(nn.Module):
         offsets = [0]
         for c in counts:
             offsets.append(offsets[-1] + c)
-        gate_up = grouped_product(x[tokens], self.gate_up_proj, hit, offsets, rows)
+        gate_up = grouped_product(x, self.gate_up_proj, hit, offsets, rows, tokens=tokens)
         if gate_up is None:
             return None
         gate, up = gate_up.chunk(2, dim=-1)
         y = grouped_product(gelu_tanh_mul(gate, up), self.down_proj, hit, offsets, rows)
-        return out.index_add_(0, tokens, (y * pair_weights[:, None]).to(out.dtype))
+        weighted = y.mul_(pair_weights[:, None]) if y.dtype == pair_weights.dtype else y * pair_weights[:, None]
+        return out.index_add_(0, tokens, weighted.to(out.dtype))
 
     def _fused(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor | None:
         """Each token's k routed experts in two native calls (gate_up, then down with the weighted sum),
