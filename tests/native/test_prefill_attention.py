@@ -106,10 +106,21 @@ def test_paged_k_eq_v_pool_is_within_the_bf16_bound(dtype, terms):
 
 @needs_engine
 @pytest.mark.parametrize("old", [0, 700])
-def test_a_causal_chunk_over_its_own_keys_is_within_the_bf16_bound(old):
+@pytest.mark.parametrize("threads", [1, 3])
+def test_a_causal_chunk_over_its_own_keys_is_within_the_bf16_bound(old, threads):
     """A chunk's queries over the keys before them and their own (causal: the square's upper half masked, multiplied
     only for the queries that see some of each tile of its keys), 4 query heads per KV head as the embedded model's,
-    a first chunk and one after 700 older keys; every query's output within the bound."""
+    a first chunk and one after 700 older keys; every query's output within the bound, on one thread and on three
+    (a first chunk's queries then split in six runs taken out of order)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _causal_chunk(old)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _causal_chunk(old: int) -> None:
     g = torch.Generator().manual_seed(3)
     b, h, kv, t, d = 1, 4, 1, 400, 64
     qpos = torch.arange(old, old + t)[None]

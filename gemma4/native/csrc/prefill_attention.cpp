@@ -182,8 +182,14 @@ torch::Tensor prefill_attention(torch::Tensor q, c10::optional<torch::Tensor> k_
     const bool exact_keys = bf16 && !rebuild;
     const int64_t W = terms == 1 ? D : exact_keys ? 2 * D : 3 * D;
     const int64_t G = H / KV, threads = at::get_num_threads();
-    const int64_t parts = std::max((T * G + ITEM_ROWS - 1) / ITEM_ROWS, (threads + B * KV - 1) / (B * KV));
+    // Where the chunk's own keys are much of what it reads (a short context), a later run of queries sees more keys
+    // than an earlier one: a KV head's queries are then split in twice the runs the threads need, taken in the order
+    // first, last, second, second to last, ..., so that the runs a thread is given see as many keys as another's.
+    const bool causal_share = threads > 1 && S < 4 * T;
+    const int64_t per_head = (threads + B * KV - 1) / (B * KV) * (causal_share ? 2 : 1);
+    const int64_t parts = std::max((T * G + ITEM_ROWS - 1) / ITEM_ROWS, per_head);
     const int64_t TQ = std::max<int64_t>(1, (T + parts - 1) / parts), NT = (T + TQ - 1) / TQ;
+    auto run_of = [NT](int64_t k) { return k % 2 == 0 ? k / 2 : NT - 1 - k / 2; };
     auto out = torch::zeros({B, H, T, D}, q.options());
     float* O = out.data_ptr<float>();
     const float NEG = -std::numeric_limits<float>::infinity();
@@ -193,7 +199,7 @@ torch::Tensor prefill_attention(torch::Tensor q, c10::optional<torch::Tensor> k_
         std::vector<uint16_t> qb(MR * W), kt(TILE_KEYS * W), vt(TILE_KEYS * D), pb(MR * TILE_KEYS), qlo(D);
         std::vector<float> sc(MR * TILE_KEYS), acc(MR * D), m(MR), l(MR), tmp(D);
         for (int64_t it = i0; it < i1; ++it) {
-            const int64_t b = it / (KV * NT), kvh = (it / NT) % KV, t0 = (it % NT) * TQ, tq = std::min(TQ, T - t0);
+            const int64_t b = it / (KV * NT), kvh = (it / NT) % KV, t0 = run_of(it % NT) * TQ, tq = std::min(TQ, T - t0);
             const int64_t M = G * tq;  // row i * G + j: head kvh * G + j, query t0 + i (a run of queries: rows in a run)
             // Which keys the item's queries see: [lo, hi] over all of them, [all_lo, all_hi] seen by every one.
             int64_t lo = INT64_MAX, hi = -1, all_lo = -1, all_hi = INT64_MAX;
