@@ -135,6 +135,21 @@ def _causal_chunk(old: int) -> None:
 
 
 @needs_engine
+def test_queries_that_see_nothing_get_zeros():
+    """A row of the batch all padding (a run of queries with no work) and a padding query beside real ones: zeros
+    (the kernel writes them: its output is not zeroed first)."""
+    g = torch.Generator().manual_seed(6)
+    b, h, kv, t, d = 2, 4, 1, 80, 64
+    qpos = torch.arange(t)[None].repeat(b, 1)
+    qpos[0, 0] = -1
+    qpos[1] = -1
+    kpos = torch.arange(t)[None].repeat(b, 1)
+    q, k, v = (torch.randn(b, n, t, d, generator=g) for n in (h, kv, kv))
+    got = gemma4.native.compiled().prefill_attention(q, k, v, qpos, kpos, 0, None, 1.0, None, None, None, None, 3)
+    assert (got[1] == 0).all() and (got[0, :, 0] == 0).all() and (got[0, :, 1:].abs().sum(-1) > 0).all()
+
+
+@needs_engine
 def test_only_prefill_chunks_take_the_engine(monkeypatch):
     """Many queries inside prefill_products() go to the engine; a decode or verify step (few queries), anything
     outside a prefill, and the float reference mode keep their paths."""

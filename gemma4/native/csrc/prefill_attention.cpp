@@ -190,7 +190,7 @@ torch::Tensor prefill_attention(torch::Tensor q, c10::optional<torch::Tensor> k_
     const int64_t parts = std::max((T * G + ITEM_ROWS - 1) / ITEM_ROWS, per_head);
     const int64_t TQ = std::max<int64_t>(1, (T + parts - 1) / parts), NT = (T + TQ - 1) / TQ;
     auto run_of = [NT](int64_t k) { return k % 2 == 0 ? k / 2 : NT - 1 - k / 2; };
-    auto out = torch::zeros({B, H, T, D}, q.options());
+    auto out = torch::empty({B, H, T, D}, q.options());  // every row written below (zeros where nothing is seen)
     float* O = out.data_ptr<float>();
     const float NEG = -std::numeric_limits<float>::infinity();
 
@@ -211,7 +211,11 @@ torch::Tensor prefill_attention(torch::Tensor q, c10::optional<torch::Tensor> k_
                 lo = std::min(lo, from); hi = std::max(hi, until);
                 all_lo = std::max(all_lo, from); all_hi = std::min(all_hi, until);
             }
-            if (hi < 0) continue;  // padding queries only: zeros
+            if (hi < 0) {  // padding queries only: zeros
+                for (int64_t j = 0; j < G; ++j)
+                    std::fill_n(O + (((b * H + kvh * G + j) * T) + t0) * D, tq * D, 0.0f);
+                continue;
+            }
             for (int64_t j = 0; j < G; ++j)
                 for (int64_t i = 0; i < tq; ++i)
                 {
@@ -297,10 +301,12 @@ torch::Tensor prefill_attention(torch::Tensor q, c10::optional<torch::Tensor> k_
             for (int64_t j = 0; j < G; ++j)
                 for (int64_t i = 0; i < tq; ++i) {
                     const int64_t r = i * G + j;
+                    float* o = O + (((b * H + kvh * G + j) * T) + t0 + i) * D;
                     if (l[r] > 0) {
-                        float* o = O + (((b * H + kvh * G + j) * T) + t0 + i) * D;
                         const float inv = 1.0f / l[r];
                         for (int64_t e = 0; e < D; ++e) o[e] = acc[r * D + e] * inv;
+                    } else {
+                        std::fill_n(o, D, 0.0f);
                     }
                 }
         }
