@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..config.text import ModelConfig
-from ..model.layers import gelu_tanh
+from ..model.layers import gelu_tanh_mul
 from ..model.moe import Experts
 from ..native.ops import expert_matmul
 from .comm import all_reduce, gather_last
@@ -91,7 +91,7 @@ class LocalExperts(Experts):
             gate_up = expert_matmul(x[tokens], self.gate_up_proj, ids)
             if gate_up is not None:
                 gate, up = gate_up.chunk(2, dim=-1)
-                y = expert_matmul(gelu_tanh(gate) * up, self.down_proj, ids, pair_weights, 1)
+                y = expert_matmul(gelu_tanh_mul(gate, up), self.down_proj, ids, pair_weights, 1)
                 if y is not None:
                     return out.index_add_(0, tokens, y.to(out.dtype))
         hit, counts = torch.unique_consecutive(ids, return_counts=True)

@@ -15,7 +15,7 @@ from ..kv import KVCache
 from ..config.text import ModelConfig
 from ..quant.modules import Embedding, Linear
 from .attention import Attention
-from .layers import GatedMLP, RMSNorm, gelu_tanh
+from .layers import GatedMLP, RMSNorm, gelu_tanh_mul
 from .moe import Experts, Router
 
 
@@ -62,7 +62,7 @@ class DecoderLayer(nn.Module):
     def finish(self, h: torch.Tensor, per_layer_input: torch.Tensor | None) -> torch.Tensor:
         """After the feed-forward: the per-layer input's residual (E2B/E4B), then the layer scalar."""
         if self.per_layer:
-            g = self.per_layer_projection(gelu_tanh(self.per_layer_input_gate(h)) * per_layer_input)
+            g = self.per_layer_projection(gelu_tanh_mul(self.per_layer_input_gate(h), per_layer_input))
             h = self.post_per_layer_input_norm(g, residual=h)  # h + post_per_layer_input_norm(g)
         if self.layer_scalar is not None:
             h = h * self.layer_scalar

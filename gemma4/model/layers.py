@@ -80,6 +80,17 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
+def gelu_tanh_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """gelu_tanh(gate) * up, the same bits, written over gate (a product's fresh output, not read again) where no
+    autograd records: a prefill's activations are MBs, and two fresh tensors of that size cost more than the
+    arithmetic (their pages are faulted in)."""
+    if (gate.shape != up.shape or gate.dtype != up.dtype
+            or (torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad))
+            or (gate.is_inference() and not torch.is_inference_mode_enabled())):
+        return gelu_tanh(gate) * up
+    return torch.ops.aten.gelu_(gate, approximate="tanh").mul_(up)
+
+
 class GatedMLP(nn.Module):
     """down(gelu_tanh(gate(x)) * up(x))."""
 
@@ -90,4 +101,4 @@ class GatedMLP(nn.Module):
         self.down_proj = Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(gelu_tanh_mul(self.gate_proj(x), self.up_proj(x)))

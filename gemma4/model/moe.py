@@ -8,7 +8,7 @@ from torch import nn
 from ..config.text import ModelConfig
 from ..native.ops import expert_matmul, grouped_product
 from ..quant.modules import matmul
-from .layers import RMSNorm, gelu_tanh
+from .layers import RMSNorm, gelu_tanh_mul
 
 
 class Router(nn.Module):
@@ -82,7 +82,7 @@ class Experts(nn.Module):
         for e, count in zip(hit, counts):
             picked = tokens[start:start + count]
             gate, up = matmul(x[picked], self.gate_up_proj[e]).chunk(2, dim=-1)
-            y = matmul(gelu_tanh(gate) * up, self.down_proj[e])
+            y = matmul(gelu_tanh_mul(gate, up), self.down_proj[e])
             out.index_add_(0, picked, (y * pair_weights[start:start + count, None]).to(out.dtype))
             start += count
         return out
@@ -95,12 +95,13 @@ class Experts(nn.Module):
         offsets = [0]
         for c in counts:
             offsets.append(offsets[-1] + c)
-        gate_up = grouped_product(x[tokens], self.gate_up_proj, hit, offsets, rows)
+        gate_up = grouped_product(x, self.gate_up_proj, hit, offsets, rows, tokens=tokens)
         if gate_up is None:
             return None
         gate, up = gate_up.chunk(2, dim=-1)
-        y = grouped_product(gelu_tanh(gate) * up, self.down_proj, hit, offsets, rows)
-        return out.index_add_(0, tokens, (y * pair_weights[:, None]).to(out.dtype))
+        y = grouped_product(gelu_tanh_mul(gate, up), self.down_proj, hit, offsets, rows)
+        weighted = y.mul_(pair_weights[:, None]) if y.dtype == pair_weights.dtype else y * pair_weights[:, None]
+        return out.index_add_(0, tokens, weighted.to(out.dtype))
 
     def _fused(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor | None:
         """Each token's k routed experts in two native calls (gate_up, then down with the weighted sum),
@@ -111,5 +112,5 @@ class Experts(nn.Module):
         if gate_up is None:
             return None
         gate, up = gate_up.chunk(2, dim=-1)
-        out = expert_matmul(gelu_tanh(gate) * up, self.down_proj, ids, weights.reshape(-1), k)
+        out = expert_matmul(gelu_tanh_mul(gate, up), self.down_proj, ids, weights.reshape(-1), k)
         return None if out is None else out.to(x.dtype)

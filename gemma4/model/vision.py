@@ -18,7 +18,7 @@ from torch.nn import functional as F
 
 from ..config.vision import VisionConfig
 from ..native import ops
-from .layers import RMSNorm, gelu_tanh
+from .layers import RMSNorm, gelu_tanh_mul
 
 CLIP_BOUNDS = ("input_min", "input_max", "output_min", "output_max")
 
@@ -103,7 +103,7 @@ class VisionMLP(nn.Module):
         self.down_proj = ClippableLinear(i, h, clip)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(gelu_tanh_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class VisionLayer(nn.Module):

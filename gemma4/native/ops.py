@@ -260,18 +260,24 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor, 
 
 
 def grouped_product(x: torch.Tensor, w, ids: list[int], offsets: list[int],
-                    rows: int | None = None) -> torch.Tensor | None:
+                    rows: int | None = None, tokens: torch.Tensor | None = None) -> torch.Tensor | None:
     """Rows offsets[g] .. offsets[g + 1] of x [P, K] times matrix ids[g] of the stacked w [E, N, K] -> [P, N], on
     the matrix engine in one call (a prefill's routed experts, their rows grouped by expert); None where it does
     not apply (then the caller multiplies expert by expert). w: a QuantWeight or a module holding one. rows: the
-    row count the engine's rule judges (default P; an expert-parallel rank passes the whole batch's)."""
+    row count the engine's rule judges (default P; an expert-parallel rank passes the whole batch's). tokens: the
+    product's rows are x[tokens] (int64 [P]): on the int8 tiles they are picked from x inside the call, without a
+    gathered copy of x (top_k times its size)."""
     w = getattr(w, "qweight", w)
-    rows = x.shape[0] if rows is None else rows
+    pairs = x.shape[0] if tokens is None else tokens.shape[0]
+    rows = pairs if rows is None else rows
     if not (x.is_cpu and x.dtype is torch.float32 and getattr(w, "int8_layout", False) and on_engine(rows)):
         return None
-    if on_int8_tiles(w, x.shape[0] / max(len(ids), 1)):  # the rows each expert's matrix serves, on average
+    if on_int8_tiles(w, pairs / max(len(ids), 1)):  # the rows each expert's matrix serves, on average
+        if tokens is not None:
+            return int8_tiles().amx_mm_gathered(x.contiguous(), tokens.long().contiguous(), w.q, w.scale, w.zero,
+                                                w.bits, w.group, w.sub, ids, offsets)
         return int8_tiles().amx_mm_grouped(x.contiguous(), w.q, w.scale, w.zero, w.bits, w.group, w.sub, ids, offsets)
-    xb = x.to(torch.bfloat16).contiguous()
+    xb = (x if tokens is None else x[tokens]).to(torch.bfloat16).contiguous()
     return matrix_engine().engine_mm_grouped(xb, w.q, w.scale, w.zero, w.bits, w.group, w.sub, ids, offsets)
 
 

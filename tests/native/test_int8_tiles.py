@@ -232,3 +232,42 @@ def test_the_engine_mode_is_checked(monkeypatch):
     monkeypatch.setenv("GEMMA4_MATRIX_ENGINE", "fast")
     with pytest.raises(ValueError, match="GEMMA4_MATRIX_ENGINE: 'fast' is none of on, off, bf16, int8"):
         isa.matrix_engine_mode()
+
+
+@needs_tiles
+def test_gathered_rows_give_the_gathered_copys_bits():
+    """amx_mm_gathered(x, rows) is amx_mm_grouped(x[rows]) bit for bit (each row is rounded to int8 on its own, so
+    rounding x once and picking its rows gives the same integers), for every layout the tiles take, rows repeated
+    and in any order; grouped_product(tokens=) takes it on the tiles, and the bf16 way gathers the copy."""
+    g = torch.Generator().manual_seed(21)
+    e, n, k = 4, 40, 512
+    x = torch.randn(24, k, generator=g)
+    rows = torch.randint(0, 24, (70,), generator=g)
+    ids, offsets = [2, 0, 3, 1], [0, 17, 17, 50, 70]
+    kernel = gemma4.native.compiled()
+    for name, one in _integral_layouts(e * n, k).items():
+        def per_expert(t):
+            return None if t is None else t.reshape(e, n, *t.shape[1:])
+        w = QuantWeight(one.bits, one.group, per_expert(one.q), per_expert(one.scale), per_expert(one.zero),
+                        per_expert(one.sub))
+        want = kernel.amx_mm_grouped(x[rows].contiguous(), w.q, w.scale, w.zero, w.bits, w.group, w.sub, ids, offsets)
+        got = kernel.amx_mm_gathered(x, rows, w.q, w.scale, w.zero, w.bits, w.group, w.sub, ids, offsets)
+        assert torch.equal(got, want), name
+    with ops.prefill_products():
+        assert torch.equal(ops.grouped_product(x, w, ids, offsets, tokens=rows), want)
+    with pytest.raises(RuntimeError, match="amx_mm_grouped: rows"):
+        kernel.amx_mm_gathered(x, torch.tensor([0, 24]), w.q, w.scale, w.zero, w.bits, w.group, w.sub, [0], [0, 2])
+
+
+@needs_tiles
+def test_grouped_product_gathers_for_the_bf16_way(mode):
+    """With the tiles off (GEMMA4_MATRIX_ENGINE=bf16) grouped_product(tokens=) multiplies the gathered rows."""
+    g = torch.Generator().manual_seed(22)
+    stacked = quantize_int8(torch.randn(2 * 32, 256, generator=g))
+    w = QuantWeight(8, 32, stacked.q.view(2, 32, 256), stacked.scale.view(2, 32, 8), None)
+    x, rows = torch.randn(10, 256, generator=g), torch.randint(0, 10, (40,), generator=g)
+    mode("bf16")
+    with ops.prefill_products():
+        got = ops.grouped_product(x, w, [1, 0], [0, 25, 40], tokens=rows)
+        want = ops.grouped_product(x[rows], w, [1, 0], [0, 25, 40])
+    assert torch.equal(got, want)

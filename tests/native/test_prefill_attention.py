@@ -105,6 +105,51 @@ def test_paged_k_eq_v_pool_is_within_the_bf16_bound(dtype, terms):
 
 
 @needs_engine
+@pytest.mark.parametrize("old", [0, 700])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_a_causal_chunk_over_its_own_keys_is_within_the_bf16_bound(old, threads):
+    """A chunk's queries over the keys before them and their own (causal: the square's upper half masked, multiplied
+    only for the queries that see some of each tile of its keys), 4 query heads per KV head as the embedded model's,
+    a first chunk and one after 700 older keys; every query's output within the bound, on one thread and on three
+    (a first chunk's queries then split in six runs taken out of order)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _causal_chunk(old)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _causal_chunk(old: int) -> None:
+    g = torch.Generator().manual_seed(3)
+    b, h, kv, t, d = 1, 4, 1, 400, 64
+    qpos = torch.arange(old, old + t)[None]
+    kpos = torch.arange(0, old + t)[None]
+    s = kpos.shape[1]
+    q = 0.25 * torch.randn(b, h, t, d, generator=g)
+    k = 0.25 * torch.randn(b, kv, s, d, generator=g)
+    v = torch.randn(b, kv, s, d, generator=g)
+    got = gemma4.native.compiled().prefill_attention(q, k, v, qpos, kpos, 0, None, 1.0, None, None, None, None, 3)
+    want, weighted, row_err = _exact(q, k, v, qpos, kpos, None, 1.0, 3)
+    assert ((got.double() - want).abs() <= _bound(row_err, weighted, s)).all()
+
+
+@needs_engine
+def test_queries_that_see_nothing_get_zeros():
+    """A row of the batch all padding (a run of queries with no work) and a padding query beside real ones: zeros
+    (the kernel writes them: its output is not zeroed first)."""
+    g = torch.Generator().manual_seed(6)
+    b, h, kv, t, d = 2, 4, 1, 80, 64
+    qpos = torch.arange(t)[None].repeat(b, 1)
+    qpos[0, 0] = -1
+    qpos[1] = -1
+    kpos = torch.arange(t)[None].repeat(b, 1)
+    q, k, v = (torch.randn(b, n, t, d, generator=g) for n in (h, kv, kv))
+    got = gemma4.native.compiled().prefill_attention(q, k, v, qpos, kpos, 0, None, 1.0, None, None, None, None, 3)
+    assert (got[1] == 0).all() and (got[0, :, 0] == 0).all() and (got[0, :, 1:].abs().sum(-1) > 0).all()
+
+
+@needs_engine
 def test_only_prefill_chunks_take_the_engine(monkeypatch):
     """Many queries inside prefill_products() go to the engine; a decode or verify step (few queries), anything
     outside a prefill, and the float reference mode keep their paths."""

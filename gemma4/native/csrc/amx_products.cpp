@@ -160,19 +160,22 @@ bool amx_int8_ready() { return permitted(); }
 
 // Rows offsets[g] .. offsets[g + 1] of x [P, K] (float32) times matrix ids[g] of the stacked w [E, N, K] (one
 // matrix: E = 1) -> [P, N] float32, on AMX int8 tiles. Layouts: int8 with groups of 32 (f16 or float32 scales,
-// offsets or none), int4 with groups of 32 (offsets) or 256 (Q4_K).
-torch::Tensor amx_mm_grouped(torch::Tensor x, torch::Tensor q, torch::Tensor scale,
-                             c10::optional<torch::Tensor> zero_opt, int64_t bits, int64_t group,
-                             c10::optional<torch::Tensor> sub_opt, std::vector<int64_t> ids,
-                             std::vector<int64_t> offsets) {
+// offsets or none), int4 with groups of 32 (offsets) or 256 (Q4_K). With rows (int64 [P]), row p of the product
+// is x[rows[p]]: x's rows are rounded to int8 once and picked as the tiles are packed (a prefill's routed experts
+// read each token's row top_k times; a gathered copy of x would be top_k times its size).
+static torch::Tensor amx_grouped(const torch::Tensor& x, const int64_t* rows, int64_t P, const torch::Tensor& q,
+                                 const torch::Tensor& scale, const c10::optional<torch::Tensor>& zero_opt, int64_t bits,
+                                 int64_t group, const c10::optional<torch::Tensor>& sub_opt,
+                                 const std::vector<int64_t>& ids, const std::vector<int64_t>& offsets) {
     TORCH_CHECK(x.scalar_type() == torch::kFloat && x.dim() == 2 && x.is_contiguous(), "amx_mm_grouped: x");
-    TORCH_CHECK(offsets.size() == ids.size() + 1 && offsets.front() == 0 && offsets.back() == x.size(0),
+    TORCH_CHECK(offsets.size() == ids.size() + 1 && offsets.front() == 0 && offsets.back() == P,
                 "amx_mm_grouped: offsets");
     TORCH_CHECK((bits == 8 && group == 32) || (bits == 4 && (group == 32 || group == 256)),
                 "amx_mm_grouped: int8 or int4 weights with groups of 32, or Q4_K's");
     TORCH_CHECK(permitted(), "amx_mm_grouped: the kernel did not grant this process the tile registers");
     const bool stacked = q.dim() == 3;
-    const int64_t P = x.size(0), K = x.size(1), E = stacked ? q.size(0) : 1, B = K / 32;
+    const int64_t R = x.size(0), K = x.size(1), E = stacked ? q.size(0) : 1, B = K / 32;
+    for (int64_t p = 0; rows != nullptr && p < P; ++p) TORCH_CHECK(rows[p] >= 0 && rows[p] < R, "amx_mm_grouped: rows");
     std::vector<Weight> ws;
     ws.reserve(ids.size());
     for (size_t g = 0; g < ids.size(); ++g) {
@@ -191,12 +194,12 @@ torch::Tensor amx_mm_grouped(torch::Tensor x, torch::Tensor q, torch::Tensor sca
 
     // The activations: int8 per block of 32 as the row kernels round them, then per group tiles of 16 rows in
     // the tile's order (block b: row k4 holds 4 consecutive k of each of the 16 rows), zero rows past the group.
-    auto xq = torch::empty({P, K}, x.options().dtype(torch::kInt8));
-    auto xd = torch::empty({P, B}, x.options()), xs = torch::empty({P, B}, x.options());
+    auto xq = torch::empty({R, K}, x.options().dtype(torch::kInt8));
+    auto xd = torch::empty({R, B}, x.options()), xs = torch::empty({R, B}, x.options());
     const int8_t* XQ = xq.data_ptr<int8_t>();
     const float* XD = xd.data_ptr<float>();
     const float* XS = xs.data_ptr<float>();
-    at::parallel_for(0, P, 16, [&](int64_t p0, int64_t p1) {
+    at::parallel_for(0, R, 16, [&](int64_t p0, int64_t p1) {
         quantize_rows(x.data_ptr<float>() + p0 * K, p1 - p0, K, xq.data_ptr<int8_t>() + p0 * K,
                       xd.data_ptr<float>() + p0 * B, xs.data_ptr<float>() + p0 * B);
     });
@@ -219,10 +222,11 @@ torch::Tensor amx_mm_grouped(torch::Tensor x, torch::Tensor q, torch::Tensor sca
                 std::fill(xst.begin() + t * B * TILE, xst.begin() + (t + 1) * B * TILE, 0.0f);
             }
             for (int64_t m = 0; m < mr; ++m) {
-                const int32_t* row = (const int32_t*)(XQ + (m0 + m) * K);
+                const int64_t r = rows != nullptr ? rows[m0 + m] : m0 + m;
+                const int32_t* row = (const int32_t*)(XQ + r * K);
                 for (int64_t b = 0; b < B; ++b) {
-                    xdt[(t * B + b) * TILE + m] = XD[(m0 + m) * B + b];
-                    xst[(t * B + b) * TILE + m] = XS[(m0 + m) * B + b];
+                    xdt[(t * B + b) * TILE + m] = XD[r * B + b];
+                    xst[(t * B + b) * TILE + m] = XS[r * B + b];
                     int32_t* blk = (int32_t*)(dst + b * XTILE) + m;
                     for (int k4 = 0; k4 < 8; ++k4) blk[k4 * TILE] = row[b * 8 + k4];
                 }
@@ -256,6 +260,23 @@ torch::Tensor amx_mm_grouped(torch::Tensor x, torch::Tensor q, torch::Tensor sca
     return out;
 }
 
+torch::Tensor amx_mm_grouped(torch::Tensor x, torch::Tensor q, torch::Tensor scale,
+                             c10::optional<torch::Tensor> zero_opt, int64_t bits, int64_t group,
+                             c10::optional<torch::Tensor> sub_opt, std::vector<int64_t> ids,
+                             std::vector<int64_t> offsets) {
+    return amx_grouped(x, nullptr, x.size(0), q, scale, zero_opt, bits, group, sub_opt, ids, offsets);
+}
+
+// amx_mm_grouped over the rows x[rows] (rows int64 [P]), without their gathered copy.
+torch::Tensor amx_mm_gathered(torch::Tensor x, torch::Tensor rows, torch::Tensor q, torch::Tensor scale,
+                              c10::optional<torch::Tensor> zero_opt, int64_t bits, int64_t group,
+                              c10::optional<torch::Tensor> sub_opt, std::vector<int64_t> ids,
+                              std::vector<int64_t> offsets) {
+    TORCH_CHECK(rows.scalar_type() == torch::kLong && rows.dim() == 1 && rows.is_contiguous(), "amx_mm_gathered: rows");
+    return amx_grouped(x, rows.data_ptr<int64_t>(), rows.size(0), q, scale, zero_opt, bits, group, sub_opt, ids,
+                       offsets);
+}
+
 #else  // a host without AMX: the matrix engine's bf16 path serves
 
 bool amx_int8_ready() { return false; }
@@ -263,6 +284,12 @@ bool amx_int8_ready() { return false; }
 torch::Tensor amx_mm_grouped(torch::Tensor, torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>, int64_t,
                              int64_t, c10::optional<torch::Tensor>, std::vector<int64_t>, std::vector<int64_t>) {
     TORCH_CHECK(false, "amx_mm_grouped: built for a CPU without AMX");
+}
+
+torch::Tensor amx_mm_gathered(torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>,
+                              int64_t, int64_t, c10::optional<torch::Tensor>, std::vector<int64_t>,
+                              std::vector<int64_t>) {
+    TORCH_CHECK(false, "amx_mm_gathered: built for a CPU without AMX");
 }
 
 #endif

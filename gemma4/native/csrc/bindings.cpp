@@ -16,6 +16,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("engine_mm_grouped", torch::wrap_pybind_function(engine_mm_grouped), "engine_mm_grouped");
     m.def("amx_int8_ready", &amx_int8_ready, "amx_int8_ready");
     m.def("amx_mm_grouped", torch::wrap_pybind_function(amx_mm_grouped), "amx_mm_grouped");
+    m.def("amx_mm_gathered", torch::wrap_pybind_function(amx_mm_gathered), "amx_mm_gathered");
     m.def("attend_small", torch::wrap_pybind_function(attend_small), "attend_small");
     m.def("prefill_attention", torch::wrap_pybind_function(prefill_attention), "prefill_attention");
     m.def("rope", torch::wrap_pybind_function(rope), "rope");

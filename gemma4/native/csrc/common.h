@@ -136,6 +136,10 @@ bool amx_int8_ready();
 torch::Tensor amx_mm_grouped(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10::optional<torch::Tensor> zero_opt,
                              int64_t bits, int64_t group, c10::optional<torch::Tensor> sub_opt, std::vector<int64_t> ids,
                              std::vector<int64_t> offsets);
+torch::Tensor amx_mm_gathered(torch::Tensor x, torch::Tensor rows, torch::Tensor q, torch::Tensor scale,
+                              c10::optional<torch::Tensor> zero_opt, int64_t bits, int64_t group,
+                              c10::optional<torch::Tensor> sub_opt, std::vector<int64_t> ids,
+                              std::vector<int64_t> offsets);
 // attention.cpp
 torch::Tensor attend_small(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor qpos, torch::Tensor kpos,
                            int64_t window, c10::optional<torch::Tensor> sees_until, double scale,

@@ -18,6 +18,11 @@ namespace {
 // reads, so items are made as few as the threads allow (a KV head's queries split only to give every thread work).
 constexpr int64_t ITEM_ROWS = 4096;
 constexpr int64_t TILE_KEYS = 512;  // keys per tile (a multiple of 16)
+// Keys per tile where the queries of an item do not all see a whole TILE_KEYS tile (the chunk's own keys, causal;
+// a window's edge): each such tile is multiplied only with the queries that see some of it, so the masked part of
+// the chunk's square of scores is mostly skipped. Smaller tiles elsewhere would cost a pass over the item's sums
+// per tile.
+constexpr int64_t EDGE_KEYS = 128;
 
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 
@@ -177,9 +182,15 @@ torch::Tensor prefill_attention(torch::Tensor q, c10::optional<torch::Tensor> k_
     const bool exact_keys = bf16 && !rebuild;
     const int64_t W = terms == 1 ? D : exact_keys ? 2 * D : 3 * D;
     const int64_t G = H / KV, threads = at::get_num_threads();
-    const int64_t parts = std::max((T * G + ITEM_ROWS - 1) / ITEM_ROWS, (threads + B * KV - 1) / (B * KV));
+    // Where the chunk's own keys are much of what it reads (a short context), a later run of queries sees more keys
+    // than an earlier one: a KV head's queries are then split in twice the runs the threads need, taken in the order
+    // first, last, second, second to last, ..., so that the runs a thread is given see as many keys as another's.
+    const bool causal_share = threads > 1 && S < 4 * T;
+    const int64_t per_head = (threads + B * KV - 1) / (B * KV) * (causal_share ? 2 : 1);
+    const int64_t parts = std::max((T * G + ITEM_ROWS - 1) / ITEM_ROWS, per_head);
     const int64_t TQ = std::max<int64_t>(1, (T + parts - 1) / parts), NT = (T + TQ - 1) / TQ;
-    auto out = torch::zeros({B, H, T, D}, q.options());
+    auto run_of = [NT](int64_t k) { return k % 2 == 0 ? k / 2 : NT - 1 - k / 2; };
+    auto out = torch::empty({B, H, T, D}, q.options());  // every row written below (zeros where nothing is seen)
     float* O = out.data_ptr<float>();
     const float NEG = -std::numeric_limits<float>::infinity();
 
@@ -188,8 +199,8 @@ torch::Tensor prefill_attention(torch::Tensor q, c10::optional<torch::Tensor> k_
         std::vector<uint16_t> qb(MR * W), kt(TILE_KEYS * W), vt(TILE_KEYS * D), pb(MR * TILE_KEYS), qlo(D);
         std::vector<float> sc(MR * TILE_KEYS), acc(MR * D), m(MR), l(MR), tmp(D);
         for (int64_t it = i0; it < i1; ++it) {
-            const int64_t b = it / (KV * NT), kvh = (it / NT) % KV, t0 = (it % NT) * TQ, tq = std::min(TQ, T - t0);
-            const int64_t M = G * tq;  // row j * tq + i: head kvh * G + j, query t0 + i
+            const int64_t b = it / (KV * NT), kvh = (it / NT) % KV, t0 = run_of(it % NT) * TQ, tq = std::min(TQ, T - t0);
+            const int64_t M = G * tq;  // row i * G + j: head kvh * G + j, query t0 + i (a run of queries: rows in a run)
             // Which keys the item's queries see: [lo, hi] over all of them, [all_lo, all_hi] seen by every one.
             int64_t lo = INT64_MAX, hi = -1, all_lo = -1, all_hi = INT64_MAX;
             bool every = true;
@@ -200,11 +211,15 @@ torch::Tensor prefill_attention(torch::Tensor q, c10::optional<torch::Tensor> k_
                 lo = std::min(lo, from); hi = std::max(hi, until);
                 all_lo = std::max(all_lo, from); all_hi = std::min(all_hi, until);
             }
-            if (hi < 0) continue;  // padding queries only: zeros
+            if (hi < 0) {  // padding queries only: zeros
+                for (int64_t j = 0; j < G; ++j)
+                    std::fill_n(O + (((b * H + kvh * G + j) * T) + t0) * D, tq * D, 0.0f);
+                continue;
+            }
             for (int64_t j = 0; j < G; ++j)
                 for (int64_t i = 0; i < tq; ++i)
                 {
-                    uint16_t* qr = qb.data() + (j * tq + i) * W;
+                    uint16_t* qr = qb.data() + (i * G + j) * W;
                     split_row(Q + (((b * H + kvh * G + j) * T) + t0 + i) * D, D, qr, W > D ? qlo.data() : nullptr);
                     if (W == 3 * D) std::memcpy(qr + D, qr, D * 2);
                     if (W > D) std::memcpy(qr + W - D, qlo.data(), D * 2);
@@ -212,14 +227,29 @@ torch::Tensor prefill_attention(torch::Tensor q, c10::optional<torch::Tensor> k_
             std::fill(acc.begin(), acc.begin() + M * D, 0.0f);
             std::fill(m.begin(), m.begin() + M, NEG);
             std::fill(l.begin(), l.begin() + M, 0.0f);
-            for (int64_t s0 = 0; s0 < S; s0 += TILE_KEYS) {
-                const int64_t n = std::min(TILE_KEYS, S - s0), np = (n + 15) / 16 * 16;
+            for (int64_t s0 = 0, n = 0; s0 < S; s0 += n) {
                 const int64_t* kp = KP + b * S + s0;
-                int64_t kmin = INT64_MAX, kmax = -1, valid = 0;
-                for (int64_t s = 0; s < n; ++s)
-                    if (kp[s] >= 0) { kmin = std::min(kmin, kp[s]); kmax = std::max(kmax, kp[s]); ++valid; }
+                int64_t kmin, kmax, valid;
+                auto scan = [&](int64_t keys) {
+                    n = keys, kmin = INT64_MAX, kmax = -1, valid = 0;
+                    for (int64_t s = 0; s < n; ++s)
+                        if (kp[s] >= 0) { kmin = std::min(kmin, kp[s]); kmax = std::max(kmax, kp[s]); ++valid; }
+                    return every && valid == n && n % 16 == 0 && kmin >= all_lo && kmax <= all_hi;
+                };
+                bool whole = scan(std::min(TILE_KEYS, S - s0));
+                if (!whole && n > EDGE_KEYS) whole = scan(EDGE_KEYS);
+                const int64_t np = (n + 15) / 16 * 16;
                 if (valid == 0 || kmin > hi || kmax < lo) continue;  // no query of the item sees this tile
-                const bool whole = every && valid == n && n == np && kmin >= all_lo && kmax <= all_hi;
+                // The run of queries that see some of the tile (rows r0 .. r1): the others' sums would not change.
+                int64_t i0 = tq, i1 = -1;
+                for (int64_t i = 0; i < tq; ++i) {
+                    const int64_t p = QP[b * T + t0 + i];
+                    if (p < 0) continue;
+                    const int64_t from = window > 0 ? p - window + 1 : 0, until = SU ? SU[b * T + t0 + i] : p;
+                    if (from <= kmax && until >= kmin) i0 = std::min(i0, i), i1 = i;
+                }
+                if (i1 < 0) continue;
+                const int64_t r0 = i0 * G, rows = (i1 + 1 - i0) * G;
                 for (int64_t s = 0; s < np; ++s) {
                     uint16_t* kr = kt.data() + s * W;
                     uint16_t* vr = vt.data() + s * D;
@@ -248,33 +278,35 @@ torch::Tensor prefill_attention(torch::Tensor q, c10::optional<torch::Tensor> k_
                         split_row(tmp.data(), D, vr, nullptr);
                     }
                 }
-                gemm(CBLAS_ROW_MAJOR, CBLAS_NO_TRANS, CBLAS_TRANS, (int)M, (int)np, (int)W, (float)scale, qb.data(), (int)W, kt.data(),
-                     (int)W, 0.0f, sc.data(), (int)np);
+                gemm(CBLAS_ROW_MAJOR, CBLAS_NO_TRANS, CBLAS_TRANS, (int)rows, (int)np, (int)W, (float)scale, qb.data() + r0 * W,
+                     (int)W, kt.data(), (int)W, 0.0f, sc.data(), (int)np);
                 if (!whole) {
-                    for (int64_t i = 0; i < tq; ++i) {
+                    for (int64_t i = i0; i <= i1; ++i) {
                         const int64_t p = QP[b * T + t0 + i];
                         const int64_t from = window > 0 ? p - window + 1 : 0, until = SU ? SU[b * T + t0 + i] : p;
                         for (int64_t j = 0; j < G; ++j) {
-                            float* r = sc.data() + (j * tq + i) * np;
+                            float* r = sc.data() + (i * G + j - r0) * np;
                             for (int64_t s = 0; s < np; ++s)
                                 if (p < 0 || s >= n || kp[s] < 0 || kp[s] < from || kp[s] > until) r[s] = NEG;
                         }
                     }
                 }
-                for (int64_t r = 0; r < M; ++r) {
-                    const float corr = softmax_row(sc.data() + r * np, np, m[r], l[r], pb.data() + r * np);
+                for (int64_t r = r0; r < r0 + rows; ++r) {
+                    const float corr = softmax_row(sc.data() + (r - r0) * np, np, m[r], l[r], pb.data() + (r - r0) * np);
                     if (corr != 1.0f) scale_row(acc.data() + r * D, D, corr);
                 }
-                gemm(CBLAS_ROW_MAJOR, CBLAS_NO_TRANS, CBLAS_NO_TRANS, (int)M, (int)D, (int)np, 1.0f, pb.data(), (int)np, vt.data(), (int)D,
-                     1.0f, acc.data(), (int)D);
+                gemm(CBLAS_ROW_MAJOR, CBLAS_NO_TRANS, CBLAS_NO_TRANS, (int)rows, (int)D, (int)np, 1.0f, pb.data(), (int)np, vt.data(),
+                     (int)D, 1.0f, acc.data() + r0 * D, (int)D);
             }
             for (int64_t j = 0; j < G; ++j)
                 for (int64_t i = 0; i < tq; ++i) {
-                    const int64_t r = j * tq + i;
+                    const int64_t r = i * G + j;
+                    float* o = O + (((b * H + kvh * G + j) * T) + t0 + i) * D;
                     if (l[r] > 0) {
-                        float* o = O + (((b * H + kvh * G + j) * T) + t0 + i) * D;
                         const float inv = 1.0f / l[r];
                         for (int64_t e = 0; e < D; ++e) o[e] = acc[r * D + e] * inv;
+                    } else {
+                        std::fill_n(o, D, 0.0f);
                     }
                 }
         }
