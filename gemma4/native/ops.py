@@ -263,13 +263,19 @@ def grouped_product(x: torch.Tensor, w, ids: list[int], offsets: list[int],
                     rows: int | None = None, tokens: torch.Tensor | None = None) -> torch.Tensor | None:
     """Rows offsets[g] .. offsets[g + 1] of x [P, K] times matrix ids[g] of the stacked w [E, N, K] -> [P, N], on
     the matrix engine in one call (a prefill's routed experts, their rows grouped by expert); None where it does
-    not apply (then the caller multiplies expert by expert). w: a QuantWeight or a module holding one. rows: the
+    not apply (then the caller multiplies expert by expert). w: a QuantWeight, a module holding one, or a bf16
+    tensor (x rounded to bf16, float32 sums and output, as bf16_linear's engine products). rows: the
     row count the engine's rule judges (default P; an expert-parallel rank passes the whole batch's). tokens: the
     product's rows are x[tokens] (int64 [P]): on the int8 tiles they are picked from x inside the call, without a
     gathered copy of x (top_k times its size)."""
     w = getattr(w, "qweight", w)
     pairs = x.shape[0] if tokens is None else tokens.shape[0]
     rows = pairs if rows is None else rows
+    if isinstance(w, torch.Tensor):  # a bf16 checkpoint's stacked matrices: multiplied where they lie
+        if not (x.is_cpu and w.dtype is torch.bfloat16 and w.dim() == 3 and w.is_contiguous() and on_engine(rows)):
+            return None
+        xb = (x if tokens is None else x[tokens]).to(torch.bfloat16).contiguous()
+        return matrix_engine().engine_mm_grouped_bf16(xb, w, ids, offsets)
     if not (x.is_cpu and x.dtype is torch.float32 and getattr(w, "int8_layout", False) and on_engine(rows)):
         return None
     if on_int8_tiles(w, pairs / max(len(ids), 1)):  # the rows each expert's matrix serves, on average

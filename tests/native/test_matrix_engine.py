@@ -199,6 +199,27 @@ def test_grouped_product_gives_each_group_its_own_matrix(bf16_way):
         assert ((got[a:a + c].double() - rows @ wf.T).abs() <= bound).all()
 
 
+@needs_engine
+def test_grouped_product_of_bf16_matrices_reads_each_in_place():
+    """A bf16 checkpoint's stacked experts: each group of rows (x rounded to bf16) times its own bf16 matrix, float32
+    sums and output: the exact products of bf16 values summed in float32, within K * eps32 of sum|x w| (the GEMM's
+    own bound above); x[tokens] is the gathered copy; outside a prefill the caller's per-expert path runs."""
+    g = torch.Generator().manual_seed(10)
+    e, n, k = 6, 70, 384  # N over a GEMM tile's 16 rows, not a multiple of them
+    w = torch.randn(e, n, k, generator=g).bfloat16()
+    ids, offsets = [5, 1, 2], [0, 33, 34, 60]
+    x = torch.randn(40, k, generator=g)
+    tokens = torch.randint(0, 40, (offsets[-1],), generator=g)
+    with ops.prefill_products():
+        got = ops.grouped_product(x, w, ids, offsets, tokens=tokens)
+    assert got.dtype == torch.float32 and ops.grouped_product(x, w, ids, offsets) is None
+    xb = x[tokens].bfloat16().double()
+    for i, a, b in zip(ids, offsets, offsets[1:]):
+        exact = xb[a:b] @ w[i].double().T
+        bound = k * EPS32 * (xb[a:b].abs() @ w[i].double().abs().T)
+        assert ((got[a:b].double() - exact).abs() <= bound).all()
+
+
 # engine_attention rounds each probability and each value to bf16 for P·V (BF16_UNIT of each at most) and sums in
 # float32 (S keys: S * eps32); the scores are float32 as the reference's: each is off by at most
 # d * eps32 * scale * sum_i |q_i k_i|, which moves a probability by at most twice the row's largest such error,

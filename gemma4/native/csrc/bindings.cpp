@@ -14,6 +14,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("matrix_engine_gemm", &matrix_engine_gemm, "matrix_engine_gemm");
     m.def("mm_bf16_f32", torch::wrap_pybind_function(mm_bf16_f32), "mm_bf16_f32");
     m.def("engine_mm_grouped", torch::wrap_pybind_function(engine_mm_grouped), "engine_mm_grouped");
+    m.def("engine_mm_grouped_bf16", torch::wrap_pybind_function(engine_mm_grouped_bf16), "engine_mm_grouped_bf16");
     m.def("amx_int8_ready", &amx_int8_ready, "amx_int8_ready");
     m.def("amx_mm_grouped", torch::wrap_pybind_function(amx_mm_grouped), "amx_mm_grouped");
     m.def("amx_mm_gathered", torch::wrap_pybind_function(amx_mm_gathered), "amx_mm_gathered");

@@ -215,15 +215,42 @@ torch::Tensor mm_bf16_f32(torch::Tensor x, torch::Tensor w) {
 // experts their groups.
 constexpr int64_t TILE_BYTES = 1 << 20;
 
+// The loop both grouped products share: work items (group, tile of NB weight rows), weights_of(g, n0, nb, buffer)
+// giving the tile's bf16 rows (written into the thread's buffer, or in place), one single-threaded GEMM per item.
+template <typename WeightsOf>
+static torch::Tensor grouped_gemm(const torch::Tensor& xb, int64_t N, const std::vector<int64_t>& offsets,
+                                  bool buffered, WeightsOf weights_of) {
+    TORCH_CHECK(xb.scalar_type() == torch::kBFloat16 && xb.dim() == 2 && xb.is_contiguous(), "grouped products: xb");
+    TORCH_CHECK(offsets.size() >= 1 && offsets.front() == 0 && offsets.back() == xb.size(0), "grouped products: offsets");
+    for (size_t g = 0; g + 1 < offsets.size(); ++g) TORCH_CHECK(offsets[g] <= offsets[g + 1], "grouped products: offsets");
+    const GemmBf16 gemm = gemm_bf16();
+    TORCH_CHECK(gemm != nullptr, "grouped products: this torch build has no cblas_gemm_bf16bf16f32");
+    const int64_t K = xb.size(1), P = xb.size(0), groups = (int64_t)offsets.size() - 1;
+    auto out = torch::empty({P, N}, xb.options().dtype(torch::kFloat));
+    if (groups == 0 || N == 0) return out;
+    const int64_t NB = std::max<int64_t>(16, std::min<int64_t>(N, TILE_BYTES / (2 * K)) / 16 * 16);
+    const int64_t tiles = (N + NB - 1) / NB, items = groups * tiles;
+    const uint16_t* X = (const uint16_t*)xb.data_ptr();
+    float* O = out.data_ptr<float>();
+    at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
+        std::vector<uint16_t> tile(buffered ? NB * K : 0);
+        for (int64_t it = i0; it < i1; ++it) {
+            const int64_t g = it / tiles, n0 = (it % tiles) * NB, nb = std::min(NB, N - n0);
+            const int64_t m0 = offsets[g], rows = offsets[g + 1] - m0;
+            if (rows == 0) continue;
+            const uint16_t* wt = weights_of(g, n0, nb, tile.data());
+            gemm(CBLAS_ROW_MAJOR, CBLAS_NO_TRANS, CBLAS_TRANS, (int)rows, (int)nb, (int)K, 1.0f, X + m0 * K, (int)K, wt,
+                 (int)K, 0.0f, O + m0 * N + n0, (int)N);
+        }
+    });
+    return out;
+}
+
 torch::Tensor engine_mm_grouped(torch::Tensor xb, torch::Tensor q, torch::Tensor scale,
                                 c10::optional<torch::Tensor> zero_opt, int64_t bits, int64_t group,
                                 c10::optional<torch::Tensor> sub_opt, std::vector<int64_t> ids,
                                 std::vector<int64_t> offsets) {
-    TORCH_CHECK(xb.scalar_type() == torch::kBFloat16 && xb.dim() == 2 && xb.is_contiguous(), "engine_mm_grouped: xb");
-    TORCH_CHECK(offsets.size() == ids.size() + 1 && offsets.front() == 0 && offsets.back() == xb.size(0),
-                "engine_mm_grouped: offsets");
-    const GemmBf16 gemm = gemm_bf16();
-    TORCH_CHECK(gemm != nullptr, "engine_mm_grouped: this torch build has no cblas_gemm_bf16bf16f32");
+    TORCH_CHECK(xb.dim() == 2 && offsets.size() == ids.size() + 1, "engine_mm_grouped: xb [P, K], a group per id");
     const bool stacked = q.dim() == 3;
     const int64_t K = xb.size(1), E = stacked ? q.size(0) : 1;
     std::vector<Weight> ws;
@@ -237,27 +264,29 @@ torch::Tensor engine_mm_grouped(torch::Tensor xb, torch::Tensor q, torch::Tensor
         ws.emplace_back(pick(q), pick(scale), pick_opt(zero_opt), bits, group, pick_opt(sub_opt), K, "engine_mm_grouped");
     }
     const NoGil no_gil;
-    const int64_t N = ws.empty() ? (stacked ? q.size(1) : q.size(0)) : ws[0].N, P = xb.size(0);
-    auto out = torch::empty({P, N}, xb.options().dtype(torch::kFloat));
-    if (ws.empty() || N == 0) return out;
-    const int64_t NB = std::max<int64_t>(16, std::min<int64_t>(N, TILE_BYTES / (2 * K)) / 16 * 16);
-    const int64_t tiles = (N + NB - 1) / NB, items = (int64_t)ws.size() * tiles;
-    const uint16_t* X = (const uint16_t*)xb.data_ptr();
-    float* O = out.data_ptr<float>();
+    const int64_t N = ws.empty() ? (stacked ? q.size(1) : q.size(0)) : ws[0].N;
     const bool wide = has_avx512_bf16();
-    at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
-        std::vector<uint16_t> tile(NB * K);
-        for (int64_t it = i0; it < i1; ++it) {
-            const int64_t g = it / tiles, n0 = (it % tiles) * NB, nb = std::min(NB, N - n0);
-            const int64_t m0 = offsets[g], rows = offsets[g + 1] - m0;
-            if (rows == 0) continue;
-            for (int64_t n = 0; n < nb; ++n) {
-                if (wide) dequant_row_avx512(ws[g], K, n0 + n, tile.data() + n * K);
-                else dequant_row_plain(ws[g], K, n0 + n, tile.data() + n * K);
-            }
-            gemm(CBLAS_ROW_MAJOR, CBLAS_NO_TRANS, CBLAS_TRANS, (int)rows, (int)nb, (int)K, 1.0f, X + m0 * K, (int)K, tile.data(), (int)K,
-                 0.0f, O + m0 * N + n0, (int)N);
+    return grouped_gemm(xb, N, offsets, true, [&](int64_t g, int64_t n0, int64_t nb, uint16_t* tile) -> const uint16_t* {
+        for (int64_t n = 0; n < nb; ++n) {
+            if (wide) dequant_row_avx512(ws[g], K, n0 + n, tile + n * K);
+            else dequant_row_plain(ws[g], K, n0 + n, tile + n * K);
         }
+        return tile;
     });
-    return out;
+}
+
+// The same for bf16 weights (a bf16 checkpoint's stacked experts, w [E, N, K]): the GEMM reads each matrix in place.
+torch::Tensor engine_mm_grouped_bf16(torch::Tensor xb, torch::Tensor w, std::vector<int64_t> ids,
+                                     std::vector<int64_t> offsets) {
+    TORCH_CHECK(w.scalar_type() == torch::kBFloat16 && w.dim() == 3 && w.is_contiguous() && xb.dim() == 2 &&
+                xb.size(1) == w.size(2), "engine_mm_grouped_bf16: w [E, N, K] bf16, contiguous");
+    TORCH_CHECK(offsets.size() == ids.size() + 1, "engine_mm_grouped_bf16: a group per id");
+    for (size_t g = 0; g < ids.size(); ++g)
+        TORCH_CHECK(ids[g] >= 0 && ids[g] < w.size(0) && offsets[g] <= offsets[g + 1], "engine_mm_grouped_bf16: group ", g);
+    const NoGil no_gil;
+    const int64_t N = w.size(1), K = w.size(2);
+    const uint16_t* W = (const uint16_t*)w.data_ptr();
+    return grouped_gemm(xb, N, offsets, false, [&](int64_t g, int64_t n0, int64_t, uint16_t*) -> const uint16_t* {
+        return W + (ids[g] * N + n0) * K;
+    });
 }
