@@ -173,21 +173,11 @@ static torch::Tensor amx_grouped(const torch::Tensor& x, const int64_t* rows, in
     TORCH_CHECK((bits == 8 && group == 32) || (bits == 4 && (group == 32 || group == 256)),
                 "amx_mm_grouped: int8 or int4 weights with groups of 32, or Q4_K's");
     TORCH_CHECK(permitted(), "amx_mm_grouped: the kernel did not grant this process the tile registers");
-    const bool stacked = q.dim() == 3;
-    const int64_t R = x.size(0), K = x.size(1), E = stacked ? q.size(0) : 1, B = K / 32;
+    const int64_t R = x.size(0), K = x.size(1), B = K / 32;
     for (int64_t p = 0; rows != nullptr && p < P; ++p) TORCH_CHECK(rows[p] >= 0 && rows[p] < R, "amx_mm_grouped: rows");
-    std::vector<Weight> ws;
-    ws.reserve(ids.size());
-    for (size_t g = 0; g < ids.size(); ++g) {
-        TORCH_CHECK(ids[g] >= 0 && ids[g] < E && offsets[g] <= offsets[g + 1], "amx_mm_grouped: group ", g);
-        auto pick = [&](const torch::Tensor& t) { return stacked ? t.select(0, ids[g]) : t; };
-        auto pick_opt = [&](const c10::optional<torch::Tensor>& t) {
-            return t.has_value() ? c10::optional<torch::Tensor>(pick(*t)) : c10::nullopt;
-        };
-        ws.emplace_back(pick(q), pick(scale), pick_opt(zero_opt), bits, group, pick_opt(sub_opt), K, "amx_mm_grouped");
-    }
+    const std::vector<Weight> ws = group_weights(q, scale, zero_opt, bits, group, sub_opt, ids, offsets, K, "amx_mm_grouped");
     const NoGil no_gil;
-    const int64_t N = stacked ? q.size(1) : q.size(0);
+    const int64_t N = q.size(q.dim() - 2);
     auto out = torch::empty({P, N}, x.options());
     if (ws.empty() || N == 0 || P == 0) return out;
     const bool has_zero = zero_opt.has_value() || group == 256;

@@ -97,6 +97,27 @@ struct Weight {
     }
 };
 
+// The matrices of a grouped product: matrix ids[g] of the stacked w [E, N, ...] (or w itself, E = 1) for group g,
+// whose rows are offsets[g] .. offsets[g + 1] (checked: ids in range, offsets in order).
+inline std::vector<Weight> group_weights(const torch::Tensor& q, const torch::Tensor& scale,
+                                         const c10::optional<torch::Tensor>& zero, int64_t bits, int64_t group,
+                                         const c10::optional<torch::Tensor>& sub, const std::vector<int64_t>& ids,
+                                         const std::vector<int64_t>& offsets, int64_t K, const char* what) {
+    const bool stacked = q.dim() == 3;
+    const int64_t E = stacked ? q.size(0) : 1;
+    std::vector<Weight> ws;
+    ws.reserve(ids.size());
+    for (size_t g = 0; g < ids.size(); ++g) {
+        TORCH_CHECK(ids[g] >= 0 && ids[g] < E && offsets[g] <= offsets[g + 1], what, ": group ", g);
+        auto pick = [&](const torch::Tensor& t) { return stacked ? t.select(0, ids[g]) : t; };
+        auto pick_opt = [&](const c10::optional<torch::Tensor>& t) {
+            return t.has_value() ? c10::optional<torch::Tensor>(pick(*t)) : c10::nullopt;
+        };
+        ws.emplace_back(pick(q), pick(scale), pick_opt(zero), bits, group, pick_opt(sub), K, what);
+    }
+    return ws;
+}
+
 // Rows of x [M, K] rounded to int8 per block of 32 (XQ), the blocks' scales XD and XD x their sums XS [M, K/32];
 // pair4: int4's paired block order (quant_products.cpp, where the layout is described).
 void quantize_rows(const float* X, int64_t M, int64_t K, int8_t* XQ, float* XD, float* XS, bool pair4 = false);

@@ -251,20 +251,10 @@ torch::Tensor engine_mm_grouped(torch::Tensor xb, torch::Tensor q, torch::Tensor
                                 c10::optional<torch::Tensor> sub_opt, std::vector<int64_t> ids,
                                 std::vector<int64_t> offsets) {
     TORCH_CHECK(xb.dim() == 2 && offsets.size() == ids.size() + 1, "engine_mm_grouped: xb [P, K], a group per id");
-    const bool stacked = q.dim() == 3;
-    const int64_t K = xb.size(1), E = stacked ? q.size(0) : 1;
-    std::vector<Weight> ws;
-    ws.reserve(ids.size());
-    for (size_t g = 0; g < ids.size(); ++g) {
-        TORCH_CHECK(ids[g] >= 0 && ids[g] < E && offsets[g] <= offsets[g + 1], "engine_mm_grouped: group ", g);
-        auto pick = [&](const torch::Tensor& t) { return stacked ? t.select(0, ids[g]) : t; };
-        auto pick_opt = [&](const c10::optional<torch::Tensor>& t) {
-            return t.has_value() ? c10::optional<torch::Tensor>(pick(*t)) : c10::nullopt;
-        };
-        ws.emplace_back(pick(q), pick(scale), pick_opt(zero_opt), bits, group, pick_opt(sub_opt), K, "engine_mm_grouped");
-    }
+    const int64_t K = xb.size(1);
+    const std::vector<Weight> ws = group_weights(q, scale, zero_opt, bits, group, sub_opt, ids, offsets, K, "engine_mm_grouped");
     const NoGil no_gil;
-    const int64_t N = ws.empty() ? (stacked ? q.size(1) : q.size(0)) : ws[0].N;
+    const int64_t N = q.size(q.dim() - 2);
     const bool wide = has_avx512_bf16();
     return grouped_gemm(xb, N, offsets, true, [&](int64_t g, int64_t n0, int64_t nb, uint16_t* tile) -> const uint16_t* {
         for (int64_t n = 0; n < nb; ++n) {
