@@ -51,41 +51,8 @@ void quantize_rows(const float* X, int64_t M, int64_t K, int8_t* XQ, float* XD, 
     }
 }
 
-// The 32 weights of block b of a row as bytes for maddubs: int4 unsigned 0..15 (used as is); int8
-// signed (maddubs wants unsigned x signed: |w| against x carrying w's sign, llama.cpp's trick).
-template <int BITS>
-static inline __m256i load_block(const uint8_t* qr, int64_t b) {
-    if (BITS == 4) {
-        const __m128i v = _mm_loadu_si128((const __m128i*)(qr + b * 16));
-        const __m128i m15 = _mm_set1_epi8(15);
-        return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m15), _mm_and_si128(v, m15));
-    }
-    return _mm256_loadu_si256((const __m256i*)(qr + b * 32));
-}
+#include "row_blocks.h"
 
-// sum += the products of unsigned bytes u with signed bytes s, four adjacent ones per 32-bit lane: one VNNI
-// instruction where the build targets it (common.h), else maddubs + madd (no saturation here: a pair of
-// products stays within 2 * 128 * 127 < 2^15), the same integers either way.
-static inline __m256i dot4_add(__m256i sum, __m256i u, __m256i s) {
-#if defined(GEMMA4_VNNI_AVX)
-    return _mm256_dpbusd_avx_epi32(sum, u, s);
-#elif defined(GEMMA4_VNNI_AVX512)
-    return _mm256_dpbusd_epi32(sum, u, s);
-#else
-    return _mm256_add_epi32(sum, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
-#endif
-}
-
-template <int BITS>
-static inline __m256 block_dot(__m256i w, const int8_t* x) {
-    const __m256i xv = _mm256_loadu_si256((const __m256i*)x), zero = _mm256_setzero_si256();
-    if (BITS == 4) return _mm256_cvtepi32_ps(dot4_add(zero, w, xv));
-    return _mm256_cvtepi32_ps(dot4_add(zero, _mm256_sign_epi8(w, w), _mm256_sign_epi8(xv, w)));
-}
-
-// Scales (and offsets) are float32, or f16 as GGUF's Q8_0 and Q5 blocks hold them (widened exactly by F16C).
-static inline float scale_at(const float* s, int64_t i) { return s[i]; }
-static inline float scale_at(const uint16_t* s, int64_t i) { return _cvtsh_ss(s[i]); }
 static inline __m256 scale8(const float* s) { return _mm256_loadu_ps(s); }
 static inline __m256 scale8(const uint16_t* s) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)s)); }
 
@@ -102,12 +69,6 @@ static inline float dot_scales_of(const ST* a, const float* b, int64_t n) {
 // tail differently in the two (one ulp apart).
 __attribute__((noinline)) float dot_scales(const float* a, const float* b, int64_t n) { return dot_scales_of(a, b, n); }
 __attribute__((noinline)) float dot_scales(const uint16_t* a, const float* b, int64_t n) { return dot_scales_of(a, b, n); }
-
-template <int BITS, bool G16, typename ST>
-static inline __m256 block_scale(const ST* sr, int64_t b) {
-    if (G16) return _mm256_set_m128(_mm_set1_ps(scale_at(sr, 2 * b + 1)), _mm_set1_ps(scale_at(sr, 2 * b)));
-    return _mm256_set1_ps(scale_at(sr, b));
-}
 
 #include "k_quant_rows.h"
 

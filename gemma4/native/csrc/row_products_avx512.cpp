@@ -14,6 +14,7 @@ bool g_rows_wide = false;
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
 
+#include "row_blocks.h"     // the odd last block of the int8 kernel, as quant_products.cpp computes it
 #include "k_quant_rows.h"  // compiled here for this target: 32 registers hold 8 rows' chains
 
 namespace {
@@ -21,25 +22,6 @@ namespace {
 constexpr int WIDE_MR = 8;  // rows per weight row: 32 registers hold 8 rows' chains
 
 inline __m256 high256(__m512 v) { return _mm512_extractf32x8_ps(v, 1); }
-
-// ---- the 256-bit pieces the kernels' tails share with quant_products.cpp (the same operations) ----
-inline __m256i dot4_add(__m256i sum, __m256i u, __m256i s) { return _mm256_dpbusd_epi32(sum, u, s); }
-
-inline __m256i load_block(const uint8_t* qr, int64_t b) { return _mm256_loadu_si256((const __m256i*)(qr + b * 32)); }
-
-inline __m256 block_dot(__m256i w, const int8_t* x) {
-    const __m256i xv = _mm256_loadu_si256((const __m256i*)x);
-    return _mm256_cvtepi32_ps(dot4_add(_mm256_setzero_si256(), _mm256_sign_epi8(w, w), _mm256_sign_epi8(xv, w)));
-}
-
-inline float scale_at(const float* s, int64_t i) { return s[i]; }
-inline float scale_at(const uint16_t* s, int64_t i) { return _cvtsh_ss(s[i]); }
-
-template <bool G16, typename ST>
-inline __m256 block_scale(const ST* sr, int64_t b) {
-    if (G16) return _mm256_set_m128(_mm_set1_ps(scale_at(sr, 2 * b + 1)), _mm_set1_ps(scale_at(sr, 2 * b)));
-    return _mm256_set1_ps(scale_at(sr, b));
-}
 
 // ---- int8: blocks b | b + 1 in the halves ----
 // The weight scales of blocks b, b + 1 as float32: G16 four (2b .. 2b + 3), else two (lanes 0, 1).
@@ -84,8 +66,8 @@ void row_dot8(const uint8_t* qr, const ST* sr, const ST* zr, int64_t B, const in
     for (int r = 0; r < MR; ++r) {
         __m256 a = _mm256_add_ps(_mm512_castps512_ps256(acc[r]), high256(acc[r]));
         for (int64_t t = b; t < B; ++t) {  // an odd last block, into the even chain as the 256-bit kernel adds it
-            const __m256 d = _mm256_mul_ps(block_scale<G16>(sr, t), _mm256_set1_ps(XD[r * B + t]));
-            a = _mm256_fmadd_ps(block_dot(load_block(qr, t), XQ + r * K + t * 32), d, a);
+            const __m256 d = _mm256_mul_ps(block_scale<8, G16>(sr, t), _mm256_set1_ps(XD[r * B + t]));
+            a = _mm256_fmadd_ps(block_dot<8>(load_block<8>(qr, t), XQ + r * K + t * 32), d, a);
         }
         float y = hsum(a);
         if (zr != nullptr) y += dot_scales(zr, XS + r * B, B);
