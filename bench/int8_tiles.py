@@ -1,12 +1,13 @@
-"""The matrix engine's two ways with quantised weights against the row-by-row int8 kernel, on the 26B-A4B shapes:
+"""The matrix engine's ways with quantised weights against the row-by-row int8 kernel, on the 26B-A4B shapes:
 CPU time (time.process_time, one thread, best of a few) of one product per way and row count.
 
     .venv/bin/python bench/int8_tiles.py [--rows 8,16,32,64,128,256,512] [--formats q8_0,q4_k,q5_0] [--reps 3]
 
 Ways: `tiles` (AMX int8 tiles, amx_products.cpp), `bf16` (dequantised to bf16 per call, MKL's AMX GEMM,
-matrix_engine.cpp), `rows` (the int8-activation kernel, qmm_q8). Prints one line per shape, format and row
+matrix_engine.cpp), `bf16 tiles` (int4 weights: AMX bf16 tiles, amx_bf16_products.cpp), `rows` (the int8-activation
+kernel, qmm_q8). Prints one line per shape, format and row
 count with each way's milliseconds and G MAC/s, the machine's load average beside (a shared machine: CPU time
-survives load better than wall time). ops.INT8_TILES_MAX_ROWS is read off these lines.
+survives load better than wall time). ops.INT8_TILES_MAX_ROWS and BF16_TILES_MAX_ROWS are read off these lines.
 """
 
 from __future__ import annotations
@@ -79,6 +80,9 @@ def main() -> None:
                 if tiles is not None:
                     ways["tiles"] = lambda: tiles.amx_mm_grouped(x, w.q, w.scale, w.zero, w.bits, w.group, w.sub,
                                                                  [0], [0, rows])
+                if tiles is not None and engine.amx_bf16_ready() and w.bits == 4:
+                    ways["bf16 tiles"] = lambda: engine.amx_bf16_grouped(x, None, w.q, w.scale, w.zero, w.bits, w.group,
+                                                                         w.sub, [0], [0, rows])
                 cells = []
                 for way, fn in ways.items():
                     ms = cpu_ms(fn, args.reps)

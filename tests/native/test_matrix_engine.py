@@ -50,12 +50,13 @@ LAYOUTS = _layouts()
 
 @pytest.fixture
 def bf16_way(monkeypatch):
-    """Quantised products on the engine take its bf16 way (GEMMA4_MATRIX_ENGINE=bf16), not the int8 tiles
-    (tests/native/test_int8_tiles.py); the choice is made again after the test."""
+    """Quantised products on the engine take its bf16 way (GEMMA4_MATRIX_ENGINE=bf16), not the int8 or bf16 tiles
+    (tests/native/test_int8_tiles.py, test_bf16_tiles.py); the choice is made again after the test."""
     monkeypatch.setenv("GEMMA4_MATRIX_ENGINE", "bf16")
     monkeypatch.setattr(ops, "_tiles", None)
+    monkeypatch.setattr(ops, "_bf16_tiles", None)
     yield
-    ops._tiles = None
+    ops._tiles = ops._bf16_tiles = None
 
 
 @needs_kernels

@@ -6,10 +6,9 @@
 // buffer that stays in L1/L2 while every row of the chunk passes. Compiled where the host has AMX (GEMMA4_AMX, __init__.host_cflags);
 // elsewhere amx_int8_ready() is false and the matrix engine's bf16 path serves.
 #include "common.h"
+#include "amx_tiles.h"
 
 #if defined(GEMMA4_AMX)
-#include <sys/syscall.h>
-#include <unistd.h>
 
 namespace {
 
@@ -17,18 +16,6 @@ namespace {
 
 constexpr int64_t TILE = 16;       // rows of a weight tile and of an activation tile
 constexpr int64_t XTILE = 512;     // bytes of one block of an activation tile: 8 rows of 16 x 4 (VNNI order)
-
-// Linux lets a process use the tile registers once it asks (ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA).
-bool permitted() {
-    static const bool ok = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
-    return ok;
-}
-
-struct alignas(64) TileConfig {
-    uint8_t palette = 1, start_row = 0, reserved[14] = {};
-    uint16_t colsb[16] = {};
-    uint8_t rows[16] = {};
-};
 
 // Tiles 0, 3: A, 16 weight rows x 32 bytes (one block); 1, 4: B, one block of 16 activation rows (8 x 64 bytes,
 // four consecutive k per row); 2, 5: C, 16 x 16 int32. The configuration is per thread: loaded by each thread
@@ -156,7 +143,7 @@ void weight_tile(const Weight& w, int64_t K, int64_t n0, int64_t nb, int8_t* qbu
 
 }  // namespace
 
-bool amx_int8_ready() { return permitted(); }
+bool amx_int8_ready() { return amx_permitted(); }
 
 // Rows offsets[g] .. offsets[g + 1] of x [P, K] (float32) times matrix ids[g] of the stacked w [E, N, K] (one
 // matrix: E = 1) -> [P, N] float32, on AMX int8 tiles. Layouts: int8 with groups of 32 (f16 or float32 scales,
@@ -172,7 +159,7 @@ static torch::Tensor amx_grouped(const torch::Tensor& x, const int64_t* rows, in
                 "amx_mm_grouped: offsets");
     TORCH_CHECK((bits == 8 && group == 32) || (bits == 4 && (group == 32 || group == 256)),
                 "amx_mm_grouped: int8 or int4 weights with groups of 32, or Q4_K's");
-    TORCH_CHECK(permitted(), "amx_mm_grouped: the kernel did not grant this process the tile registers");
+    TORCH_CHECK(amx_permitted(), "amx_mm_grouped: the kernel did not grant this process the tile registers");
     const int64_t R = x.size(0), K = x.size(1), B = K / 32;
     for (int64_t p = 0; rows != nullptr && p < P; ++p) TORCH_CHECK(rows[p] >= 0 && rows[p] < R, "amx_mm_grouped: rows");
     const std::vector<Weight> ws = group_weights(q, scale, zero_opt, bits, group, sub_opt, ids, offsets, K, "amx_mm_grouped");

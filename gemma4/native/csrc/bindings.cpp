@@ -16,6 +16,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("engine_mm_grouped", torch::wrap_pybind_function(engine_mm_grouped), "engine_mm_grouped");
     m.def("engine_mm_grouped_bf16", torch::wrap_pybind_function(engine_mm_grouped_bf16), "engine_mm_grouped_bf16");
     m.def("amx_int8_ready", &amx_int8_ready, "amx_int8_ready");
+    m.def("amx_bf16_ready", &amx_bf16_ready, "amx_bf16_ready");
+    m.def("amx_bf16_grouped", torch::wrap_pybind_function(amx_bf16_grouped), "amx_bf16_grouped");
     m.def("amx_mm_grouped", torch::wrap_pybind_function(amx_mm_grouped), "amx_mm_grouped");
     m.def("amx_mm_gathered", torch::wrap_pybind_function(amx_mm_gathered), "amx_mm_gathered");
     m.def("attend_small", torch::wrap_pybind_function(attend_small), "attend_small");

@@ -154,6 +154,12 @@ torch::Tensor engine_mm_grouped(torch::Tensor xb, torch::Tensor q, torch::Tensor
                                 std::vector<int64_t> offsets);
 torch::Tensor engine_mm_grouped_bf16(torch::Tensor xb, torch::Tensor w, std::vector<int64_t> ids,
                                      std::vector<int64_t> offsets);
+// amx_bf16_products.cpp
+bool amx_bf16_ready();
+torch::Tensor amx_bf16_grouped(torch::Tensor x, c10::optional<torch::Tensor> rows, torch::Tensor q, torch::Tensor scale,
+                               c10::optional<torch::Tensor> zero_opt, int64_t bits, int64_t group,
+                               c10::optional<torch::Tensor> sub_opt, std::vector<int64_t> ids,
+                               std::vector<int64_t> offsets);
 // amx_products.cpp
 bool amx_int8_ready();
 torch::Tensor amx_mm_grouped(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10::optional<torch::Tensor> zero_opt,
