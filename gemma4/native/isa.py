@@ -81,7 +81,8 @@ def kernel_plan() -> str:
     """Which products the kernels run where, on this CPU (without building them): one line for `gemma4 info`."""
     if not has("avx2", "fma"):
         return "plain torch (this CPU lacks AVX2/FMA)"
-    tiles = " or AMX int8 tiles" if has(*AMX_INT8_FLAGS) and matrix_engine_mode() != "bf16" else ""
+    tiles = {"on": "; int4 weights on AMX bf16 tiles, int8 ones on AMX int8 tiles, by rows",
+             "int8": "; AMX int8 tiles"}.get(matrix_engine_mode(), "") if has(*AMX_INT8_FLAGS) else ""
     rows = ("int8-activation AVX2 kernels (AVX-512 VNNI for int8 weights)" if row_kernels() == "avx512"
             else "int8-activation AVX2 kernels")
     prefill = (f"matrix engine (AVX-512 BF16 dequantisation, AMX bf16 GEMM{tiles})" if matrix_engine_wanted()

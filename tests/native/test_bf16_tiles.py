@@ -69,12 +69,18 @@ def _check(got: torch.Tensor, x: torch.Tensor, w: QuantWeight) -> None:
     assert torch.all((got.double() - want).abs() <= k * EPS32 * scale + 1e-30)
 
 
+# K: Q4_K 256 (one chunk of 8 steps) and 512 (two); groups of 32: 32 (one block), 96 (an odd last block), 288 (nine
+# blocks: a chunk of 8 and the odd last block alone in the second), 512.
+SHAPES = [("q4_k", 256), ("q4_k", 512), ("int4", 32), ("int4", 96), ("int4", 288), ("int4", 512),
+          ("int4_no_offset", 96), ("int4_no_offset", 288)]
+
+
 @needs_tiles
-@pytest.mark.parametrize("layout", ["q4_k", "int4", "int4_no_offset"])
+@pytest.mark.parametrize("layout,k", SHAPES)
 @pytest.mark.parametrize("rows", [1, 5, 16, 17, 32, 33, 48, 50])
-def test_one_matrix_is_the_bf16_product_within_the_float32_sums(layout, rows):
-    """Row counts of partial, whole, paired and odd activation tiles; 40 weight rows (a tile of 32 and one of 8)."""
-    k = 512 if layout == "q4_k" else 96  # Q4_K: 2 chunks of 8 steps; int4: 3 blocks, an odd last one
+def test_one_matrix_is_the_bf16_product_within_the_float32_sums(layout, k, rows):
+    """Row counts of partial, whole, paired and odd activation tiles (more than two: sums kept between chunks in
+    memory); 40 weight rows (a tile of 32 and one of 8)."""
     w = _layouts(1, 40, k, seed=rows)[layout]
     one = w[0]
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
@@ -86,7 +92,7 @@ def test_one_matrix_is_the_bf16_product_within_the_float32_sums(layout, rows):
 def test_the_dequantised_weights_are_the_reference_bf16_values():
     """One-hot rows pick single weights: the tiles' values are QuantWeight.dequantize(bfloat16)'s bits (its float32
     scale * q, + offset, in that order), at every position of a pair of blocks and of an odd last block."""
-    for layout, k in (("q4_k", 2816), ("int4", 96), ("int4_no_offset", 96)):
+    for layout, k in (("q4_k", 2816), ("int4", 32), ("int4", 288), ("int4_no_offset", 288)):
         one = _layouts(1, 33, k)[layout][0]
         eye = torch.eye(k)
         got = ops.matrix_engine().amx_bf16_grouped(eye, None, one.q, one.scale, one.zero, 4, one.group, one.sub,
@@ -125,6 +131,11 @@ def test_bad_arguments_are_refused():
         kernel.amx_bf16_grouped(x, None, one.q, one.scale, one.zero, 4, 256, one.sub, [0], [0, 3])
     with pytest.raises(RuntimeError, match="int4"):
         kernel.amx_bf16_grouped(x, None, one.q, one.scale, one.zero, 8, 32, None, [0], [0, 4])
+    wide = torch.randn(4, 512)  # a row wider than the matrix's: refused before any read past its bytes
+    with pytest.raises(RuntimeError, match=r"weights \[\.\.\., 256\] \(contiguous\) for K = 512"):
+        kernel.amx_bf16_grouped(wide, None, one.q, one.scale, one.zero, 4, 256, one.sub, [0], [0, 4])
+    with pytest.raises(RuntimeError, match="weights"):  # the same check guards the row kernels
+        gemma4.native.compiled().qmm_q8(wide, one.q, one.scale, one.zero, 4, 256, one.sub)
 
 
 @needs_tiles

@@ -235,10 +235,10 @@ def test_the_engine_mode_is_checked(monkeypatch):
 
 
 @needs_tiles
-def test_gathered_rows_give_the_gathered_copys_bits():
+def test_gathered_rows_give_the_gathered_copys_bits(mode):
     """amx_mm_gathered(x, rows) is amx_mm_grouped(x[rows]) bit for bit (each row is rounded to int8 on its own, so
     rounding x once and picking its rows gives the same integers), for every layout the tiles take, rows repeated
-    and in any order; grouped_product(tokens=) takes it on the tiles, and the bf16 way gathers the copy."""
+    and in any order; grouped_product(tokens=) takes it on the tiles (GEMMA4_MATRIX_ENGINE=int8 for the int4 layouts)."""
     g = torch.Generator().manual_seed(21)
     e, n, k = 4, 40, 512
     x = torch.randn(24, k, generator=g)
@@ -253,10 +253,8 @@ def test_gathered_rows_give_the_gathered_copys_bits():
         want = kernel.amx_mm_grouped(x[rows].contiguous(), w.q, w.scale, w.zero, w.bits, w.group, w.sub, ids, offsets)
         got = kernel.amx_mm_gathered(x, rows, w.q, w.scale, w.zero, w.bits, w.group, w.sub, ids, offsets)
         assert torch.equal(got, want), name
-        with ops.prefill_products():  # int4 weights take the bf16 tiles (test_bf16_tiles.py), with the same rows
-            if ops.on_bf16_tiles(w, rows.shape[0] / len(ids)):
-                want = ops.bf16_tiles().amx_bf16_grouped(x, rows, w.q, w.scale, w.zero, w.bits, w.group, w.sub, ids,
-                                                         offsets)
+        mode("int8")  # int4 weights take the bf16 tiles by default (test_bf16_tiles.py)
+        with ops.prefill_products():
             assert torch.equal(ops.grouped_product(x, w, ids, offsets, tokens=rows), want), name
     with pytest.raises(RuntimeError, match="amx_mm_grouped: rows"):
         kernel.amx_mm_gathered(x, torch.tensor([0, 24]), w.q, w.scale, w.zero, w.bits, w.group, w.sub, [0], [0, 2])

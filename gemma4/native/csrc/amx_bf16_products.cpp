@@ -13,6 +13,8 @@
 #include "common.h"
 #include "amx_tiles.h"
 
+#include <memory>
+
 #if defined(GEMMA4_AMX)
 
 namespace {
@@ -187,7 +189,7 @@ torch::Tensor amx_bf16_grouped(torch::Tensor x, c10::optional<torch::Tensor> row
     std::vector<int64_t> first_tile{0};  // group g's activation tiles: first_tile[g] ..
     for (size_t g = 0; g < ws.size(); ++g) first_tile.push_back(first_tile.back() + (offsets[g + 1] - offsets[g] + TILE - 1) / TILE);
     const int64_t T = first_tile.back();
-    std::vector<uint16_t> xb(T * B * XSTEP);
+    std::unique_ptr<uint16_t[]> xb(new uint16_t[T * B * XSTEP]);  // every tile written below (no zero fill)
     std::vector<int64_t> tile_group(T);
     for (size_t g = 0; g < ws.size(); ++g)
         for (int64_t t = first_tile[g]; t < first_tile[g + 1]; ++t) tile_group[t] = (int64_t)g;
@@ -196,7 +198,7 @@ torch::Tensor amx_bf16_grouped(torch::Tensor x, c10::optional<torch::Tensor> row
         for (int64_t t = t0; t < t1; ++t) {
             const int64_t g = tile_group[t], m0 = offsets[g] + (t - first_tile[g]) * TILE;
             const int64_t mr = std::min(TILE, offsets[g + 1] - m0);
-            uint16_t* dst = xb.data() + t * B * XSTEP;
+            uint16_t* dst = xb.get() + t * B * XSTEP;
             if (mr < TILE) std::memset(dst, 0, B * XSTEP * sizeof(uint16_t));
             for (int64_t m = 0; m < mr; ++m) activation_row(X + (rows != nullptr ? rows[m0 + m] : m0 + m) * K, B, dst + 2 * m);
         }
@@ -227,7 +229,7 @@ torch::Tensor amx_bf16_grouped(torch::Tensor x, c10::optional<torch::Tensor> row
                 }
                 for (int64_t p = 0; p < pairs; ++p) {
                     const int64_t t = first_tile[g] + 2 * p;
-                    const uint16_t* x0 = xb.data() + (t * B + c0) * XSTEP;
+                    const uint16_t* x0 = xb.get() + (t * B + c0) * XSTEP;
                     float* c = sums.data() + p * 4 * TILE * TILE;
                     if (c0 == 0) zero_sums();
                     const bool load_c = pairs > 1 && c0 > 0, store_c = pairs > 1 || c1 == B;

@@ -94,6 +94,14 @@ struct Weight {
           SUB(sub.has_value() ? sub->data_ptr<int8_t>() : nullptr), bits(bits_), group(group_), N(q.size(0)),
           row_bytes(bits_ == 4 ? K / 2 : bits_ == 6 ? K / 4 * 3 : K), G(K / group_) {
         check_layout(what, K, bits, group, zero.has_value(), sub.has_value());
+        // the kernels read rows of row_bytes and per row G scales (and offsets), K/16 sub-scales: x's width K must match
+        TORCH_CHECK(q.dim() >= 2 && q.size(-1) == row_bytes && q.is_contiguous(), what, ": weights [..., ", row_bytes,
+                    "] (contiguous) for K = ", K);
+        const int64_t rows = q.numel() / row_bytes;
+        TORCH_CHECK(scale.numel() == rows * G && scale.is_contiguous(), what, ": scales [..., ", G, "]");
+        TORCH_CHECK(!zero.has_value() || (zero->numel() == rows * G && zero->is_contiguous()), what, ": offsets [..., ", G, "]");
+        TORCH_CHECK(!sub.has_value() || (sub->numel() == rows * (K / 16) && sub->is_contiguous()), what,
+                    ": sub-scales [..., ", K / 16, "]");
     }
 };
 
