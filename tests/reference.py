@@ -186,3 +186,9 @@ def gemma4_vocab_metadata(size: int = VOCAB) -> dict:
     meta["tokenizer.ggml.tokens"] = meta["tokenizer.ggml.tokens"][:size - n] + GEMMA4_SPECIAL_TOKENS
     meta["tokenizer.ggml.token_type"] = meta["tokenizer.ggml.token_type"][:size - n] + [3] * n
     return meta
+
+
+def mean_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
+    """Mean over positions of KL(p || q) between two logits tensors [..., vocab], in float64."""
+    p, q = torch.log_softmax(p_logits.double(), -1), torch.log_softmax(q_logits.double(), -1)
+    return (p.exp() * (p - q)).sum(-1).mean().item()

@@ -13,7 +13,7 @@ from gemma4.checkpoint import open_checkpoint
 from gemma4.checkpoint.gguf_writer import write_gguf
 from gemma4.native import isa, ops
 from gemma4.quant.formats import QuantWeight
-from reference import VOCAB, build_gemma4, tiny_vocab_metadata
+from reference import VOCAB, build_gemma4, mean_kl, tiny_vocab_metadata
 
 EPS32 = float(np.finfo(np.float32).eps)
 
@@ -25,17 +25,6 @@ def _tiles_here() -> bool:
 
 
 needs_tiles = pytest.mark.skipif(not _tiles_here(), reason="this CPU has no AMX bf16 tiles (or the kernels are not built)")
-
-
-@pytest.fixture
-def mode(monkeypatch):
-    """Sets GEMMA4_MATRIX_ENGINE for the test; the choices made from it are made again after."""
-    def set_mode(value: str) -> None:
-        monkeypatch.setenv("GEMMA4_MATRIX_ENGINE", value)
-        for name in ("_tiles", "_engine", "_bf16_tiles"):
-            monkeypatch.setattr(ops, name, None)
-    yield set_mode
-    ops._tiles = ops._engine = ops._bf16_tiles = None
 
 
 def _layouts(e: int, n: int, k: int, seed: int = 0) -> dict[str, QuantWeight]:
@@ -172,11 +161,6 @@ def test_a_cpu_without_the_matrix_engine_keeps_the_other_ways(monkeypatch, mode)
     assert ops.bf16_tiles() is None and not ops.on_bf16_tiles(_layouts(1, 16, 256)["q4_k"][0], 1)
 
 
-def _mean_kl(p_logits, q_logits):
-    p, q = torch.log_softmax(p_logits.double(), -1), torch.log_softmax(q_logits.double(), -1)
-    return (p.exp() * (p - q)).sum(-1).mean().item()
-
-
 class _Counted:
     """The compiled module with its amx_bf16_grouped calls counted."""
 
@@ -212,5 +196,5 @@ def test_a_q4_0_model_on_the_tiles_costs_no_more_than_the_int8_path(tmp_path, mo
             monkeypatch.setattr(ops, "_bf16_tiles", _Counted(ops.bf16_tiles()))
         got[name] = model.forward(ids)
     assert ops._bf16_tiles.calls > 0  # the last forward's int4 products ran on the tiles
-    tiles_cost, int8_cost = _mean_kl(got["float"], got["tiles"]), _mean_kl(got["float"], got["int8"])
+    tiles_cost, int8_cost = mean_kl(got["float"], got["tiles"]), mean_kl(got["float"], got["int8"])
     assert 0 < tiles_cost <= 2 * int8_cost, (tiles_cost, int8_cost)

@@ -27,17 +27,6 @@ def _tiles_here() -> bool:
 needs_tiles = pytest.mark.skipif(not _tiles_here(), reason="this CPU has no AMX int8 tiles (or the kernels are not built)")
 
 
-@pytest.fixture
-def mode(monkeypatch):
-    """Sets GEMMA4_MATRIX_ENGINE for the test; the choices made from it are made again after."""
-    def set_mode(value: str) -> None:
-        monkeypatch.setenv("GEMMA4_MATRIX_ENGINE", value)
-        for name in ("_tiles", "_engine", "_bf16_tiles"):
-            monkeypatch.setattr(ops, name, None)
-    yield set_mode
-    ops._tiles = ops._engine = ops._bf16_tiles = None
-
-
 def _integral_layouts(n: int, k: int) -> dict[str, QuantWeight]:
     """Weights whose scales and offsets are small integers: every product and sum of the path is an integer below
     2^24, so float32 holds it exactly whatever the order of the sums."""

@@ -17,7 +17,7 @@ from gemma4.checkpoint.gguf_blocks import from_gguf
 from gemma4.checkpoint.gguf_writer import write_gguf
 from gemma4.native import isa, ops
 from gemma4.quant.formats import QuantWeight, pack6, quantize_int4, quantize_int8
-from reference import VOCAB, build_gemma4, tiny_vocab_metadata
+from reference import VOCAB, build_gemma4, mean_kl, tiny_vocab_metadata
 
 EPS32 = float(np.finfo(np.float32).eps)
 BF16_UNIT = 2.0**-8  # bf16 keeps 8 significant bits: rounding to nearest moves a value by at most 2^-8 of it
@@ -141,11 +141,6 @@ def test_the_engine_can_be_turned_off(monkeypatch):
     monkeypatch.setattr(ops, "_engine", None)  # decided again after the test, from the real environment
 
 
-def _mean_kl(p_logits, q_logits):
-    p, q = torch.log_softmax(p_logits.double(), -1), torch.log_softmax(q_logits.double(), -1)
-    return (p.exp() * (p - q)).sum(-1).mean().item()
-
-
 # The engine rounds each activation to 8 significant bits (finer than the int8 path's step of a block's
 # maximum / 127 for all but the block's largest elements) and each weight to 8 significant bits (where the
 # int8 path keeps Q8_0's weights exact): per product its error is of the int8 path's order, so its KL from
@@ -164,7 +159,7 @@ def test_engine_costs_no_more_than_the_int8_path(tmp_path, monkeypatch):
         monkeypatch.setattr(ops, "_engine", engine)
         got[name] = model.forward(ids)
     assert ops.matrix_engine() is not None  # the last forward ran with the engine
-    engine_cost, int8_cost = _mean_kl(got["float"], got["engine"]), _mean_kl(got["float"], got["int8"])
+    engine_cost, int8_cost = mean_kl(got["float"], got["engine"]), mean_kl(got["float"], got["int8"])
     assert 0 < engine_cost <= 2 * int8_cost, (engine_cost, int8_cost)
 
 
@@ -252,7 +247,7 @@ def test_vision_tower_on_the_engine_is_closer_to_float32_than_a_bf16_tower(tmp_p
     from gemma4.model.vision import load_vision
     from vision_reference import MAX_SOFT_TOKENS, VISION, build_multimodal, picture
 
-    ref = build_multimodal(tmp_path, seed=3, name="dense_kv", bidirectional="vision")
+    build_multimodal(tmp_path, seed=3, name="dense_kv", bidirectional="vision")
     from gemma4.images import Image
 
     img = Image.from_array(np.asarray(picture(64, 48, seed=5).convert("RGB")))

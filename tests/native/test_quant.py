@@ -15,7 +15,7 @@ import gemma4.native
 from gemma4.native import ops
 from gemma4.quant.formats import QuantWeight, pack6, quantize_int4, quantize_int8, unpack6
 from gemma4.quant.modules import QuantEmbedding, QuantLinear, QuantParam
-from reference import VOCAB, build_gemma4, tiny_vocab_metadata
+from reference import VOCAB, build_gemma4, mean_kl, tiny_vocab_metadata
 from paths import BENCH
 
 EPS32 = float(np.finfo(np.float32).eps)
@@ -218,11 +218,6 @@ def test_gguf_quant_types_stay_quantised(tmp_path, qtype):
     # logits against the same file dequantised to float: test_gguf's twin test bounds them by 1e-4
 
 
-def _mean_kl(p_logits, q_logits):
-    p, q = torch.log_softmax(p_logits.double(), -1), torch.log_softmax(q_logits.double(), -1)
-    return (p.exp() * (p - q)).sum(-1).mean().item()
-
-
 # Quantising at load must cost no more than llama.cpp's formats of the same kind cost on the same
 # weights: int8 g32 (max|w|/127) is Q8_0's scheme, int4 g32 (min..max in 15 steps) is Q4_1's. The
 # GGUF twins are written by the `gguf` package and load losslessly (tested above), so their KL from
@@ -242,7 +237,7 @@ def test_quantize_at_load_costs_no_more_than_the_gguf_format_of_its_kind(tmp_pat
     assert isinstance(model.decoder.layers[0].mlp.up_proj, QuantLinear)
     twin_path = write_gguf(open_checkpoint(tmp_path / "hf"), tmp_path / "twin.gguf", TWIN[fmt], tiny_vocab_metadata())
     twin = gemma4.load(twin_path, progress=False)
-    ours, theirs = _mean_kl(ref, model.forward(ids)), _mean_kl(ref, twin.forward(ids))
+    ours, theirs = mean_kl(ref, model.forward(ids)), mean_kl(ref, twin.forward(ids))
     assert 0 < ours <= 1.25 * theirs, (ours, theirs)
 
 
@@ -272,7 +267,7 @@ def test_int8_activations_cost_about_what_q8_0_weights_cost(tmp_path, monkeypatc
     ref = gemma4.load(tmp_path / "hf", progress=False).forward(ids)
     path = write_gguf(open_checkpoint(tmp_path / "hf"), tmp_path / "q8.gguf", "Q8_0", tiny_vocab_metadata())
     got = _logits_by_activations(monkeypatch, gemma4.load(path, progress=False), ids)
-    cost, weights_cost = _mean_kl(got["float"], got["int8"]), _mean_kl(ref, got["float"])
+    cost, weights_cost = mean_kl(got["float"], got["int8"]), mean_kl(ref, got["float"])
     assert 0 < cost <= 2 * weights_cost, (cost, weights_cost)
 
 
@@ -293,7 +288,7 @@ def test_int8_activations_cost_less_than_llamacpp_rounding(monkeypatch):
     llm.eval(ids)
     theirs = torch.tensor(np.array(llm.scores[: len(ids)], dtype=np.float32))
     got = _logits_by_activations(monkeypatch, gemma4.load(path, progress=False), ids)
-    cost, peer_cost = _mean_kl(got["float"], got["int8"]), _mean_kl(got["float"], theirs)
+    cost, peer_cost = mean_kl(got["float"], got["int8"]), mean_kl(got["float"], theirs)
     print(f"KL int8 activations {cost:.5f}, llama.cpp {peer_cost:.5f}")
     assert 0 < cost < peer_cost, (cost, peer_cost)
 
