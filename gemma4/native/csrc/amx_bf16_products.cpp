@@ -23,7 +23,7 @@ namespace {
 // the reference rounds scale * q before adding the offset: no fused multiply-add
 #define NO_FMA __attribute__((optimize("fp-contract=off")))
 
-constexpr int64_t TILE = 16;            // rows of an activation tile, and of each of a weight tile's two halves
+constexpr int64_t TILE = RowTiles::ROWS;  // rows of an activation tile, and of each of a weight tile's two halves
 constexpr int64_t WROWS = 2 * TILE;     // weight rows per work item
 constexpr int64_t WSTEP = WROWS * 32;   // bf16 values of one step (32 k) of a weight tile: 32 rows x 32
 constexpr int64_t XSTEP = TILE * 32;    // of one step of an activation tile: 16 pairs of k x 16 rows x 2
@@ -186,18 +186,13 @@ torch::Tensor amx_bf16_grouped(torch::Tensor x, c10::optional<torch::Tensor> row
     const bool has_zero = zero_opt.has_value() || group == 256;
 
     // The activations: per group, tiles of 16 rows in the steps' order (rows past the group zero), bf16.
-    std::vector<int64_t> first_tile{0};  // group g's activation tiles: first_tile[g] ..
-    for (size_t g = 0; g < ws.size(); ++g) first_tile.push_back(first_tile.back() + (offsets[g + 1] - offsets[g] + TILE - 1) / TILE);
-    const int64_t T = first_tile.back();
+    const RowTiles tiles(offsets);
+    const int64_t T = tiles.count();
     std::unique_ptr<uint16_t[]> xb(new uint16_t[T * B * XSTEP]);  // every tile written below (no zero fill)
-    std::vector<int64_t> tile_group(T);
-    for (size_t g = 0; g < ws.size(); ++g)
-        for (int64_t t = first_tile[g]; t < first_tile[g + 1]; ++t) tile_group[t] = (int64_t)g;
     const float* X = x.data_ptr<float>();
     at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
         for (int64_t t = t0; t < t1; ++t) {
-            const int64_t g = tile_group[t], m0 = offsets[g] + (t - first_tile[g]) * TILE;
-            const int64_t mr = std::min(TILE, offsets[g + 1] - m0);
+            const int64_t m0 = tiles.row0(t), mr = tiles.rows_in(t);
             uint16_t* dst = xb.get() + t * B * XSTEP;
             if (mr < TILE) std::memset(dst, 0, B * XSTEP * sizeof(uint16_t));
             for (int64_t m = 0; m < mr; ++m) activation_row(X + (rows != nullptr ? rows[m0 + m] : m0 + m) * K, B, dst + 2 * m);
@@ -216,7 +211,7 @@ torch::Tensor amx_bf16_grouped(torch::Tensor x, c10::optional<torch::Tensor> row
             const int64_t g = it / ntiles, n0 = (it % ntiles) * WROWS, nb = std::min(WROWS, N - n0);
             if (offsets[g + 1] == offsets[g]) continue;
             const Weight& w = ws[g];
-            const int64_t tiles = first_tile[g + 1] - first_tile[g], pairs = (tiles + 1) / 2;
+            const int64_t t0 = tiles.first[g], t1 = tiles.first[g + 1], pairs = (t1 - t0 + 1) / 2;
             sums.resize(pairs * 4 * TILE * TILE);
             for (int64_t r = 0; r < nb; ++r) row_scales(w, K, n0 + r, sz.data() + r * 2 * B);
             if (nb < WROWS) std::fill(wbuf.begin(), wbuf.end(), (uint16_t)0);  // rows past N stay zero
@@ -228,19 +223,18 @@ torch::Tensor amx_bf16_grouped(torch::Tensor x, c10::optional<torch::Tensor> row
                     else dequant_int4<false>(qr, sz.data() + r * 2 * B, c0, c1, wbuf.data() + r * 32);
                 }
                 for (int64_t p = 0; p < pairs; ++p) {
-                    const int64_t t = first_tile[g] + 2 * p;
+                    const int64_t t = t0 + 2 * p;
                     const uint16_t* x0 = xb.get() + (t * B + c0) * XSTEP;
                     float* c = sums.data() + p * 4 * TILE * TILE;
                     if (c0 == 0) zero_sums();
                     const bool load_c = pairs > 1 && c0 > 0, store_c = pairs > 1 || c1 == B;
-                    if (t + 1 < first_tile[g + 1]) chunk_products<true>(wbuf.data(), x0, x0 + B * XSTEP, c1 - c0, c, load_c, store_c);
+                    if (t + 1 < t1) chunk_products<true>(wbuf.data(), x0, x0 + B * XSTEP, c1 - c0, c, load_c, store_c);
                     else chunk_products<false>(wbuf.data(), x0, nullptr, c1 - c0, c, load_c, store_c);
                 }
             }
-            for (int64_t t = first_tile[g]; t < first_tile[g + 1]; ++t) {
-                const int64_t m0 = offsets[g] + (t - first_tile[g]) * TILE, mr = std::min(TILE, offsets[g + 1] - m0);
-                const int64_t p = (t - first_tile[g]) / 2, h = (t - first_tile[g]) % 2;
-                write_sums(sums.data() + p * 4 * TILE * TILE + h * TILE * TILE, O + m0 * N + n0, N, mr, nb);
+            for (int64_t t = t0; t < t1; ++t) {
+                const int64_t p = (t - t0) / 2, h = (t - t0) % 2;  // tile t's pair, and its half of it
+                write_sums(sums.data() + (p * 4 + h) * TILE * TILE, O + tiles.row0(t) * N + n0, N, tiles.rows_in(t), nb);
             }
         }
         release_tiles();

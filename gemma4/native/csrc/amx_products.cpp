@@ -8,13 +8,15 @@
 #include "common.h"
 #include "amx_tiles.h"
 
+#include <memory>
+
 #if defined(GEMMA4_AMX)
 
 namespace {
 
 #define AMX_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,amx-tile,amx-int8")))
 
-constexpr int64_t TILE = 16;       // rows of a weight tile and of an activation tile
+constexpr int64_t TILE = RowTiles::ROWS;  // rows of a weight tile and of an activation tile
 constexpr int64_t XTILE = 512;     // bytes of one block of an activation tile: 8 rows of 16 x 4 (VNNI order)
 
 // Tiles 0, 3: A, 16 weight rows x 32 bytes (one block); 1, 4: B, one block of 16 activation rows (8 x 64 bytes,
@@ -180,19 +182,14 @@ static torch::Tensor amx_grouped(const torch::Tensor& x, const int64_t* rows, in
         quantize_rows(x.data_ptr<float>() + p0 * K, p1 - p0, K, xq.data_ptr<int8_t>() + p0 * K,
                       xd.data_ptr<float>() + p0 * B, xs.data_ptr<float>() + p0 * B);
     });
-    std::vector<int64_t> first_tile{0};  // group g's activation tiles: first_tile[g] ..
-    for (size_t g = 0; g < ws.size(); ++g) first_tile.push_back(first_tile.back() + (offsets[g + 1] - offsets[g] + TILE - 1) / TILE);
-    const int64_t T = first_tile.back();
-    std::vector<int8_t> xb(T * B * XTILE);
+    const RowTiles tiles(offsets);
+    const int64_t T = tiles.count();
+    std::unique_ptr<int8_t[]> xb(new int8_t[T * B * XTILE]);  // every tile written below (no zero fill)
     std::vector<float> xdt(T * B * TILE), xst(T * B * TILE);
-    std::vector<int64_t> tile_group(T);
-    for (size_t g = 0; g < ws.size(); ++g)
-        for (int64_t t = first_tile[g]; t < first_tile[g + 1]; ++t) tile_group[t] = (int64_t)g;
     at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
         for (int64_t t = t0; t < t1; ++t) {
-            const int64_t g = tile_group[t], m0 = offsets[g] + (t - first_tile[g]) * TILE;
-            const int64_t mr = std::min(TILE, offsets[g + 1] - m0);
-            int8_t* dst = xb.data() + t * B * XTILE;
+            const int64_t m0 = tiles.row0(t), mr = tiles.rows_in(t);
+            int8_t* dst = xb.get() + t * B * XTILE;
             if (mr < TILE) {
                 std::memset(dst, 0, B * XTILE);
                 std::fill(xdt.begin() + t * B * TILE, xdt.begin() + (t + 1) * B * TILE, 0.0f);
@@ -224,9 +221,9 @@ static torch::Tensor amx_grouped(const torch::Tensor& x, const int64_t* rows, in
             const int64_t g = it / ntiles, n0 = (it % ntiles) * TILE, nb = std::min(TILE, N - n0);
             if (offsets[g + 1] == offsets[g]) continue;
             weight_tile(ws[g], K, n0, nb, qbuf.data(), wsc.data(), has_zero ? zsc.data() : nullptr);
-            for (int64_t t = first_tile[g]; t < first_tile[g + 1]; ++t) {
-                const int64_t m0 = offsets[g] + (t - first_tile[g]) * TILE, mr = std::min(TILE, offsets[g + 1] - m0);
-                tile_product(qbuf.data(), wsc.data(), has_zero ? zsc.data() : nullptr, B, xb.data() + t * B * XTILE,
+            for (int64_t t = tiles.first[g]; t < tiles.first[g + 1]; ++t) {
+                const int64_t m0 = tiles.row0(t), mr = tiles.rows_in(t);
+                tile_product(qbuf.data(), wsc.data(), has_zero ? zsc.data() : nullptr, B, xb.get() + t * B * XTILE,
                              xdt.data() + t * B * TILE, xst.data() + t * B * TILE, tile_out);
                 for (int64_t m = 0; m < mr; ++m)
                     for (int64_t n = 0; n < nb; ++n) O[(m0 + m) * N + n0 + n] = tile_out[n * TILE + m];
