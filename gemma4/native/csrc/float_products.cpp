@@ -1,6 +1,16 @@
 // Matrix products with float32 activations: quantised (int4/int8) weights read as packed, and bf16 weights.
 #include "common.h"
 
+// acc += scale * (sum of a group of 32 weights, as four vectors of 8 in k order, times x's 32 values at xg): the
+// first and second 8 in two chains, the third and fourth added to them, the chains summed, one multiply-add.
+static inline void add_group32(__m256 w0, __m256 w1, __m256 w2, __m256 w3, const float* xg, float scale, __m256& acc) {
+    __m256 t0 = _mm256_mul_ps(w0, _mm256_loadu_ps(xg));
+    __m256 t1 = _mm256_mul_ps(w1, _mm256_loadu_ps(xg + 8));
+    t0 = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xg + 16), t0);
+    t1 = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xg + 24), t1);
+    acc = _mm256_fmadd_ps(_mm256_add_ps(t0, t1), _mm256_set1_ps(scale), acc);
+}
+
 // out[m, n] = sum_k x[m, k] * (scale[n, k/g] * q[n, k] + zero[n, k/g])
 torch::Tensor qmm(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10::optional<torch::Tensor> zero_opt,
                   int64_t bits, int64_t group) {
@@ -31,25 +41,15 @@ torch::Tensor qmm(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10::op
                         __m128i v = _mm_loadu_si128((const __m128i*)(qr + g * 16));
                         __m128i lo = _mm_and_si128(v, lowmask);
                         __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), lowmask);
-                        const float* xg = xr + g * 32;
-                        __m256 t0 = _mm256_mul_ps(u8f(lo), _mm256_loadu_ps(xg));
-                        __m256 t1 = _mm256_mul_ps(u8f(_mm_srli_si128(lo, 8)), _mm256_loadu_ps(xg + 8));
-                        t0 = _mm256_fmadd_ps(u8f(hi), _mm256_loadu_ps(xg + 16), t0);
-                        t1 = _mm256_fmadd_ps(u8f(_mm_srli_si128(hi, 8)), _mm256_loadu_ps(xg + 24), t1);
-                        if (g & 1) acc2 = _mm256_fmadd_ps(_mm256_add_ps(t0, t1), _mm256_set1_ps(sr[g]), acc2);
-                        else acc = _mm256_fmadd_ps(_mm256_add_ps(t0, t1), _mm256_set1_ps(sr[g]), acc);
+                        add_group32(u8f(lo), u8f(_mm_srli_si128(lo, 8)), u8f(hi), u8f(_mm_srli_si128(hi, 8)),
+                                    xr + g * 32, sr[g], g & 1 ? acc2 : acc);
                     }
                 } else if (group == 32) {
                     for (int64_t g = 0; g < G; ++g) {
                         const int8_t* qg = (const int8_t*)qr + g * 32;
-                        const float* xg = xr + g * 32;
                         __m128i a = _mm_loadu_si128((const __m128i*)qg), b = _mm_loadu_si128((const __m128i*)(qg + 16));
-                        __m256 t0 = _mm256_mul_ps(i8f(a), _mm256_loadu_ps(xg));
-                        __m256 t1 = _mm256_mul_ps(i8f(_mm_srli_si128(a, 8)), _mm256_loadu_ps(xg + 8));
-                        t0 = _mm256_fmadd_ps(i8f(b), _mm256_loadu_ps(xg + 16), t0);
-                        t1 = _mm256_fmadd_ps(i8f(_mm_srli_si128(b, 8)), _mm256_loadu_ps(xg + 24), t1);
-                        if (g & 1) acc2 = _mm256_fmadd_ps(_mm256_add_ps(t0, t1), _mm256_set1_ps(sr[g]), acc2);
-                        else acc = _mm256_fmadd_ps(_mm256_add_ps(t0, t1), _mm256_set1_ps(sr[g]), acc);
+                        add_group32(i8f(a), i8f(_mm_srli_si128(a, 8)), i8f(b), i8f(_mm_srli_si128(b, 8)), xr + g * 32,
+                                    sr[g], g & 1 ? acc2 : acc);
                     }
                 } else {  // int8, group 16
                     for (int64_t g = 0; g < G; ++g) {
