@@ -158,8 +158,9 @@ def engine_product(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
 # and then multiplies at MKL's AMX bf16 rate, 250-330 G MAC/s at 512 rows. Measured on the 26B-A4B shapes (experts'
 # gate_up and down, the dense MLP, q; bench/int8_tiles.py, one thread, CPU time, load average ~11): int8 weights
 # (Q8_0, Q5_0) on the tiles are 2.4-2.7x faster at 16 rows, 1.2-1.7x at 32-64, ~1.1x at 128, even at 160-192,
-# 1.3-1.6x slower at 512; Q4_K's are 1.4-1.8x faster at 16 rows, ~1.1x at 32, even at 48, slower from 64.
-INT8_TILES_MAX_ROWS = {8: 160, 4: 40}  # by the weights' bits
+# 1.3-1.6x slower at 512. (Q4_K's were 1.4-1.8x faster at 16 rows, ~1.1x at 32, even at 48, slower from 64: int4
+# weights now take the bf16 tiles below, which beat both; on the int8 tiles only with GEMMA4_MATRIX_ENGINE=int8.)
+INT8_TILES_MAX_ROWS = 160  # int8 weights
 
 _tiles = None  # the compiled module where the int8 tile products run here, False where not; decided on first use
 
@@ -185,12 +186,13 @@ def tiles_take(w) -> bool:
 
 def on_int8_tiles(w, rows: int) -> bool:
     """Whether a matrix-engine product whose matrices each serve `rows` rows takes the int8 tiles: the layout, the
-    tiles here, and few enough rows for the bf16 way's dequantisation not to pay (GEMMA4_MATRIX_ENGINE=int8: any)."""
+    tiles here, int8 weights and few enough rows for the bf16 way's dequantisation not to pay
+    (GEMMA4_MATRIX_ENGINE=int8: every layout the tiles take, any rows)."""
     if not tiles_take(w) or int8_tiles() is None:
         return False
     from .isa import matrix_engine_mode
 
-    return rows <= INT8_TILES_MAX_ROWS[w.bits] or matrix_engine_mode() == "int8"
+    return (w.bits == 8 and rows <= INT8_TILES_MAX_ROWS) or matrix_engine_mode() == "int8"
 
 
 # int4 weights (Q4_K, Q4_0/Q4_1 as held) on AMX bf16 tiles (amx_bf16_products.cpp): each tile of 32 weight rows
@@ -303,8 +305,8 @@ def grouped_product(x: torch.Tensor, w, ids: list[int], offsets: list[int],
     not apply (then the caller multiplies expert by expert). w: a QuantWeight, a module holding one, or a bf16
     tensor (x rounded to bf16, float32 sums and output, as bf16_linear's engine products). rows: the
     row count the engine's rule judges (default P; an expert-parallel rank passes the whole batch's). tokens: the
-    product's rows are x[tokens] (int64 [P]): on the int8 tiles they are picked from x inside the call, without a
-    gathered copy of x (top_k times its size)."""
+    product's rows are x[tokens] (int64 [P]): on the int8 and bf16 tiles they are picked from x inside the call,
+    without a gathered copy of x (top_k times its size)."""
     w = getattr(w, "qweight", w)
     pairs = x.shape[0] if tokens is None else tokens.shape[0]
     rows = pairs if rows is None else rows

@@ -148,15 +148,15 @@ def test_grouped_rows_each_take_their_own_matrix():
 
 @needs_tiles
 def test_a_prefill_takes_the_tiles_by_the_rule(mode):
-    """In a prefill, a quantised product of few enough rows per matrix takes the int8 tiles; above
-    INT8_TILES_MAX_ROWS (for its bits) the bf16 way, and a layout the tiles do not take (Q6_K) the bf16 way at any row count;
+    """In a prefill, an int8 weight's product of few enough rows per matrix takes the int8 tiles; above
+    INT8_TILES_MAX_ROWS the bf16 way, and a layout the tiles do not take (Q6_K) the bf16 way at any row count;
     GEMMA4_MATRIX_ENGINE=bf16 and =int8 force one way. Decode steps keep the row-by-row kernel."""
     kernel = gemma4.native.compiled()
     w = LAYOUTS["q8_0"]
     k = w.shape[-1]
     g = torch.Generator().manual_seed(5)
     few = torch.randn(ops.MATRIX_ENGINE_MIN_ROWS, k, generator=g)
-    many = torch.randn(ops.INT8_TILES_MAX_ROWS[8] + 1, k, generator=g)
+    many = torch.randn(ops.INT8_TILES_MAX_ROWS + 1, k, generator=g)
     tiles = lambda x: kernel.amx_mm_grouped(x, w.q, w.scale, w.zero, w.bits, w.group, w.sub, [0], [0, x.shape[0]])
     bf16 = lambda x: ops.matrix_engine().engine_mm_grouped(x.bfloat16(), w.q, w.scale, w.zero, w.bits, w.group, w.sub,
                                                            [0], [0, x.shape[0]])
